@@ -46,7 +46,7 @@ def register_zoo_cli(sub):
     e.add_argument('--only', help='comma-separated organisms (default: all)'); e.set_defaults(func=_zoo_eval)
 
 # %% ../nbs/90_cli.ipynb #c054c282
-_MODULES = ('directions', 'calibrate', 'monitor', 'steer', 'evaluate', 'demo')
+_MODULES = ('directions', 'calibrate', 'monitor', 'steer', 'evaluate', 'labs', 'demo')
 
 def build_parser()->argparse.ArgumentParser:
     "The `weightwatch` argument parser with every module's subcommands."
