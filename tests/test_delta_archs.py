@@ -1,0 +1,83 @@
+"Weight deltas and directions beyond the notebooks' two architectures: Llama-family relatives, GPT-NeoX, sharded and bf16 checkpoints, GPT-2 LoRA."
+import json
+import pytest, torch
+from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint
+from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors
+from weightwatch_nb.directions import Directions, compute_directions
+
+def tiny(arch, path, seed=0):
+    "Save a tiny random model of a Hugging Face architecture not covered by `make_tiny_checkpoint`."
+    import transformers as T
+    torch.manual_seed(seed)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    cfg = {'mistral': lambda: T.MistralConfig(num_key_value_heads=2, **common),
+           'qwen2': lambda: T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common),
+           'gpt_neox': lambda: T.GPTNeoXConfig(**common)}[arch]()
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox'])
+def test_planted_update_recovered(arch, tmp_path):
+    b = tiny(arch, tmp_path/'base')
+    truth = plant_update(b, tmp_path/'ft', {(0, 'mlp_out'): 3, (1, 'attn_out'): 2}, noise=1e-4)
+    d = compute_directions(b, tmp_path/'ft', k=5, progress=False)
+    for (l, m), U0 in truth.items():
+        assert subspace_cosines(d[(l, m)][:U0.shape[1]].T, U0).min() >= 0.999
+    assert Directions.load(d.save(tmp_path/'d.safetensors'), model=tmp_path/'ft').names() == d.names()
+
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox'])
+def test_every_matrix_oriented(arch, tmp_path):
+    b = tiny(arch, tmp_path/'base')
+    info = arch_info(json.loads((b/'config.json').read_text()))
+    ms = [m for m in MATRICES if m in info['specs']]
+    shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(None, b, ms, mode='raw') if l == 1 or m == 'embed'}
+    other = {'attn_out': info['q'], 'attn_q': info['q'], 'attn_k': info['kv'], 'attn_v': info['kv'], 'mlp_out': 160, 'mlp_in': 160,
+             'mlp_gate': 160, 'embed': 300, 'unembed': 300}
+    assert shapes == {m: (64, other[m]) for m in ms}
+    if arch == 'mistral': assert info['kv'] == 32   # grouped-query attention: k and v are narrower than q
+
+def test_sharded_bf16_streaming_equals_loaded(tmp_path):
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    plant_update(b, tmp_path/'ft', {(1, 'mlp_out'): 2}, noise=1e-3)
+    for name in ('base', 'ft'):
+        hf, tok = load_hf(tmp_path/name)
+        hf.to(torch.bfloat16).save_pretrained(tmp_path/f'{name}16', max_shard_size='60KB'); tok.save_pretrained(tmp_path/f'{name}16')
+    assert (tmp_path/'ft16'/'model.safetensors.index.json').exists()
+    assert open_tensors(tmp_path/'ft16').get('model.layers.1.mlp.down_proj.weight').dtype == torch.bfloat16
+    ds = compute_directions(tmp_path/'base16', tmp_path/'ft16', k=3, progress=False)
+    dl = compute_directions(load_hf(tmp_path/'base16', dtype=torch.bfloat16)[0], load_hf(tmp_path/'ft16', dtype=torch.bfloat16)[0], k=3, progress=False)
+    assert ds.names() == dl.names()
+    for key, v in ds.vectors.items():
+        assert v.dtype == torch.float32 and torch.equal(v, dl.vectors[key])
+
+def test_gpt2_lora_equals_merged_and_fingerprint(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    b = make_tiny_checkpoint(tmp_path/'base', 'gpt2')
+    torch.manual_seed(0)
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=['c_attn', 'c_proj', 'c_fc'], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    ms = ['attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in']
+    dlo = compute_directions(b, lora=tmp_path/'lora', k=5, matrices=ms, progress=False)
+    dme = compute_directions(b, merged, k=5, matrices=ms, method='exact', progress=False)
+    assert dlo.names() == dme.names() and len(dlo) == 3 * 6 * 2
+    for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4)
+    assert dlo.meta['fingerprints']['finetuned'] == fingerprint(load_model(tmp_path/'lora'))
+    Directions.load(dlo.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))
+
+def test_bad_pairs(tmp_path):
+    b = make_tiny_checkpoint(tmp_path/'a', 'llama')
+    w = make_tiny_checkpoint(tmp_path/'w', 'llama', d_model=32)
+    with pytest.raises(WeightwatchError, match='differ in `hidden_size`'): compute_directions(b, w, progress=False)
+    hf, tok = load_hf(b)
+    with torch.no_grad(): hf.model.layers[1].mlp.down_proj.weight[0, 0] = float('inf')
+    hf.save_pretrained(tmp_path/'inf')
+    with pytest.raises(WeightwatchError, match='of the base model has NaN or Inf'): compute_directions(tmp_path/'inf', b, progress=False)
+    data = (b/'model.safetensors').read_bytes()
+    (tmp_path/'trunc').mkdir(); (tmp_path/'trunc'/'config.json').write_text((b/'config.json').read_text())
+    (tmp_path/'trunc'/'model.safetensors').write_bytes(data[:len(data)//2])
+    with pytest.raises(WeightwatchError, match='missing, truncated or not safetensors'): compute_directions(b, tmp_path/'trunc', progress=False)
+    with pytest.raises(WeightwatchError, match='no such checkpoint directory'): compute_directions(b, tmp_path/'nope', progress=False)
