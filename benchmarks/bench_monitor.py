@@ -62,11 +62,12 @@ def timed(fn)->tuple[float, float]:
 
 # ---------------------------------------------------------------- 1. generation overhead
 def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)->dict:
-    from weightwatch_nb.calibrate import encode, batches, _pad_id
+    from weightwatch_nb.calibrate import encode, batches, truncate, context_window, _pad_id
     from weightwatch_nb.monitor import scan
     from weightwatch_nb.steer import Clip
     tok, pad = model.tokenizer, _pad_id(model.tokenizer)
     encs = [encode(tok, r, generation_prompt=True) for r in recs]
+    assert not truncate(encs, context_window(model), reserve=n_new), 'prompts too long: both modes must see the same tokens'
     gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=pad)
     def plain():
         with torch.no_grad():
@@ -75,11 +76,12 @@ def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)
     clipped = lambda: scan(model, mon, recs, generate=n_new, batch_size=batch_size, check=False, min_new_tokens=n_new, steer=Clip(mon))
     plain(); monitored()                                   # warm-up
     w, c = {'plain': [], 'monitored': [], 'clip': []}, {'plain': [], 'monitored': [], 'clip': []}
-    for _ in range(reps):
-        for k, f in (('plain', plain), ('monitored', monitored), ('clip', clipped)):
+    modes = [('plain', plain), ('monitored', monitored), ('clip', clipped)]
+    for r in range(reps):
+        for k, f in modes[r % 3:] + modes[:r % 3]:             # rotate the order, so no mode always runs first
             a, b = timed(f); w[k].append(a); c[k].append(b)
     cpu, wall = {k: min(v) for k, v in c.items()}, {k: min(v) for k, v in w.items()}
-    paired = lambda k: statistics.median(a / b for a, b in zip(w[k], w['plain']))   # each rep against the plain run next to it
+    paired = lambda k: statistics.median(a / b for a, b in zip(w[k], w['plain']))   # each rep against the plain run of the same round
     return dict(cpu=cpu, wall=wall, ratio=cpu['monitored'] / cpu['plain'], ratio_clip=cpu['clip'] / cpu['plain'],
                 paired=paired('monitored'), paired_clip=paired('clip'), tokens=len(recs) * n_new, n_dirs=len(mon), raw=(w, c))
 
@@ -143,7 +145,7 @@ def main(argv=None):
         label, model, dirs = setup(kind, tmp)
         print(f'\n== {label}: {len(dirs)} directions')
         mon = calibrate(model, dirs, prompts(64, seed=1), holdout=0.25)
-        g = bench_generation(model, mon, prompts(n_gen, seed=2), n_new, batch_size=16, reps=reps)
+        g = bench_generation(model, mon, prompts(n_gen, seed=2, lo=6, hi=16), n_new, batch_size=16, reps=reps)
         print(f"generation of {g['tokens']} tokens, CPU s: plain {g['cpu']['plain']:.2f}, monitored {g['cpu']['monitored']:.2f} (x{g['ratio']:.3f}; "
               f"wall paired x{g['paired']:.3f}), monitored+clip {g['cpu']['clip']:.2f} (x{g['ratio_clip']:.3f}; wall paired x{g['paired_clip']:.3f})")
         c = bench_calibration(model, dirs, prompts(n_cal if kind == 'zoo' else n_cal // 2, seed=3), batch_size=32, reps=max(1, reps // 2))

@@ -434,9 +434,11 @@ class DirectionsBrowser:
         self.widget = W.VBox([self.view, W.HBox([self.layers, self.matrices]), self.out])
         self.draw()
     def _draw(self, change=None):
-        from IPython.display import display
+        import io
+        from IPython.display import display, Image
         self.fig = self.plots[self.view.value](self.d, layers=list(self.layers.value), matrices=list(self.matrices.value))
-        display(self.fig)
+        buf = io.BytesIO(); self.fig.savefig(buf, format='png', dpi=80, bbox_inches='tight'); import matplotlib.pyplot as plt; plt.close(self.fig)
+        display(Image(buf.getvalue()))   # a PNG renders in any kernel; a bare Figure needs the inline backend
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
