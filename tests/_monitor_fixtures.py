@@ -18,7 +18,6 @@ def planted_dirs(org, model):
 
 @pytest.fixture(scope='session')
 def organism(tmp_path_factory):
-    torch.set_grad_enabled(False)
     org = make_planted_checkpoint(tmp_path_factory.mktemp('planted'))
     model = load_model(org['finetuned'])
     dirs = planted_dirs(org, model)
