@@ -10,12 +10,13 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from scipy import stats
+from fastcore.basics import patch
 from .core import WeightwatchError
 
 # %% auto #0
 __all__ = ['binomial_interval', 'auroc', 'roc_curve', 'tpr_at_fpr', 'MahalanobisBaseline', 'PCABaseline', 'Detection', 'detect',
            'Table', 'detection_table', 'plot_roc', 'collect_activations', 'activation_baseline', 'replies',
-           'steering_table']
+           'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
 
 # %% ../nbs/08_evaluate.ipynb #285617b4
 def binomial_interval(k:int, # number of successes (e.g. flagged inputs)
@@ -252,3 +253,87 @@ def _judged(judge, reps, items)->float:
     v = [judge(r, it) for r, it in zip(reps, items)]
     v = [x for x in v if x is not None]
     return float(np.mean(v)) if v else float('nan')
+
+# %% ../nbs/08_evaluate.ipynb #45e48389
+def set_stats(model, # fine-tuned model (bridge or source)
+              mon, # calibrated `Monitor`
+              sets:dict, # set name -> records or prompt-set items
+              generate:int=0, # also generate (and record) this many reply tokens per prompt
+              batch_size:int=32, # records per forward pass
+              progress:bool=True, # progress bar over sets
+             )->dict:
+    "Per-record extremes of every labelled set along the monitor's directions (one model pass per set)."
+    from tqdm.auto import tqdm
+    from weightwatch_nb.calibrate import collect_stats
+    mon.check(model)
+    out = {}
+    for s, recs in tqdm(sets.items(), desc='tracing sets', disable=not progress):
+        if not recs: raise WeightwatchError(f"prompt set {s!r} is empty; drop it or give it some prompts")
+        out[s] = collect_stats(model, mon, [_record(r) for r in recs], batch_size=batch_size, generate=generate)
+    return out
+
+# %% ../nbs/08_evaluate.ipynb #a27bf701
+def operating_point(mon, # calibrated `Monitor` (its calibration statistics are re-thresholded)
+                    stats:dict, # set name -> `CalStats`, from `set_stats`
+                    percentile:float|None=None, # trimming percentile (default: the monitor's)
+                    margin:float|None=None, # relative margin (default: the monitor's)
+                    negative:str='test', # the clean set that defines false positives
+                   )->Table:
+    "Flag rate and AUROC of every set under the thresholds `percentile` and `margin` give (no model call)."
+    from weightwatch_nb.calibrate import record_scores
+    if negative not in stats: raise WeightwatchError(f"no statistics for the negative set {negative!r}; sets are {sorted(stats)}")
+    for s, st in stats.items():
+        if st.names != mon.names: raise WeightwatchError(f"the statistics of set {s!r} are along other directions than the monitor's; "
+                                                         "collect them with `set_stats(model, mon, sets)` for this monitor")
+    m = mon.rethreshold(percentile, margin)
+    sc = {s: record_scores(st, m.lo, m.hi).numpy().astype(float) for s, st in stats.items()}
+    return Table(dict(set=s, n=len(v), flagged=int((v > 0).sum()), rate=float((v > 0).mean()),
+                      auroc=float('nan') if s == negative else auroc(sc[negative], v)) for s, v in sc.items())
+
+# %% ../nbs/08_evaluate.ipynb #7162c174
+class ThresholdTuner:
+    "Percentile and margin sliders → flag rates of every labelled set and a live point on the ROC curve."
+    def __init__(self, mon, # calibrated `Monitor`
+                 stats:dict, # set name -> `CalStats`, from `set_stats`
+                 negative:str='test', # the clean set
+                 positive:str|None=None, # the set whose ROC curve is drawn (default: the first other set)
+                ):
+        import ipywidgets as W
+        self.mon, self.stats, self.negative, self.table, self.point = mon, stats, negative, None, None
+        others = [s for s in stats if s != negative]
+        self.percentile = W.FloatSlider(value=mon.meta.get('percentile', 0.), min=0, max=10, step=0.25, description='percentile', continuous_update=False)
+        self.margin = W.FloatSlider(value=mon.meta.get('margin', 0.2), min=0, max=1, step=0.05, description='margin', continuous_update=False)
+        self.positive = W.Dropdown(options=others, value=positive or (others[0] if others else None), description='positive')
+        self.html, self.plot = W.HTML(layout=W.Layout(height='180px', overflow='auto')), W.Image(format='png', layout=W.Layout(width='360px'))
+        for w in (self.percentile, self.margin, self.positive): w.observe(self._update, names='value')
+        self.widget = W.VBox([W.HBox([self.percentile, self.margin, self.positive]), W.HBox([self.html, self.plot])])
+        self._update()
+
+# %% ../nbs/08_evaluate.ipynb #b79186c2
+@patch
+def _update(self:ThresholdTuner, change=None):
+    "Recompute the table and the ROC point for the current slider values (errors are shown, not raised)."
+    import html, io
+    from weightwatch_nb.calibrate import record_scores
+    try:
+        self.table = operating_point(self.mon, self.stats, self.percentile.value, self.margin.value, self.negative)
+        neg, pos = self.table.where(set=self.negative), self.table.where(set=self.positive.value)
+        self.point = (neg['rate'], pos['rate'])
+        m = self.mon.rethreshold(self.percentile.value, self.margin.value)
+        sc = {s: record_scores(self.stats[s], m.lo, m.hi).numpy() for s in (self.negative, self.positive.value)}
+        fpr, tpr, _ = roc_curve(sc[self.negative], sc[self.positive.value])
+        fig, ax = plt.subplots(figsize=(3.6, 3.4))
+        ax.plot(fpr, tpr, label=f"AUROC {pos['auroc']:.3f}"); ax.plot([self.point[0]], [self.point[1]], 'o', color='C3', label='thresholds')
+        ax.set(xlabel=f'FPR ({self.negative})', ylabel=f'TPR ({self.positive.value})', title='ROC and operating point'); ax.legend(loc='lower right', fontsize=8)
+        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80, bbox_inches='tight'); plt.close(fig)
+        self.plot.value = buf.getvalue()
+        rows = ''.join(f"<tr><td>{html.escape(r['set'])}</td><td>{r['flagged']}/{r['n']}</td><td>{r['rate']:.1%}</td><td>{r['auroc']:.3f}</td></tr>" for r in self.table)
+        self.html.value = f"<table><tr><th>set</th><th>flagged</th><th>rate</th><th>AUROC</th></tr>{rows}</table>"
+    except Exception as e:
+        self.table = self.point = None
+        self.html.value = f"<pre style='color:#c00;white-space:pre-wrap'>{html.escape(type(e).__name__ + ': ' + str(e))}</pre>"
+
+@patch
+def _ipython_display_(self:ThresholdTuner):
+    from IPython.display import display
+    display(self.widget)

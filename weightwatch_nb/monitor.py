@@ -161,6 +161,13 @@ def report_html(rep:Report, # a report
     return f"<div>{head}; score {rep.score:+.3f}</div><div style='font-family:monospace;white-space:pre-wrap'>{''.join(spans)}</div>{gen}"
 
 # %% ../nbs/06_monitor.ipynb #e4d69b53
+def _error_html(msg:str)->str: return f"<pre style='color:#c00;white-space:pre-wrap'>{html.escape(msg)}</pre>"
+
+def _mismatch(model, mon:Monitor)->str|None:
+    "The reason `mon` cannot watch `model`, or None (widgets show it instead of raising)."
+    try: mon.check(model, where='this monitor'); return None
+    except WeightwatchError as e: return str(e)
+
 class MonitorView:
     "Type a prompt, scan it (optionally generating), see each token coloured by how far it leaves the range."
     def __init__(self, model, # fine-tuned model (bridge)
@@ -176,6 +183,8 @@ class MonitorView:
         self.html = W.HTML(layout=W.Layout(height='240px', overflow='auto'))
         self.button.on_click(lambda _: self.run())
         self.widget = W.VBox([self.text, W.HBox([self.chat, self.generate, self.button]), self.html])
+        self.error = _mismatch(model, mon)
+        if self.error: self.html.value, self.button.disabled = _error_html(self.error), True
 
     def record(self)->dict:
         "The record the current inputs describe."
@@ -187,7 +196,7 @@ class MonitorView:
         try:
             self.report = scan(self.model, self.mon, [self.record()], generate=self.generate.value, check=False)[0]
             self.html.value = report_html(self.report, self.model.tokenizer, self.mon)
-        except Exception as e: self.html.value = f"<pre style='color:#c00'>{html.escape(type(e).__name__ + ': ' + str(e))}</pre>"
+        except Exception as e: self.html.value = _error_html(f"{type(e).__name__}: {e}")
 
     def _ipython_display_(self):
         from IPython.display import display

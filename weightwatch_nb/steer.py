@@ -11,7 +11,7 @@ from torch import Tensor
 from .core import WeightwatchError, load_model
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
                                       context_window, _pad_id, PROMPT, RESPONSE)
-from .monitor import scan, Report
+from .monitor import scan, Report, _mismatch, _error_html
 
 # %% auto #0
 __all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'steering', 'ProjectOut', 'Add', 'project_out', 'add',
@@ -276,6 +276,8 @@ class SteerView:
         self.button.on_click(lambda _: self.run())
         self.widget = W.VBox([self.text, W.HBox([self.chat, self.mode, self.tokens]), W.HBox([self.names, self.alpha]), self.button,
                               W.HBox([self.left, self.right])])
+        self.error = _mismatch(model, mon)
+        if self.error: self.left.value, self.button.disabled = _error_html(self.error), True
 
     def run(self):
         "Generate without and with steering and show both (errors are shown, not swallowed)."
@@ -286,7 +288,7 @@ class SteerView:
             self.plain, self.steered = (steered_generate(self.model, self.mon, [rec], steer=s, max_new_tokens=self.tokens.value, check=False)[0]
                                         for s in (None, st))
             self.left.value, self.right.value = (self._col(title, r) for title, r in (('plain', self.plain), (f'steered: {self.mode.value}', self.steered)))
-        except Exception as e: self.left.value, self.right.value = f"<pre style='color:#c00'>{html.escape(type(e).__name__ + ': ' + str(e))}</pre>", ''
+        except Exception as e: self.left.value, self.right.value = _error_html(f"{type(e).__name__}: {e}"), ''
 
     @staticmethod
     def _col(title:str, r:Report)->str:
