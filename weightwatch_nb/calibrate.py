@@ -19,8 +19,8 @@ __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'm
            'read_jsonl', 'response_spans', 'Encoded', 'encode', 'Batch', 'collate', 'batches', 'truncate',
            'direction_groups', 'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches', 'trace_batches',
            'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
-           'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'check_directions', 'calibrate', 'quiet_hf',
-           'register_cli']
+           'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'tune_thresholds', 'check_directions', 'calibrate',
+           'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #93ddc918
 def _unit(hf, layer:int)->tuple:
@@ -560,6 +560,43 @@ def rethreshold(self:Monitor, percentile:float|None=None, # new trimming percent
     out.meta['fingerprints'] = m['fingerprints']
     return out
 
+# %% ../nbs/05_calibrate.ipynb #9efff6c9
+def tune_thresholds(stats:CalStats, # calibration statistics
+                    dirs, # the `Directions` (or `Monitor`) they were measured along
+                    target_fpr:float=0.01, # largest cross-validated flag rate allowed
+                    percentiles=(0., 0.5, 1., 2., 5.), # trimming percentiles to try
+                    margins=tuple(i / 20 for i in range(21)), # relative margins to try (0 ... 1)
+                    folds:int=5, # cross-validation folds over the non-held-out records
+                    holdout:float=0.2, # fraction held out to estimate the FPR (never used for the choice)
+                    seed:int=0, # seed of the held-out split and the folds
+                    conf:float=0.95, # confidence of the FPR upper bound
+                   )->Monitor:
+    "A monitor with the narrowest ranges whose cross-validated flag rate on clean records is at most `target_fpr`."
+    held = _split_heldout(len(stats), holdout, seed)
+    rest = (~held).nonzero()[:, 0]
+    if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds ({len(stats)}; each of the {folds} folds "
+                                                      "needs >= 10): pass more clean prompts or fix the percentile and margin")
+    perm = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))]
+    masks = []
+    for f in range(folds):
+        tm = torch.zeros(len(stats), dtype=torch.bool); tm[perm[f::folds]] = True
+        masks.append((tm, ~tm & ~held))
+    best = None
+    for p in percentiles:
+        for m in sorted(margins):                      # wider margins only flag less: the first that fits is this percentile's best
+            fits = [_ranges(stats, fm, p, m) for _, fm in masks]
+            k = sum(int((record_scores(stats, lo, hi)[tm] > 0).sum()) for (tm, _), (lo, hi, _) in zip(masks, fits))
+            if k <= target_fpr * len(rest):
+                w = sum(float((hi - lo).nanmean()) for lo, hi, _ in fits) / folds
+                if best is None or w < best[0]: best = (w, p, m, k)
+                break
+    if best is None: raise WeightwatchError(f"no percentile/margin on the grid keeps the cross-validated flag rate at or below {target_fpr:.2%}; "
+                                            "pass larger margins, or clean prompts more like what will be monitored")
+    w, p, m, k = best
+    mon = Monitor.from_stats(stats, dirs, percentile=p, margin=m, holdout=holdout, seed=seed, conf=conf)
+    mon.meta['tuned'] = dict(target_fpr=target_fpr, folds=folds, n_tune=len(rest), tune_flagged=k, percentiles=list(percentiles), margins=list(margins))
+    return mon
+
 # %% ../nbs/05_calibrate.ipynb #7a844db4
 @patch
 def _repr_markdown_(self:Monitor)->str:
@@ -667,7 +704,8 @@ def calibrate(model, # fine-tuned model (source or bridge)
               batch_size:int=16, # records per forward pass
               holdout:float=0.2, # fraction of records held out for the FPR estimate
               seed:int=0, # seed of the held-out split
-              target_fpr:float|None=None, # warn when too few records to certify this FPR
+              target_fpr:float|None=None, # warn when too few records to certify this FPR; with `tune`, the FPR to tune for (default 0.01)
+              tune:bool=False, # choose percentile and margin with `tune_thresholds` (the two arguments above are then ignored)
               progress:bool=False, # show a progress bar
               **kwargs, # passed to `trace_batches`
              )->Monitor:
@@ -676,6 +714,7 @@ def calibrate(model, # fine-tuned model (source or bridge)
     check_directions(model, dirs)
     if not records: raise WeightwatchError("no calibration records: pass some clean prompts")
     st = collect_stats(model, dirs, records, batch_size=batch_size, generate=generate, progress=progress, **kwargs)
+    if tune: return tune_thresholds(st, dirs, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed)
     return Monitor.from_stats(st, dirs, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr)
 
 # %% ../nbs/05_calibrate.ipynb #55c0c1eb
@@ -693,10 +732,11 @@ def _cmd_calibrate(args)->int:
     model = load_model(args.model)
     dirs = Directions.load(args.directions, model=model)
     mon = calibrate(model, dirs, recs, percentile=args.percentile, margin=args.margin, generate=args.generate,
-                    batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, progress=not args.quiet)
+                    batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, tune=args.tune, progress=not args.quiet)
     mon.save(args.output)
     m = mon.meta
     fpr = f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at 95%" if m['n_heldout'] else 'no held-out split'
+    if 'tuned' in m: print(f"tuned: percentile {m['percentile']:g}, margin {m['margin']:g} ({m['tuned']['tune_flagged']}/{m['tuned']['n_tune']} tuning prompts flagged)")
     print(f"calibrated {len(mon)} directions on {m['n_calibration']} prompts; {fpr}; wrote {args.output}")
     return 0
 
@@ -714,6 +754,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--generate', type=int, default=0, metavar='N', help='generate N response tokens per prompt (default 0)')
     p.add_argument('--batch-size', type=int, default=16, help='prompts per forward pass (default 16)')
     p.add_argument('--holdout', type=float, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2)')
-    p.add_argument('--target-fpr', type=float, default=None, help='warn if the prompts are too few to certify this FPR')
+    p.add_argument('--target-fpr', type=float, default=None, help='warn if the prompts are too few to certify this FPR (with --tune: the FPR to tune for, default 0.01)')
+    p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=_cmd_calibrate)

@@ -46,7 +46,7 @@ def register_zoo_cli(sub):
     e.add_argument('--only', help='comma-separated organisms (default: all)'); e.set_defaults(func=_zoo_eval)
 
 # %% ../nbs/90_cli.ipynb #eaa33ce6
-_MODULES = ('directions', 'calibrate', 'monitor', 'steer', 'evaluate', 'labs', 'demo')
+_MODULES = ('directions', 'calibrate', 'monitor', 'steer', 'evaluate', 'interpret', 'audit', 'edit', 'labs', 'demo')
 
 def build_parser()->argparse.ArgumentParser:
     "The `weightwatch` argument parser with every module's subcommands."

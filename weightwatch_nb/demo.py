@@ -35,10 +35,12 @@ def calibrate_monitor(model, # fine-tuned model
                       calibration:list, # clean records or prompt-set items
                       batch_size:int=32, # records per forward pass
                       generate:int=0, # reply tokens generated and watched per prompt
+                      tune:bool=True, # choose percentile and margin by cross-validation on the clean records (`tune_thresholds`)
+                      target_fpr:float=0.01, # the false-positive budget tuning aims for
                      )->Monitor:
     "Fit a `Monitor` for `dirs` on clean calibration records or prompt-set items (see `calibrate`)."
     from weightwatch_nb.evaluate import _record
-    return calibrate(model, dirs, [_record(r) for r in calibration], batch_size=batch_size, generate=generate)
+    return calibrate(model, dirs, [_record(r) for r in calibration], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
 
 @dataclass
 class PairResult:
@@ -61,6 +63,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
              baseline_layer:int|None=None, # block for the activation baselines (default: the middle one)
              batch_size:int=32, # records per forward pass
              generate:int=8, # reply tokens generated and watched per prompt, in calibration and scans (as the paper monitors generation)
+             tune:bool=True, # tune percentile and margin on the clean calibration records (else: the fixed defaults)
              progress:bool=True, # progress bars
             )->PairResult:
     "Run the method (directions, calibration, detection, steering) on one pair, with baselines."
@@ -69,12 +72,12 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     t0, model = time.time(), load_model(finetuned)
     scan_sets = {s: v for s, v in sets.items() if s != 'calibration'}
     dirs = compute_directions(base, finetuned, k=k, progress=progress)
-    mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate)
+    mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune)
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
     if baselines:
         layer = model.cfg.n_layers//2 if baseline_layer is None else baseline_layer
         for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, mode='raw', progress=False), 'weights (raw W)')):
-            dets.append(detect(model, calibrate_monitor(model, dd, sets['calibration'], batch_size=batch_size, generate=generate), scan_sets,
+            dets.append(detect(model, calibrate_monitor(model, dd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune), scan_sets,
                                name=nm, batch_size=batch_size, generate=generate, progress=progress))
         for kind in ('mahalanobis', 'pca'):
             dets.append(activation_baseline(model, sets['calibration'], scan_sets, layer, kind, batch_size=batch_size))
