@@ -173,6 +173,7 @@ class MonitorView:
     def __init__(self, model, # fine-tuned model (bridge)
                  mon:Monitor, # calibrated monitor
                  generate:int=0, # default number of tokens to generate
+                 examples:list[str]|None=None, # prompts to pick from (a dropdown fills the text box)
                 ):
         import ipywidgets as W
         self.model, self.mon, self.report = model, mon, None
@@ -181,8 +182,11 @@ class MonitorView:
         self.generate = W.IntSlider(value=generate, min=0, max=128, description='generate', continuous_update=False)
         self.button = W.Button(description='Scan', button_style='primary')
         self.html = W.HTML(layout=W.Layout(height='240px', overflow='auto'))
+        self.pick = W.Dropdown(options=[('(type your own)', '')] + [(e if len(e) <= 60 else e[:57] + '...', e) for e in examples or []],
+                               value='', description='example')
+        self.pick.observe(lambda ch: setattr(self.text, 'value', ch['new']) if ch['new'] else None, names='value')
         self.button.on_click(lambda _: self.run())
-        self.widget = W.VBox([self.text, W.HBox([self.chat, self.generate, self.button]), self.html])
+        self.widget = W.VBox(([self.pick] if examples else []) + [self.text, W.HBox([self.chat, self.generate, self.button]), self.html])
         self.error = _mismatch(model, mon)
         if self.error: self.html.value, self.button.disabled = _error_html(self.error), True
 
