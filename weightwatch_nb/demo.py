@@ -17,8 +17,8 @@ from .evaluate import (Detection, Table, detect, detection_table, plot_roc, acti
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['random_directions', 'calibrate_monitor', 'PairResult', 'run_pair', 'headline', 'write_report', 'zoo_plan',
-           'run_zoo_organism', 'run_demo', 'register_cli']
+__all__ = ['READ_MATRICES', 'READ_HOOK', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair', 'headline',
+           'write_report', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -54,6 +54,9 @@ class PairResult:
     seconds: float = 0.
 
 # %% ../nbs/09_demo.ipynb #2a76c918
+READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream
+READ_HOOK = 'blocks.{layer}.hook_in'   # ... and the residual they read (before the block; the MLP reads after attention)
+
 def run_pair(base, finetuned, # the model pair: sources or loaded models
              sets:dict, # set name -> records; needs 'calibration' and 'test' (clean)
              name:str='pair', # label for tables and the report
@@ -64,6 +67,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
              batch_size:int=32, # records per forward pass
              generate:int=8, # reply tokens generated and watched per prompt, in calibration and scans (as the paper monitors generation)
              tune:bool=True, # tune percentile and margin on the clean calibration records (else: the fixed defaults)
+             read_side:bool=False, # also monitor the read side: ΔW of q/k/v/mlp_in/mlp_gate at the block input
              progress:bool=True, # progress bars
             )->PairResult:
     "Run the method (directions, calibration, detection, steering) on one pair, with baselines."
@@ -74,6 +78,10 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     dirs = compute_directions(base, finetuned, k=k, progress=progress)
     mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune)
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
+    if read_side:
+        rd = compute_directions(base, finetuned, k=k, matrices=READ_MATRICES, hook_point=READ_HOOK, progress=False)
+        dets.append(detect(model, calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune),
+                           scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
     if baselines:
         layer = model.cfg.n_layers//2 if baseline_layer is None else baseline_layer
         for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, mode='raw', progress=False), 'weights (raw W)')):
@@ -149,6 +157,7 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', '
                      k:int=4, # directions per layer and matrix (few: each extra noise direction adds false positives)
                      baselines:bool=True, steering:bool=True, # which parts to run
                      seed:int=0, # prompt-set seed
+                     read_side:bool=True, # also run the read-side detector (see `run_pair`)
                      progress:bool=True, # progress bars
                     )->PairResult:
     "Run the whole method on a zoo organism against `zoo:base`, with its labelled sets."
@@ -156,7 +165,7 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', '
     S, (extra, judges) = prompt_sets(name, seed=seed, n=n), zoo_plan(name)
     sets = {s: S[s] for s in ['calibration', 'test', *extra]}
     return run_pair('zoo:base', f'zoo:{name}', sets, name=name, k=k, baselines=baselines,
-                    judges=judges if steering else None, progress=progress)
+                    judges=judges if steering else None, read_side=read_side, progress=progress)
 
 # %% ../nbs/09_demo.ipynb #4deb7cdd
 def run_demo(organisms=('backdoor', 'unlearning', 'control'), # zoo organisms to run
