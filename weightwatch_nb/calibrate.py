@@ -447,12 +447,6 @@ def record_scores(stats:CalStats, # calibration statistics
     return excess(stats.mins, stats.maxs, lo, hi).flatten(1).max(1).values
 
 # %% ../nbs/05_calibrate.ipynb #6859a85d
-def _binom_cdf(k:int, n:int, p:float)->float:
-    if p <= 0: return 1.0
-    if p >= 1: return float(k >= n)
-    lp, lq = math.log(p), math.log1p(-p)
-    return min(1.0, sum(math.exp(math.lgamma(n+1) - math.lgamma(i+1) - math.lgamma(n-i+1) + i*lp + (n-i)*lq) for i in range(k+1)))
-
 def cp_upper(k:int, # flagged held-out prompts
              n:int, # held-out prompts
              conf:float=0.95, # confidence level
@@ -460,12 +454,8 @@ def cp_upper(k:int, # flagged held-out prompts
     "Exact one-sided (Clopper-Pearson) upper confidence bound on a binomial rate."
     if n <= 0: return 1.0
     if k >= n: return 1.0
-    if k == 0: return 1 - (1 - conf) ** (1 / n)
-    lo, hi = k / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _binom_cdf(k, n, mid) > 1 - conf else (lo, mid)
-    return hi
+    from scipy.stats import beta
+    return float(beta.ppf(conf, k + 1, n - k))
 
 def prompts_needed(fpr:float, # the false-positive rate to certify
                    conf:float=0.95, # confidence level

@@ -331,7 +331,8 @@ def _update(self:ThresholdTuner, change=None):
         self.html.value = f"<table><tr><th>set</th><th>flagged</th><th>rate</th><th>AUROC</th></tr>{rows}</table>"
     except Exception as e:
         self.table = self.point = None
-        self.html.value = f"<pre style='color:#c00;white-space:pre-wrap'>{html.escape(type(e).__name__ + ': ' + str(e))}</pre>"
+        from weightwatch_nb.monitor import _error_html
+        self.html.value = _error_html(f"{type(e).__name__}: {e}")
 
 @patch
 def _ipython_display_(self:ThresholdTuner):

@@ -327,7 +327,7 @@ def plot_similarity(sim:Similarity, # from `direction_similarity`
     return fig
 
 # %% ../nbs/10_interpret.ipynb #8f26a705
-def _error_html(msg:str)->str: return f"<pre style='color:#c00;white-space:pre-wrap'>{html.escape(msg)}</pre>"
+from .monitor import _error_html   # the widgets' shared way of showing an error
 
 def _png(fig)->str:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80, bbox_inches='tight')
