@@ -36,7 +36,7 @@ def register_zoo_cli(sub):
     zs.add_parser('list', help='list the organisms and what each one does').set_defaults(func=_zoo_list)
     p = zs.add_parser('path', help='print the checkpoint directory of an organism')
     p.add_argument('name', help='organism name, e.g. backdoor'); p.set_defaults(func=_zoo_path)
-    b = zs.add_parser('build', help='rebuild the organisms deterministically (about 15 min on 2 CPU cores)')
+    b = zs.add_parser('build', help='rebuild the organisms deterministically (about 10 min on 2 CPU cores)')
     b.add_argument('--out', help='output directory (default: the package zoo, overwritten)')
     b.add_argument('--only', help='comma-separated organisms to build (default: all)')
     b.add_argument('--quick', action='store_true', help='tiny step counts, for testing the pipeline')
