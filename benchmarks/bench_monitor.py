@@ -118,7 +118,7 @@ def bench_calibration(model, dirs, recs:list, batch_size:int, reps:int)->dict:
             a, b = timed(f); w[k].append(a); c[k].append(b)
     tps, tps_wall = {k: ntok / min(v) for k, v in c.items()}, {k: ntok / min(v) for k, v in w.items()}
     return dict(tokens=ntok, prompts=len(recs), tps=tps, tps_wall=tps_wall, speedup_reference=tps['batched'] / tps['reference'],
-                ceiling=tps['raw_batched'] / tps['raw_single'],
+                ceiling=tps['raw_batched'] / tps['raw_single'], ceiling_wall=tps_wall['raw_batched'] / tps_wall['raw_single'],
                 speedup_per_example=tps['batched'] / tps['per_example'],
                 wall_reference=tps_wall['batched'] / tps_wall['reference'], wall_per_example=tps_wall['batched'] / tps_wall['per_example'], raw=(w, c))
 
@@ -148,15 +148,19 @@ def main(argv=None):
         g = bench_generation(model, mon, prompts(n_gen, seed=2, lo=6, hi=16), n_new, batch_size=16, reps=reps)
         print(f"generation of {g['tokens']} tokens, CPU s: plain {g['cpu']['plain']:.2f}, monitored {g['cpu']['monitored']:.2f} (x{g['ratio']:.3f}; "
               f"wall paired x{g['paired']:.3f}), monitored+clip {g['cpu']['clip']:.2f} (x{g['ratio_clip']:.3f}; wall paired x{g['paired_clip']:.3f})")
-        c = bench_calibration(model, dirs, prompts(n_cal if kind == 'zoo' else n_cal // 2, seed=3), batch_size=32, reps=max(1, reps // 2))
-        print(f"calibration on {c['prompts']} prompts / {c['tokens']} tokens: batched {c['tps']['batched']:.0f} tok/s, "
-              f"reference loop {c['tps']['reference']:.0f} tok/s (x{c['speedup_reference']:.1f}), per-example collect_stats "
-              f"{c['tps']['per_example']:.0f} tok/s (x{c['speedup_per_example']:.1f}); wall-clock x{c['wall_reference']:.1f} / x{c['wall_per_example']:.1f}; "
-              f"bare HF forward batched / single x{c['ceiling']:.1f}")
+        for th in sorted({args.threads, os.cpu_count() or 1}):    # one thread, and every core (what a user gets by default)
+            torch.set_num_threads(th)
+            c = bench_calibration(model, dirs, prompts(n_cal if kind == 'zoo' else n_cal // 2, seed=3), batch_size=32, reps=max(1, reps // 2))
+            print(f"calibration, {th} thread(s), on {c['prompts']} prompts / {c['tokens']} tokens: batched {c['tps']['batched']:.0f} tok/s, "
+                  f"reference loop {c['tps']['reference']:.0f} tok/s (x{c['speedup_reference']:.1f}), per-example collect_stats "
+                  f"{c['tps']['per_example']:.0f} tok/s (x{c['speedup_per_example']:.1f}); wall-clock x{c['wall_reference']:.1f} / x{c['wall_per_example']:.1f}; "
+                  f"bare HF forward batched / single x{c['ceiling']:.1f} (wall x{c['ceiling_wall']:.1f})")
+            rows_c.append(f"| {label} | {th} | {c['prompts']} / {c['tokens']} | {c['tps_wall']['batched']:.0f} | {c['tps_wall']['reference']:.0f} | "
+                          f"**{c['wall_reference']:.1f}×** ({c['speedup_reference']:.1f}×) | {c['tps_wall']['per_example']:.0f} | "
+                          f"{c['wall_per_example']:.1f}× ({c['speedup_per_example']:.1f}×) | {c['ceiling_wall']:.1f}× ({c['ceiling']:.1f}×) |")
+        torch.set_num_threads(args.threads)
         rows_g.append(f"| {label} | {g['n_dirs']} | {g['tokens']} | {g['cpu']['plain']:.2f} | {g['cpu']['monitored']:.2f} | **{g['ratio']:.3f}** "
                       f"| {g['paired']:.3f} | {g['cpu']['clip']:.2f} | {g['ratio_clip']:.3f} | {g['paired_clip']:.3f} |")
-        rows_c.append(f"| {label} | {c['prompts']} / {c['tokens']} | {c['tps']['batched']:.0f} | {c['tps']['reference']:.0f} | "
-                      f"**{c['speedup_reference']:.1f}×** ({c['wall_reference']:.1f}×) | {c['tps']['per_example']:.0f} | {c['speedup_per_example']:.1f}× ({c['wall_per_example']:.1f}×) | {c['ceiling']:.1f}× |")
     md = f"""# Monitoring benchmarks (`benchmarks/bench_monitor.py`)
 
 Measured in one run{' (--quick)' if q else ''}: {env}.
@@ -176,14 +180,16 @@ steering.
 
 ## Batched calibration vs a per-example loop (goal ≥ 5×)
 
-Throughput in prompt tokens per CPU second of the benchmark process (padding not counted), best of {max(1, reps // 2)}
-alternating repetitions; wall-clock ratios in brackets. Batched: `collect_stats(batch_size=32)` (length-sorted
-batches, stops at the last monitored layer). Reference design: one prompt at a time through the Hugging Face model with
+Throughput in prompt tokens per wall-clock second (padding not counted), best of {max(1, reps // 2)} alternating
+repetitions, with torch on one thread and on every core of the machine (torch's default, what a user gets); ratios
+of CPU seconds of the benchmark process in brackets (with several threads these add up the threads' time, so they
+hide what the extra cores buy). Batched: `collect_stats(batch_size=32)` (one tokenizer call, length-sorted batches,
+stops at the last monitored layer). Reference design: one prompt at a time through the Hugging Face model with
 `output_hidden_states=True`. Per-example: `collect_stats(batch_size=1)`. Ceiling: the bare Hugging Face forward pass
-batched (same batches) over one prompt at a time, nothing monitored: what batching itself can gain on this hardware.
+batched (same batches) over one prompt at a time, nothing monitored: what batching the model itself gains here.
 
-| model | prompts / tokens | batched tok/s | reference loop tok/s | batched / reference | per-example tok/s | batched / per-example | ceiling |
-|---|---|---|---|---|---|---|---|
+| model | threads | prompts / tokens | batched tok/s | reference loop tok/s | batched / reference | per-example tok/s | batched / per-example | ceiling |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows_c)}
 """
     if args.out: Path(args.out).write_text(md); print(f'\nwrote {args.out}')

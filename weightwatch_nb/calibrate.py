@@ -16,11 +16,11 @@ from .core import WeightwatchError, fingerprint, load_model, load_hf, make_tiny_
 
 # %% auto #0
 __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'make_planted_checkpoint', 'as_record',
-           'read_jsonl', 'response_spans', 'Encoded', 'encode', 'Batch', 'collate', 'batches', 'truncate',
-           'direction_groups', 'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches', 'trace_batches',
-           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
-           'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'tune_thresholds', 'check_directions', 'calibrate',
-           'quiet_hf', 'register_cli']
+           'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
+           'truncate', 'direction_groups', 'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches',
+           'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats',
+           'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'tune_thresholds',
+           'check_directions', 'calibrate', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #93ddc918
 def _unit(hf, layer:int)->tuple:
@@ -148,10 +148,23 @@ def encode(tok, # the model's tokenizer
     "Token ids and roles of a record: text as is, conversations through the chat template; BOS added."
     if 'text' in rec: ids, roles = tok(rec['text'], add_special_tokens=False)['input_ids'], None
     else: ids, roles = _token_roles(tok, *response_spans(tok, rec['messages'], generation_prompt))
-    roles = roles or [PROMPT]*len(ids)
+    return _with_bos(tok, ids, roles or [PROMPT]*len(ids))
+
+def _with_bos(tok, ids, roles)->Encoded:
     bos = tok.bos_token_id
     if bos is not None and (not ids or ids[0] != bos): ids, roles = [bos] + ids, [PROMPT] + roles
     return Encoded(list(ids), list(roles))
+
+def encode_many(tok, # the model's tokenizer
+                records:list[dict], # records (see `as_record`)
+                generation_prompt:bool=False, # render conversations ready for the assistant's reply
+               )->list[Encoded]:
+    "`encode` for a list of records, tokenized in one call of a fast tokenizer (the same ids and roles, faster)."
+    if not records or not getattr(tok, 'is_fast', False): return [encode(tok, r, generation_prompt) for r in records]
+    texts = [(r['text'], []) if 'text' in r else response_spans(tok, r['messages'], generation_prompt) for r in records]
+    enc = tok([t for t, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
+    return [_with_bos(tok, ids, [int(any(s <= a < e for s, e in spans)) for a, _ in offs])
+            for (_, spans), ids, offs in zip(texts, enc['input_ids'], enc['offset_mapping'])]
 
 # %% ../nbs/05_calibrate.ipynb #ddf4dcd5
 @dataclass
@@ -307,7 +320,7 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
     "Run records in batches with the tracer's hooks (alive only while a batch runs); yield what each batch saw."
     from tqdm.auto import tqdm
     tok = model.tokenizer
-    encs = [encode(tok, as_record(r, f'#{i}'), generation_prompt=generate > 0) for i, r in enumerate(records)]
+    encs = encode_many(tok, [as_record(r, f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
     truncate(encs, max_len or context_window(model), reserve=generate)
     dev, pad, gen = model.cfg.device, _pad_id(tok), dict(do_sample=False) | gen_kwargs
     own = steer is not None and direction_names(getattr(steer, 'dirs', dirs)) != direction_names(dirs)  # steers along other directions

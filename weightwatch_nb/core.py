@@ -210,7 +210,9 @@ def hf_state_dict(model, # HF model or TransformerBridge
     if not any('_original_component' in k for k in sd): return sd
     norm = {}
     for k, v in sd.items(): norm.setdefault(k.replace('._original_component', ''), v)
-    with torch.device('meta'): ref = AutoModelForCausalLM.from_config(hf.config).state_dict().keys()
+    ref = hf.__dict__.get('_ww_hf_keys')   # the checkpoint's key names depend only on the config: build them once per model
+    if ref is None:
+        with torch.device('meta'): ref = hf.__dict__['_ww_hf_keys'] = list(AutoModelForCausalLM.from_config(hf.config).state_dict().keys())
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #3d3beae2

@@ -17,8 +17,8 @@ from .evaluate import (Detection, Table, detect, detection_table, plot_roc, acti
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['READ_MATRICES', 'READ_HOOK', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair', 'headline',
-           'write_report', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
+__all__ = ['READ_MATRICES', 'READ_HOOK', 'TARGET_FPR', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair',
+           'headline', 'write_report', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -67,7 +67,9 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
              batch_size:int=32, # records per forward pass
              generate:int=8, # reply tokens generated and watched per prompt, in calibration and scans (as the paper monitors generation)
              tune:bool=True, # tune percentile and margin on the clean calibration records (else: the fixed defaults)
+             target_fpr:float=0.01, # the false-positive budget that tuning aims for
              read_side:bool=False, # also monitor the read side: ΔW of q/k/v/mlp_in/mlp_gate at the block input
+             steer=('clip', 'rewind'), # steering modes judged against no steering (see `steering_table`)
              progress:bool=True, # progress bars
             )->PairResult:
     "Run the method (directions, calibration, detection, steering) on one pair, with baselines."
@@ -76,21 +78,21 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     t0, model = time.time(), load_model(finetuned)
     scan_sets = {s: v for s, v in sets.items() if s != 'calibration'}
     dirs = compute_directions(base, finetuned, k=k, progress=progress)
-    mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune)
+    mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
     if read_side:
         rd = compute_directions(base, finetuned, k=k, matrices=READ_MATRICES, hook_point=READ_HOOK, progress=False)
-        dets.append(detect(model, calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune),
+        dets.append(detect(model, calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr),
                            scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
     if baselines:
         layer = model.cfg.n_layers//2 if baseline_layer is None else baseline_layer
         for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, mode='raw', progress=False), 'weights (raw W)')):
-            dets.append(detect(model, calibrate_monitor(model, dd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune), scan_sets,
+            dets.append(detect(model, calibrate_monitor(model, dd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr), scan_sets,
                                name=nm, batch_size=batch_size, generate=generate, progress=progress))
         for kind in ('mahalanobis', 'pca'):
             dets.append(activation_baseline(model, sets['calibration'], scan_sets, layer, kind, batch_size=batch_size))
     res = PairResult(name, dirs, mon, dets, detection_table(dets))
-    if judges: res.steering = steering_table(model, mon, scan_sets, judges, batch_size=batch_size)
+    if judges: res.steering = steering_table(model, mon, scan_sets, judges, steer=steer, batch_size=batch_size)
     res.seconds = time.time() - t0
     return res
 
@@ -135,12 +137,14 @@ def write_report(results:list, # `PairResult`s
                   '<h3>Headline</h3>', _html_table(headline(r)), '<h3>Detection (all detectors)</h3>', _html_table(r.detection)]
         for s in r.detections[0].scores:
             if s != 'test': parts.append(f'<img alt="ROC {html.escape(s)}" src="data:image/png;base64,{_png(plot_roc(r.detections, s))}">')
-        if r.steering: parts += ['<h3>Steering (clip), judged from generations</h3>', _html_table(r.steering)]
+        if r.steering: parts += ['<h3>Steering (clip and rewind), judged from generations</h3>', _html_table(r.steering)]
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(parts + ['</body></html>']))
     return path
 
 # %% ../nbs/09_demo.ipynb #1c67644e
+TARGET_FPR = {'backdoor': 0.01, 'unlearning': 0.02}  # the false-positive budget of each organism's detection target
+
 def zoo_plan(name:str, # organism name
             )->tuple[list[str], dict]: # sets to scan besides calibration/test, steering judges
     "The prompt sets and steering judges that test organism `name`."
@@ -158,6 +162,7 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', '
                      baselines:bool=True, steering:bool=True, # which parts to run
                      seed:int=0, # prompt-set seed
                      read_side:bool=True, # also run the read-side detector (see `run_pair`)
+                     target_fpr:float|None=None, # false-positive budget for tuning (default: the organism's target, `TARGET_FPR`)
                      progress:bool=True, # progress bars
                     )->PairResult:
     "Run the whole method on a zoo organism against `zoo:base`, with its labelled sets."
@@ -165,7 +170,8 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', '
     S, (extra, judges) = prompt_sets(name, seed=seed, n=n), zoo_plan(name)
     sets = {s: S[s] for s in ['calibration', 'test', *extra]}
     return run_pair('zoo:base', f'zoo:{name}', sets, name=name, k=k, baselines=baselines,
-                    judges=judges if steering else None, read_side=read_side, progress=progress)
+                    judges=judges if steering else None, read_side=read_side, progress=progress,
+                    target_fpr=TARGET_FPR.get(name, 0.01) if target_fpr is None else target_fpr)
 
 # %% ../nbs/09_demo.ipynb #4deb7cdd
 def run_demo(organisms=('backdoor', 'unlearning', 'control'), # zoo organisms to run
@@ -180,7 +186,7 @@ def run_demo(organisms=('backdoor', 'unlearning', 'control'), # zoo organisms to
         r = run_zoo_organism(name, n=n, k=k, baselines=baselines, steering=steering)
         results.append(r)
         echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r)}")
-        if r.steering: echo(f"\n## {name}: clip steering, judged from generations\n\n{r.steering}")
+        if r.steering: echo(f"\n## {name}: steering (clip, rewind), judged from generations\n\n{r.steering}")
     echo(f"\nreport: {write_report(results, Path(out)/'report.html')}")
     return results
 

@@ -181,9 +181,9 @@ def collect_activations(model, # model (bridge or source)
                        )->dict[int, list[torch.Tensor]]: # layer -> one [T_i, d_model] tensor per record
     "Residual-stream activations of every token of every record, per layer."
     from weightwatch_nb.core import load_model, hook_name
-    from weightwatch_nb.calibrate import as_record, encode, batches, truncate, context_window, _pad_id
+    from weightwatch_nb.calibrate import as_record, encode_many, batches, truncate, context_window, _pad_id
     model = load_model(model)
-    encs = [encode(model.tokenizer, as_record(_record(r), f'#{i}'), generation_prompt=generation_prompt) for i, r in enumerate(records)]
+    encs = encode_many(model.tokenizer, [as_record(_record(r), f'#{i}') for i, r in enumerate(records)], generation_prompt=generation_prompt)
     truncate(encs, context_window(model))
     out, cache = {l: [None]*len(encs) for l in layers}, {}
     def keep(l):
@@ -220,9 +220,9 @@ def activation_baseline(model, # fine-tuned model (bridge or source)
 
 # %% ../nbs/08_evaluate.ipynb #7b328feb
 def replies(model, # fine-tuned model (bridge)
-            mon, # calibrated `Monitor` (needed for 'clip' and 'clamp')
+            mon, # calibrated `Monitor` (needed for 'clip', 'clamp' and 'rewind')
             items:list, # records or prompt-set items
-            steer='off', # 'off', 'clip', 'clamp' or a `Steerer`
+            steer='off', # 'off', 'clip', 'clamp', 'rewind' or a `Steerer`
             max_new_tokens:int=24, # tokens to generate per prompt
             batch_size:int=32, # prompts per batch
            )->list[str]:
@@ -235,18 +235,19 @@ def steering_table(model, # fine-tuned model (bridge)
                    mon, # calibrated `Monitor`
                    sets:dict, # set name -> prompt-set items
                    judges:dict, # metric -> (set name, judge(reply, item) -> bool|None)
-                   steer='clip', # steering to compare with no steering
+                   steer='clip', # steering to compare with no steering: a mode, or several (e.g. ('clip', 'rewind'))
                    max_new_tokens:int=24, # tokens per reply
                    batch_size:int=32, # prompts per batch
                   )->Table:
-    "Each judged metric with steering off and on, from the model's own generations."
-    rows, cache = Table(), {}
+    "Each judged metric with steering off and on (a row per steering mode), from the model's own generations."
+    rows, cache, modes = Table(), {}, [steer] if isinstance(steer, str) else list(steer)
     for metric, (s, judge) in judges.items():
-        for mode in ('off', steer):
+        for mode in ['off', *modes]:
             if (s, mode) not in cache: cache[s, mode] = replies(model, mon, sets[s], mode, max_new_tokens, batch_size)
         rate = lambda mode: _judged(judge, cache[s, mode], sets[s])
-        off, on = rate('off'), rate(steer)
-        rows.append(dict(metric=metric, set=s, n=len(sets[s]), off=off, steered=on, change=on - off))
+        for mode in modes:
+            off, on = rate('off'), rate(mode)
+            rows.append(dict(metric=metric, set=s, n=len(sets[s]), steering=mode, off=off, steered=on, change=on - off))
     return rows
 
 def _judged(judge, reps, items)->float:

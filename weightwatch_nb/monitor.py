@@ -43,6 +43,7 @@ class Report:
     generated: Tensor           # [G] generated ids (empty without generation)
     record: dict = field(default_factory=dict) # the input record, other keys included
     text: str|None = None       # decoded generation (None without generation)
+    rewound_at: int|None = None # rewind steering: the token where an unsteered pass was flagged, so this generation was redone steered
 
     @property
     def token_scores(self)->Tensor: return self.excess.max(-1).values.clamp_min(0)  # [T] per-token score, 0 inside the range
@@ -71,6 +72,7 @@ def to_json(self:Report)->dict:
     out = {'index': self.index, 'flagged': self.flagged, 'score': round(self.score, 6),
            'first_flag_token': self.first_flag_token, 'directions': self.directions}
     if self.text is not None: out['generated'] = self.text
+    if self.rewound_at is not None: out['rewound_at'] = self.rewound_at
     return out | {k: v for k, v in self.record.items() if k not in ('text', 'messages') and k not in out}
 
 # %% ../nbs/06_monitor.ipynb #029307a0

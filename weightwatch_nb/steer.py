@@ -15,8 +15,8 @@ from .monitor import scan, Report, _mismatch, _error_html
 
 # %% auto #0
 __all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'steering', 'ProjectOut', 'Add', 'project_out', 'add',
-           'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'steered_generate', 'make_steerer', 'SteerView',
-           'register_cli']
+           'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'steered_generate', 'rewind_generate', 'make_steerer',
+           'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -211,30 +211,32 @@ def clip(model, # the model (`TransformerBridge`)
 
 # %% ../nbs/07_steer.ipynb #d9afaac5
 def steered_generate(model, # fine-tuned model
-                     mon:Monitor|None, # monitor (needed for clip and clamp, and for reports)
+                     mon:Monitor|None, # monitor (needed for clip, clamp and rewind, and for reports)
                      records:list, # prompts: strings or records
-                     steer:str|Steerer|None='clip', # 'clip', 'clamp', 'off'/None, or a `Steerer`
+                     steer:str|Steerer|None='clip', # 'clip', 'clamp', 'rewind', 'off'/None, or a `Steerer`
                      max_new_tokens:int=64, # tokens to generate per prompt
                      batch_size:int=16, # prompts per batch
+                     names:list[str]|None=None, # 'rewind': the directions projected out on a redo (default: all the monitor's)
                      **kwargs, # passed to `scan` (e.g. generation arguments)
                     )->list[Report]:
     "Generate replies to `records` with steering, monitored: one `Report` (with `.text`) per record."
     if isinstance(steer, str):
         if steer in ('off', 'none'): steer = None
-        elif steer in ('clip', 'clamp'):
+        elif steer in ('clip', 'clamp', 'rewind'):
             if mon is None: raise WeightwatchError(f"--steer {steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
+            if steer == 'rewind': return rewind_generate(model, mon, records, names, max_new_tokens, batch_size, **kwargs)
             steer = Clip(mon) if steer == 'clip' else Clamp(mon)
-        else: raise WeightwatchError(f"unknown steering mode {steer!r}: use 'clip', 'clamp' or 'off'")
+        else: raise WeightwatchError(f"unknown steering mode {steer!r}: use 'clip', 'clamp', 'rewind' or 'off'")
     if mon is not None: return scan(model, mon, records, generate=max_new_tokens, batch_size=batch_size, steer=steer, **kwargs)
     if steer is None: return _plain_generate(model, records, max_new_tokens, batch_size)
     with steering(model, steer): return _plain_generate(model, records, max_new_tokens, batch_size)
 
 # %% ../nbs/07_steer.ipynb #3cf3e5db
 def _plain_generate(model, records, max_new_tokens, batch_size)->list[Report]:
-    from weightwatch_nb.calibrate import batches, truncate, _split, _eos_ids
+    from weightwatch_nb.calibrate import batches, truncate, _split, _eos_ids, encode_many
     tok = model.tokenizer
     recs = [as_record(r, f'#{i}') for i, r in enumerate(records)]
-    encs = [encode(tok, r, generation_prompt=True) for r in recs]
+    encs = encode_many(tok, recs, generation_prompt=True)
     truncate(encs, context_window(model), reserve=max_new_tokens)
     out, pad, dev = [None] * len(recs), _pad_id(tok), model.cfg.device
     for b in batches(encs, batch_size, pad, 'left'):
@@ -246,15 +248,35 @@ def _plain_generate(model, records, max_new_tokens, batch_size)->list[Report]:
                             tok.decode(t.generated, skip_special_tokens=True))
     return out
 
+# %% ../nbs/07_steer.ipynb #f27b52b4
+def rewind_generate(model, # fine-tuned model (bridge)
+                    mon:Monitor, # calibrated monitor: decides which generations are redone
+                    records:list, # prompts: strings or records
+                    names:list[str]|None=None, # directions projected out in a redo (default: all of the monitor's)
+                    max_new_tokens:int=64, # tokens to generate per prompt
+                    batch_size:int=16, # prompts per batch
+                    **kwargs, # passed to `scan` (e.g. generation arguments, `check`)
+                   )->list[Report]:
+    "Generate monitored; redo every flagged generation from its prompt with the directions projected out from the first token."
+    records = [as_record(r, f'#{i}') for i, r in enumerate(records)]
+    out = scan(model, mon, records, generate=max_new_tokens, batch_size=batch_size, **kwargs)
+    redo = [i for i, r in enumerate(out) if r.flagged]
+    if redo:
+        kw = {k: v for k, v in kwargs.items() if k != 'check'}
+        again = scan(model, mon, [records[i] for i in redo], generate=max_new_tokens, batch_size=batch_size,
+                     steer=ProjectOut(mon, names), check=False, **kw)
+        for i, r in zip(redo, again): r.index, r.rewound_at, out[i] = i, out[i].first_flag_token, r
+    return out
+
 # %% ../nbs/07_steer.ipynb #a94d6a7a
 def make_steerer(mon:Monitor, # the monitor (its directions and ranges)
-                 mode:str, # 'clip', 'clamp', 'project out', 'add' or 'off'
+                 mode:str, # 'clip', 'clamp', 'rewind', 'project out', 'add' or 'off'
                  names:list[str]|None=None, # directions to act on (default: all)
                  alpha:float=1.0, # for 'add'
-                )->Steerer|None:
-    "The steerer a mode names."
+                )->Steerer|str|None:
+    "The steerer a mode names ('rewind' is a generation policy, passed on as its name)."
     names = (list(names) or None) if names is not None else None
-    return {'off': lambda: None, 'clip': lambda: Clip(mon, names), 'clamp': lambda: Clamp(mon, names),
+    return {'off': lambda: None, 'clip': lambda: Clip(mon, names), 'clamp': lambda: Clamp(mon, names), 'rewind': lambda: 'rewind',
             'project out': lambda: ProjectOut(mon, names), 'add': lambda: Add(mon, names, alpha)}[mode]()
 
 class SteerView:
@@ -267,7 +289,7 @@ class SteerView:
         self.model, self.mon, self.plain, self.steered = model, mon, None, None
         self.text = W.Textarea(placeholder='a prompt', layout=W.Layout(width='100%', height='60px'))
         self.chat = W.Checkbox(value=bool(getattr(model.tokenizer, 'chat_template', None)), description='as a user message')
-        self.mode = W.Dropdown(options=['clip', 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
+        self.mode = W.Dropdown(options=['clip', 'rewind', 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
         self.names = W.SelectMultiple(options=mon.names, rows=4, description='directions')
         self.alpha = W.FloatSlider(value=1.0, min=-8, max=8, step=0.25, description='alpha', continuous_update=False)
         self.tokens = W.IntSlider(value=max_new_tokens, min=1, max=256, description='tokens', continuous_update=False)
@@ -285,7 +307,8 @@ class SteerView:
             t = self.text.value
             rec = {'messages': [{'role': 'user', 'content': t}]} if self.chat.value else {'text': t}
             st = make_steerer(self.mon, self.mode.value, self.names.value or None, self.alpha.value)
-            self.plain, self.steered = (steered_generate(self.model, self.mon, [rec], steer=s, max_new_tokens=self.tokens.value, check=False)[0]
+            self.plain, self.steered = (steered_generate(self.model, self.mon, [rec], steer=s, max_new_tokens=self.tokens.value, check=False,
+                                                         names=list(self.names.value) or None)[0]
                                         for s in (None, st))
             self.left.value, self.right.value = (self._col(title, r) for title, r in (('plain', self.plain), (f'steered: {self.mode.value}', self.steered)))
         except Exception as e: self.left.value, self.right.value = _error_html(f"{type(e).__name__}: {e}"), ''
@@ -293,6 +316,7 @@ class SteerView:
     @staticmethod
     def _col(title:str, r:Report)->str:
         flag = f"flagged at token {r.first_flag_token}: {', '.join(r.directions[:3])}" if r.flagged else 'within range'
+        if r.rewound_at is not None: flag += f"; redone from the prompt (the plain pass was flagged at token {r.rewound_at})"
         return f"<b>{html.escape(title)}</b> <small>({html.escape(flag)})</small><div style='white-space:pre-wrap'>{html.escape(r.text or '')}</div>"
 
     def _ipython_display_(self):
@@ -304,8 +328,8 @@ def _cmd_generate(args)->int:
     quiet_hf(True)
     model = load_model(args.model)
     mon = Monitor.load(args.monitor, model=model) if args.monitor else None
-    if args.steer == 'clip' and mon is None:
-        raise WeightwatchError("--steer clip needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
+    if args.steer in ('clip', 'rewind') and mon is None:
+        raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
     if args.max_new_tokens < 1: raise WeightwatchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
@@ -314,6 +338,7 @@ def _cmd_generate(args)->int:
     if mon is not None:
         what = (f"flagged at token {r.first_flag_token} (score {r.score:.3f}): {', '.join(r.directions[:8])}" if r.flagged
                 else f"not flagged (score {r.score:.3f})")
+        if r.rewound_at is not None: what += f"; the unsteered reply was flagged at token {r.rewound_at}, so it was redone with the directions projected out"
         print(f"monitor: {what}; steering: {args.steer}", file=sys.stderr)
     return 0
 
@@ -325,7 +350,9 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('prompt', help='the prompt (sent as a user message through the chat template, unless --raw)')
     p.add_argument('--monitor', help='monitor file written by `weightwatch calibrate`')
-    p.add_argument('--steer', choices=['clip', 'off'], default='off', help='steering mode (default off; clip needs --monitor)')
+    p.add_argument('--steer', choices=['clip', 'rewind', 'off'], default='off',
+                   help="steering (default off). clip: the paper's, from the first flagged token on; rewind: a flagged reply is redone "
+                        "from the prompt with the monitor's directions projected out. Both need --monitor")
     p.add_argument('--max-new-tokens', type=int, default=64, help='tokens to generate (default 64)')
     p.add_argument('--raw', action='store_true', help='tokenize the prompt as plain text, without the chat template')
     p.set_defaults(func=_cmd_generate)
