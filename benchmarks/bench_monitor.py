@@ -138,7 +138,7 @@ def main(argv=None):
     n_cal, n_gen, n_new, reps = (32, 8, 8, 1) if q else (192, 32, 32, args.reps)
     lines, tmp = [], Path(tempfile.mkdtemp())
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} visible CPU cores (shared), torch {torch.__version__} "
-           f"with {torch.get_num_threads()} threads, float32, CPU; {datetime.datetime.now():%Y-%m-%d %H:%M}")
+           f"(generation on {torch.get_num_threads()} thread(s), calibration on 1 and on every core), float32, CPU; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(env)
     rows_g, rows_c = [], []
     for kind in ('zoo', 'wide'):

@@ -185,7 +185,7 @@ def run_demo(organisms=('backdoor', 'unlearning', 'control'), # zoo organisms to
     for name in organisms:
         r = run_zoo_organism(name, n=n, k=k, baselines=baselines, steering=steering)
         results.append(r)
-        echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r)}")
+        echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=TARGET_FPR.get(name, 0.01))}")
         if r.steering: echo(f"\n## {name}: steering (clip, rewind), judged from generations\n\n{r.steering}")
     echo(f"\nreport: {write_report(results, Path(out)/'report.html')}")
     return results
