@@ -248,7 +248,7 @@ def _plain_generate(model, records, max_new_tokens, batch_size)->list[Report]:
                             tok.decode(t.generated, skip_special_tokens=True))
     return out
 
-# %% ../nbs/07_steer.ipynb #6776a9ee
+# %% ../nbs/07_steer.ipynb #0ee7da81
 def rewind_generate(model, # fine-tuned model (bridge)
                     mon:Monitor, # calibrated monitor: decides which generations are redone
                     records:list, # prompts: strings or records
