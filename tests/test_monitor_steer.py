@@ -64,7 +64,7 @@ def test_clip_projects_out_exactly_from_the_trip(organism):
     with model.hooks(fwd_hooks=capture('blocks.0.hook_out', before)): model(ids)
     with clip(model, mon) as c:
         with model.hooks(fwd_hooks=capture('blocks.0.hook_out', after)): model(ids)
-    assert c.tripped[0][0].tolist() == [True, False, False]
+    assert c.tripped[mon.hook(0)][0].tolist() == [True, False, False]
     assert torch.equal(after[0][0, :m], before[0][0, :m])
     torch.testing.assert_close(after[0][0, m:] @ o['v'], torch.zeros(ids.shape[1] - m), atol=1e-5, rtol=0)
     assert n_hooks(model) == 0

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from .core import WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint
+from itertools import groupby
+from .directions import hook_name, parse_name
 
 # %% auto #0
 __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'make_planted_checkpoint', 'as_record',
@@ -215,14 +217,18 @@ def truncate(encs:list[Encoded], # encoded records (changed in place)
     return cut
 
 # %% ../nbs/05_calibrate.ipynb #06776493
-def direction_groups(dirs, # `Directions` or `Monitor`: anything with `.layers`, `.by_layer(l)`, `.hook(l)`
+def direction_groups(dirs, # `Directions` or `Monitor`: anything with `.layers`, `.by_layer(l)`, `.hook(l, matrix)`
                     )->list[tuple[int, str, slice, list[str], Tensor]]:
-    "Per layer: (layer, hook name, slice into the global direction order, names, unit vectors [n, d])."
+    "Per hook: (layer, hook name, slice into the global direction order, names, unit vectors [n, d])."
     out, i = [], 0
     for l in dirs.layers:
         names, U = dirs.by_layer(l)
-        out.append((l, dirs.hook(l), slice(i, i + len(names)), list(names), U.float()))
+        hooks = [dirs.hook(l, parse_name(n)[1]) for n in names]
+        for h, run in groupby(range(len(names)), key=hooks.__getitem__):   # one hook per layer, or two with '{input}'
+            r = list(run); a, b = r[0], r[-1] + 1
+            out.append((l, h, slice(i + a, i + b), names[a:b], U[a:b].float()))
         i += len(names)
+    if len({h for _, h, *_ in out}) < len(out): raise WeightwatchError("the directions of one hook must be contiguous in the layer-major order")
     return out
 
 def direction_names(dirs, # `Directions` or `Monitor`
@@ -235,7 +241,7 @@ class Tracer:
     "Forward hooks that record each token's cosine with the directions of their layer (and optionally steer)."
     def __init__(self, dirs, # `Directions` or `Monitor`
                  device=None, # where the model runs
-                 steer=None, # optional `steer(layer, act, cos, valid, roles, step) -> act`
+                 steer=None, # optional `steer(hook, act, cos, valid, roles, step) -> act`
                  record:bool=True, # keep the cosines (False: only steer, e.g. for interactive generation)
                 ):
         self.groups = [(l, h, s, n, U.to(device or 'cpu')) for l, h, s, n, U in direction_groups(dirs)]
@@ -247,24 +253,24 @@ class Tracer:
              ):
         "Begin a batch; `valid`, `roles`: [b, t] masks of its prompt (default: all real, all prompt)."
         self.valid, self.roles = valid, roles
-        self.cos, self.step = {l: [] for l, *_ in self.groups}, {l: 0 for l, *_ in self.groups}
+        self.cos, self.step = {h: [] for _, h, *_ in self.groups}, {h: 0 for _, h, *_ in self.groups}
 
-    def _hook(self, layer, U):
+    def _hook(self, h, U):
         def fn(act, hook):
             a = act if act.dtype == torch.float32 else act.float()
             c = (a @ U.T) / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)   # cosines: one matmul, one norm
-            if self.record: self.cos[layer].append(c)
-            elif act.shape[1] > 1: self.step[layer] = 0      # not recording: a multi-token call starts a new prompt
-            step = self.step[layer]; self.step[layer] += 1
+            if self.record: self.cos[h].append(c)
+            elif act.shape[1] > 1: self.step[h] = 0      # not recording: a multi-token call starts a new prompt
+            step = self.step[h]; self.step[h] += 1
             if self.steer is None: return act
             b, t, dev = *c.shape[:2], c.device
             if step == 0 and self.valid is not None: valid, roles = self.valid, self.roles
             else: valid, roles = torch.ones(b, t, dtype=torch.bool, device=dev), torch.full((b, t), int(step > 0), device=dev)
-            return self.steer(layer, act, c, valid, roles, step)
+            return self.steer(h, act, c, valid, roles, step)
         return fn
 
-    def hooks(self)->list: return [(h, self._hook(l, U)) for l, h, _, _, U in self.groups]
-    def cosines(self)->Tensor: return torch.cat([torch.cat(self.cos[l], dim=1) for l, *_ in self.groups], dim=-1)
+    def hooks(self)->list: return [(h, self._hook(h, U)) for _, h, _, _, U in self.groups]
+    def cosines(self)->Tensor: return torch.cat([torch.cat(self.cos[h], dim=1) for _, h, *_ in self.groups], dim=-1)
 
 # %% ../nbs/05_calibrate.ipynb #46ee89c1
 @dataclass
@@ -312,7 +318,7 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
                 records:list, # records (see `as_record`)
                 batch_size:int=16, # records per forward pass
                 generate:int=0, # new tokens to generate per record (0: forward pass only)
-                steer=None, # optional `steer(layer, act, cos, valid, roles, step) -> act` (see `Tracer`)
+                steer=None, # optional `steer(hook, act, cos, valid, roles, step) -> act` (see `Tracer`)
                 max_len:int|None=None, # context window (default: the model's)
                 progress:bool=False, # show a progress bar
                 **gen_kwargs, # extra arguments for `generate` (e.g. do_sample=True)
@@ -494,9 +500,9 @@ class Monitor:
     def layers(self)->list[int]:
         "Sorted layers that have directions."
         return sorted(set(self.layer_of.tolist()))
-    def hook(self, layer:int)->str:
-        "Hook name of `layer`."
-        return self.hook_point.format(layer=layer)
+    def hook(self, layer:int, matrix:str|None=None)->str:
+        "Hook name of `layer` (and `matrix`, for a '{input}' hook point)."
+        return hook_name(self.hook_point, layer, matrix)
     def by_layer(self, layer:int)->tuple[list[str], Tensor]:
         "Names and unit vectors [n, d] of the directions at `layer`."
         m = self.layer_of == layer

@@ -14,13 +14,16 @@ from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_ke
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
 # %% auto #0
-__all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'parse_name', 'Directions', 'compute_directions', 'plot_spectrum',
-           'energy', 'plot_energy', 'plot_heatmap', 'DirectionsBrowser', 'delta_spectra', 'effective_rank',
-           'stable_rank', 'register_cli', 'subspace_overlap']
+__all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'parse_name', 'Directions', 'hook_name',
+           'compute_directions', 'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap', 'DirectionsBrowser',
+           'delta_spectra', 'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
 
 # %% ../nbs/04_directions.ipynb #0b48467e
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
 _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
+INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
+               'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
+READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
 
 def parse_name(name:str, # 'L3.mlp_out.u0' (one vector) or 'L3.mlp_out' (all vectors of a matrix)
               )->tuple:  # (layer, matrix, index or None)
@@ -36,6 +39,9 @@ def _check(vectors:dict, S:dict, hook_point:str, where:str='', indices:dict|None
     w, d = f"{where}: " if where else '', None
     if not isinstance(hook_point, str) or '{layer}' not in hook_point:
         raise WeightwatchError(f"{w}hook_point {hook_point!r} must be a template containing '{{layer}}', e.g. {DEFAULT_HOOK!r}")
+    bad = sorted({m for _, m in vectors if m not in INPUT_HOOKS}) if '{input}' in hook_point else []
+    if bad: raise WeightwatchError(f"{w}hook_point {hook_point!r} compares each direction with its matrix's input, but {bad} write to the "
+                                   f"residual stream rather than read from it; use '{{input}}' only with {list(INPUT_HOOKS)}, or a plain hook such as {DEFAULT_HOOK!r}")
     if not vectors: raise WeightwatchError(f"{w}no directions: there must be at least one (layer, matrix)")
     if set(vectors) != set(S): raise WeightwatchError(f"{w}singular values missing or extra for {sorted(set(vectors) ^ set(S))}")
     for (l, m), v in vectors.items():
@@ -138,12 +144,22 @@ def by_layer(self:Directions,
     return ([f"L{l}.{m}.u{i}" for l, m in keys for i in self.index((l, m))],
             torch.cat([self.vectors[lm] for lm in keys]))
 
+def hook_name(template:str, # hook template with '{layer}', and optionally '{input}' (see `READ_HOOK`)
+              layer:int, # block index
+              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}')
+             )->str:
+    "The hook name `template` gives at `layer` for directions of `matrix`."
+    if '{input}' not in template: return template.format(layer=layer)
+    if matrix not in INPUT_HOOKS: raise WeightwatchError(f"hook {template!r} needs the matrix that reads the activation (one of {list(INPUT_HOOKS)}), got {matrix!r}")
+    return template.format(layer=layer, input=INPUT_HOOKS[matrix])
+
 @patch
 def hook(self:Directions,
          layer:int, # block index
+         matrix:str|None=None, # the matrix, for a hook template with '{input}'
         )->str:
-    "The TransformerLens hook name where directions of `layer` are compared with activations."
-    return self.hook_point.format(layer=layer)
+    "The TransformerLens hook name where directions of `layer` (and `matrix`) are compared with activations."
+    return hook_name(self.hook_point, layer, matrix)
 
 @patch
 def __getitem__(self:Directions,

@@ -64,13 +64,14 @@ class Steerer:
         all_names = direction_names(dirs)
         unknown = sorted(set(names or []) - set(all_names))
         if unknown: raise WeightwatchError(f"unknown directions {unknown[:5]}; choose from {all_names[:8]}{' ...' if len(all_names) > 8 else ''}")
-        # per layer: bool [n_l] of the directions this steerer uses
-        self.sel = {l: torch.tensor([names is None or n in names for n in ns], dtype=torch.bool) for l, _, _, ns, _ in direction_groups(dirs)}
-        self.U = {l: U for l, _, _, _, U in direction_groups(dirs)}
+        self.groups = direction_groups(dirs)   # one per hook: (layer, hook, slice, names, U)
+        # per hook: bool [n_h] of the directions this steerer uses, and all its directions [n_h, d]
+        self.sel = {h: torch.tensor([names is None or n in names for n in ns], dtype=torch.bool) for _, h, _, ns, _ in self.groups}
+        self.U = {h: U for _, h, _, _, U in self.groups}
     def reset(self):
         "Forget per-sequence state (called when a new batch starts)."
-    def __call__(self, layer, act, cos, valid, roles, step)->Tensor:
-        "Edit `act` [b, t, d] at `layer` (see `Tracer` for the arguments); the base class leaves it alone."
+    def __call__(self, hook, act, cos, valid, roles, step)->Tensor:
+        "Edit `act` [b, t, d] at hook `hook` (see `Tracer` for the arguments); the base class leaves it alone."
         return act
 
 @contextmanager
@@ -89,9 +90,9 @@ class ProjectOut(Steerer):
                  names:list[str]|None=None, # directions to remove (default: all)
                 ):
         super().__init__(dirs, names)
-        self.Q = {l: orthonormalize(self.U[l][s]) for l, s in self.sel.items()}
-    def __call__(self, layer, act, cos, valid, roles, step):
-        Q = self.Q[layer]
+        self.Q = {h: orthonormalize(self.U[h][s]) for h, s in self.sel.items()}
+    def __call__(self, hook, act, cos, valid, roles, step):
+        Q = self.Q[hook]
         return act if not len(Q) else remove_span(act.float(), Q.to(act.device)).to(act.dtype)
 
 class Add(Steerer):
@@ -101,9 +102,9 @@ class Add(Steerer):
                  alpha:float=1.0, # multiple of each unit direction to add (residual-stream units)
                 ):
         super().__init__(dirs, names); self.alpha = alpha
-        self.delta = {l: self.U[l][s].sum(0) * alpha for l, s in self.sel.items()}
-    def __call__(self, layer, act, cos, valid, roles, step):
-        return act + self.delta[layer].to(act.device, act.dtype)
+        self.delta = {h: self.U[h][s].sum(0) * alpha for h, s in self.sel.items()}
+    def __call__(self, hook, act, cos, valid, roles, step):
+        return act + self.delta[hook].to(act.device, act.dtype)
 
 def project_out(model, # the model (`TransformerBridge`)
                 dirs, # `Directions` or `Monitor`
@@ -139,16 +140,16 @@ class Clamp(Steerer):
                  names:list[str]|None=None, # directions to clamp (default: all)
                 ):
         super().__init__(mon, names)
-        self.lo = {l: mon.lo[:, mon.layer_of == l] for l in self.sel}
-        self.hi = {l: mon.hi[:, mon.layer_of == l] for l in self.sel}
-    def __call__(self, layer, act, cos, valid, roles, step):
-        s = self.sel[layer].to(act.device)
-        lo, hi = self.lo[layer].to(act.device)[roles], self.hi[layer].to(act.device)[roles]   # [b, t, n]
+        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
+        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+    def __call__(self, hook, act, cos, valid, roles, step):
+        s = self.sel[hook].to(act.device)
+        lo, hi = self.lo[hook].to(act.device)[roles], self.hi[hook].to(act.device)[roles]   # [b, t, n]
         tgt = torch.where(s, cos.clamp(lo, hi), cos)
         rows = ((tgt != cos).any(-1) & valid).reshape(-1)
         if not rows.any(): return act
         flat = act.reshape(-1, act.shape[-1]).clone()
-        flat[rows] = set_cosines(flat[rows].float(), self.U[layer].to(act.device), tgt.reshape(-1, tgt.shape[-1])[rows]).to(act.dtype)
+        flat[rows] = set_cosines(flat[rows].float(), self.U[hook].to(act.device), tgt.reshape(-1, tgt.shape[-1])[rows]).to(act.dtype)
         return flat.view_as(act)
 
 def clamp(model, # the model (`TransformerBridge`)
@@ -165,41 +166,41 @@ class Clip(Steerer):
                  names:list[str]|None=None, # directions that may be clipped (default: all)
                 ):
         super().__init__(mon, names)
-        self.lo = {l: mon.lo[:, mon.layer_of == l] for l in self.sel}
-        self.hi = {l: mon.hi[:, mon.layer_of == l] for l in self.sel}
-        self.Q = {l: {} for l in self.sel}   # per layer: orthonormal bases of the tripped sets seen so far
+        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
+        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+        self.Q = {h: {} for h in self.sel}   # per hook: orthonormal bases of the tripped sets seen so far
         self.reset()
 
     def reset(self):
         "Switch every direction back off."
-        self.tripped, self.basis = {}, {}   # layer -> [b, n_l] bool; layer -> [b, r, d] zero-padded bases
+        self.tripped, self.basis = {}, {}   # hook -> [b, n_h] bool; hook -> [b, r, d] zero-padded bases
 
-    def _bases(self, layer, on:Tensor, dev)->Tensor:
+    def _bases(self, hook, on:Tensor, dev)->Tensor:
         "Zero-padded orthonormal basis [b, r, d] of each sequence's tripped set."
         qs = []
         for row in on.tolist():
             key = tuple(row)
-            if key not in self.Q[layer]: self.Q[layer][key] = orthonormalize(self.U[layer][torch.tensor(row)]).to(dev)
-            qs.append(self.Q[layer][key])
-        B = torch.zeros(len(qs), max(1, max(len(q) for q in qs)), self.U[layer].shape[1], device=dev)
+            if key not in self.Q[hook]: self.Q[hook][key] = orthonormalize(self.U[hook][torch.tensor(row)]).to(dev)
+            qs.append(self.Q[hook][key])
+        B = torch.zeros(len(qs), max(1, max(len(q) for q in qs)), self.U[hook].shape[1], device=dev)
         for i, q in enumerate(qs): B[i, :len(q)] = q
         return B
 
-    def __call__(self, layer, act, cos, valid, roles, step):
+    def __call__(self, hook, act, cos, valid, roles, step):
         dev = act.device
-        lo, hi = self.lo[layer].to(dev)[roles], self.hi[layer].to(dev)[roles]
-        out = ((cos < lo) | (cos > hi)) & valid[..., None] & self.sel[layer].to(dev)
-        prev = self.tripped.get(layer)
+        lo, hi = self.lo[hook].to(dev)[roles], self.hi[hook].to(dev)[roles]
+        out = ((cos < lo) | (cos > hi)) & valid[..., None] & self.sel[hook].to(dev)
+        prev = self.tripped.get(hook)
         if step == 0 or prev is None or prev.shape[0] != act.shape[0]: prev = torch.zeros_like(out[:, 0])
         if step == 0 or act.shape[1] > 1:                      # a prompt: directions switch on token by token
             on = out.cummax(dim=1).values | prev[:, None]
-            self.tripped[layer], self.basis[layer] = on[:, -1], None
-            return remove_masked(act, self.U[layer].to(dev), on, self.Q[layer])
+            self.tripped[hook], self.basis[hook] = on[:, -1], None
+            return remove_masked(act, self.U[hook].to(dev), on, self.Q[hook])
         now = prev | out[:, 0]                                  # a decoding step: one new token per sequence
-        self.tripped[layer] = now
+        self.tripped[hook] = now
         if not now.any(): return act
-        if self.basis.get(layer) is None or not torch.equal(now, prev): self.basis[layer] = self._bases(layer, now, dev)
-        B, a = self.basis[layer], act.float()
+        if self.basis.get(hook) is None or not torch.equal(now, prev): self.basis[hook] = self._bases(hook, now, dev)
+        B, a = self.basis[hook], act.float()
         return (a - torch.einsum('btr,brd->btd', torch.einsum('btd,brd->btr', a, B), B)).to(act.dtype)
 
 def clip(model, # the model (`TransformerBridge`)
