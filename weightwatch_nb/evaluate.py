@@ -222,7 +222,7 @@ def activation_baseline(model, # fine-tuned model (bridge or source)
 def replies(model, # fine-tuned model (bridge)
             mon, # calibrated `Monitor` (needed for 'clip', 'clamp' and 'rewind')
             items:list, # records or prompt-set items
-            steer='off', # 'off', 'clip', 'clamp', 'rewind' or a `Steerer`
+            steer='off', # 'off', 'clip', 'clamp', 'rewind', a `Steerer` or a `Rewind`
             max_new_tokens:int=24, # tokens to generate per prompt
             batch_size:int=32, # prompts per batch
            )->list[str]:
@@ -235,19 +235,21 @@ def steering_table(model, # fine-tuned model (bridge)
                    mon, # calibrated `Monitor`
                    sets:dict, # set name -> prompt-set items
                    judges:dict, # metric -> (set name, judge(reply, item) -> bool|None)
-                   steer='clip', # steering to compare with no steering: a mode, or several (e.g. ('clip', 'rewind'))
+                   steer='clip', # steering to compare with no steering: a mode, or several (e.g. ('clip', 'rewind', Rewind(weights=...)))
                    max_new_tokens:int=24, # tokens per reply
                    batch_size:int=32, # prompts per batch
                   )->Table:
     "Each judged metric with steering off and on (a row per steering mode), from the model's own generations."
-    rows, cache, modes = Table(), {}, [steer] if isinstance(steer, str) else list(steer)
+    modes = list(steer) if isinstance(steer, (list, tuple)) else [steer]
+    label = lambda m: m if isinstance(m, str) else getattr(m, 'label', type(m).__name__)
+    rows, cache = Table(), {}
     for metric, (s, judge) in judges.items():
         for mode in ['off', *modes]:
-            if (s, mode) not in cache: cache[s, mode] = replies(model, mon, sets[s], mode, max_new_tokens, batch_size)
-        rate = lambda mode: _judged(judge, cache[s, mode], sets[s])
+            if (s, label(mode)) not in cache: cache[s, label(mode)] = replies(model, mon, sets[s], mode, max_new_tokens, batch_size)
+        rate = lambda mode: _judged(judge, cache[s, label(mode)], sets[s])
         for mode in modes:
             off, on = rate('off'), rate(mode)
-            rows.append(dict(metric=metric, set=s, n=len(sets[s]), steering=mode, off=off, steered=on, change=on - off))
+            rows.append(dict(metric=metric, set=s, n=len(sets[s]), steering=label(mode), off=off, steered=on, change=on - off))
     return rows
 
 def _judged(judge, reps, items)->float:

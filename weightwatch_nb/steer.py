@@ -5,18 +5,19 @@
 # %% ../nbs/07_steer.ipynb #89b6af47
 from __future__ import annotations
 import html, sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 import torch
 from torch import Tensor
-from .core import WeightwatchError, load_model
+from .core import WeightwatchError, load_model, hf_state_dict
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
                                       context_window, _pad_id, PROMPT, RESPONSE)
 from .monitor import scan, Report, _mismatch, _error_html
 
 # %% auto #0
 __all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'steering', 'ProjectOut', 'Add', 'project_out', 'add',
-           'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'steered_generate', 'rewind_generate', 'make_steerer',
-           'SteerView', 'register_cli']
+           'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'Rewind', 'steered_generate', 'rewind_generate',
+           'swapped_weights', 'changed_weights', 'make_steerer', 'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -210,17 +211,28 @@ def clip(model, # the model (`TransformerBridge`)
     "Context manager: the paper's clip steering with the monitor's ranges, while it is open."
     return steering(model, Clip(mon, names))
 
+# %% ../nbs/07_steer.ipynb #86fc8653
+@dataclass
+class Rewind:
+    "Options of the rewind policy (see `rewind_generate`), under a label for tables."
+    names: list[str]|None = None  # directions projected out in a redo (default: all of the monitor's)
+    weights: dict|None = None     # or: weights to redo with, swapped in (see `swapped_weights`)
+    label: str = 'rewind'         # the name of this variant in tables
+
 # %% ../nbs/07_steer.ipynb #d9afaac5
 def steered_generate(model, # fine-tuned model
                      mon:Monitor|None, # monitor (needed for clip, clamp and rewind, and for reports)
                      records:list, # prompts: strings or records
-                     steer:str|Steerer|None='clip', # 'clip', 'clamp', 'rewind', 'off'/None, or a `Steerer`
+                     steer:str|Steerer|None='clip', # 'clip', 'clamp', 'rewind', 'off'/None, a `Steerer` or a `Rewind`
                      max_new_tokens:int=64, # tokens to generate per prompt
                      batch_size:int=16, # prompts per batch
                      names:list[str]|None=None, # 'rewind': the directions projected out on a redo (default: all the monitor's)
                      **kwargs, # passed to `scan` (e.g. generation arguments)
                     )->list[Report]:
     "Generate replies to `records` with steering, monitored: one `Report` (with `.text`) per record."
+    if isinstance(steer, Rewind):
+        if mon is None: raise WeightwatchError("rewind needs a monitor to decide what to redo: pass one (from `weightwatch calibrate`)")
+        return rewind_generate(model, mon, records, steer.names, max_new_tokens, batch_size, weights=steer.weights, **kwargs)
     if isinstance(steer, str):
         if steer in ('off', 'none'): steer = None
         elif steer in ('clip', 'clamp', 'rewind'):
@@ -256,6 +268,7 @@ def rewind_generate(model, # fine-tuned model (bridge)
                     names:list[str]|None=None, # directions projected out in a redo (default: all of the monitor's)
                     max_new_tokens:int=64, # tokens to generate per prompt
                     batch_size:int=16, # prompts per batch
+                    weights:dict|None=None, # instead of projecting: redo with these weights swapped in (see `swapped_weights`)
                     **kwargs, # passed to `scan` (e.g. generation arguments, `check`)
                    )->list[Report]:
     "Generate monitored; redo every flagged generation from its prompt with the directions projected out from the first token."
@@ -264,10 +277,38 @@ def rewind_generate(model, # fine-tuned model (bridge)
     redo = [i for i, r in enumerate(out) if r.flagged]
     if redo:
         kw = {k: v for k, v in kwargs.items() if k != 'check'}
-        again = scan(model, mon, [records[i] for i in redo], generate=max_new_tokens, batch_size=batch_size,
-                     steer=ProjectOut(mon, names), check=False, **kw)
+        with swapped_weights(model, weights) if weights is not None else nullcontext():
+            again = scan(model, mon, [records[i] for i in redo], generate=max_new_tokens, batch_size=batch_size,
+                         steer=None if weights is not None else ProjectOut(mon, names), check=False, **kw)
         for i, r in zip(redo, again): r.index, r.rewound_at, out[i] = i, out[i].first_flag_token, r
     return out
+
+# %% ../nbs/07_steer.ipynb #70dc8e67
+@contextmanager
+def swapped_weights(model, # the model (bridge or HF model): its weights change in place while the block runs
+                    weights:dict, # checkpoint name -> tensor to use instead (only the ones that differ)
+                   ):
+    "Run a `with` block with `weights` in place of the model's own; they are put back on exit, also on error."
+    sd = hf_state_dict(model)
+    bad = [k for k in weights if k not in sd]
+    if bad: raise WeightwatchError(f"weights {bad[:3]} are not in this model (its names look like {list(sd)[:2]}); pass tensors under its checkpoint names")
+    bad = [f"{k}: {list(v.shape)}, the model's {list(sd[k].shape)}" for k, v in weights.items() if v.shape != sd[k].shape]
+    if bad: raise WeightwatchError(f"weights have the wrong shape ({'; '.join(bad[:3])}); were they edited from another model?")
+    saved = {k: sd[k].detach().clone() for k in weights}
+    try:
+        with torch.no_grad():
+            for k, v in weights.items(): sd[k].copy_(v)
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items(): sd[k].copy_(v)
+
+def changed_weights(edited, # the edited model (HF model or bridge), e.g. from `remove_directions`
+                    model, # the model it was made from
+                   )->dict: # checkpoint name -> edited tensor, for the tensors that differ
+    "The tensors of `edited` that differ from `model`'s: what `swapped_weights` needs."
+    a, b = hf_state_dict(edited), hf_state_dict(model)
+    return {k: v.detach().clone() for k, v in a.items() if k in b and not torch.equal(v, b[k])}
 
 # %% ../nbs/07_steer.ipynb #a94d6a7a
 def make_steerer(mon:Monitor, # the monitor (its directions and ranges)
