@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from .core import WeightwatchError, load_model, fingerprint
-from .directions import Directions, compute_directions
+from .directions import Directions, compute_directions, READ_HOOK
 from .calibrate import Monitor, calibrate, read_jsonl
 from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baseline,
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['READ_MATRICES', 'READ_HOOK', 'TARGET_FPR', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair',
-           'headline', 'write_report', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
+__all__ = ['READ_MATRICES', 'STRIP_MATRICES', 'TARGET_FPR', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair',
+           'judge_steering', 'headline', 'write_report', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -50,12 +50,13 @@ class PairResult:
     monitor: Monitor
     detections: list = field(default_factory=list)  # `Detection`s: the weight monitor first, then baselines
     detection: Table = None    # `detection_table` of all detectors
-    steering: Table = None     # `steering_table` (or None)
+    steering: Table = None     # `steering_table` rows, with the deciding monitor ('write' or 'read') in a `monitor` column (or None)
+    read_monitor: Monitor = None  # the read-side monitor (with `read_side=True`)
     seconds: float = 0.
 
 # %% ../nbs/09_demo.ipynb #2a76c918
-READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream
-READ_HOOK = 'blocks.{layer}.hook_in'   # ... and the residual they read (before the block; the MLP reads after attention)
+READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream (at `READ_HOOK`)
+STRIP_MATRICES = ('attn_out', 'mlp_out', *READ_MATRICES)   # every block matrix: what the weights-rewind strips the update from
 
 def run_pair(base, finetuned, # the model pair: sources or loaded models
              sets:dict, # set name -> records; needs 'calibration' and 'test' (clean)
@@ -68,8 +69,9 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
              generate:int=8, # reply tokens generated and watched per prompt, in calibration and scans (as the paper monitors generation)
              tune:bool=True, # tune percentile and margin on the clean calibration records (else: the fixed defaults)
              target_fpr:float=0.01, # the false-positive budget that tuning aims for
-             read_side:bool=False, # also monitor the read side: ΔW of q/k/v/mlp_in/mlp_gate at the block input
+             read_side:bool=False, # also monitor the read side: ΔW of q/k/v/mlp_in/mlp_gate, each at the activation it reads
              steer=('clip', 'rewind'), # steering modes judged against no steering (see `steering_table`)
+             strip_k:int=16, # also judge 'rewind (weights)': redo flagged replies with this many directions stripped from every block matrix's ΔW (0: skip)
              progress:bool=True, # progress bars
             )->PairResult:
     "Run the method (directions, calibration, detection, steering) on one pair, with baselines."
@@ -80,10 +82,11 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     dirs = compute_directions(base, finetuned, k=k, progress=progress)
     mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
+    rmon = None
     if read_side:
         rd = compute_directions(base, finetuned, k=k, matrices=READ_MATRICES, hook_point=READ_HOOK, progress=False)
-        dets.append(detect(model, calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr),
-                           scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
+        rmon = calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
+        dets.append(detect(model, rmon, scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
     if baselines:
         layer = model.cfg.n_layers//2 if baseline_layer is None else baseline_layer
         for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, mode='raw', progress=False), 'weights (raw W)')):
@@ -91,10 +94,30 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
                                name=nm, batch_size=batch_size, generate=generate, progress=progress))
         for kind in ('mahalanobis', 'pca'):
             dets.append(activation_baseline(model, sets['calibration'], scan_sets, layer, kind, batch_size=batch_size))
-    res = PairResult(name, dirs, mon, dets, detection_table(dets))
-    if judges: res.steering = steering_table(model, mon, scan_sets, judges, steer=steer, batch_size=batch_size)
+    res = PairResult(name, dirs, mon, dets, detection_table(dets), read_monitor=rmon)
+    if judges: res.steering = judge_steering(base, finetuned, model, {'write': mon, 'read': rmon}, scan_sets, judges, steer, strip_k, batch_size)
     res.seconds = time.time() - t0
     return res
+
+# %% ../nbs/09_demo.ipynb #0179717d
+def judge_steering(base, finetuned, # the model pair (for the weights-rewind edit)
+                   model, # the fine-tuned model, loaded
+                   monitors:dict, # deciding monitor's name ('write', 'read') -> `Monitor` (None: skipped)
+                   sets:dict, # set name -> prompt-set items
+                   judges:dict, # metric -> (set, judge(reply, item))
+                   steer=('clip', 'rewind'), # steering modes (see `steering_table`)
+                   strip_k:int=16, # directions stripped per block matrix for 'rewind (weights)' (0: no such mode)
+                   batch_size:int=32, # prompts per batch
+                  )->Table:
+    "`steering_table` rows for every deciding monitor, with a `monitor` column, plus the weights-rewind mode."
+    from weightwatch_nb.steer import Rewind, changed_weights
+    modes = list(steer)
+    if strip_k:
+        from weightwatch_nb.edit import remove_directions
+        edited = remove_directions(base, finetuned, strip_k, matrices=STRIP_MATRICES, progress=False)
+        modes.append(Rewind(weights=changed_weights(edited, model), label='rewind (weights)'))
+    return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None
+                 for row in steering_table(model, m, sets, judges, steer=modes, batch_size=batch_size))
 
 # %% ../nbs/09_demo.ipynb #b174716e
 def headline(res:PairResult, # result of `run_pair`
@@ -137,7 +160,7 @@ def write_report(results:list, # `PairResult`s
                   '<h3>Headline</h3>', _html_table(headline(r)), '<h3>Detection (all detectors)</h3>', _html_table(r.detection)]
         for s in r.detections[0].scores:
             if s != 'test': parts.append(f'<img alt="ROC {html.escape(s)}" src="data:image/png;base64,{_png(plot_roc(r.detections, s))}">')
-        if r.steering: parts += ['<h3>Steering (clip and rewind), judged from generations</h3>', _html_table(r.steering)]
+        if r.steering: parts += ['<h3>Steering, judged from generations (per deciding monitor and mode)</h3>', _html_table(r.steering)]
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(parts + ['</body></html>']))
     return path
@@ -186,7 +209,7 @@ def run_demo(organisms=('backdoor', 'unlearning', 'control'), # zoo organisms to
         r = run_zoo_organism(name, n=n, k=k, baselines=baselines, steering=steering)
         results.append(r)
         echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=TARGET_FPR.get(name, 0.01))}")
-        if r.steering: echo(f"\n## {name}: steering (clip, rewind), judged from generations\n\n{r.steering}")
+        if r.steering: echo(f"\n## {name}: steering, judged from generations (per deciding monitor and mode)\n\n{r.steering}")
     echo(f"\nreport: {write_report(results, Path(out)/'report.html')}")
     return results
 

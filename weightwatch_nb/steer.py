@@ -211,7 +211,7 @@ def clip(model, # the model (`TransformerBridge`)
     "Context manager: the paper's clip steering with the monitor's ranges, while it is open."
     return steering(model, Clip(mon, names))
 
-# %% ../nbs/07_steer.ipynb #86fc8653
+# %% ../nbs/07_steer.ipynb #78a918fe
 @dataclass
 class Rewind:
     "Options of the rewind policy (see `rewind_generate`), under a label for tables."
@@ -283,7 +283,7 @@ def rewind_generate(model, # fine-tuned model (bridge)
         for i, r in zip(redo, again): r.index, r.rewound_at, out[i] = i, out[i].first_flag_token, r
     return out
 
-# %% ../nbs/07_steer.ipynb #70dc8e67
+# %% ../nbs/07_steer.ipynb #02a9c736
 @contextmanager
 def swapped_weights(model, # the model (bridge or HF model): its weights change in place while the block runs
                     weights:dict, # checkpoint name -> tensor to use instead (only the ones that differ)
