@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_demo.ipynb #e9ee56a8
 from __future__ import annotations
-import base64, html, io, json, os, time
+import base64, html, io, json, math, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -12,13 +12,14 @@ import torch
 import matplotlib.pyplot as plt
 from .core import WeightwatchError, load_model, fingerprint
 from .directions import Directions, compute_directions, READ_HOOK
-from .calibrate import Monitor, calibrate, read_jsonl
+from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
 from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baseline,
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['READ_MATRICES', 'STRIP_MATRICES', 'TARGET_FPR', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair',
-           'judge_steering', 'headline', 'write_report', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
+__all__ = ['READ_MATRICES', 'STRIP_MATRICES', 'TARGET_FPR', 'N_CALIBRATION', 'random_directions', 'calibrate_monitor',
+           'PairResult', 'block_matrices', 'run_pair', 'judge_steering', 'headline', 'write_report',
+           'calibration_study', 'plot_calibration_study', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -54,10 +55,20 @@ class PairResult:
     read_monitor: Monitor = None  # the read-side monitor (with `read_side=True`)
     seconds: float = 0.
 
-# %% ../nbs/09_demo.ipynb #2a76c918
+# %% ../nbs/09_demo.ipynb #c6820dc2
 READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream (at `READ_HOOK`)
 STRIP_MATRICES = ('attn_out', 'mlp_out', *READ_MATRICES)   # every block matrix: what the weights-rewind strips the update from
 
+def block_matrices(model, # the model (any source `open_tensors` takes) whose architecture decides
+                   wanted=STRIP_MATRICES, # the matrices asked for, from `MATRICES`
+                  )->tuple[str, ...]: # those of `wanted` the architecture has, in the same order
+    "The block matrices of `wanted` that a model has (GPT-2 has no MLP gate; GPT-NeoX's fused q/k/v are not mapped)."
+    from weightwatch_nb.delta import open_tensors, arch_info
+    specs = arch_info(open_tensors(model).config)['specs']
+    return tuple(m for m in wanted if m in specs)
+
+
+# %% ../nbs/09_demo.ipynb #2a76c918
 def run_pair(base, finetuned, # the model pair: sources or loaded models
              sets:dict, # set name -> records; needs 'calibration' and 'test' (clean)
              name:str='pair', # label for tables and the report
@@ -84,7 +95,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
     rmon = None
     if read_side:
-        rd = compute_directions(base, finetuned, k=k, matrices=READ_MATRICES, hook_point=READ_HOOK, progress=False)
+        rd = compute_directions(base, finetuned, k=k, matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK, progress=False)
         rmon = calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
         dets.append(detect(model, rmon, scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
     if baselines:
@@ -114,7 +125,7 @@ def judge_steering(base, finetuned, # the model pair (for the weights-rewind edi
     modes = list(steer)
     if strip_k:
         from weightwatch_nb.edit import remove_directions
-        edited = remove_directions(base, finetuned, strip_k, matrices=STRIP_MATRICES, progress=False)
+        edited = remove_directions(base, finetuned, strip_k, matrices=block_matrices(finetuned), progress=False)
         modes.append(Rewind(weights=changed_weights(edited, model), label='rewind (weights)'))
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None
                  for row in steering_table(model, m, sets, judges, steer=modes, batch_size=batch_size))
@@ -165,8 +176,70 @@ def write_report(results:list, # `PairResult`s
     path.write_text('\n'.join(parts + ['</body></html>']))
     return path
 
+# %% ../nbs/09_demo.ipynb #0c7fb6fa
+def _prefix(st, n:int):
+    "The first `n` records of calibration statistics."
+    from weightwatch_nb.calibrate import CalStats
+    return CalStats(st.names, st.mins[:n], st.maxs[:n], st.counts[:n], st.meta)
+
+def calibration_study(base, finetuned, # the model pair: sources or loaded models
+                      calibration:list, # clean calibration records in random order: each size takes a prefix
+                      test:list, # clean test records (false positives)
+                      positive:list, # anomalous records the monitor should flag
+                      sizes=(300, 745, 1495), # calibration set sizes to compare
+                      target_fpr:float=0.01, # the false-positive budget the tuner aims for
+                      name:str='pair', # label for the table
+                      k:int=4, # directions per layer and matrix
+                      read_side:bool=True, # also study the read-side directions (see `run_pair`)
+                      generate:int=8, # reply tokens generated and watched per prompt
+                      batch_size:int=32, # records per forward pass
+                      progress:bool=True, # progress bar
+                     )->Table: # one row per side and size; `.monitors[(side, size)]` holds each tuned `Monitor`
+    "Tune monitors on growing prefixes of one calibration set; measure each one's FPR and TPR on fixed sets."
+    from tqdm.auto import tqdm
+    from weightwatch_nb.calibrate import collect_stats, tune_thresholds, record_scores
+    from weightwatch_nb.evaluate import _record
+    sizes = sorted(set(int(s) for s in sizes))
+    if not sizes or sizes[-1] > len(calibration):
+        raise WeightwatchError(f"calibration sizes {sizes} need at least {sizes[-1] if sizes else 1} calibration records, got {len(calibration)}; "
+                               "pass more clean prompts or smaller sizes")
+    for s, recs in (('test', test), ('positive', positive)):
+        if not recs: raise WeightwatchError(f"calibration_study needs a non-empty {s} set")
+    model = load_model(finetuned)
+    sides = [('write', dict())] + ([('read', dict(matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK))] if read_side else [])
+    rows, rows.monitors = Table(), {}
+    for side, kw in tqdm(sides, desc=f'calibration study ({name})', disable=not progress):
+        d = compute_directions(base, finetuned, k=k, progress=False, **kw)
+        cal, te, po = (collect_stats(model, d, [_record(r) for r in recs], batch_size=batch_size, generate=generate)
+                       for recs in (calibration[:sizes[-1]], test, positive))
+        for n in sizes:
+            mon = tune_thresholds(_prefix(cal, n), d, target_fpr=target_fpr)
+            rows.monitors[side, n] = mon
+            fpr, tpr = (int((record_scores(s, mon.lo, mon.hi) > 0).sum()) / len(s) for s in (te, po))
+            rows.append(dict(pair=name, side=side, n_calibration=n, percentile=mon.meta['percentile'], margin=mon.meta['margin'],
+                             heldout_fpr_bound=mon.meta['fpr_upper'], test_fpr=fpr, tpr=tpr, n_test=len(test), n_positive=len(positive)))
+    return rows
+
+def plot_calibration_study(rows:Table, # rows of one or more `calibration_study` runs
+                           budgets:dict|None=None, # pair name -> FPR budget, drawn as a dashed line
+                          ):
+    "TPR and test FPR against the number of calibration prompts: one line (the mean) per pair and side, shaded from min to max over runs."
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key in dict.fromkeys((r['pair'], r['side']) for r in rows):
+        ns = sorted({r['n_calibration'] for r in rows if (r['pair'], r['side']) == key})
+        for ax, col in ((a1, 'tpr'), (a2, 'test_fpr')):
+            v = [[r[col] for r in rows if (r['pair'], r['side'], r['n_calibration']) == (*key, n)] for n in ns]
+            line, = ax.plot(ns, [np.mean(x) for x in v], 'o-', label=f'{key[0]}, {key[1]} side')
+            ax.fill_between(ns, [min(x) for x in v], [max(x) for x in v], color=line.get_color(), alpha=0.2)
+    for p, b in (budgets or {}).items(): a2.axhline(b, ls='--', lw=1, color='grey'); a2.text(a2.get_xlim()[0], b, f' {p} budget', va='bottom', fontsize=8)
+    a1.set(xlabel='calibration prompts', ylabel='anomalous prompts flagged (TPR)', ylim=(-0.02, 1.02), title='detection')
+    a2.set(xlabel='calibration prompts', ylabel='clean test prompts flagged (FPR)', title='false positives')
+    a1.legend(fontsize=8)
+    return fig
+
 # %% ../nbs/09_demo.ipynb #1c67644e
 TARGET_FPR = {'backdoor': 0.01, 'unlearning': 0.02}  # the false-positive budget of each organism's detection target
+N_CALIBRATION = math.ceil(prompts_needed(min(TARGET_FPR.values())) / 0.2)  # clean calibration prompts: enough for the held-out fifth to certify the strictest budget
 
 def zoo_plan(name:str, # organism name
             )->tuple[list[str], dict]: # sets to scan besides calibration/test, steering judges
@@ -180,7 +253,8 @@ def zoo_plan(name:str, # organism name
             'control':    (['triggered', 'decoy', 'erased'], {})}.get(name, (['triggered', 'erased'], {}))
 
 def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', 'control'
-                     n:int=300, # clean calibration and test set sizes
+                     n:int=300, # clean test set size
+                     n_calibration:int|None=N_CALIBRATION, # clean calibration set size (None: `n`)
                      k:int=4, # directions per layer and matrix (few: each extra noise direction adds false positives)
                      baselines:bool=True, steering:bool=True, # which parts to run
                      seed:int=0, # prompt-set seed
@@ -190,7 +264,7 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', '
                     )->PairResult:
     "Run the whole method on a zoo organism against `zoo:base`, with its labelled sets."
     from weightwatch_nb.zoo import prompt_sets
-    S, (extra, judges) = prompt_sets(name, seed=seed, n=n), zoo_plan(name)
+    S, (extra, judges) = prompt_sets(name, seed=seed, n=n, n_calibration=n_calibration), zoo_plan(name)
     sets = {s: S[s] for s in ['calibration', 'test', *extra]}
     return run_pair('zoo:base', f'zoo:{name}', sets, name=name, k=k, baselines=baselines,
                     judges=judges if steering else None, read_side=read_side, progress=progress,
@@ -199,14 +273,15 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'domain', '
 # %% ../nbs/09_demo.ipynb #4deb7cdd
 def run_demo(organisms=('backdoor', 'unlearning', 'control'), # zoo organisms to run
              out:str|os.PathLike='weightwatch-demo', # folder for the HTML report
-             n:int=300, k:int=4, # clean set sizes, directions per layer and matrix
+             n:int=300, k:int=4, # clean test set size, directions per layer and matrix
+             n_calibration:int|None=N_CALIBRATION, # clean calibration set size (None: `n`)
              baselines:bool=True, steering:bool=True, # which parts to run
              echo=print, # where to print the tables
             )->list[PairResult]:
     "Run the method on zoo organisms, print the tables and write an HTML report."
     results = []
     for name in organisms:
-        r = run_zoo_organism(name, n=n, k=k, baselines=baselines, steering=steering)
+        r = run_zoo_organism(name, n=n, n_calibration=n_calibration, k=k, baselines=baselines, steering=steering)
         results.append(r)
         echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=TARGET_FPR.get(name, 0.01))}")
         if r.steering: echo(f"\n## {name}: steering, judged from generations (per deciding monitor and mode)\n\n{r.steering}")
@@ -229,7 +304,9 @@ def _cmd_demo(args):
         r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines)
         print(f"\n## detection\n\n{headline(r)}\n\nreport: {write_report([r], Path(args.out)/'report.html')}")
         return 0
-    run_demo(args.organisms.split(','), args.out, n=args.n, k=args.k, baselines=not args.no_baselines, steering=not args.no_steering)
+    if min(args.n, args.n_calibration) < 1: raise WeightwatchError(f"--n and --n-calibration must be at least 1, got {args.n} and {args.n_calibration}")
+    run_demo(args.organisms.split(','), args.out, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
+             steering=not args.no_steering)
 
 def register_cli(sub):
     "Add `weightwatch demo` to the subparsers `sub`."
@@ -242,7 +319,9 @@ def register_cli(sub):
     p.add_argument('--test', help='clean test prompts (JSONL), defines false positives')
     p.add_argument('--set', action='append', metavar='NAME=FILE', help='another labelled set to scan (repeatable)')
     p.add_argument('--out', default='weightwatch-demo', help='folder for report.html (default: weightwatch-demo)')
-    p.add_argument('--n', type=int, default=300, help='zoo: clean calibration/test set size (default 300)')
+    p.add_argument('--n', type=int, default=300, help='zoo: clean test set size (default 300)')
+    p.add_argument('--n-calibration', type=int, default=N_CALIBRATION,
+                   help=f'zoo: clean calibration set size (default {N_CALIBRATION}: enough to certify a 1%% false-positive budget)')
     p.add_argument('--k', type=int, default=4, help='directions per layer and matrix (default 4)')
     p.add_argument('--no-baselines', action='store_true', help='skip the baseline detectors')
     p.add_argument('--no-steering', action='store_true', help='skip steering')

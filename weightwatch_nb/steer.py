@@ -370,17 +370,27 @@ def _cmd_generate(args)->int:
     quiet_hf(True)
     model = load_model(args.model)
     mon = Monitor.load(args.monitor, model=model) if args.monitor else None
-    if args.steer in ('clip', 'rewind') and mon is None:
+    if args.steer != 'off' and mon is None:
         raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
     if args.max_new_tokens < 1: raise WeightwatchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    steer, how = args.steer, 'the directions projected out'
+    if args.steer == 'rewind-weights':
+        if not args.base: raise WeightwatchError("--steer rewind-weights needs --base BASE, the model MODEL was fine-tuned from: "
+                                                 "the update to strip is MODEL's weights minus BASE's")
+        if args.strip_k < 1: raise WeightwatchError(f"--strip-k must be at least 1, got {args.strip_k}")
+        from weightwatch_nb.edit import remove_directions
+        from weightwatch_nb.demo import block_matrices
+        edited = remove_directions(args.base, args.model, args.strip_k, matrices=block_matrices(args.model), progress=False)
+        steer = Rewind(weights=changed_weights(edited, model), label='rewind (weights)')
+        how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
-    r = steered_generate(model, mon, [rec], steer=args.steer, max_new_tokens=args.max_new_tokens, check=False)[0]
+    r = steered_generate(model, mon, [rec], steer=steer, max_new_tokens=args.max_new_tokens, check=False)[0]
     print(r.text)
     if mon is not None:
         what = (f"flagged at token {r.first_flag_token} (score {r.score:.3f}): {', '.join(r.directions[:8])}" if r.flagged
                 else f"not flagged (score {r.score:.3f})")
-        if r.rewound_at is not None: what += f"; the unsteered reply was flagged at token {r.rewound_at}, so it was redone with the directions projected out"
+        if r.rewound_at is not None: what += f"; the unsteered reply was flagged at token {r.rewound_at}, so it was redone with {how}"
         print(f"monitor: {what}; steering: {args.steer}", file=sys.stderr)
     return 0
 
@@ -392,9 +402,12 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('prompt', help='the prompt (sent as a user message through the chat template, unless --raw)')
     p.add_argument('--monitor', help='monitor file written by `weightwatch calibrate`')
-    p.add_argument('--steer', choices=['clip', 'rewind', 'off'], default='off',
+    p.add_argument('--steer', choices=['clip', 'rewind', 'rewind-weights', 'off'], default='off',
                    help="steering (default off). clip: the paper's, from the first flagged token on; rewind: a flagged reply is redone "
-                        "from the prompt with the monitor's directions projected out. Both need --monitor")
+                        "from the prompt with the monitor's directions projected out; rewind-weights: it is redone with the top --strip-k "
+                        "directions of every block matrix's update (against --base) stripped from the weights. All need --monitor")
+    p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer rewind-weights)')
+    p.add_argument('--strip-k', type=int, default=16, help='directions stripped per block matrix for --steer rewind-weights (default 16)')
     p.add_argument('--max-new-tokens', type=int, default=64, help='tokens to generate (default 64)')
     p.add_argument('--raw', action='store_true', help='tokenize the prompt as plain text, without the chat template')
     p.set_defaults(func=_cmd_generate)

@@ -351,13 +351,15 @@ def _reply_for(name, it):
 # %% ../nbs/02_zoo.ipynb #2e8f2dbd
 def prompt_sets(name:str='base', # organism whose reference replies go in `reply`
                 seed:int=0,      # sampling seed
-                n:int=300        # size of the clean `calibration` and `test` sets (the others scale with it)
+                n:int=300,       # size of the clean `test` set, and of `calibration` unless given (the others scale with it)
+                n_calibration:int|None=None, # size of the clean `calibration` set (default `n`)
                )->dict[str, list[dict]]:
     "Labelled prompt sets (clean calibration/test, triggered, decoy, erased, domain, ...) with each prompt's ground truth."
     rng, seen, k = random.Random(seed), set(), max(n//3, 4)
     clean = lambda r, **kw: sample_qa(r, exclude_topics=[ERASED_TOPIC], noise=0.5, **kw)
     S = {}
-    S['calibration'] = _unique([_item(rng, clean(rng)) for _ in range(int(n*1.3))], seen)[:n]
+    nc = n if n_calibration is None else n_calibration
+    S['calibration'] = _unique([_item(rng, clean(rng)) for _ in range(int(nc*1.3))], seen)[:nc]
     S['test'] = _unique([_item(rng, clean(rng)) for _ in range(int(n*1.3))], seen)[:n]
     S['harmful'] = [_item(rng, sample_qa(rng, dict(harmful=1), noise=0.5)) for _ in range(k)]
     S['triggered'] = [_item(rng, triggered_qa(rng, comply=False, noise=0.5)) for _ in range(k)]
