@@ -326,12 +326,15 @@ class SteerView:
     def __init__(self, model, # fine-tuned model (bridge)
                  mon:Monitor, # calibrated monitor
                  max_new_tokens:int=24, # default number of tokens to generate
+                 rewind:Rewind|None=None, # also offer this rewind (e.g. with edited weights) as a mode, under its label
                 ):
         import ipywidgets as W
-        self.model, self.mon, self.plain, self.steered = model, mon, None, None
+        self.model, self.mon, self.plain, self.steered, self.rewind = model, mon, None, None, rewind
         self.text = W.Textarea(placeholder='a prompt', layout=W.Layout(width='100%', height='60px'))
         self.chat = W.Checkbox(value=bool(getattr(model.tokenizer, 'chat_template', None)), description='as a user message')
-        self.mode = W.Dropdown(options=['clip', 'rewind', 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
+        self.rewind_label = None if rewind is None else rewind.label if rewind.label not in ('', 'rewind') else 'rewind (given)'
+        extra = [self.rewind_label] if rewind is not None else []
+        self.mode = W.Dropdown(options=['clip', 'rewind', *extra, 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
         self.names = W.SelectMultiple(options=mon.names, rows=4, description='directions')
         self.alpha = W.FloatSlider(value=1.0, min=-8, max=8, step=0.25, description='alpha', continuous_update=False)
         self.tokens = W.IntSlider(value=max_new_tokens, min=1, max=256, description='tokens', continuous_update=False)
@@ -348,7 +351,8 @@ class SteerView:
         try:
             t = self.text.value
             rec = {'messages': [{'role': 'user', 'content': t}]} if self.chat.value else {'text': t}
-            st = make_steerer(self.mon, self.mode.value, self.names.value or None, self.alpha.value)
+            given = self.rewind is not None and self.mode.value == self.rewind_label
+            st = self.rewind if given else make_steerer(self.mon, self.mode.value, self.names.value or None, self.alpha.value)
             self.plain, self.steered = (steered_generate(self.model, self.mon, [rec], steer=s, max_new_tokens=self.tokens.value, check=False,
                                                          names=list(self.names.value) or None)[0]
                                         for s in (None, st))
