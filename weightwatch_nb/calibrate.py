@@ -393,6 +393,10 @@ class CalStats:
     counts: Tensor    # [N, 2] tokens per role
     meta: dict = field(default_factory=dict) # hook point, model fingerprint, generate, ...
     def __len__(self): return len(self.mins)
+    def __getitem__(self, idx)->CalStats:
+        "The statistics of the records `idx` picks (a slice, indices or a boolean mask), e.g. `stats[:n]`."
+        if isinstance(idx, int): idx = [idx]
+        return CalStats(self.names, self.mins[idx], self.maxs[idx], self.counts[idx], dict(self.meta))
 
 # %% ../nbs/05_calibrate.ipynb #ca21a2ca
 def _fp_id(fp)->str|None: return (fp or {}).get('sha256')

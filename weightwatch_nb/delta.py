@@ -13,9 +13,10 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient',
-           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'find_keys', 'iter_deltas', 'read_adapter',
-           'lora_factors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'READ_MATRICES', 'BLOCK_MATRICES', 'MatrixSpec', 'arch_info',
+           'spec_layer', 'orient', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices',
+           'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'sign_fix', 'svd_method', 'top_svd',
+           'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'embed', 'unembed')
@@ -158,6 +159,19 @@ def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, Transforme
                                    "check the id and the network, or download it and pass the folder") from e
         return CheckpointTensors(ref)
     return CheckpointTensors(s.ref)
+
+# %% ../nbs/03_delta.ipynb #26f5ef99
+READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream
+BLOCK_MATRICES = ('attn_out', 'mlp_out', *READ_MATRICES)  # every matrix of a block that reads or writes the residual stream
+
+def block_matrices(model, # the model (any source `open_tensors` takes) or its config dict
+                   wanted=BLOCK_MATRICES, # the matrices asked for, from `MATRICES`
+                  )->tuple[str, ...]: # those of `wanted` the architecture has, in the same order
+    "The matrices of `wanted` that a model's architecture has."
+    bad = [m for m in wanted if m not in MATRICES]
+    if bad: raise WeightwatchError(f"unknown matrices {bad}: choose from {list(MATRICES)}")
+    specs = arch_info(model if isinstance(model, dict) else open_tensors(model).config)['specs']
+    return tuple(m for m in wanted if m in specs)
 
 # %% ../nbs/03_delta.ipynb #d14bdad7
 def _suffix_index(keys)->dict:

@@ -12,14 +12,15 @@ import torch
 import matplotlib.pyplot as plt
 from .core import WeightwatchError, load_model, fingerprint
 from .directions import Directions, compute_directions, READ_HOOK
+from .delta import READ_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
 from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baseline,
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['READ_MATRICES', 'STRIP_MATRICES', 'TARGET_FPR', 'N_CALIBRATION', 'random_directions', 'calibrate_monitor',
-           'PairResult', 'block_matrices', 'run_pair', 'judge_steering', 'headline', 'write_report',
-           'calibration_study', 'plot_calibration_study', 'zoo_plan', 'run_zoo_organism', 'run_demo', 'register_cli']
+__all__ = ['TARGET_FPR', 'N_CALIBRATION', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair', 'judge_steering',
+           'headline', 'write_report', 'calibration_study', 'plot_calibration_study', 'summarize_study', 'zoo_plan',
+           'run_zoo_organism', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -54,19 +55,6 @@ class PairResult:
     steering: Table = None     # `steering_table` rows, with the deciding monitor ('write' or 'read') in a `monitor` column (or None)
     read_monitor: Monitor = None  # the read-side monitor (with `read_side=True`)
     seconds: float = 0.
-
-# %% ../nbs/09_demo.ipynb #c6820dc2
-READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream (at `READ_HOOK`)
-STRIP_MATRICES = ('attn_out', 'mlp_out', *READ_MATRICES)   # every block matrix: what the weights-rewind strips the update from
-
-def block_matrices(model, # the model (any source `open_tensors` takes) whose architecture decides
-                   wanted=STRIP_MATRICES, # the matrices asked for, from `MATRICES`
-                  )->tuple[str, ...]: # those of `wanted` the architecture has, in the same order
-    "The block matrices of `wanted` that a model has (GPT-2 has no MLP gate; GPT-NeoX's fused q/k/v are not mapped)."
-    from weightwatch_nb.delta import open_tensors, arch_info
-    specs = arch_info(open_tensors(model).config)['specs']
-    return tuple(m for m in wanted if m in specs)
-
 
 # %% ../nbs/09_demo.ipynb #2a76c918
 def run_pair(base, finetuned, # the model pair: sources or loaded models
@@ -177,11 +165,6 @@ def write_report(results:list, # `PairResult`s
     return path
 
 # %% ../nbs/09_demo.ipynb #0c7fb6fa
-def _prefix(st, n:int):
-    "The first `n` records of calibration statistics."
-    from weightwatch_nb.calibrate import CalStats
-    return CalStats(st.names, st.mins[:n], st.maxs[:n], st.counts[:n], st.meta)
-
 def calibration_study(base, finetuned, # the model pair: sources or loaded models
                       calibration:list, # clean calibration records in random order: each size takes a prefix
                       test:list, # clean test records (false positives)
@@ -213,7 +196,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
         cal, te, po = (collect_stats(model, d, [_record(r) for r in recs], batch_size=batch_size, generate=generate)
                        for recs in (calibration[:sizes[-1]], test, positive))
         for n in sizes:
-            mon = tune_thresholds(_prefix(cal, n), d, target_fpr=target_fpr)
+            mon = tune_thresholds(cal[:n], d, target_fpr=target_fpr)
             rows.monitors[side, n] = mon
             fpr, tpr = (int((record_scores(s, mon.lo, mon.hi) > 0).sum()) / len(s) for s in (te, po))
             rows.append(dict(pair=name, side=side, n_calibration=n, percentile=mon.meta['percentile'], margin=mon.meta['margin'],
@@ -236,6 +219,27 @@ def plot_calibration_study(rows:Table, # rows of one or more `calibration_study`
     a2.set(xlabel='calibration prompts', ylabel='clean test prompts flagged (FPR)', title='false positives')
     a1.legend(fontsize=8)
     return fig
+
+# %% ../nbs/09_demo.ipynb #f5ff679c
+def summarize_study(rows:Table, # rows of `calibration_study` runs, one run per draw (a `behaviour` column, if any, is averaged)
+                    goals:dict, # pair name -> TPR the target asks for
+                    budgets:dict, # pair name -> the target's FPR budget
+                   )->Table: # one row per pair, side and calibration size
+    "Spread over draws of each pair, side and calibration size, and how many draws meet the pair's target."
+    groups = {}
+    for r in rows: groups.setdefault((r['pair'], r['side'], r['n_calibration']), []).append(r)
+    missing = sorted({p for p, *_ in groups} - (set(goals) & set(budgets)))
+    if missing: raise WeightwatchError(f"summarize_study needs a goal and a budget for every pair; missing for {missing}")
+    mean = lambda g, c: float(np.mean([r[c] for r in g]))
+    out = Table()
+    for (p, s, n), g in groups.items():
+        meets = [r['tpr'] >= goals[p] and r['test_fpr'] <= budgets[p] for r in g]
+        out.append(dict(pair=p, side=s, n_calibration=n, draws=len(g), **({'behaviour_mean': mean(g, 'behaviour')} if 'behaviour' in g[0] else {}),
+                        tpr_min=min(r['tpr'] for r in g), tpr_mean=mean(g, 'tpr'), test_fpr_mean=mean(g, 'test_fpr'),
+                        test_fpr_max=max(r['test_fpr'] for r in g), heldout_fpr_bound_mean=mean(g, 'heldout_fpr_bound'),
+                        percentiles=' '.join(f"{r['percentile']:g}" for r in g), margins=' '.join(f"{r['margin']:g}" for r in g),
+                        target=f"TPR >= {goals[p]:.0%} at FPR <= {budgets[p]:.0%}", met=f"{sum(meets)}/{len(g)}"))
+    return out
 
 # %% ../nbs/09_demo.ipynb #1c67644e
 TARGET_FPR = {'backdoor': 0.01, 'unlearning': 0.02}  # the false-positive budget of each organism's detection target

@@ -383,7 +383,7 @@ def _cmd_generate(args)->int:
                                                  "the update to strip is MODEL's weights minus BASE's")
         if args.strip_k < 1: raise WeightwatchError(f"--strip-k must be at least 1, got {args.strip_k}")
         from weightwatch_nb.edit import remove_directions
-        from weightwatch_nb.demo import block_matrices
+        from weightwatch_nb.delta import block_matrices
         edited = remove_directions(args.base, args.model, args.strip_k, matrices=block_matrices(args.model), progress=False)
         steer = Rewind(weights=changed_weights(edited, model), label='rewind (weights)')
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
