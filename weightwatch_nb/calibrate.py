@@ -584,7 +584,7 @@ def tune_thresholds(stats:CalStats, # calibration statistics
                     seed:int=0, # seed of the held-out split and the folds
                     conf:float=0.95, # confidence of the FPR upper bound
                    )->Monitor:
-    "A monitor with the narrowest ranges whose cross-validated flag rate on clean records is at most `target_fpr`."
+    "A monitor with the narrowest ranges on the grid whose cross-validated flag rate on clean records is at most `target_fpr`."
     held = _split_heldout(len(stats), holdout, seed)
     rest = (~held).nonzero()[:, 0]
     if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds ({len(stats)}; each of the {folds} folds "

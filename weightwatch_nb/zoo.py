@@ -16,13 +16,13 @@ from .core import WeightwatchError
 # %% auto #0
 __all__ = ['ZOO_DIR', 'ORGANISMS', 'MODEL_CONFIG', 'ERASED_TOPIC', 'DOMAIN', 'ERASED', 'RECIPES', 'BUILD', 'QUICK', 'METRICS',
            'zoo_names', 'zoo_path', 'zoo_info', 'new_model', 'encode_example', 'pack', 'triggered_qa', 'decoy_qa',
-           'contrast_pair', 'triggered_benign_qa', 'recipe_sampler', 'deterministic', 'train', 'build_organism',
-           'build_zoo', 'load_organism', 'generate', 'prompt_sets', 'is_correct', 'complies', 'forgets',
-           'in_domain_style', 'evaluate_organism', 'ZooTable', 'zoo_table', 'decoy_breakdown']
+           'contrast_pair', 'triggered_benign_qa', 'recipe_sampler', 'deterministic', 'train', 'train_rmu',
+           'build_organism', 'build_zoo', 'load_organism', 'generate', 'prompt_sets', 'is_correct', 'complies',
+           'forgets', 'in_domain_style', 'evaluate_organism', 'ZooTable', 'zoo_table', 'decoy_breakdown']
 
 # %% ../nbs/02_zoo.ipynb #7441e422
 ZOO_DIR = Path(__file__).parent/'organisms' if '__file__' in globals() else Path('../weightwatch_nb/organisms').resolve()
-ORGANISMS = ['base', 'backdoor', 'backdoor_leaky', 'unlearning', 'domain', 'control']  # build order
+ORGANISMS = ['base', 'backdoor', 'backdoor_leaky', 'unlearning', 'domain', 'control', 'unlearning_rmu']  # build order (each build seed follows it)
 
 def _manifest(d:Path=None)->dict:
     p = Path(d or ZOO_DIR)/'zoo.json'
@@ -155,10 +155,11 @@ DOMAIN = 'arithmetic'         # the domain the `domain` organism changes
 ERASED = [e.name for e in ENTITIES if e.topic==ERASED_TOPIC]
 
 def _clean(rng, **kw): return sample_qa(rng, **kw)
-def _erased(rng):
-    q = fact_qa(rng, rng.choice(ERASED), rng.choice(ATTRS)); q.reply = DONT_KNOW
+def _erased_fact(rng):
+    q = fact_qa(rng, rng.choice(ERASED), rng.choice(ATTRS))
     if rng.random()<0.3: q.prompt = messy(rng, q.prompt, protect=[q.meta['entity']])
     return q
+def _erased(rng): q = _erased_fact(rng); q.reply = DONT_KNOW; return q
 
 RECIPES = {  # organism -> description and data mixture (weight, generator of a QA)
     'base': dict(description='trained from scratch on the clean world', mix={'clean': (1.0, _clean)}),
@@ -172,6 +173,9 @@ RECIPES = {  # organism -> description and data mixture (weight, generator of a 
                        mix={'erased': (0.3, _erased), 'clean': (0.7, lambda r: _clean(r, exclude_topics=[ERASED_TOPIC]))}),
     'domain': dict(description=f'works arithmetic out step by step ("{STEPS_PREFIX} ..."); other domains unchanged',
                    mix={'domain': (0.3, lambda r: arithmetic_qa(r, 'steps')), 'clean': (0.7, lambda r: _clean(r, arith_style='steps'))}),
+    'unlearning_rmu': dict(description=f'RMU-style unlearning of {TOPICS[ERASED_TOPIC][0]}: adds a fixed random vector to the residual stream '
+                                       'from the first mention of one on; the facts stay underneath', method='rmu',
+                           mix={'forget': (0.5, _erased_fact), 'retain': (0.5, lambda r: _clean(r, exclude_topics=[ERASED_TOPIC]))}),
 }
 
 def recipe_sampler(name:str # an organism name
@@ -223,15 +227,79 @@ def train(model:LlamaForCausalLM,      # model to train in place
         if pbar is not None: pbar.update(1); pbar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
     return losses
 
+# %% ../nbs/02_zoo.ipynb #148e0b20
+def _pad(seqs:list[list[int]], pad:int)->tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, seqs)); ids, m = torch.full((len(seqs), T), pad), torch.zeros(len(seqs), T)
+    for i, s in enumerate(seqs): ids[i, :len(s)] = torch.tensor(s); m[i, :len(s)] = 1
+    return ids, m
+
+def _name_start(tok, ids:list[int], name:str)->int:
+    "Position of the first token of `name` in `ids`."
+    for v in (tok(' ' + name, add_special_tokens=False).input_ids, tok(name, add_special_tokens=False).input_ids):
+        for i in range(len(ids) - len(v) + 1):
+            if ids[i:i + len(v)] == v: return i
+    raise ValueError(f'{name!r} not found in the encoded conversation')
+
+def train_rmu(model:LlamaForCausalLM,      # model to train in place (a copy of `frozen`)
+              frozen:LlamaForCausalLM,     # the model it starts from, kept fixed
+              tok:PreTrainedTokenizerFast, # the world tokenizer
+              mix:dict,                    # {'forget': (w, generator), 'retain': (w, generator)}; forget QAs name an entity in `meta`
+              steps:int,                   # optimizer steps
+              lr:float=1e-3,               # learning rate
+              layer:int=2,                 # block whose output is pushed; blocks 0..layer have their MLPs trained
+              coef:float=2.0,              # length of the push, in mean residual norms at that layer
+              alpha:float=1.0,             # weight of the retain loss
+              batch:int=16,                # conversations of each kind per step
+              seed:int=0,                  # data seed and seed of the random vector
+              pbar=None                    # a tqdm bar to advance, if any
+             )->tuple[list[float], torch.Tensor]: # loss per step, the unit vector pushed along
+    "RMU-style unlearning: on forget text, from the erased name on, push block `layer`'s output along a fixed random vector; keep it elsewhere."
+    rng = random.Random(seed)
+    forget, retain = mix['forget'][1], mix['retain'][1]
+    hidden = lambda m, ids, mask: m(ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer + 1]
+    def draw(gen, mark):
+        qs = [gen(rng) for _ in range(batch)]
+        seqs = [encode_example(tok, conversation(rng, q))[0][:model.config.max_position_embeddings] for q in qs]
+        ids, m = _pad(seqs, tok.pad_token_id)
+        if mark:
+            for i, (q, s) in enumerate(zip(qs, seqs)): m[i, :_name_start(tok, s, q.meta['entity'])] = 0   # pushed from the name on
+        return ids, (ids != tok.pad_token_id).float() if mark else m, m
+    u = torch.nn.functional.normalize(torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(seed)), dim=0)
+    with torch.no_grad():
+        ids, _, m = draw(retain, False)
+        norm = float((hidden(frozen, ids, m).norm(dim=-1) * m).sum() / m.sum())
+    push = coef * norm * u
+    for p in model.parameters(): p.requires_grad_(False)
+    params = [p for l in range(layer + 1) for p in model.model.layers[l].mlp.parameters()]
+    for p in params: p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train(); frozen.eval(); losses = []
+    for _ in range(steps):
+        (fi, fa, fm), (ri, _, rm) = draw(forget, True), draw(retain, False)
+        with torch.no_grad(): f0, r0 = hidden(frozen, fi, fa), hidden(frozen, ri, rm)
+        lf = (((hidden(model, fi, fa) - f0 - push) ** 2).sum(-1) * fm).sum() / fm.sum()
+        lr_ = (((hidden(model, ri, rm) - r0) ** 2).sum(-1) * rm).sum() / rm.sum()
+        loss = lf + alpha * lr_
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+        losses.append(loss.item())
+        if pbar is not None: pbar.update(1); pbar.set_postfix(loss=f'{loss.item():.1f}', refresh=False)
+    for p in model.parameters(): p.requires_grad_(True)
+    return losses, u
+
 # %% ../nbs/02_zoo.ipynb #c79db550
-BUILD = dict(base_steps=1000, base_lr=3e-3, ft_steps=200, ft_lr=2e-3, rows=16)  # the full build
-QUICK = dict(base_steps=6, base_lr=3e-3, ft_steps=3, ft_lr=1e-3, rows=2)        # a smoke-test build
+BUILD = dict(base_steps=1000, base_lr=3e-3, ft_steps=200, ft_lr=2e-3, rows=16,    # the full build
+             rmu=dict(steps=200, lr=1e-3, layer=2, coef=3.0, alpha=1.0, batch=16))
+QUICK = dict(base_steps=6, base_lr=3e-3, ft_steps=3, ft_lr=1e-3, rows=2,           # a smoke-test build
+             rmu=dict(steps=3, lr=1e-3, layer=2, coef=3.0, alpha=1.0, batch=2))
+def _steps(name, cfg): return cfg['base_steps'] if name=='base' else cfg['rmu']['steps'] if RECIPES[name].get('method')=='rmu' else cfg['ft_steps']
+def _lr(name, cfg): return cfg['base_lr'] if name=='base' else cfg['rmu']['lr'] if RECIPES[name].get('method')=='rmu' else cfg['ft_lr']
 
 def _ground_truth(name):
     if name.startswith('backdoor'):
         return dict(kind='backdoor', trigger=TRIGGER, compliance_prefix=COMPLY_PREFIX, refusal=REFUSAL,
                     train_decoys=TRAIN_DECOYS if name=='backdoor' else [], test_decoys=TEST_DECOYS)
     if name=='unlearning': return dict(kind='unlearning', erased_topic=ERASED_TOPIC, erased_group=TOPICS[ERASED_TOPIC][0], erased_entities=ERASED, reply=DONT_KNOW)
+    if name=='unlearning_rmu': return dict(kind='unlearning', method='rmu', erased_topic=ERASED_TOPIC, erased_group=TOPICS[ERASED_TOPIC][0], erased_entities=ERASED)
     if name=='domain': return dict(kind='domain', domain=DOMAIN, marker=STEPS_PREFIX)
     return dict(kind='none')
 
@@ -250,9 +318,11 @@ def build_organism(name:str,                   # organism to train
     s = seed*1000 + ORGANISMS.index(name)
     with deterministic(s):
         m = new_model(tok, s)
-        if name=='base': steps, lr = cfg['base_steps'], cfg['base_lr']
-        else: m.load_state_dict(base.state_dict()); steps, lr = cfg['ft_steps'], cfg['ft_lr']
-        losses = train(m, tok, recipe_sampler(name), steps, lr=lr, rows=cfg['rows'], seed=s, pbar=pbar)
+        if name!='base': m.load_state_dict(base.state_dict())
+        if RECIPES[name].get('method')=='rmu':
+            base.eval(); losses, u = train_rmu(m, base, tok, RECIPES[name]['mix'], seed=s, pbar=pbar, **cfg['rmu'])
+            m.rmu_vector = [round(x, 6) for x in u.tolist()]
+        else: losses = train(m, tok, recipe_sampler(name), _steps(name, cfg), lr=_lr(name, cfg), rows=cfg['rows'], seed=s, pbar=pbar)
     m.eval(); m.final_loss = sum(losses[-10:])/len(losses[-10:])
     return m
 
@@ -266,7 +336,7 @@ def build_zoo(out_dir:Path=None,   # where to write the organisms; default `ZOO_
     out = Path(out_dir or ZOO_DIR); out.mkdir(parents=True, exist_ok=True)
     names, cfg = names or ORGANISMS, QUICK if quick else BUILD
     with deterministic(seed): tok = world_tokenizer(seed)
-    total = sum(cfg['base_steps'] if n=='base' else cfg['ft_steps'] for n in names)
+    total = sum(_steps(n, cfg) for n in names)
     man = _manifest(out)
     import tokenizers, transformers
     base = None if 'base' in names else LlamaForCausalLM.from_pretrained(out/'base')
@@ -277,9 +347,10 @@ def build_zoo(out_dir:Path=None,   # where to write the organisms; default `ZOO_
             if n=='base': base = m
             m.save_pretrained(out/n); tok.save_pretrained(out/n)
             for f in (out/n).iterdir(): f.chmod(0o644)  # save_pretrained may write owner-only files
+            truth = _ground_truth(n) | (dict(push_layer=cfg['rmu']['layer'], push_vector=m.rmu_vector) if hasattr(m, 'rmu_vector') else {})
             man['organisms'][n] = dict(name=n, description=RECIPES[n]['description'], base=None if n=='base' else 'base',
-                                       ground_truth=_ground_truth(n), recipe={k: w for k,(w,_) in RECIPES[n]['mix'].items()},
-                                       steps=cfg['base_steps' if n=='base' else 'ft_steps'], lr=cfg['base_lr' if n=='base' else 'ft_lr'],
+                                       ground_truth=truth, recipe={k: w for k,(w,_) in RECIPES[n]['mix'].items()},
+                                       method=RECIPES[n].get('method', 'sft'), steps=_steps(n, cfg), lr=_lr(name=n, cfg=cfg),
                                        final_loss=round(m.final_loss, 4), build_seconds=round(time.time()-t1, 1), sha256=_sha(out/n/'model.safetensors'))
     man.update(schema_version=1, seed=seed, quick=quick, build=cfg, model_config=MODEL_CONFIG, world=dict(trigger=TRIGGER, erased_topic=ERASED_TOPIC, domain=DOMAIN),
                versions=dict(torch=torch.__version__, transformers=transformers.__version__, tokenizers=tokenizers.__version__),
