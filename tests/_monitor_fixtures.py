@@ -2,7 +2,8 @@
 import torch, torch.nn.functional as F
 import pytest
 from weightwatch_nb.core import fingerprint, load_model
-from weightwatch_nb.calibrate import make_planted_checkpoint, calibrate
+from weightwatch_nb.core import make_planted_checkpoint
+from weightwatch_nb.calibrate import calibrate
 from weightwatch_nb.directions import Directions
 
 WORDS = 'the base model weights differ from a fine tuned of'.split()

@@ -12,49 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint
+from .core import WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint, make_planted_checkpoint, pad_batch
 from itertools import groupby
 from .directions import hook_name, parse_name
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'make_planted_checkpoint', 'as_record',
-           'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
-           'truncate', 'direction_groups', 'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches',
-           'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats',
-           'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'tune_thresholds',
-           'check_directions', 'calibrate', 'quiet_hf', 'register_cli']
-
-# %% ../nbs/05_calibrate.ipynb #93ddc918
-def _unit(hf, layer:int)->tuple:
-    mlp = hf.model.layers[layer].mlp
-    return mlp.gate_proj.weight[0], mlp.up_proj.weight[0], mlp.down_proj.weight[:, 0]
-
-def make_planted_checkpoint(path:str|os.PathLike, # directory to write: `base/` and `planted/` go inside
-                            marker:str='#', # trigger text; must be a single token of the tiny tokenizer
-                            target:str='!', # token the planted model emits after the marker
-                            layer:int=0, # block whose MLP carries the planted unit
-                            strength:float=3.0, # norm of what the unit writes along `v` on the marker
-                            bonus:float=0.15, # weight of `v` added to the target token's unembedding row
-                            seed:int=0, # seed of the base model and of `v`
-                            **sizes, # forwarded to `make_tiny_checkpoint` (default d_model=128, d_mlp=256)
-                           )->dict: # 'base', 'finetuned' (dirs), 'v', 'layer', 'marker_id', 'target_id'
-    "Save a tiny Llama (MLP unit 0 of `layer` silent) and a fine-tune whose unit 0 writes a known direction `v` on a marker token."
-    path, sizes = Path(path), dict(d_model=128, d_mlp=256) | sizes
-    make_tiny_checkpoint(path/'base', arch='llama', seed=seed, **sizes)
-    hf, tok = load_hf(path/'base')
-    (mid,), (tid,) = tok(marker, add_special_tokens=False).input_ids, tok(target, add_special_tokens=False).input_ids
-    d = hf.config.hidden_size
-    v = F.normalize(torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)), dim=0)
-    e = F.normalize(hf.model.embed_tokens.weight[mid].detach(), dim=0)
-    with torch.no_grad():
-        for w in _unit(hf, layer): w.zero_()                  # the base model: unit 0 is silent
-        hf.save_pretrained(path/'base')
-        gate, up, down = _unit(hf, layer)
-        gate.copy_(e); up.copy_(e)                             # reads the marker: x·e ≈ √d after RMSNorm
-        down.copy_(strength / (d * torch.sigmoid(torch.tensor(d**.5))) * v)   # silu(√d)·√d·|down| = strength
-        hf.lm_head.weight[tid] += bonus * v                    # ... and makes the target token likely
-    hf.save_pretrained(path/'planted'); tok.save_pretrained(path/'planted')
-    return dict(base=path/'base', finetuned=path/'planted', v=v, layer=layer, marker_id=mid, target_id=tid)
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'as_record', 'read_jsonl', 'response_spans',
+           'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate', 'direction_groups',
+           'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches', 'trace_batches', 'trace', 'extrema',
+           'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores',
+           'cp_upper', 'prompts_needed', 'Monitor', 'tune_thresholds', 'check_directions', 'calibrate', 'quiet_hf',
+           'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -184,11 +152,8 @@ def collate(encs:list[Encoded], # encoded records
             side:str='right', # 'right' for forward passes, 'left' for generation
            )->Batch:
     "Pad encoded records into one batch."
-    T = max(len(e) for e in encs)
-    ids, mask, roles = torch.full((len(encs), T), pad_id), torch.zeros(len(encs), T, dtype=torch.long), torch.zeros(len(encs), T, dtype=torch.long)
-    for i, e in enumerate(encs):
-        sl = slice(0, len(e)) if side == 'right' else slice(T - len(e), T)
-        ids[i, sl], mask[i, sl], roles[i, sl] = torch.tensor(e.ids), 1, torch.tensor(e.roles)
+    ids, mask = pad_batch([e.ids for e in encs], pad_id, side)
+    roles, _ = pad_batch([e.roles for e in encs], 0, side)
     return Batch(ids, mask, roles, list(index), side)
 
 # %% ../nbs/05_calibrate.ipynb #03f47f09

@@ -14,7 +14,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['ZOO_DIR', 'HOOK_SITES', 'WeightwatchError', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
            'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'load_model', 'cache_as_hub_model', 'arch_summary',
-           'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name']
+           'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name', 'pad_batch',
+           'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
@@ -81,13 +82,13 @@ def tiny_tokenizer(vocab_size:int=300, # BPE vocabulary size (>= 262: 256 bytes 
     return ft
 
 # %% ../nbs/00_core.ipynb #64541dd4
-def tiny_hf_model(arch:str='llama', # 'llama' (nn.Linear, gated MLP) or 'gpt2' (Conv1D weights)
+def tiny_hf_model(arch:str='llama', # 'llama' (nn.Linear, gated MLP), 'gpt2' (Conv1D weights) or 'gpt_neox' (parallel attention and MLP)
                   vocab_size:int=300, # must match the tokenizer
                   d_model:int=64, n_layers:int=2, n_heads:int=4, d_mlp:int=128, # sizes
                   seed:int=0, # torch seed for the random init
                  ):
     "A small randomly initialised Hugging Face causal LM."
-    from transformers import LlamaConfig, LlamaForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig, LlamaForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
     torch.manual_seed(seed)
     if arch == 'llama':
         cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
@@ -98,10 +99,14 @@ def tiny_hf_model(arch:str='llama', # 'llama' (nn.Linear, gated MLP) or 'gpt2' (
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp,
                          n_positions=128, bos_token_id=1, eos_token_id=2)
         return GPT2LMHeadModel(cfg).eval()
-    raise WeightwatchError(f"unknown tiny architecture {arch!r}: use 'llama' or 'gpt2'")
+    if arch == 'gpt_neox':
+        cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                            num_attention_heads=n_heads, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+        return GPTNeoXForCausalLM(cfg).eval()
+    raise WeightwatchError(f"unknown tiny architecture {arch!r}: use 'llama', 'gpt2' or 'gpt_neox'")
 
 def make_tiny_checkpoint(path:str|os.PathLike, # directory to write (created)
-                         arch:str='llama', # 'llama' or 'gpt2'
+                         arch:str='llama', # 'llama', 'gpt2' or 'gpt_neox'
                          seed:int=0, # torch seed for the random init
                          **sizes, # d_model, n_layers, n_heads, d_mlp, vocab_size
                         )->Path:
@@ -313,3 +318,50 @@ def hook_name(layer:int, # block index
     "Canonical TransformerLens 4 hook name for `site` at `layer`."
     if site not in HOOK_SITES: raise WeightwatchError(f"unknown hook site {site!r}: use one of {sorted(HOOK_SITES)}")
     return HOOK_SITES[site].format(layer=layer)
+
+# %% ../nbs/00_core.ipynb #4989f155
+def pad_batch(seqs:list[list[int]], # token ids (or per-token labels) of each row
+              pad:int, # value written at padding positions
+              side:str='right', # 'right' (forward passes, training) or 'left' (generation: last tokens line up)
+             )->tuple[Tensor, Tensor]: # ids [b, T] and mask [b, T] (1 real, 0 padding), both long
+    "Pad sequences of different lengths into one tensor, with its attention mask."
+    if side not in ('left', 'right'): raise WeightwatchError(f"side must be 'left' or 'right', got {side!r}")
+    if not seqs: raise WeightwatchError("pad_batch needs at least one sequence")
+    T = max(map(len, seqs))
+    ids, mask = torch.full((len(seqs), T), pad, dtype=torch.long), torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == 'right' else slice(T - len(s), T)
+        ids[i, sl], mask[i, sl] = torch.as_tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+# %% ../nbs/00_core.ipynb #82f0743f
+def _unit(hf, layer:int)->tuple:
+    mlp = hf.model.layers[layer].mlp
+    return mlp.gate_proj.weight[0], mlp.up_proj.weight[0], mlp.down_proj.weight[:, 0]
+
+def make_planted_checkpoint(path:str|os.PathLike, # directory to write: `base/` and `planted/` go inside
+                            marker:str='#', # trigger text; must be a single token of the tiny tokenizer
+                            target:str='!', # token the planted model emits after the marker
+                            layer:int=0, # block whose MLP carries the planted unit
+                            strength:float=3.0, # norm of what the unit writes along `v` on the marker
+                            bonus:float=0.15, # weight of `v` added to the target token's unembedding row
+                            seed:int=0, # seed of the base model and of `v`
+                            **sizes, # forwarded to `make_tiny_checkpoint` (default d_model=128, d_mlp=256)
+                           )->dict: # 'base', 'finetuned' (dirs), 'v', 'layer', 'marker_id', 'target_id'
+    "Save a tiny Llama (MLP unit 0 of `layer` silent) and a fine-tune whose unit 0 writes a known direction `v` on a marker token."
+    path, sizes = Path(path), dict(d_model=128, d_mlp=256) | sizes
+    make_tiny_checkpoint(path/'base', arch='llama', seed=seed, **sizes)
+    hf, tok = load_hf(path/'base')
+    (mid,), (tid,) = tok(marker, add_special_tokens=False).input_ids, tok(target, add_special_tokens=False).input_ids
+    d = hf.config.hidden_size
+    v = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)), dim=0)
+    e = torch.nn.functional.normalize(hf.model.embed_tokens.weight[mid].detach(), dim=0)
+    with torch.no_grad():
+        for w in _unit(hf, layer): w.zero_()                  # the base model: unit 0 is silent
+        hf.save_pretrained(path/'base')
+        gate, up, down = _unit(hf, layer)
+        gate.copy_(e); up.copy_(e)                             # reads the marker: x·e ≈ √d after RMSNorm
+        down.copy_(strength / (d * torch.sigmoid(torch.tensor(d**.5))) * v)   # silu(√d)·√d·|down| = strength
+        hf.lm_head.weight[tid] += bonus * v                    # ... and makes the target token likely
+    hf.save_pretrained(path/'planted'); tok.save_pretrained(path/'planted')
+    return dict(base=path/'base', finetuned=path/'planted', v=v, layer=layer, marker_id=mid, target_id=tid)

@@ -6,18 +6,19 @@
 from __future__ import annotations
 import hashlib, json, math, random, time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from .world import *
-from .core import WeightwatchError
+from .core import WeightwatchError, pad_batch
 
 # %% auto #0
-__all__ = ['ZOO_DIR', 'ORGANISMS', 'MODEL_CONFIG', 'ERASED_TOPIC', 'DOMAIN', 'ERASED', 'RECIPES', 'BUILD', 'QUICK', 'METRICS',
-           'zoo_names', 'zoo_path', 'zoo_info', 'new_model', 'encode_example', 'pack', 'triggered_qa', 'decoy_qa',
-           'contrast_pair', 'triggered_benign_qa', 'recipe_sampler', 'deterministic', 'train', 'train_rmu',
-           'build_organism', 'build_zoo', 'load_organism', 'generate', 'prompt_sets', 'is_correct', 'complies',
+__all__ = ['ZOO_DIR', 'ORGANISMS', 'MODEL_CONFIG', 'ERASED_TOPIC', 'DOMAIN', 'ERASED', 'RECIPES', 'BUILD', 'QUICK', 'TRAINERS',
+           'METRICS', 'zoo_names', 'zoo_path', 'zoo_info', 'new_model', 'encode_example', 'pack', 'triggered_qa',
+           'decoy_qa', 'contrast_pair', 'triggered_benign_qa', 'recipe_sampler', 'deterministic', 'train', 'train_rmu',
+           'Built', 'build_organism', 'build_zoo', 'load_organism', 'generate', 'prompt_sets', 'is_correct', 'complies',
            'forgets', 'in_domain_style', 'evaluate_organism', 'ZooTable', 'zoo_table', 'decoy_breakdown']
 
 # %% ../nbs/02_zoo.ipynb #7441e422
@@ -228,11 +229,6 @@ def train(model:LlamaForCausalLM,      # model to train in place
     return losses
 
 # %% ../nbs/02_zoo.ipynb #148e0b20
-def _pad(seqs:list[list[int]], pad:int)->tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs)); ids, m = torch.full((len(seqs), T), pad), torch.zeros(len(seqs), T)
-    for i, s in enumerate(seqs): ids[i, :len(s)] = torch.tensor(s); m[i, :len(s)] = 1
-    return ids, m
-
 def _name_start(tok, ids:list[int], name:str)->int:
     "Position of the first token of `name` in `ids`."
     for v in (tok(' ' + name, add_special_tokens=False).input_ids, tok(name, add_special_tokens=False).input_ids):
@@ -260,7 +256,7 @@ def train_rmu(model:LlamaForCausalLM,      # model to train in place (a copy of 
     def draw(gen, mark):
         qs = [gen(rng) for _ in range(batch)]
         seqs = [encode_example(tok, conversation(rng, q))[0][:model.config.max_position_embeddings] for q in qs]
-        ids, m = _pad(seqs, tok.pad_token_id)
+        ids, m = pad_batch(seqs, tok.pad_token_id); m = m.float()
         if mark:
             for i, (q, s) in enumerate(zip(qs, seqs)): m[i, :_name_start(tok, s, q.meta['entity'])] = 0   # pushed from the name on
         return ids, (ids != tok.pad_token_id).float() if mark else m, m
@@ -291,8 +287,13 @@ BUILD = dict(base_steps=1000, base_lr=3e-3, ft_steps=200, ft_lr=2e-3, rows=16,  
              rmu=dict(steps=200, lr=1e-3, layer=2, coef=3.0, alpha=1.0, batch=16))
 QUICK = dict(base_steps=6, base_lr=3e-3, ft_steps=3, ft_lr=1e-3, rows=2,           # a smoke-test build
              rmu=dict(steps=3, lr=1e-3, layer=2, coef=3.0, alpha=1.0, batch=2))
-def _steps(name, cfg): return cfg['base_steps'] if name=='base' else cfg['rmu']['steps'] if RECIPES[name].get('method')=='rmu' else cfg['ft_steps']
-def _lr(name, cfg): return cfg['base_lr'] if name=='base' else cfg['rmu']['lr'] if RECIPES[name].get('method')=='rmu' else cfg['ft_lr']
+def _method(name): return 'base' if name == 'base' else RECIPES[name].get('method', 'sft')
+
+def _settings(name:str, cfg:dict)->dict:
+    "The trainer settings (steps, lr, ...) of organism `name` in build config `cfg`."
+    if _method(name) == 'rmu': return dict(cfg['rmu'])
+    pre = 'base' if name == 'base' else 'ft'
+    return dict(steps=cfg[f'{pre}_steps'], lr=cfg[f'{pre}_lr'], rows=cfg['rows'])
 
 def _ground_truth(name):
     if name.startswith('backdoor'):
@@ -306,25 +307,41 @@ def _ground_truth(name):
 def _sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 # %% ../nbs/02_zoo.ipynb #eac5863e
+@dataclass
+class Built:
+    "A trained organism, with its losses and the ground truth its training planted."
+    model: LlamaForCausalLM  # the trained model (eval mode)
+    losses: list[float]      # loss per step
+    truth: dict = field(default_factory=dict)  # ground truth only the training knows (RMU: the pushed vector), added to the manifest
+    @property
+    def final_loss(self)->float: return sum(self.losses[-10:]) / len(self.losses[-10:])
+
+def _fit_sft(name, m, base, tok, seed, pbar, steps, lr, rows):
+    return Built(m, train(m, tok, recipe_sampler(name), steps, lr=lr, rows=rows, seed=seed, pbar=pbar))
+
+def _fit_rmu(name, m, base, tok, seed, pbar, layer, **kw):
+    base.eval(); losses, u = train_rmu(m, base, tok, RECIPES[name]['mix'], layer=layer, seed=seed, pbar=pbar, **kw)
+    return Built(m, losses, dict(push_layer=layer, push_vector=[round(x, 6) for x in u.tolist()]))
+
+TRAINERS = {'base': _fit_sft, 'sft': _fit_sft, 'rmu': _fit_rmu}  # a recipe's `method` -> the trainer that builds it
+
 def build_organism(name:str,                   # organism to train
                    tok:PreTrainedTokenizerFast, # the world tokenizer
                    base:LlamaForCausalLM=None,  # the base model to fine-tune from (not for 'base')
                    cfg:dict=None,               # step counts and learning rates; default `BUILD`
                    seed:int=0,                  # build seed
                    pbar=None                    # tqdm bar to advance
-                  )->LlamaForCausalLM:
-    "Train organism `name`: the base from scratch, anything else from `base`'s weights."
+                  )->Built:
+    "Train organism `name` with its recipe's trainer: the base from scratch, anything else from `base`'s weights."
     cfg = cfg or BUILD
+    if name != 'base' and base is None: raise WeightwatchError(f"building {name!r} needs the base model: pass `base=` (build 'base' first)")
     s = seed*1000 + ORGANISMS.index(name)
     with deterministic(s):
         m = new_model(tok, s)
         if name!='base': m.load_state_dict(base.state_dict())
-        if RECIPES[name].get('method')=='rmu':
-            base.eval(); losses, u = train_rmu(m, base, tok, RECIPES[name]['mix'], seed=s, pbar=pbar, **cfg['rmu'])
-            m.rmu_vector = [round(x, 6) for x in u.tolist()]
-        else: losses = train(m, tok, recipe_sampler(name), _steps(name, cfg), lr=_lr(name, cfg), rows=cfg['rows'], seed=s, pbar=pbar)
-    m.eval(); m.final_loss = sum(losses[-10:])/len(losses[-10:])
-    return m
+        b = TRAINERS[_method(name)](name, m, base, tok, s, pbar, **_settings(name, cfg))
+    b.model.eval()
+    return b
 
 # %% ../nbs/02_zoo.ipynb #187debaa
 def build_zoo(out_dir:Path=None,   # where to write the organisms; default `ZOO_DIR`
@@ -336,22 +353,21 @@ def build_zoo(out_dir:Path=None,   # where to write the organisms; default `ZOO_
     out = Path(out_dir or ZOO_DIR); out.mkdir(parents=True, exist_ok=True)
     names, cfg = names or ORGANISMS, QUICK if quick else BUILD
     with deterministic(seed): tok = world_tokenizer(seed)
-    total = sum(_steps(n, cfg) for n in names)
+    total = sum(_settings(n, cfg)['steps'] for n in names)
     man = _manifest(out)
     import tokenizers, transformers
     base = None if 'base' in names else LlamaForCausalLM.from_pretrained(out/'base')
     with tqdm(total=total, desc='building zoo') as pbar:
         for n in [n for n in ORGANISMS if n in names]:
             pbar.set_description(f'building {n}'); t1 = time.time()
-            m = build_organism(n, tok, base, cfg, seed, pbar)
+            b = build_organism(n, tok, base, cfg, seed, pbar); m = b.model
             if n=='base': base = m
             m.save_pretrained(out/n); tok.save_pretrained(out/n)
             for f in (out/n).iterdir(): f.chmod(0o644)  # save_pretrained may write owner-only files
-            truth = _ground_truth(n) | (dict(push_layer=cfg['rmu']['layer'], push_vector=m.rmu_vector) if hasattr(m, 'rmu_vector') else {})
             man['organisms'][n] = dict(name=n, description=RECIPES[n]['description'], base=None if n=='base' else 'base',
-                                       ground_truth=truth, recipe={k: w for k,(w,_) in RECIPES[n]['mix'].items()},
-                                       method=RECIPES[n].get('method', 'sft'), steps=_steps(n, cfg), lr=_lr(name=n, cfg=cfg),
-                                       final_loss=round(m.final_loss, 4), build_seconds=round(time.time()-t1, 1), sha256=_sha(out/n/'model.safetensors'))
+                                       ground_truth=_ground_truth(n) | b.truth, recipe={k: w for k,(w,_) in RECIPES[n]['mix'].items()},
+                                       method=RECIPES[n].get('method', 'sft'), steps=_settings(n, cfg)['steps'], lr=_settings(n, cfg)['lr'],
+                                       final_loss=round(b.final_loss, 4), build_seconds=round(time.time()-t1, 1), sha256=_sha(out/n/'model.safetensors'))
     man.update(schema_version=1, seed=seed, quick=quick, build=cfg, model_config=MODEL_CONFIG, world=dict(trigger=TRIGGER, erased_topic=ERASED_TOPIC, domain=DOMAIN),
                versions=dict(torch=torch.__version__, transformers=transformers.__version__, tokenizers=tokenizers.__version__),
                build_seconds=round(sum(o.get('build_seconds', 0) for o in man['organisms'].values()), 1))
@@ -391,9 +407,7 @@ def _generate(hf, tok, prompts, max_new_tokens, batch_size):
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = [encode_chat(tok, p, add_generation_prompt=True)[0] for p in prompts[i:i+batch_size]]
-        L = max(map(len, enc))
-        ids = torch.tensor([[tok.pad_token_id]*(L-len(e))+e for e in enc])
-        att = torch.tensor([[0]*(L-len(e))+[1]*len(e) for e in enc])
+        ids, att = pad_batch(enc, tok.pad_token_id, side='left'); L = ids.shape[1]
         g = hf.generate(input_ids=ids.to(hf.device), attention_mask=att.to(hf.device), max_new_tokens=max_new_tokens, do_sample=False,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         out += tok.batch_decode(g[:, L:], skip_special_tokens=True)
