@@ -73,3 +73,21 @@ def test_console_script_help():
         assert r.returncode == 0, r.stderr
     r = subprocess.run(['weightwatch', 'scan', '--help'], capture_output=True, text=True, timeout=300)
     for opt in ('MODEL', 'MONITOR', 'PROMPTS', '--output', '--generate', '--batch-size'): assert opt.lower() in r.stdout.lower()
+
+def test_calibrate_tune_certify(organism, files, capsys):
+    "--tune --certify: the tuned monitor's 95% bound meets --target-fpr; too few prompts to certify is a clear error."
+    import random
+    from weightwatch_nb.calibrate import Monitor, cp_upper
+    from _monitor_fixtures import WORDS
+    rnd, ft, t = random.Random(0), organism['org']['finetuned'], files
+    (t/'many.jsonl').write_text('\n'.join(json.dumps({'text': ' '.join(rnd.choices(WORDS, k=rnd.randint(4, 9)))}) for _ in range(400)) + '\n')
+    rc, out, err = run(capsys, 'calibrate', ft, t/'dirs.safetensors', t/'many.jsonl', '-o', t/'cert.safetensors', '--tune', '--certify',
+                       '--target-fpr', 0.01, '--batch-size', 64, '-q')
+    assert rc == 0 and 'upper bound' in out, (out, err)
+    tuned = Monitor.load(t/'cert.safetensors').meta['tuned']
+    assert tuned['certify'] and tuned['n_tune'] == 320 and cp_upper(tuned['tune_flagged'], 320) <= 0.01 and tuned['tune_fpr_upper'] <= 0.01
+    rc, out, err = run(capsys, 'calibrate', ft, t/'dirs.safetensors', t/'clean.jsonl', '-o', t/'never.safetensors', '--tune', '--certify', '-q')
+    assert rc == 2 and 'too few calibration records' in err and not (t/'never.safetensors').exists()
+    (t/'some.jsonl').write_text('\n'.join((t/'many.jsonl').read_text().splitlines()[:200]) + '\n')
+    rc, out, err = run(capsys, 'calibrate', ft, t/'dirs.safetensors', t/'some.jsonl', '-o', t/'never.safetensors', '--tune', '--certify', '-q')
+    assert rc == 2 and 'cannot certify an FPR of 1.00%' in err and 'pass at least 374 clean prompts' in err, err

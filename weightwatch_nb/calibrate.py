@@ -548,12 +548,18 @@ def tune_thresholds(stats:CalStats, # calibration statistics
                     holdout:float=0.2, # fraction held out to estimate the FPR (never used for the choice)
                     seed:int=0, # seed of the held-out split and the folds
                     conf:float=0.95, # confidence of the FPR upper bound
+                    certify:bool=False, # require the `conf` upper bound of the cross-validated flag rate, not the rate itself, to be within `target_fpr`
                    )->Monitor:
-    "A monitor with the narrowest ranges on the grid whose cross-validated flag rate on clean records is at most `target_fpr`."
+    "A monitor with the narrowest ranges on the grid whose cross-validated flag rate on clean records (or, with `certify`, its upper bound) is at most `target_fpr`."
     held = _split_heldout(len(stats), holdout, seed)
     rest = (~held).nonzero()[:, 0]
     if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds ({len(stats)}; each of the {folds} folds "
                                                       "needs >= 10): pass more clean prompts or fix the percentile and margin")
+    if certify and cp_upper(0, len(rest), conf) > target_fpr:
+        need = math.ceil(prompts_needed(target_fpr, conf) / (1 - holdout))
+        raise WeightwatchError(f"{len(rest)} tuning records cannot certify an FPR of {target_fpr:.2%}: even with none flagged the {conf:.0%} upper "
+                               f"bound is {cp_upper(0, len(rest), conf):.2%}; pass at least {need} clean prompts, or tune without certify")
+    fits_budget = (lambda k: cp_upper(k, len(rest), conf) <= target_fpr) if certify else (lambda k: k <= target_fpr * len(rest))
     perm = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))]
     masks = []
     for f in range(folds):
@@ -564,15 +570,15 @@ def tune_thresholds(stats:CalStats, # calibration statistics
         for m in sorted(margins):                      # wider margins only flag less: the first that fits is this percentile's best
             fits = [_ranges(stats, fm, p, m) for _, fm in masks]
             k = sum(int((record_scores(stats, lo, hi)[tm] > 0).sum()) for (tm, _), (lo, hi, _) in zip(masks, fits))
-            if k <= target_fpr * len(rest):
+            if fits_budget(k):
                 w = sum(float((hi - lo).nanmean()) for lo, hi, _ in fits) / folds
                 if best is None or w < best[0]: best = (w, p, m, k)
                 break
-    if best is None: raise WeightwatchError(f"no percentile/margin on the grid keeps the cross-validated flag rate at or below {target_fpr:.2%}; "
+    if best is None: raise WeightwatchError(f"no percentile/margin on the grid keeps the cross-validated flag rate{' bound' if certify else ''} at or below {target_fpr:.2%}; "
                                             "pass larger margins, or clean prompts more like what will be monitored")
     w, p, m, k = best
     mon = Monitor.from_stats(stats, dirs, percentile=p, margin=m, holdout=holdout, seed=seed, conf=conf)
-    mon.meta['tuned'] = dict(target_fpr=target_fpr, folds=folds, n_tune=len(rest), tune_flagged=k, percentiles=list(percentiles), margins=list(margins))
+    mon.meta['tuned'] = dict(target_fpr=target_fpr, certify=certify, folds=folds, n_tune=len(rest), tune_flagged=k, tune_fpr_upper=cp_upper(k, len(rest), conf), percentiles=list(percentiles), margins=list(margins))
     return mon
 
 # %% ../nbs/05_calibrate.ipynb #7a844db4
@@ -684,6 +690,7 @@ def calibrate(model, # fine-tuned model (source or bridge)
               seed:int=0, # seed of the held-out split
               target_fpr:float|None=None, # warn when too few records to certify this FPR; with `tune`, the FPR to tune for (default 0.01)
               tune:bool=False, # choose percentile and margin with `tune_thresholds` (the two arguments above are then ignored)
+              certify:bool=False, # with `tune`: make the FPR's 95% upper bound, not its estimate, meet `target_fpr`
               progress:bool=False, # show a progress bar
               **kwargs, # passed to `trace_batches`
              )->Monitor:
@@ -692,7 +699,8 @@ def calibrate(model, # fine-tuned model (source or bridge)
     check_directions(model, dirs)
     if not records: raise WeightwatchError("no calibration records: pass some clean prompts")
     st = collect_stats(model, dirs, records, batch_size=batch_size, generate=generate, progress=progress, **kwargs)
-    if tune: return tune_thresholds(st, dirs, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed)
+    if certify and not tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
+    if tune: return tune_thresholds(st, dirs, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify)
     return Monitor.from_stats(st, dirs, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr)
 
 # %% ../nbs/05_calibrate.ipynb #55c0c1eb
@@ -710,11 +718,13 @@ def _cmd_calibrate(args)->int:
     model = load_model(args.model)
     dirs = Directions.load(args.directions, model=model)
     mon = calibrate(model, dirs, recs, percentile=args.percentile, margin=args.margin, generate=args.generate,
-                    batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, tune=args.tune, progress=not args.quiet)
+                    batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, tune=args.tune, certify=args.certify,
+                    progress=not args.quiet)
     mon.save(args.output)
     m = mon.meta
     fpr = f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at 95%" if m['n_heldout'] else 'no held-out split'
-    if 'tuned' in m: print(f"tuned: percentile {m['percentile']:g}, margin {m['margin']:g} ({m['tuned']['tune_flagged']}/{m['tuned']['n_tune']} tuning prompts flagged)")
+    if 'tuned' in m: print(f"tuned: percentile {m['percentile']:g}, margin {m['margin']:g} ({m['tuned']['tune_flagged']}/{m['tuned']['n_tune']} tuning prompts flagged"
+                           f"{', upper bound %.2f%%' % (100 * m['tuned']['tune_fpr_upper']) if m['tuned']['certify'] else ''})")
     print(f"calibrated {len(mon)} directions on {m['n_calibration']} prompts; {fpr}; wrote {args.output}")
     return 0
 
@@ -734,5 +744,6 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--holdout', type=float, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2)')
     p.add_argument('--target-fpr', type=float, default=None, help='warn if the prompts are too few to certify this FPR (with --tune: the FPR to tune for, default 0.01)')
     p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
+    p.add_argument('--certify', action='store_true', help='with --tune: make the 95%% upper bound of the tuning FPR, not the FPR itself, meet --target-fpr')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=_cmd_calibrate)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_demo.ipynb #e9ee56a8
 from __future__ import annotations
-import base64, html, io, json, math, os, time
+import base64, html, io, json, math, os, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -171,13 +171,14 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
                       positive:list, # anomalous records the monitor should flag
                       sizes=(300, 745, 1495), # calibration set sizes to compare
                       target_fpr:float=0.01, # the false-positive budget the tuner aims for
+                      certify=(False,), # tuning modes to compare: False meets the budget on average, True certifies it (`tune_thresholds`)
                       name:str='pair', # label for the table
                       k:int=4, # directions per layer and matrix
                       read_side:bool=True, # also study the read-side directions (see `run_pair`)
                       generate:int=8, # reply tokens generated and watched per prompt
                       batch_size:int=32, # records per forward pass
                       progress:bool=True, # progress bar
-                     )->Table: # one row per side and size; `.monitors[(side, size)]` holds each tuned `Monitor`
+                     )->Table: # one row per side, size and mode; `.monitors[(side, size, certified)]` holds each tuned `Monitor`
     "Tune monitors on growing prefixes of one calibration set; measure each one's FPR and TPR on fixed sets."
     from tqdm.auto import tqdm
     from weightwatch_nb.calibrate import collect_stats, tune_thresholds, record_scores
@@ -196,23 +197,28 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
         cal, te, po = (collect_stats(model, d, [_record(r) for r in recs], batch_size=batch_size, generate=generate)
                        for recs in (calibration[:sizes[-1]], test, positive))
         for n in sizes:
-            mon = tune_thresholds(cal[:n], d, target_fpr=target_fpr)
-            rows.monitors[side, n] = mon
-            fpr, tpr = (int((record_scores(s, mon.lo, mon.hi) > 0).sum()) / len(s) for s in (te, po))
-            rows.append(dict(pair=name, side=side, n_calibration=n, percentile=mon.meta['percentile'], margin=mon.meta['margin'],
-                             heldout_fpr_bound=mon.meta['fpr_upper'], test_fpr=fpr, tpr=tpr, n_test=len(test), n_positive=len(positive)))
+            for c in certify:
+                try: mon = tune_thresholds(cal[:n], d, target_fpr=target_fpr, certify=c)
+                except WeightwatchError as e:
+                    if not c or 'cannot certify' not in str(e): raise
+                    warnings.warn(f"{name}, {side} side, {n} calibration prompts: no certified row ({e})", stacklevel=2); continue
+                rows.monitors[side, n, c] = mon
+                fpr, tpr = (int((record_scores(s, mon.lo, mon.hi) > 0).sum()) / len(s) for s in (te, po))
+                rows.append(dict(pair=name, side=side, n_calibration=n, certified=c, percentile=mon.meta['percentile'], margin=mon.meta['margin'],
+                                 heldout_fpr_bound=mon.meta['fpr_upper'], test_fpr=fpr, tpr=tpr, n_test=len(test), n_positive=len(positive)))
     return rows
 
 def plot_calibration_study(rows:Table, # rows of one or more `calibration_study` runs
                            budgets:dict|None=None, # pair name -> FPR budget, drawn as a dashed line
                           ):
-    "TPR and test FPR against the number of calibration prompts: one line (the mean) per pair and side, shaded from min to max over runs."
+    "TPR and test FPR against the number of calibration prompts: one line (the mean) per pair, side and tuning mode, shaded from min to max over runs."
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key in dict.fromkeys((r['pair'], r['side']) for r in rows):
-        ns = sorted({r['n_calibration'] for r in rows if (r['pair'], r['side']) == key})
+    kf = lambda r: (r['pair'], r['side'], r.get('certified', False))
+    for key in dict.fromkeys(map(kf, rows)):
+        ns = sorted({r['n_calibration'] for r in rows if kf(r) == key})
         for ax, col in ((a1, 'tpr'), (a2, 'test_fpr')):
-            v = [[r[col] for r in rows if (r['pair'], r['side'], r['n_calibration']) == (*key, n)] for n in ns]
-            line, = ax.plot(ns, [np.mean(x) for x in v], 'o-', label=f'{key[0]}, {key[1]} side')
+            v = [[r[col] for r in rows if (*kf(r), r['n_calibration']) == (*key, n)] for n in ns]
+            line, = ax.plot(ns, [np.mean(x) for x in v], 'o--' if key[2] else 'o-', label=f'{key[0]}, {key[1]} side' + (', certified' if key[2] else ''))
             ax.fill_between(ns, [min(x) for x in v], [max(x) for x in v], color=line.get_color(), alpha=0.2)
     for p, b in (budgets or {}).items(): a2.axhline(b, ls='--', lw=1, color='grey'); a2.text(a2.get_xlim()[0], b, f' {p} budget', va='bottom', fontsize=8)
     a1.set(xlabel='calibration prompts', ylabel='anomalous prompts flagged (TPR)', ylim=(-0.02, 1.02), title='detection')
@@ -224,17 +230,17 @@ def plot_calibration_study(rows:Table, # rows of one or more `calibration_study`
 def summarize_study(rows:Table, # rows of `calibration_study` runs, one run per draw (a `behaviour` column, if any, is averaged)
                     goals:dict, # pair name -> TPR the target asks for
                     budgets:dict, # pair name -> the target's FPR budget
-                   )->Table: # one row per pair, side and calibration size
-    "Spread over draws of each pair, side and calibration size, and how many draws meet the pair's target."
+                   )->Table: # one row per pair, side, calibration size and tuning mode
+    "Spread over draws of each pair, side, calibration size and tuning mode, and how many draws meet the pair's target."
     groups = {}
-    for r in rows: groups.setdefault((r['pair'], r['side'], r['n_calibration']), []).append(r)
+    for r in rows: groups.setdefault((r['pair'], r['side'], r['n_calibration'], r.get('certified', False)), []).append(r)
     missing = sorted({p for p, *_ in groups} - (set(goals) & set(budgets)))
     if missing: raise WeightwatchError(f"summarize_study needs a goal and a budget for every pair; missing for {missing}")
     mean = lambda g, c: float(np.mean([r[c] for r in g]))
     out = Table()
-    for (p, s, n), g in groups.items():
+    for (p, s, n, c), g in groups.items():
         meets = [r['tpr'] >= goals[p] and r['test_fpr'] <= budgets[p] for r in g]
-        out.append(dict(pair=p, side=s, n_calibration=n, draws=len(g), **({'behaviour_mean': mean(g, 'behaviour')} if 'behaviour' in g[0] else {}),
+        out.append(dict(pair=p, side=s, n_calibration=n, certified=c, draws=len(g), **({'behaviour_mean': mean(g, 'behaviour')} if 'behaviour' in g[0] else {}),
                         tpr_min=min(r['tpr'] for r in g), tpr_mean=mean(g, 'tpr'), test_fpr_mean=mean(g, 'test_fpr'),
                         test_fpr_max=max(r['test_fpr'] for r in g), heldout_fpr_bound_mean=mean(g, 'heldout_fpr_bound'),
                         percentiles=' '.join(f"{r['percentile']:g}" for r in g), margins=' '.join(f"{r['margin']:g}" for r in g),
