@@ -21,8 +21,8 @@ __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'a
            'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate', 'direction_groups',
            'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches', 'trace_batches', 'trace', 'extrema',
            'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores',
-           'cp_upper', 'prompts_needed', 'Monitor', 'tune_thresholds', 'check_directions', 'calibrate', 'quiet_hf',
-           'register_cli']
+           'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate',
+           'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -539,6 +539,9 @@ def rethreshold(self:Monitor, percentile:float|None=None, # new trimming percent
     return out
 
 # %% ../nbs/05_calibrate.ipynb #9efff6c9
+class CannotCertify(WeightwatchError):
+    "Too few tuning records for even zero flags to certify the requested false-positive rate."
+
 def tune_thresholds(stats:CalStats, # calibration statistics
                     dirs, # the `Directions` (or `Monitor`) they were measured along
                     target_fpr:float=0.01, # largest cross-validated flag rate allowed
@@ -557,7 +560,7 @@ def tune_thresholds(stats:CalStats, # calibration statistics
                                                       "needs >= 10): pass more clean prompts or fix the percentile and margin")
     if certify and cp_upper(0, len(rest), conf) > target_fpr:
         need = math.ceil(prompts_needed(target_fpr, conf) / (1 - holdout))
-        raise WeightwatchError(f"{len(rest)} tuning records cannot certify an FPR of {target_fpr:.2%}: even with none flagged the {conf:.0%} upper "
+        raise CannotCertify(f"{len(rest)} tuning records cannot certify an FPR of {target_fpr:.2%}: even with none flagged the {conf:.0%} upper "
                                f"bound is {cp_upper(0, len(rest), conf):.2%}; pass at least {need} clean prompts, or tune without certify")
     fits_budget = (lambda k: cp_upper(k, len(rest), conf) <= target_fpr) if certify else (lambda k: k <= target_fpr * len(rest))
     perm = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))]

@@ -181,7 +181,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
                      )->Table: # one row per side, size and mode; `.monitors[(side, size, certified)]` holds each tuned `Monitor`
     "Tune monitors on growing prefixes of one calibration set; measure each one's FPR and TPR on fixed sets."
     from tqdm.auto import tqdm
-    from weightwatch_nb.calibrate import collect_stats, tune_thresholds, record_scores
+    from weightwatch_nb.calibrate import collect_stats, tune_thresholds, record_scores, CannotCertify
     from weightwatch_nb.evaluate import _record
     sizes = sorted(set(int(s) for s in sizes))
     if not sizes or sizes[-1] > len(calibration):
@@ -199,8 +199,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
         for n in sizes:
             for c in certify:
                 try: mon = tune_thresholds(cal[:n], d, target_fpr=target_fpr, certify=c)
-                except WeightwatchError as e:
-                    if not c or 'cannot certify' not in str(e): raise
+                except CannotCertify as e:
                     warnings.warn(f"{name}, {side} side, {n} calibration prompts: no certified row ({e})", stacklevel=2); continue
                 rows.monitors[side, n, c] = mon
                 fpr, tpr = (int((record_scores(s, mon.lo, mon.hi) > 0).sum()) / len(s) for s in (te, po))
