@@ -178,7 +178,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
                       generate:int=8, # reply tokens generated and watched per prompt
                       batch_size:int=32, # records per forward pass
                       progress:bool=True, # progress bar
-                     )->Table: # one row per side, size and mode; `.monitors[(side, size, certified)]` holds each tuned `Monitor`
+                     )->Table: # one row per side, size and mode; `.monitors[(side, size, certified)]` holds each tuned `Monitor`, `.skipped` the certified rows that could not be made
     "Tune monitors on growing prefixes of one calibration set; measure each one's FPR and TPR on fixed sets."
     from tqdm.auto import tqdm
     from weightwatch_nb.calibrate import collect_stats, tune_thresholds, record_scores, CannotCertify
@@ -191,7 +191,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
         if not recs: raise WeightwatchError(f"calibration_study needs a non-empty {s} set")
     model = load_model(finetuned)
     sides = [('write', dict())] + ([('read', dict(matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK))] if read_side else [])
-    rows, rows.monitors = Table(), {}
+    rows, rows.monitors, rows.skipped = Table(), {}, []
     for side, kw in tqdm(sides, desc=f'calibration study ({name})', disable=not progress):
         d = compute_directions(base, finetuned, k=k, progress=False, **kw)
         cal, te, po = (collect_stats(model, d, [_record(r) for r in recs], batch_size=batch_size, generate=generate)
@@ -199,12 +199,14 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
         for n in sizes:
             for c in certify:
                 try: mon = tune_thresholds(cal[:n], d, target_fpr=target_fpr, certify=c)
-                except CannotCertify as e:
-                    warnings.warn(f"{name}, {side} side, {n} calibration prompts: no certified row ({e})", stacklevel=2); continue
+                except CannotCertify as e: rows.skipped.append(dict(side=side, n_calibration=n, reason=str(e))); continue
                 rows.monitors[side, n, c] = mon
                 fpr, tpr = (int((record_scores(s, mon.lo, mon.hi) > 0).sum()) / len(s) for s in (te, po))
                 rows.append(dict(pair=name, side=side, n_calibration=n, certified=c, percentile=mon.meta['percentile'], margin=mon.meta['margin'],
                                  heldout_fpr_bound=mon.meta['fpr_upper'], test_fpr=fpr, tpr=tpr, n_test=len(test), n_positive=len(positive)))
+    if rows.skipped:   # one warning per study, not one per side and size
+        where = ', '.join(f"{s['side']} side at {s['n_calibration']}" for s in rows.skipped)
+        warnings.warn(f"{name}: no certified row for {where} calibration prompts ({rows.skipped[-1]['reason']})", stacklevel=2)
     return rows
 
 def plot_calibration_study(rows:Table, # rows of one or more `calibration_study` runs
