@@ -91,3 +91,48 @@ def test_calibrate_tune_certify(organism, files, capsys):
     (t/'some.jsonl').write_text('\n'.join((t/'many.jsonl').read_text().splitlines()[:200]) + '\n')
     rc, out, err = run(capsys, 'calibrate', ft, t/'dirs.safetensors', t/'some.jsonl', '-o', t/'never.safetensors', '--tune', '--certify', '-q')
     assert rc == 2 and 'cannot certify an FPR of 1.00%' in err and 'pass at least 374 clean prompts' in err, err
+
+def test_outputs_checked_before_any_work(organism, files, capsys, tmp_path):
+    "A bad output path is refused before the model loads; an output that is also an input, a folder or a device is never written."
+    ft, t = organism['org']['finetuned'], files
+    before = {p: p.read_bytes() for p in (t/'in.jsonl', t/'dirs.safetensors', t/'clean.jsonl')}
+    cases = [(['scan', ft, t/'mon.safetensors', t/'in.jsonl', '-o', t/'in.jsonl'], 'is also an input'),
+             (['calibrate', ft, t/'dirs.safetensors', t/'clean.jsonl', '-o', t/'clean.jsonl'], 'is also an input'),
+             (['calibrate', ft, t/'dirs.safetensors', t/'clean.jsonl', '-o', t/'dirs.safetensors'], 'is also an input'),
+             (['scan', ft, t/'mon.safetensors', t/'in.jsonl', '-o', '/dev/null'], 'not a regular file'),
+             (['scan', ft, t/'mon.safetensors', t/'in.jsonl', '-o', tmp_path], 'not a regular file'),
+             (['calibrate', ft, t/'dirs.safetensors', t/'clean.jsonl', '-o', tmp_path/'nodir'/'m.safetensors'], 'does not exist'),
+             (['directions', organism['org']['base'], ft, '-o', tmp_path/'nodir'/'d.safetensors'], 'does not exist')]
+    for cmd, msg in cases:
+        rc, out, err = run(capsys, *cmd)
+        assert rc == 2 and msg in err and 'Traceback' not in err, (cmd, err)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert sorted(x.name for x in tmp_path.iterdir()) == []     # no stray temporary files
+
+@pytest.mark.parametrize('args, msg', [(['--batch-size', '0'], 'an integer >= 1'), (['--batch-size', '-2'], 'an integer >= 1'),
+                                       (['--generate', '-3'], 'an integer >= 0'), (['--target-fpr', '0'], 'strictly between 0 and 1'),
+                                       (['--target-fpr', '2'], 'strictly between 0 and 1'), (['--margin', 'inf'], 'finite'),
+                                       (['--margin', '-2'], '>= 0'), (['--holdout', '-0.5'], '>= 0 and < 1')])
+def test_calibrate_numbers_checked(organism, files, capsys, args, msg):
+    t = files
+    with pytest.raises(SystemExit) as e: main(['calibrate', 'zoo:backdoor', str(t/'dirs.safetensors'), str(t/'clean.jsonl'), '-o', str(t/'never.safetensors'), *args])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (t/'never.safetensors').exists()
+
+def test_scan_generate_numbers_and_records(organism, files, capsys):
+    ft, t = organism['org']['finetuned'], files
+    for cmd, msg in ((['scan', ft, t/'mon.safetensors', t/'in.jsonl', '--batch-size', '0'], 'an integer >= 1'),
+                     (['generate', ft, 'hi', '--max-new-tokens', '0'], 'an integer >= 1'),
+                     (['directions', 'zoo:base', 'zoo:backdoor', '-o', t/'d.safetensors', '--layers', 'a'], 'comma-separated list')):
+        with pytest.raises(SystemExit): main([str(a) for a in cmd])
+        assert msg in capsys.readouterr().err
+    rc, out, err = run(capsys, 'generate', ft, '  ')
+    assert rc == 2 and 'PROMPT is empty' in err
+    for content, msg in (('{"text": "a", "index": 9}\n', "has a key 'index'"), ('{"text": "a", "messages": []}\n', "both 'text' and 'messages'"),
+                         ('"just a string"\n', 'line 1 is a JSON str, not an object')):
+        (t/'odd.jsonl').write_text(content)
+        rc, out, err = run(capsys, 'scan', ft, t/'mon.safetensors', t/'odd.jsonl', '-o', t/'never.jsonl')
+        assert rc == 2 and msg in err, err
+    assert not (t/'never.jsonl').exists()
+    rc, out, err = run(capsys, 'directions', 'zoo:base', 'zoo:backdoor', '-o', t/'d.safetensors', '--layers', '0,99', '--quiet')
+    assert rc == 2 and 'layers [99] do not exist' in err and 'blocks 0..3' in err

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model, fingerprint, check_comparable
+from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path
 from .calibrate import (Trace, direction_names, check_directions, read_jsonl, quiet_hf, PROMPT, RESPONSE, ROLES)
 from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str)
 
@@ -216,10 +216,7 @@ def to_json(self:Audit)->dict:
                           lens_pos=d.lens.pos, lens_neg=d.lens.neg, examples=[ex(e) for e in d.examples]) for d in self.top])
 
 def _write_atomic(path:Path, text:str):
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try: tmp.write_text(text, encoding='utf-8'); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
 
 @patch
 def save(self:Audit, path:str|os.PathLike, # HTML file to write; the JSON goes next to it with suffix .json

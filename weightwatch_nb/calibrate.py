@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint, make_planted_checkpoint, pad_batch
+from .core import (WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint, make_planted_checkpoint, pad_batch,
+                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE)
 from itertools import groupby
 from .directions import hook_name, parse_name
 
@@ -32,6 +33,7 @@ def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list o
     if isinstance(x, str): return {'text': x}
     if isinstance(x, list): x = {'messages': x}
     if isinstance(x, dict):
+        if 'text' in x and 'messages' in x: raise WeightwatchError(f"record {where} has both 'text' and 'messages'; keep one of them")
         if isinstance(x.get('text'), str): return x
         ms = x.get('messages')
         if isinstance(ms, list) and ms and all(isinstance(m, dict) and isinstance(m.get('role'), str)
@@ -46,6 +48,7 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
               )->list[dict]:
     "Read records from a JSONL file, naming the line of any malformed record."
     p = Path(path)
+    if p.is_dir(): raise WeightwatchError(f"{str(path)!r} is a folder; pass the JSONL prompt file itself")
     if not p.is_file(): raise WeightwatchError(f"no such prompt file: {str(path)!r}")
     recs = []
     with open(p, encoding='utf-8', errors='strict') as f:
@@ -56,6 +59,8 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
                 except json.JSONDecodeError as e:
                     raise WeightwatchError(f"{p.name} line {n} is not valid JSON ({e.msg}, column {e.colno}); "
                                            'each line must be one JSON object such as {"text": "..."}') from None
+                if not isinstance(obj, dict): raise WeightwatchError(f"{p.name} line {n} is a JSON {type(obj).__name__}, not an object; "
+                                                                     'write it as {"text": "..."} or {"messages": [...]}')
                 recs.append(as_record(obj, f'on line {n} of {p.name}'))
         except UnicodeDecodeError as e: raise WeightwatchError(f"{p.name} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
     if not recs: raise WeightwatchError(f"{p.name} is empty: it has no records; write one JSON object per line, "
@@ -66,7 +71,11 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
 PROMPT, RESPONSE = 0, 1
 ROLES = ('prompt', 'response')
 
-def _render(tok, msgs, gen:bool)->str: return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+def _render(tok, msgs, gen:bool)->str:
+    try: return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    except Exception as e:
+        raise WeightwatchError(f"the chat template cannot render the messages ({type(e).__name__}: {e}); check each message's role "
+                               f"(roles used: {sorted({m['role'] for m in msgs})})") from None
 
 def response_spans(tok, # tokenizer with a chat template
                    messages:list[dict], # the conversation
@@ -131,7 +140,10 @@ def encode_many(tok, # the model's tokenizer
                )->list[Encoded]:
     "`encode` for a list of records, tokenized in one call of a fast tokenizer (the same ids and roles, faster)."
     if not records or not getattr(tok, 'is_fast', False): return [encode(tok, r, generation_prompt) for r in records]
-    texts = [(r['text'], []) if 'text' in r else response_spans(tok, r['messages'], generation_prompt) for r in records]
+    texts = []
+    for i, r in enumerate(records):
+        try: texts.append((r['text'], []) if 'text' in r else response_spans(tok, r['messages'], generation_prompt))
+        except WeightwatchError as e: raise WeightwatchError(f"record #{i} (counting from 0): {e}") from None
     enc = tok([t for t, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
     return [_with_bos(tok, ids, [int(any(s <= a < e for s, e in spans)) for a, _ in offs])
             for (_, spans), ids, offs in zip(texts, enc['input_ids'], enc['offset_mapping'])]
@@ -174,11 +186,11 @@ def truncate(encs:list[Encoded], # encoded records (changed in place)
             )->list[int]: # indices of the records that were truncated
     "Cut records longer than `max_len - reserve` tokens, warning which ones were cut."
     lim, cut = max_len - reserve, []
-    if lim < 1: raise WeightwatchError(f"--generate {reserve} leaves no room for the prompt in a context window of {max_len} tokens")
+    if lim < 1: raise WeightwatchError(f"generating {reserve} tokens leaves no room for the prompt in a context window of {max_len} tokens; ask for fewer")
     for i, e in enumerate(encs):
         if len(e) > lim: e.ids, e.roles = e.ids[:lim], e.roles[:lim]; cut.append(i)
     if cut: warnings.warn(f"{len(cut)} input(s) longer than the context window ({lim} tokens{' after reserving room to generate' if reserve else ''}) "
-                          f"were truncated to their first {lim} tokens: records {cut[:10]}{' ...' if len(cut) > 10 else ''}", stacklevel=2)
+                          f"were truncated to their first {lim} tokens: records {cut[:10]}{' ...' if len(cut) > 10 else ''} (counting from 0)", stacklevel=2)
     return cut
 
 # %% ../nbs/05_calibrate.ipynb #06776493
@@ -556,8 +568,9 @@ def tune_thresholds(stats:CalStats, # calibration statistics
     "A monitor with the narrowest ranges on the grid whose cross-validated flag rate on clean records (or, with `certify`, its upper bound) is at most `target_fpr`."
     held = _split_heldout(len(stats), holdout, seed)
     rest = (~held).nonzero()[:, 0]
-    if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds ({len(stats)}; each of the {folds} folds "
-                                                      "needs >= 10): pass more clean prompts or fix the percentile and margin")
+    if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds: {len(stats)}, of which {len(rest)} remain after "
+                                                      f"holding out {holdout:.0%}, and each of the {folds} folds needs >= 10 (so >= {math.ceil(10 * folds / (1 - holdout))} "
+                                                      "records): pass more clean prompts or fix the percentile and margin")
     if certify and cp_upper(0, len(rest), conf) > target_fpr:
         need = math.ceil(prompts_needed(target_fpr, conf) / (1 - holdout))
         raise CannotCertify(f"{len(rest)} tuning records cannot certify an FPR of {target_fpr:.2%}: even with none flagged the {conf:.0%} upper "
@@ -613,9 +626,7 @@ def save(self:Monitor, path:str|os.PathLike, # file to write (`.safetensors`)
           'hook_point': self.hook_point, 'meta': json.dumps(self.meta), 'stats_meta': json.dumps(self.stats.meta),
           'percentile': str(self.meta['percentile']), 'margin': str(self.meta['margin']),
           'n_calibration': str(self.meta['n_calibration'])}
-    tmp = path.with_name(path.name + '.tmp')
-    save_file({k: v.contiguous() for k, v in t.items()}, str(tmp), metadata=md)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp: save_file({k: v.contiguous() for k, v in t.items()}, str(tmp), metadata=md)
     return path
 
 # %% ../nbs/05_calibrate.ipynb #239f480d
@@ -717,6 +728,7 @@ def quiet_hf(quiet:bool=True, # do it (False: leave the bars alone)
 def _cmd_calibrate(args)->int:
     from weightwatch_nb.directions import Directions
     quiet_hf(args.quiet)
+    check_output(args.output, [args.directions, args.prompts], 'monitor file')
     recs = read_jsonl(args.prompts)
     model = load_model(args.model)
     dirs = Directions.load(args.directions, model=model)
@@ -741,11 +753,12 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('prompts', help='clean prompts, JSONL: {"text": ...} or {"messages": [...]} per line')
     p.add_argument('-o', '--output', required=True, help='monitor file to write (.safetensors)')
     p.add_argument('--percentile', type=float, default=0., help='trim this percent of prompts at each end of each range (default 0)')
-    p.add_argument('--margin', type=float, default=0.2, help='widen each range by this fraction of its width (default 0.2)')
-    p.add_argument('--generate', type=int, default=0, metavar='N', help='generate N response tokens per prompt (default 0)')
-    p.add_argument('--batch-size', type=int, default=16, help='prompts per forward pass (default 16)')
-    p.add_argument('--holdout', type=float, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2)')
-    p.add_argument('--target-fpr', type=float, default=None, help='warn if the prompts are too few to certify this FPR (with --tune: the FPR to tune for, default 0.01)')
+    p.add_argument('--margin', type=NONNEGATIVE, default=0.2, help='widen each range by this fraction of its width (default 0.2)')
+    p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N response tokens per prompt (default 0)')
+    p.add_argument('--batch-size', type=POSITIVE_INT, default=16, help='prompts per forward pass (default 16)')
+    p.add_argument('--holdout', type=FRACTION, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2; 0: none)')
+    p.add_argument('--target-fpr', type=PROBABILITY, default=None, help='a fraction, e.g. 0.01 for 1%%: warn if the prompts are too few to certify this FPR '
+                                                                      '(with --tune: the FPR to tune for, default 0.01)')
     p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
     p.add_argument('--certify', action='store_true', help='with --tune: make the 95%% upper bound of the tuning FPR, not the FPR itself, meet --target-fpr')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')

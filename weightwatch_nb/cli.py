@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #fc7c06c1
 from __future__ import annotations
-import argparse, importlib, sys
+import argparse, importlib, sys, warnings
 from .core import WeightwatchError
 
 # %% auto #0
@@ -17,7 +17,7 @@ def _zoo_list(args):
 
 def _zoo_path(args):
     from weightwatch_nb.zoo import zoo_path
-    print(zoo_path(args.name))
+    print(zoo_path(args.name.removeprefix('zoo:')))
 
 def _zoo_build(args):
     from weightwatch_nb.zoo import build_zoo, ZOO_DIR
@@ -68,10 +68,13 @@ def main(argv:list[str]|None=None, # arguments (default: `sys.argv[1:]`)
     "Entry point of the `weightwatch` command."
     ap = build_parser()
     args = ap.parse_args(argv)
+    fmt = warnings.formatwarning   # warnings read as messages, not as source lines
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"weightwatch {args.command}: warning: {msg}\n"
     try: rc = args.func(args)
     except WeightwatchError as e:
         print(f"weightwatch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"weightwatch {args.command}: interrupted", file=sys.stderr); return 130
+    finally: warnings.formatwarning = fmt
     return int(rc or 0)

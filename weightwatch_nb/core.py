@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #3d7430cc
 from __future__ import annotations
-import hashlib, json, os, re
+import argparse, hashlib, json, math, os, re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['ZOO_DIR', 'HOOK_SITES', 'WeightwatchError', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
+__all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'HOOK_SITES', 'WeightwatchError',
+           'atomic_path', 'check_output', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
            'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'load_model', 'cache_as_hub_model', 'arch_summary',
            'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name', 'pad_batch',
            'make_planted_checkpoint']
@@ -20,6 +22,51 @@ __all__ = ['ZOO_DIR', 'HOOK_SITES', 'WeightwatchError', 'zoo_available', 'Source
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
     "A problem with the user's input; the message says what was wrong and how to fix it."
+
+# %% ../nbs/00_core.ipynb #2295b266
+@contextmanager
+def atomic_path(path:str|os.PathLike, # the file to (re)place
+               ):
+    "A temporary path beside `path`, renamed onto `path` when the block succeeds and removed when it fails."
+    p = Path(path)
+    if p.exists() and not p.is_file(): raise WeightwatchError(f"{str(p)!r} exists and is not a regular file (a folder or a device); write to a file path")
+    tmp = p.with_name(f'.{p.name}.{os.getpid()}.tmp')
+    try:
+        yield tmp
+        mask = os.umask(0); os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # the permissions a plain open() would give (some writers create 0600 files)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists(): tmp.unlink()
+
+def check_output(path:str|os.PathLike, # the file a command will write
+                 inputs=(), # files the command reads: the output must not replace any of them
+                 what:str='output file', # what the file is, for the message
+                )->Path:
+    "Check, before any work, that `path` can be written as a regular file and is none of `inputs`."
+    p = Path(path)
+    if p.exists() and not p.is_file(): raise WeightwatchError(f"{what} {str(p)!r} exists and is not a regular file (a folder or a device); pass a file path")
+    if not p.parent.is_dir(): raise WeightwatchError(f"cannot write {what} {str(p)!r}: the folder {str(p.parent)!r} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK): raise WeightwatchError(f"cannot write {what} {str(p)!r}: the folder {str(p.parent)!r} is not writable")
+    for i in inputs:
+        if i is not None and p.exists() and Path(i).exists() and os.path.samefile(p, i):
+            raise WeightwatchError(f"{what} {str(p)!r} is also an input of this command and would be overwritten; write to another file")
+    return p
+
+# %% ../nbs/00_core.ipynb #67e01255
+def _number(cast, ok, need:str):
+    def parse(s:str):
+        try: v = cast(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not {need}") from None
+        if not ok(v): raise argparse.ArgumentTypeError(f"{s} is not {need}")
+        return v
+    return parse
+
+POSITIVE_INT = _number(int, lambda v: v >= 1, 'an integer >= 1')    # argparse types for command-line options
+COUNT = _number(int, lambda v: v >= 0, 'an integer >= 0')
+PROBABILITY = _number(float, lambda v: 0 < v < 1, 'a fraction strictly between 0 and 1 (e.g. 0.01 for 1%)')
+FRACTION = _number(float, lambda v: 0 <= v < 1, 'a fraction >= 0 and < 1')
+NONNEGATIVE = _number(float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
 
 # %% ../nbs/00_core.ipynb #44576ecb
 ZOO_DIR = Path(__file__).parent/'organisms' if '__file__' in globals() else Path('../weightwatch_nb/organisms').resolve()
@@ -143,7 +190,8 @@ def load_hf(src:str|os.PathLike, # 'zoo:NAME', checkpoint dir, adapter dir or hu
         return hf.eval(), tok
     try: hf = AutoModelForCausalLM.from_pretrained(s.ref, dtype=dtype)
     except Exception as e:
-        hint = "check the hub id and your network connection" if s.kind=='hub' else "the checkpoint may be incomplete or corrupt; save it again with `save_pretrained`"
+        hint = (f"did you mean the shipped organism 'zoo:{src}'?" if s.kind=='hub' and str(src) in zoo_available() else
+                "check the hub id and your network connection") if s.kind=='hub' else "the checkpoint may be incomplete or corrupt; save it again with `save_pretrained`"
         raise WeightwatchError(f"could not load model {str(src)!r} ({type(e).__name__}: {e}); {hint}") from e
     return hf.to(device or 'cpu').eval(), _load_tokenizer(s.ref)
 

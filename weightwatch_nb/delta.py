@@ -193,6 +193,8 @@ def find_keys(keys,            # checkpoint tensor names
     if bad: raise WeightwatchError(f"unknown matrices {bad}: choose from {list(MATRICES)}")
     idx, out = _suffix_index(keys), {}
     layers = range(info['n_layers']) if layers is None else layers
+    if (out_of := [l for l in layers if not 0 <= l < info['n_layers']]):
+        raise WeightwatchError(f"layers {out_of} do not exist: this {info['model_type']} model has blocks 0..{info['n_layers']-1}")
     for m in matrices:
         spec = info['specs'].get(m)
         if spec is None: raise WeightwatchError(f"{info['model_type']} has no `{m}` matrix; choose from {list(info['specs'])}")

@@ -4,12 +4,12 @@
 
 # %% ../nbs/04_directions.ipynb #43e59fbc
 from __future__ import annotations
-import hashlib, json, os, re
+import argparse, hashlib, json, os, re
 from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, resolve_source, arch_summary
+from .core import WeightwatchError, fingerprint, resolve_source, arch_summary, atomic_path, check_output, POSITIVE_INT
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -219,9 +219,7 @@ def save(self:Directions,
     md = {k: v if k in _PLAIN else json.dumps(v) for k, v in self.meta.items() if k not in ('format', 'hook_point')}
     md.update(format=FORMAT, hook_point=self.hook_point, schema_version=json.dumps(SCHEMA_VERSION),
               mode=str(self.meta.get('mode')), svd=str(self.meta.get('svd')))
-    tmp = p.with_name(p.name + '.tmp')
-    save_file(tensors, str(tmp), metadata=md)
-    tmp.replace(p)     # atomic: a crash never leaves a half-written artifact under the real name
+    with atomic_path(p) as tmp: save_file(tensors, str(tmp), metadata=md)   # a crash never leaves a half-written artifact under the real name
     return p
 
 # %% ../nbs/04_directions.ipynb #65f4a531
@@ -482,13 +480,17 @@ def stable_rank(S:Tensor, # singular values
     return float((S ** 2).sum() / S.max() ** 2)
 
 # %% ../nbs/04_directions.ipynb #31bdf8b6
+def _layer_list(s:str)->list[int]:
+    try: return [int(x) for x in s.split(',')]
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of block indices such as 0,2,3") from None
+
 def _directions_cmd(args):
     fin, base = args.finetuned, args.base
     if fin is None and args.lora is None and args.mode == 'raw': base, fin = None, base
     method = 'exact' if args.exact else 'randomized' if args.randomized else 'auto'
-    layers = [int(x) for x in args.layers.split(',')] if args.layers else None
+    check_output(args.out, [], 'directions file')
     d = compute_directions(base, fin, k=args.k, matrices=args.matrices, method=method, mode=args.mode, lora=args.lora,
-                           layers=layers, hook_point=args.hook_point, progress=not args.quiet)
+                           layers=args.layers, hook_point=args.hook_point, progress=not args.quiet)
     p = d.save(args.out)
     print(f"wrote {p}: {len(d)} directions over layers {d.layers[0]}..{d.layers[-1]} x {','.join(d.matrices)} "
           f"(k={args.k}, mode={args.mode}, svd={d.meta['svd']}, fine-tuned {d.meta['fingerprints']['finetuned']['id']})"
@@ -510,7 +512,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     g.add_argument('--randomized', action='store_true', help='randomized SVD for every matrix (default: chosen by size)')
     p.add_argument('--mode', choices=['sub', 'raw'], default='sub', help="sub: W_ft - W_base (default); raw: W_ft alone (no base)")
     p.add_argument('--lora', metavar='ADAPTER_DIR', help='LoRA adapter on BASE: dW = B·A·scale, read without merging')
-    p.add_argument('--layers', help='comma-separated block indices (default: all)')
+    p.add_argument('--layers', type=_layer_list, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
     p.add_argument('--hook-point', default=DEFAULT_HOOK, help=f"hook template recorded in the file (default {DEFAULT_HOOK})")
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=_directions_cmd)

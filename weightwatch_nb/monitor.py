@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model
+from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT
 from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, excess, quiet_hf, PROMPT, RESPONSE)
 
 # %% auto #0
@@ -213,19 +213,19 @@ def write_jsonl_atomic(path:str|os.PathLike, # file to write
                        rows:list[dict], # JSON-serialisable rows
                       )->Path:
     "Write rows as JSON lines to a temporary file, then rename it into place (no partial file on failure)."
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            for row in rows: f.write(json.dumps(row, ensure_ascii=False) + '\n')
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    with atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        for row in rows: f.write(json.dumps(row, ensure_ascii=False) + '\n')
+    return Path(path)
+
+_OUT_KEYS = ('index', 'flagged', 'score', 'first_flag_token', 'directions', 'generated', 'rewound_at')
 
 def _cmd_scan(args)->int:
     quiet_hf(args.quiet)
+    if args.output: check_output(args.output, [args.monitor, args.prompts])
     recs = read_jsonl(args.prompts)
+    clash = next(((i, k) for i, r in enumerate(recs) for k in _OUT_KEYS if k in r), None)
+    if clash: raise WeightwatchError(f"record #{clash[0]} (counting from 0) has a key {clash[1]!r}, which the scan output writes itself; "
+                                     f"rename it (the output keys are {', '.join(_OUT_KEYS)})")
     model = load_model(args.model)
     mon = Monitor.load(args.monitor, model=model)
     try: reps = scan(model, mon, recs, generate=args.generate, batch_size=args.batch_size, check=False, progress=not args.quiet)
@@ -249,7 +249,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('monitor', help='monitor file written by `weightwatch calibrate`')
     p.add_argument('prompts', help='JSONL: {"text": ...} or {"messages": [...]} per line; other keys are copied to the output')
     p.add_argument('-o', '--output', help='JSONL file to write (default: standard output)')
-    p.add_argument('--generate', type=int, default=0, metavar='N', help='generate N tokens per prompt and monitor them too (default 0)')
-    p.add_argument('--batch-size', type=int, default=16, help='prompts per forward pass (default 16)')
+    p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N tokens per prompt and monitor them too (default 0)')
+    p.add_argument('--batch-size', type=POSITIVE_INT, default=16, help='prompts per forward pass (default 16)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=_cmd_scan)

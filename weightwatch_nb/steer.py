@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import torch
 from torch import Tensor
-from .core import WeightwatchError, load_model, hf_state_dict
+from .core import WeightwatchError, load_model, hf_state_dict, POSITIVE_INT
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
                                       context_window, _pad_id, PROMPT, RESPONSE)
 from .monitor import scan, Report, _mismatch, _error_html
@@ -376,12 +376,11 @@ def _cmd_generate(args)->int:
     mon = Monitor.load(args.monitor, model=model) if args.monitor else None
     if args.steer != 'off' and mon is None:
         raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
-    if args.max_new_tokens < 1: raise WeightwatchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.prompt.strip(): raise WeightwatchError("PROMPT is empty: pass the text to reply to")
     steer, how = args.steer, 'the directions projected out'
     if args.steer == 'rewind-weights':
         if not args.base: raise WeightwatchError("--steer rewind-weights needs --base BASE, the model MODEL was fine-tuned from: "
                                                  "the update to strip is MODEL's weights minus BASE's")
-        if args.strip_k < 1: raise WeightwatchError(f"--strip-k must be at least 1, got {args.strip_k}")
         from weightwatch_nb.edit import remove_directions
         from weightwatch_nb.delta import block_matrices
         edited = remove_directions(args.base, args.model, args.strip_k, matrices=block_matrices(args.model), progress=False)
@@ -411,7 +410,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                         "from the prompt with the monitor's directions projected out; rewind-weights: it is redone with the top --strip-k "
                         "directions of every block matrix's update (against --base) stripped from the weights. All need --monitor")
     p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer rewind-weights)')
-    p.add_argument('--strip-k', type=int, default=16, help='directions stripped per block matrix for --steer rewind-weights (default 16)')
-    p.add_argument('--max-new-tokens', type=int, default=64, help='tokens to generate (default 64)')
+    p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions stripped per block matrix for --steer rewind-weights (default 16)')
+    p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
     p.add_argument('--raw', action='store_true', help='tokenize the prompt as plain text, without the chat template')
     p.set_defaults(func=_cmd_generate)

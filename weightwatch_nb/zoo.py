@@ -42,7 +42,7 @@ def zoo_path(name:str,         # an organism name, e.g. 'backdoor'
     names = zoo_names(zoo_dir)
     if name not in names:
         raise WeightwatchError(f"unknown zoo organism {name!r}: the zoo in {Path(zoo_dir or ZOO_DIR)} has {names}; "
-                         "pick one of those, or rebuild the zoo with `build_zoo()`")
+                         "pick one of those, or rebuild the zoo with `weightwatch zoo build` (in Python: `build_zoo()`)")
     return Path(zoo_dir or ZOO_DIR)/name
 
 def zoo_info(name:str,         # an organism name
