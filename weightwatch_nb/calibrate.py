@@ -661,6 +661,7 @@ def load(cls:Monitor, path:str|os.PathLike, # a file written by `Monitor.save`
     "Read and validate a monitor file (format, schema, shapes, finiteness, and optionally model and directions)."
     from safetensors import safe_open
     p = Path(path)
+    if p.is_dir(): raise WeightwatchError(f"{str(path)!r} is a folder, not a monitor file; pass the .safetensors file `weightwatch calibrate` wrote")
     if not p.is_file(): raise WeightwatchError(f"no such monitor file: {str(path)!r}; create one with `weightwatch calibrate`")
     try:
         with safe_open(str(p), 'pt') as f: md, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -730,6 +731,7 @@ def _cmd_calibrate(args)->int:
     quiet_hf(args.quiet)
     check_output(args.output, [args.directions, args.prompts], 'monitor file')
     recs = read_jsonl(args.prompts)
+    Directions.load(args.directions)   # a bad file fails before a (possibly large) model loads
     model = load_model(args.model)
     dirs = Directions.load(args.directions, model=model)
     mon = calibrate(model, dirs, recs, percentile=args.percentile, margin=args.margin, generate=args.generate,

@@ -242,6 +242,7 @@ def load(cls:Directions,
         )->Directions:
     "Read and validate a directions file; with `model`, also check that it was computed for that model."
     p, w = Path(path), str(path)
+    if p.is_dir(): raise WeightwatchError(f"{w!r} is a folder, not a directions file; pass the .safetensors file `weightwatch directions` wrote")
     if not p.is_file(): raise WeightwatchError(f"no directions file at {w!r}; compute one with `weightwatch directions BASE FINETUNED -o {p.name}`")
     with _safe_open(p, 'directions file') as fh: md, tensors = fh.metadata() or {}, {k: fh.get_tensor(k) for k in fh.keys()}
     if md.get('format') != FORMAT:

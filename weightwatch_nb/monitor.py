@@ -226,6 +226,7 @@ def _cmd_scan(args)->int:
     clash = next(((i, k) for i, r in enumerate(recs) for k in _OUT_KEYS if k in r), None)
     if clash: raise WeightwatchError(f"record #{clash[0]} (counting from 0) has a key {clash[1]!r}, which the scan output writes itself; "
                                      f"rename it (the output keys are {', '.join(_OUT_KEYS)})")
+    Monitor.load(args.monitor)   # a bad file fails before a (possibly large) model loads
     model = load_model(args.model)
     mon = Monitor.load(args.monitor, model=model)
     try: reps = scan(model, mon, recs, generate=args.generate, batch_size=args.batch_size, check=False, progress=not args.quiet)

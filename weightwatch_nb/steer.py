@@ -372,11 +372,12 @@ class SteerView:
 # %% ../nbs/07_steer.ipynb #f0509234
 def _cmd_generate(args)->int:
     quiet_hf(True)
+    if not args.prompt.strip(): raise WeightwatchError("PROMPT is empty: pass the text to reply to")
+    if args.steer != 'off' and not args.monitor:
+        raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
+    if args.monitor: Monitor.load(args.monitor)   # a bad file fails before a (possibly large) model loads
     model = load_model(args.model)
     mon = Monitor.load(args.monitor, model=model) if args.monitor else None
-    if args.steer != 'off' and mon is None:
-        raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
-    if not args.prompt.strip(): raise WeightwatchError("PROMPT is empty: pass the text to reply to")
     steer, how = args.steer, 'the directions projected out'
     if args.steer == 'rewind-weights':
         if not args.base: raise WeightwatchError("--steer rewind-weights needs --base BASE, the model MODEL was fine-tuned from: "
