@@ -107,6 +107,8 @@ def resolve_source(src:str|os.PathLike, # 'zoo:NAME', a checkpoint directory, an
         return Source('local', str(p))
     if _PATHLIKE.match(s) or s.count('/') > 1 or not s.strip():
         raise WeightwatchError(f"no such checkpoint directory: {s!r}; check the path, or pass a hub id like 'gpt2' or 'org/name'")
+    if s in zoo_available(): raise WeightwatchError(f"{s!r} is not a local folder but the name of a shipped organism: write 'zoo:{s}' "
+                                                  f"(a hub model of that name needs its owner, 'owner/{s}')")
     return Source('hub', s)
 
 # %% ../nbs/00_core.ipynb #9e975b3e
@@ -190,8 +192,7 @@ def load_hf(src:str|os.PathLike, # 'zoo:NAME', checkpoint dir, adapter dir or hu
         return hf.eval(), tok
     try: hf = AutoModelForCausalLM.from_pretrained(s.ref, dtype=dtype)
     except Exception as e:
-        hint = (f"did you mean the shipped organism 'zoo:{src}'?" if s.kind=='hub' and str(src) in zoo_available() else
-                "check the hub id and your network connection") if s.kind=='hub' else "the checkpoint may be incomplete or corrupt; save it again with `save_pretrained`"
+        hint = "check the hub id and your network connection" if s.kind=='hub' else "the checkpoint may be incomplete or corrupt; save it again with `save_pretrained`"
         raise WeightwatchError(f"could not load model {str(src)!r} ({type(e).__name__}: {e}); {hint}") from e
     return hf.to(device or 'cpu').eval(), _load_tokenizer(s.ref)
 
