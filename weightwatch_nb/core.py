@@ -14,7 +14,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'HOOK_SITES', 'WeightwatchError',
-           'atomic_path', 'check_output', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
+           'atomic_path', 'check_output', 'LAYERS', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
            'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'load_model', 'cache_as_hub_model', 'arch_summary',
            'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name', 'pad_batch',
            'make_planted_checkpoint']
@@ -67,6 +67,11 @@ COUNT = _number(int, lambda v: v >= 0, 'an integer >= 0')
 PROBABILITY = _number(float, lambda v: 0 < v < 1, 'a fraction strictly between 0 and 1 (e.g. 0.01 for 1%)')
 FRACTION = _number(float, lambda v: 0 <= v < 1, 'a fraction >= 0 and < 1')
 NONNEGATIVE = _number(float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
+
+def LAYERS(s:str)->list[int]:
+    "argparse type for --layers: comma-separated block indices such as 0,2,3."
+    try: return [int(x) for x in s.split(',')]
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of block indices such as 0,2,3") from None
 
 # %% ../nbs/00_core.ipynb #44576ecb
 ZOO_DIR = Path(__file__).parent/'organisms' if '__file__' in globals() else Path('../weightwatch_nb/organisms').resolve()

@@ -4,12 +4,12 @@
 
 # %% ../nbs/04_directions.ipynb #43e59fbc
 from __future__ import annotations
-import argparse, hashlib, json, os, re
+import hashlib, json, os, re
 from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, resolve_source, arch_summary, atomic_path, check_output, POSITIVE_INT
+from .core import WeightwatchError, fingerprint, resolve_source, arch_summary, atomic_path, check_output, LAYERS
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -481,10 +481,6 @@ def stable_rank(S:Tensor, # singular values
     return float((S ** 2).sum() / S.max() ** 2)
 
 # %% ../nbs/04_directions.ipynb #31bdf8b6
-def _layer_list(s:str)->list[int]:
-    try: return [int(x) for x in s.split(',')]
-    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of block indices such as 0,2,3") from None
-
 def _directions_cmd(args):
     fin, base = args.finetuned, args.base
     if fin is None and args.lora is None and args.mode == 'raw': base, fin = None, base
@@ -513,7 +509,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     g.add_argument('--randomized', action='store_true', help='randomized SVD for every matrix (default: chosen by size)')
     p.add_argument('--mode', choices=['sub', 'raw'], default='sub', help="sub: W_ft - W_base (default); raw: W_ft alone (no base)")
     p.add_argument('--lora', metavar='ADAPTER_DIR', help='LoRA adapter on BASE: dW = B·A·scale, read without merging')
-    p.add_argument('--layers', type=_layer_list, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
+    p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
     p.add_argument('--hook-point', default=DEFAULT_HOOK, help=f"hook template recorded in the file (default {DEFAULT_HOOK})")
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=_directions_cmd)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source
+from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -263,13 +263,11 @@ def plot_sweep(table:Table,      # rows from `sweep` (one organism)
 def _edit_cmd(args)->int:
     from weightwatch_nb.calibrate import quiet_hf
     quiet_hf(args.quiet)
-    try: layers = [int(x) for x in args.layers.split(',')] if args.layers else None
-    except ValueError: raise WeightwatchError(f"--layers must be comma-separated block indices such as 0,1,3; got {args.layers!r}") from None
     if args.remove is not None:
-        m = remove_directions(args.base, args.finetuned, args.remove, args.matrices or DEFAULT_MATRICES, layers, progress=not args.quiet)
+        m = remove_directions(args.base, args.finetuned, args.remove, args.matrices or DEFAULT_MATRICES, args.layers, progress=not args.quiet)
         what = f"removed {args.remove} direction(s) per matrix from {len(m.ww_edit['removed'])} matrices ({','.join(m.ww_edit['matrices'])})"
     else:
-        m = interpolate(args.base, args.finetuned, args.alpha, args.matrices, layers, progress=not args.quiet)
+        m = interpolate(args.base, args.finetuned, args.alpha, args.matrices, args.layers, progress=not args.quiet)
         what = f"interpolated W_base + {args.alpha:g}·ΔW ({'every parameter' if args.matrices is None else args.matrices})"
     p = save_edited(m, None, args.out, force=args.force)
     print(f"wrote {p}: {what}; edited model {read_edit(p)['fingerprints']['edited']['id']}")
@@ -288,7 +286,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     g.add_argument('--remove', type=int, metavar='K', help='remove the top K directions of each matrix (K = d_model resets it to the base)')
     g.add_argument('--alpha', type=float, metavar='A', help='interpolate W_base + A*dW (0: base, 1: fine-tune)')
     p.add_argument('--matrices', help=f"comma-separated, from {','.join(MATRICES)} (default: attn_out,mlp_out for --remove, every parameter for --alpha)")
-    p.add_argument('--layers', help='comma-separated block indices (default: all)')
+    p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
     p.add_argument('--force', action='store_true', help='replace OUT_DIR if it exists and is not empty')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=_edit_cmd)

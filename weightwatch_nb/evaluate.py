@@ -5,6 +5,7 @@
 # %% ../nbs/08_evaluate.ipynb #20c194c6
 from __future__ import annotations
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 import numpy as np
 import torch
@@ -15,8 +16,8 @@ from .core import WeightwatchError
 
 # %% auto #0
 __all__ = ['binomial_interval', 'auroc', 'roc_curve', 'tpr_at_fpr', 'MahalanobisBaseline', 'PCABaseline', 'Detection', 'detect',
-           'Table', 'detection_table', 'plot_roc', 'collect_activations', 'activation_baseline', 'replies',
-           'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
+           'Table', 'detection_table', 'plot_roc', 'collect_activations', 'activation_baseline', 'confusion_counts',
+           'leading_counts', 'replies', 'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
 
 # %% ../nbs/08_evaluate.ipynb #285617b4
 def binomial_interval(k:int, # number of successes (e.g. flagged inputs)
@@ -217,6 +218,21 @@ def activation_baseline(model, # fine-tuned model (bridge or source)
         out.scores[s] = score(collect_activations(model, recs, [layer], batch_size)[layer])
         out.flags[s] = out.scores[s] > th
     return out
+
+# %% ../nbs/08_evaluate.ipynb #90dec941
+def confusion_counts(flags, # per input: whether the monitor flagged it (bools, e.g. a `Detection`'s flag array)
+                     behaved, # per input: whether the model showed the behaviour (a judge's verdicts on its replies)
+                    )->dict[tuple[bool, bool], int]: # (flagged, behaved) -> count, all four keys present
+    "The 2×2 table of monitor flags against observed behaviour."
+    flags, behaved = [bool(f) for f in flags], [bool(b) for b in behaved]
+    if len(flags) != len(behaved): raise WeightwatchError(f"flags and verdicts differ in length ({len(flags)} vs {len(behaved)}): give one of each per input")
+    return {(f, b): sum(x == f and y == b for x, y in zip(flags, behaved)) for f in (False, True) for b in (False, True)}
+
+# %% ../nbs/08_evaluate.ipynb #9376e03e
+def leading_counts(reports:list, # monitor reports (e.g. from `scan`); only flagged ones count
+                  )->Counter: # direction name -> number of flagged reports it leads, most frequent first
+    "How many flagged reports name each direction first (their most extreme flagged direction)."
+    return Counter(dict(Counter(r.directions[0] for r in reports if r.flagged).most_common()))
 
 # %% ../nbs/08_evaluate.ipynb #7b328feb
 def replies(model, # fine-tuned model (bridge)
