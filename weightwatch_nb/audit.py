@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path
+from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT
 from .calibrate import (Trace, direction_names, check_directions, read_jsonl, quiet_hf, PROMPT, RESPONSE, ROLES)
 from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str)
 
@@ -234,6 +234,7 @@ def save(self:Audit, path:str|os.PathLike, # HTML file to write; the JSON goes n
 # %% ../nbs/11_audit.ipynb #f85f9354
 def _cmd_audit(args)->int:
     quiet_hf(args.quiet)
+    for out in (args.output, Path(args.output).with_suffix('.json')): check_output(out, [args.corpus], 'report file')
     recs = [{k: r[k] for k in ('text', 'messages') if k in r} for r in read_jsonl(args.corpus)]
     rep = audit(args.base, args.finetuned, recs, k=args.k, top=args.top, examples=args.examples, generate=args.generate,
                 rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet)
@@ -252,12 +253,12 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('finetuned', help='fine-tuned model (same kinds)')
     p.add_argument('corpus', help='JSONL: {"text": ...} or {"messages": [...]} per line (other keys are ignored)')
     p.add_argument('-o', '--output', required=True, help='HTML report to write; the JSON goes next to it (REPORT.json)')
-    p.add_argument('--k', type=int, default=4, help='singular directions per layer and matrix (default 4)')
-    p.add_argument('--top', type=int, default=5, help='directions to read out (default 5)')
-    p.add_argument('--examples', type=int, default=10, help='top records per direction (default 10)')
-    p.add_argument('--generate', type=int, default=16, metavar='N', help='reply tokens the fine-tuned model writes per record (default 16)')
+    p.add_argument('--k', type=POSITIVE_INT, default=4, help='singular directions per layer and matrix (default 4)')
+    p.add_argument('--top', type=POSITIVE_INT, default=5, help='directions to read out (default 5)')
+    p.add_argument('--examples', type=POSITIVE_INT, default=10, help='top records per direction (default 10)')
+    p.add_argument('--generate', type=COUNT, default=16, metavar='N', help='reply tokens the fine-tuned model writes per record (default 16)')
     p.add_argument('--rank-by', choices=['shift', 'sigma'], default='shift', help='rank by activation shift (default) or singular value')
-    p.add_argument('--batch-size', type=int, default=32, help='records per forward pass (default 32)')
+    p.add_argument('--batch-size', type=POSITIVE_INT, default=32, help='records per forward pass (default 32)')
     p.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
     p.set_defaults(func=_cmd_audit)
     return p

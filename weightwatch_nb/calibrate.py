@@ -139,11 +139,11 @@ def encode_many(tok, # the model's tokenizer
                 generation_prompt:bool=False, # render conversations ready for the assistant's reply
                )->list[Encoded]:
     "`encode` for a list of records, tokenized in one call of a fast tokenizer (the same ids and roles, faster)."
-    if not records or not getattr(tok, 'is_fast', False): return [encode(tok, r, generation_prompt) for r in records]
     texts = []
-    for i, r in enumerate(records):
+    for i, r in enumerate(records):   # render every conversation first, so a template error names its record on either path
         try: texts.append((r['text'], []) if 'text' in r else response_spans(tok, r['messages'], generation_prompt))
         except WeightwatchError as e: raise WeightwatchError(f"record #{i} (counting from 0): {e}") from None
+    if not records or not getattr(tok, 'is_fast', False): return [encode(tok, r, generation_prompt) for r in records]
     enc = tok([t for t, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
     return [_with_bos(tok, ids, [int(any(s <= a < e for s, e in spans)) for a, _ in offs])
             for (_, spans), ids, offs in zip(texts, enc['input_ids'], enc['offset_mapping'])]
