@@ -20,10 +20,10 @@ from .directions import hook_name, parse_name
 # %% auto #0
 __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'as_record', 'read_jsonl', 'response_spans',
            'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate', 'direction_groups',
-           'direction_names', 'Tracer', 'Trace', 'context_window', 'run_batches', 'trace_batches', 'trace', 'extrema',
-           'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores',
-           'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate',
-           'quiet_hf', 'register_cli']
+           'direction_names', 'Tracer', 'Trace', 'context_window', 'forward_blocks', 'run_batches', 'trace_batches',
+           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
+           'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds',
+           'check_directions', 'calibrate', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -290,6 +290,15 @@ def _split(b:Batch, cos:Tensor, seqs:Tensor|None, eos:set)->list[Trace]:
         out.append(Trace(ids, roles, c.cpu(), gen, int(m.sum())))
     return out
 
+def forward_blocks(model, # fine-tuned model (`TransformerBridge`)
+                   ids:Tensor, # [b, t] token ids
+                   mask:Tensor, # [b, t] attention mask
+                   last:int, # the last block whose hooks must fire
+                  )->None:
+    "Run the model's blocks up to `last` for their hooks only: no logits are computed."
+    if last + 1 < model.cfg.n_layers: model(ids, attention_mask=mask, stop_at_layer=last + 1)
+    else: model.original_model.base_model(input_ids=ids, attention_mask=mask)   # the stack without its LM head
+
 def run_batches(model, # fine-tuned model (`TransformerBridge`)
                 dirs, # `Directions` or `Monitor`
                 records:list, # records (see `as_record`)
@@ -313,7 +322,7 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
         ids, mask = b.ids.to(dev), b.mask.to(dev)
         with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks()]):
             if generate: seqs = model.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate, pad_token_id=pad, **gen)
-            else: seqs = None; model(ids, attention_mask=mask, stop_at_layer=max(dirs.layers) + 1)
+            else: seqs = None; forward_blocks(model, ids, mask, max(dirs.layers))
         yield b, trs[0].cosines().cpu(), (None if seqs is None else seqs.cpu())
 
 def trace_batches(model, # fine-tuned model (`TransformerBridge`)

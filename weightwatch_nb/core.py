@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #3d7430cc
 from __future__ import annotations
-import argparse, hashlib, json, math, os, re
+import argparse, hashlib, json, math, os, re, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +15,9 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'HOOK_SITES', 'WeightwatchError',
            'atomic_path', 'check_output', 'LAYERS', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
-           'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'load_model', 'cache_as_hub_model', 'arch_summary',
-           'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name', 'pad_batch',
-           'make_planted_checkpoint']
+           'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'stack_problem', 'load_model', 'cache_as_hub_model',
+           'arch_summary', 'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name',
+           'pad_batch', 'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
@@ -201,6 +201,28 @@ def load_hf(src:str|os.PathLike, # 'zoo:NAME', checkpoint dir, adapter dir or hu
         raise WeightwatchError(f"could not load model {str(src)!r} ({type(e).__name__}: {e}); {hint}") from e
     return hf.to(device or 'cpu').eval(), _load_tokenizer(s.ref)
 
+# %% ../nbs/00_core.ipynb #41014b5f
+def stack_problem(transformers_version:str|None=None, # default: the installed transformers
+                  tl_version:str|None=None, # default: the installed transformer-lens
+                 )->str|None: # what goes wrong and how to fix it, or None for a pair not known to break
+    "Say whether this transformers / transformer-lens pair is known to break the bridge's generation."
+    from importlib.metadata import version
+    from packaging.version import Version
+    tf, tl = Version(transformers_version or version('transformers')), Version(tl_version or version('transformer-lens'))
+    if tf >= Version('5.24') and tl <= Version('4.3.0'):
+        return (f"transformers {tf} with transformer-lens {tl} breaks the bridge's cached generation: every reply repeats "
+                f"its first token, so monitored generation and steering see nonsense. Install a working pair: "
+                f"pip install 'transformers>=5.9,<5.24'")
+    return None
+
+_stack_checked = False
+def _check_stack():
+    "Warn once per session if the installed library pair is known to break generation."
+    global _stack_checked
+    if _stack_checked: return
+    _stack_checked = True
+    if (msg := stack_problem()): warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
 # %% ../nbs/00_core.ipynb #ee88dadd
 def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-memory HF model, or a bridge (returned as is)
                base=None, # base model for a LoRA adapter (default: the adapter's own record)
@@ -211,6 +233,7 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     "Load a model as a TransformerLens `TransformerBridge` in raw (Hugging Face) coordinates."
     from transformer_lens.model_bridge import TransformerBridge
     if isinstance(src, TransformerBridge): return src
+    _check_stack()
     device = device or 'cpu'
     if isinstance(src, torch.nn.Module):
         hf, name = src, getattr(src.config, 'name_or_path', '') or 'in-memory'

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from .core import WeightwatchError, load_model
-from .calibrate import (Monitor, Trace, Encoded, Tracer, trace, batches, direction_groups, direction_names,
+from .calibrate import (Monitor, Trace, Encoded, Tracer, forward_blocks, trace, batches, direction_groups, direction_names,
                                       as_record, encode, check_directions, _pad_id, PROMPT, RESPONSE, ROLES)
 
 # %% auto #0
@@ -131,7 +131,7 @@ def trace_tokens(model, # model (bridge) to run
     for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='batches'):
         tr = Tracer(dirs, dev); tr.start()
         with torch.no_grad(), model.hooks(fwd_hooks=tr.hooks()):
-            model(b.ids.to(dev), attention_mask=b.mask.to(dev), stop_at_layer=max(dirs.layers) + 1)
+            forward_blocks(model, b.ids.to(dev), b.mask.to(dev), max(dirs.layers))
         cos = tr.cosines().cpu()
         for r, i in enumerate(b.index):
             m = b.mask[r].bool()
