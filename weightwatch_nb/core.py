@@ -221,7 +221,9 @@ def _check_stack():
     global _stack_checked
     if _stack_checked: return
     _stack_checked = True
-    if (msg := stack_problem()): warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    try: msg = stack_problem()
+    except Exception: return          # no version metadata (e.g. a source checkout on the path): nothing known to check
+    if msg: warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #ee88dadd
 def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-memory HF model, or a bridge (returned as is)
