@@ -221,8 +221,10 @@ def _check_stack():
     global _stack_checked
     if _stack_checked: return
     _stack_checked = True
+    from importlib.metadata import PackageNotFoundError
+    from packaging.version import InvalidVersion
     try: msg = stack_problem()
-    except Exception: return          # no version metadata (e.g. a source checkout on the path): nothing known to check
+    except (PackageNotFoundError, InvalidVersion): return   # no usable version record (e.g. a source checkout): nothing to check
     if msg: warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #ee88dadd
