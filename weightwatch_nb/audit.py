@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT
+from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet
 from .calibrate import (Trace, direction_names, check_directions, read_jsonl, quiet_hf, PROMPT, RESPONSE, ROLES)
 from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str)
 
@@ -252,13 +252,13 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('base', help='base model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('finetuned', help='fine-tuned model (same kinds)')
     p.add_argument('corpus', help='JSONL: {"text": ...} or {"messages": [...]} per line (other keys are ignored)')
-    p.add_argument('-o', '--output', required=True, help='HTML report to write; the JSON goes next to it (REPORT.json)')
+    add_output(p, 'HTML report to write; the JSON goes next to it (REPORT.json)')
     p.add_argument('--k', type=POSITIVE_INT, default=4, help='singular directions per layer and matrix (default 4)')
     p.add_argument('--top', type=POSITIVE_INT, default=5, help='directions to read out (default 5)')
     p.add_argument('--examples', type=POSITIVE_INT, default=10, help='top records per direction (default 10)')
     p.add_argument('--generate', type=COUNT, default=16, metavar='N', help='reply tokens the fine-tuned model writes per record (default 16)')
     p.add_argument('--rank-by', choices=['shift', 'sigma'], default='shift', help='rank by activation shift (default) or singular value')
     p.add_argument('--batch-size', type=POSITIVE_INT, default=32, help='records per forward pass (default 32)')
-    p.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
+    add_quiet(p)
     p.set_defaults(func=_cmd_audit)
     return p

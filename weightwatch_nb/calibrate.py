@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from .core import (WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint, make_planted_checkpoint, pad_batch,
-                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE)
+                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE, add_output, add_quiet)
 from itertools import groupby
 from .directions import hook_name, parse_name
 
@@ -762,7 +762,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('directions', help='directions file written by `weightwatch directions`')
     p.add_argument('prompts', help='clean prompts, JSONL: {"text": ...} or {"messages": [...]} per line')
-    p.add_argument('-o', '--output', required=True, help='monitor file to write (.safetensors)')
+    add_output(p, 'monitor file to write (.safetensors)')
     p.add_argument('--percentile', type=float, default=0., help='trim this percent of prompts at each end of each range (default 0)')
     p.add_argument('--margin', type=NONNEGATIVE, default=0.2, help='widen each range by this fraction of its width (default 0.2)')
     p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N response tokens per prompt (default 0)')
@@ -772,5 +772,5 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                                                                       '(with --tune: the FPR to tune for, default 0.01)')
     p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
     p.add_argument('--certify', action='store_true', help='with --tune: make the 95%% upper bound of the tuning FPR, not the FPR itself, meet --target-fpr')
-    p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
+    add_quiet(p)
     p.set_defaults(func=_cmd_calibrate)

@@ -14,10 +14,10 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'HOOK_SITES', 'WeightwatchError',
-           'atomic_path', 'check_output', 'LAYERS', 'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer',
-           'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'stack_problem', 'load_model', 'cache_as_hub_model',
-           'arch_summary', 'hf_state_dict', 'fingerprint', 'check_comparable', 'ModelPair', 'load_pair', 'hook_name',
-           'pad_batch', 'make_planted_checkpoint']
+           'atomic_path', 'check_output', 'LAYERS', 'add_output', 'add_quiet', 'zoo_available', 'Source',
+           'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'stack_problem',
+           'load_model', 'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'fingerprint', 'check_comparable',
+           'ModelPair', 'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
@@ -72,6 +72,19 @@ def LAYERS(s:str)->list[int]:
     "argparse type for --layers: comma-separated block indices such as 0,2,3."
     try: return [int(x) for x in s.split(',')]
     except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of block indices such as 0,2,3") from None
+
+def add_output(p:argparse.ArgumentParser, # a subcommand's parser
+               help:str, # what the file is
+               required:bool=True, # whether the command needs it
+               metavar:str|None=None, # how the help names the value
+              ):
+    "Add the output option every command spells the same way: `-o`, `--output` or `--out`, read as `args.output`."
+    p.add_argument('-o', '--output', '--out', dest='output', required=required, metavar=metavar, help=help)
+
+def add_quiet(p:argparse.ArgumentParser, # a subcommand's parser
+             ):
+    "Add `-q`/`--quiet`, which hides the progress bars."
+    p.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
 
 # %% ../nbs/00_core.ipynb #44576ecb
 ZOO_DIR = Path(__file__).parent/'organisms' if '__file__' in globals() else Path('../weightwatch_nb/organisms').resolve()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, resolve_source, arch_summary, atomic_path, check_output, LAYERS
+from .core import WeightwatchError, fingerprint, resolve_source, arch_summary, atomic_path, check_output, LAYERS, add_output, add_quiet
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -485,10 +485,10 @@ def _directions_cmd(args):
     fin, base = args.finetuned, args.base
     if fin is None and args.lora is None and args.mode == 'raw': base, fin = None, base
     method = 'exact' if args.exact else 'randomized' if args.randomized else 'auto'
-    check_output(args.out, [], 'directions file')
+    check_output(args.output, [], 'directions file')
     d = compute_directions(base, fin, k=args.k, matrices=args.matrices, method=method, mode=args.mode, lora=args.lora,
                            layers=args.layers, hook_point=args.hook_point, progress=not args.quiet)
-    p = d.save(args.out)
+    p = d.save(args.output)
     print(f"wrote {p}: {len(d)} directions over layers {d.layers[0]}..{d.layers[-1]} x {','.join(d.matrices)} "
           f"(k={args.k}, mode={args.mode}, svd={d.meta['svd']}, fine-tuned {d.meta['fingerprints']['finetuned']['id']})"
           + (f"; unchanged (no directions): {', '.join(d.meta['unchanged'])}" if d.meta['unchanged'] else ''))
@@ -501,7 +501,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                                    'weight matrices and save them as one safetensors file. Checkpoint folders are read one tensor at a time.')
     p.add_argument('base', metavar='BASE', help="base model: zoo:NAME, a checkpoint directory or a hub id")
     p.add_argument('finetuned', metavar='FINETUNED', nargs='?', help='fine-tuned model (same kinds) or a LoRA adapter directory; optional with --lora')
-    p.add_argument('-o', '--out', required=True, metavar='OUT.safetensors', help='output file')
+    add_output(p, 'directions file to write (.safetensors)', metavar='OUT.safetensors')
     p.add_argument('--k', type=int, default=20, help='directions per layer and matrix (default 20)')
     p.add_argument('--matrices', default='attn_out,mlp_out', help=f"comma-separated, from {','.join(MATRICES)} (default attn_out,mlp_out)")
     g = p.add_mutually_exclusive_group()
@@ -511,7 +511,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--lora', metavar='ADAPTER_DIR', help='LoRA adapter on BASE: dW = B·A·scale, read without merging')
     p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
     p.add_argument('--hook-point', default=DEFAULT_HOOK, help=f"hook template recorded in the file (default {DEFAULT_HOOK})")
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    add_quiet(p)
     p.set_defaults(func=_directions_cmd)
     return p
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS
+from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output, add_quiet
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -269,7 +269,7 @@ def _edit_cmd(args)->int:
     else:
         m = interpolate(args.base, args.finetuned, args.alpha, args.matrices, args.layers, progress=not args.quiet)
         what = f"interpolated W_base + {args.alpha:g}·ΔW ({'every parameter' if args.matrices is None else args.matrices})"
-    p = save_edited(m, None, args.out, force=args.force)
+    p = save_edited(m, None, args.output, force=args.force)
     print(f"wrote {p}: {what}; edited model {read_edit(p)['fingerprints']['edited']['id']}")
     return 0
 
@@ -281,13 +281,13 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                                    'vectors of dW), or W_base + A dW (--alpha A). A JSON record of the edit is saved with it.')
     p.add_argument('base', metavar='BASE', help='base model: zoo:NAME, a checkpoint directory or a hub id')
     p.add_argument('finetuned', metavar='FINETUNED', help='fine-tuned model (same kinds) or a LoRA adapter directory (merged first)')
-    p.add_argument('-o', '--out', required=True, metavar='OUT_DIR', help='checkpoint directory to write')
+    add_output(p, 'checkpoint directory to write', metavar='OUT_DIR')
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument('--remove', type=int, metavar='K', help='remove the top K directions of each matrix (K = d_model resets it to the base)')
     g.add_argument('--alpha', type=float, metavar='A', help='interpolate W_base + A*dW (0: base, 1: fine-tune)')
     p.add_argument('--matrices', help=f"comma-separated, from {','.join(MATRICES)} (default: attn_out,mlp_out for --remove, every parameter for --alpha)")
     p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
     p.add_argument('--force', action='store_true', help='replace OUT_DIR if it exists and is not empty')
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    add_quiet(p)
     p.set_defaults(func=_edit_cmd)
     return p

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT
+from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet
 from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, excess, quiet_hf, PROMPT, RESPONSE)
 
 # %% auto #0
@@ -249,8 +249,8 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('monitor', help='monitor file written by `weightwatch calibrate`')
     p.add_argument('prompts', help='JSONL: {"text": ...} or {"messages": [...]} per line; other keys are copied to the output')
-    p.add_argument('-o', '--output', help='JSONL file to write (default: standard output)')
+    add_output(p, 'JSONL file to write (default: standard output)', required=False)
     p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N tokens per prompt and monitor them too (default 0)')
     p.add_argument('--batch-size', type=POSITIVE_INT, default=16, help='prompts per forward pass (default 16)')
-    p.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
+    add_quiet(p)
     p.set_defaults(func=_cmd_scan)
