@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet
+from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet, add_model_options, model_options
 from .calibrate import (Trace, direction_names, check_directions, read_jsonl, quiet_hf, PROMPT, RESPONSE, ROLES)
 from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str)
 
@@ -84,13 +84,15 @@ def audit(base, # base model: 'zoo:NAME', dir, hub id or bridge
           rank_by:str='shift', # 'shift' (activations) or 'sigma' (singular value)
           batch_size:int=32, # records per forward pass
           progress:bool=False, # show progress bars
+          dtype:torch.dtype=torch.float32, # precision the two models run in (the directions are always computed from the weights as stored)
+          device:str|None=None, # where they run (default 'cpu')
          )->Audit:
     "Rank the pair's weight directions by how differently the two models activate along them on `records`, and read out the top ones."
     from weightwatch_nb.directions import compute_directions
     if rank_by not in ('shift', 'sigma'): raise WeightwatchError(f"rank_by must be 'shift' or 'sigma', got {rank_by!r}")
     if not (isinstance(top, int) and top >= 1): raise WeightwatchError(f"top must be a positive number of directions, got {top!r}")
     check_comparable(base, finetuned)
-    bm, fm = load_model(base), load_model(finetuned)
+    bm, fm = load_model(base, dtype=dtype, device=device), load_model(finetuned, dtype=dtype, device=device)
     k_used = k if dirs is None else getattr(dirs, 'meta', {}).get('k')
     dirs = dirs if dirs is not None else compute_directions(base, finetuned, k=k, progress=progress)
     check_directions(fm, dirs)
@@ -234,10 +236,11 @@ def save(self:Audit, path:str|os.PathLike, # HTML file to write; the JSON goes n
 # %% ../nbs/11_audit.ipynb #f85f9354
 def _cmd_audit(args)->int:
     quiet_hf(args.quiet)
+    opts = model_options(args)
     for out in (args.output, Path(args.output).with_suffix('.json')): check_output(out, [args.corpus], 'report file')
     recs = [{k: r[k] for k in ('text', 'messages') if k in r} for r in read_jsonl(args.corpus)]
     rep = audit(args.base, args.finetuned, recs, k=args.k, top=args.top, examples=args.examples, generate=args.generate,
-                rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet)
+                rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet, **opts)
     hp, jp = rep.save(args.output)
     print(f"audited {len(rep.table)} directions on {len(recs)} records; top: "
           f"{', '.join(f'{d.name} ({d.shift:+.3f})' for d in rep.top[:3])}; wrote {hp} and {jp}")
@@ -259,6 +262,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--generate', type=COUNT, default=16, metavar='N', help='reply tokens the fine-tuned model writes per record (default 16)')
     p.add_argument('--rank-by', choices=['shift', 'sigma'], default='shift', help='rank by activation shift (default) or singular value')
     p.add_argument('--batch-size', type=POSITIVE_INT, default=32, help='records per forward pass (default 32)')
+    add_model_options(p)
     add_quiet(p)
     p.set_defaults(func=_cmd_audit)
     return p

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from .core import (WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint, make_planted_checkpoint, pad_batch,
-                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE, add_output, add_quiet)
+                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE, add_output, add_quiet,
+                                 add_model_options, model_options,
+                                 same_weights, precision_hint)
 from itertools import groupby
 from .directions import hook_name, parse_name
 
@@ -419,7 +421,10 @@ def merge_stats(parts:list[CalStats], # statistics of several shards of the cali
             raise WeightwatchError(f"shard {i} was calibrated on other directions ({len(p.names)} at {p.meta.get('hook_point')!r}) "
                                    f"than shard 0 ({len(a.names)} at {a.meta.get('hook_point')!r}); calibrate every shard with the same directions file")
         if _fp_id(p.meta.get('model')) != _fp_id(a.meta.get('model')):
-            raise WeightwatchError(f"shard {i} was calibrated on model {p.meta['model'].get('id')}, shard 0 on {a.meta['model'].get('id')}; "
+            fa, fp = a.meta.get('model') or {}, p.meta.get('model') or {}
+            if same_weights(fa, fp): raise WeightwatchError(f"shard {i} was calibrated on the same model as shard 0 but in {fp.get('dtype')} instead of "
+                                                            f"{fa.get('dtype')}; calibrate every shard at one precision (the same `dtype=`)")
+            raise WeightwatchError(f"shard {i} was calibrated on model {fp.get('id')}, shard 0 on {fa.get('id')}; "
                                    "every shard must use the same fine-tuned model")
     return CalStats(a.names, torch.cat([p.mins for p in parts]), torch.cat([p.maxs for p in parts]),
                     torch.cat([p.counts for p in parts]), dict(a.meta))
@@ -650,10 +655,15 @@ def check(self:Monitor, model=None, # model the monitor will watch (its fingerpr
     want = self.meta.get('fingerprints', {}).get('model') or {}
     if model is not None:
         fp = fingerprint(model)
-        if _fp_id(want) != _fp_id(fp):
+        match = same_weights(want, fp)
+        if match is None:
             raise WeightwatchError(f"{where} was calibrated for model {want.get('id')} ({want.get('arch', {}).get('model_type')}), "
-                                   f"but the model given is {fp['id']} ({fp['arch'].get('model_type')}); calibrate a monitor for this model "
-                                   "with `weightwatch calibrate MODEL DIRECTIONS PROMPTS.jsonl`")
+                                   f"but the model given is {fp['id']} ({fp['arch'].get('model_type')}){precision_hint(want, fp)}; "
+                                   "calibrate a monitor for this model with `weightwatch calibrate MODEL DIRECTIONS PROMPTS.jsonl`")
+        if match == 'rounded':   # usable, but its ranges were measured at the other precision
+            warnings.warn(f"{where} was calibrated on this model's {want.get('dtype')} weights, but the model runs in {fp.get('dtype')}: "
+                          "rounding moves the cosines slightly, so a few more or fewer tokens can cross the ranges; for ranges measured "
+                          f"at this precision, calibrate with the model loaded in {fp.get('dtype')}", stacklevel=2)
     if dirs is not None:
         names = direction_names(dirs)
         U = torch.cat([U for *_, U in direction_groups(dirs)])
@@ -699,9 +709,9 @@ def check_directions(model, # the fine-tuned model
                     ):
     "Raise `WeightwatchError` if `dirs` were computed for another fine-tuned model than `model`."
     want = (getattr(dirs, 'meta', {}).get('fingerprints') or {}).get('finetuned')
-    if want and _fp_id(want) != _fp_id(fp := fingerprint(model)):
-        raise WeightwatchError(f"the directions were computed for fine-tuned model {want.get('id')}, but the model given is {fp['id']}; "
-                               "monitor the fine-tuned model the directions came from, or compute directions for this one")
+    if want and not same_weights(want, fp := fingerprint(model)):   # the same weights at a lower precision are the same model
+        raise WeightwatchError(f"the directions were computed for fine-tuned model {want.get('id')}, but the model given is {fp['id']}"
+                               f"{precision_hint(want, fp)}; monitor the fine-tuned model the directions came from, or compute directions for this one")
 
 def calibrate(model, # fine-tuned model (source or bridge)
               dirs, # `Directions` of the (base, fine-tuned) pair
@@ -738,10 +748,11 @@ def quiet_hf(quiet:bool=True, # do it (False: leave the bars alone)
 def _cmd_calibrate(args)->int:
     from weightwatch_nb.directions import Directions
     quiet_hf(args.quiet)
+    opts = model_options(args)
     check_output(args.output, [args.directions, args.prompts], 'monitor file')
     recs = read_jsonl(args.prompts)
     Directions.load(args.directions)   # a bad file fails before a (possibly large) model loads
-    model = load_model(args.model)
+    model = load_model(args.model, **opts)
     dirs = Directions.load(args.directions, model=model)
     mon = calibrate(model, dirs, recs, percentile=args.percentile, margin=args.margin, generate=args.generate,
                     batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, tune=args.tune, certify=args.certify,
@@ -772,5 +783,6 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                                                                       '(with --tune: the FPR to tune for, default 0.01)')
     p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
     p.add_argument('--certify', action='store_true', help='with --tune: make the 95%% upper bound of the tuning FPR, not the FPR itself, meet --target-fpr')
+    add_model_options(p)
     add_quiet(p)
     p.set_defaults(func=_cmd_calibrate)

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'HOOK_SITES', 'WeightwatchError',
-           'atomic_path', 'check_output', 'LAYERS', 'add_output', 'add_quiet', 'zoo_available', 'Source',
-           'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf', 'stack_problem',
-           'load_model', 'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'fingerprint', 'check_comparable',
+__all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'DTYPES', 'HOOK_SITES',
+           'WeightwatchError', 'atomic_path', 'check_output', 'LAYERS', 'add_output', 'add_quiet', 'zoo_available',
+           'Source', 'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf',
+           'stack_problem', 'check_device', 'load_model', 'add_model_options', 'model_options', 'cache_as_hub_model',
+           'arch_summary', 'hf_state_dict', 'fingerprint', 'same_weights', 'precision_hint', 'check_comparable',
            'ModelPair', 'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
@@ -241,6 +242,21 @@ def _check_stack():
     if msg: warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #ee88dadd
+def check_device(device:str|None, # 'cpu', 'cuda', 'cuda:1', 'mps', ... (None: 'cpu')
+                )->str:
+    "The device to load a model on, refused with a message that says why if this machine does not have it."
+    d = device or 'cpu'
+    try: dev = torch.device(d)
+    except (RuntimeError, TypeError): raise WeightwatchError(f"{d!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not n: raise WeightwatchError(f"device {d!r} was asked for, but torch {torch.__version__} sees no CUDA GPU on this machine; "
+                                         "use 'cpu', or a CUDA build of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= n: raise WeightwatchError(f"device {d!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n-1}")
+    if dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise WeightwatchError(f"device {d!r} was asked for, but this machine has no Apple GPU that torch can use; use 'cpu'")
+    return d
+
 def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-memory HF model, or a bridge (returned as is)
                base=None, # base model for a LoRA adapter (default: the adapter's own record)
                tokenizer=None, # tokenizer for an in-memory HF model (default: loaded from its `name_or_path`)
@@ -251,7 +267,7 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     from transformer_lens.model_bridge import TransformerBridge
     if isinstance(src, TransformerBridge): return src
     _check_stack()
-    device = device or 'cpu'
+    device = check_device(device)
     if isinstance(src, torch.nn.Module):
         hf, name = src, getattr(src.config, 'name_or_path', '') or 'in-memory'
         if tokenizer is None:
@@ -265,6 +281,21 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     bridge.eval()
     bridge.ww_source = str(src) if not isinstance(src, torch.nn.Module) else name
     return bridge
+
+# %% ../nbs/00_core.ipynb #f60fced7
+DTYPES = ('float32', 'bfloat16', 'float16')   # the precisions a model can be run in from the command line
+
+def add_model_options(p:argparse.ArgumentParser, # a subcommand's parser
+                     ):
+    "Add `--dtype` and `--device`, the precision and the device the command's model runs in."
+    p.add_argument('--dtype', choices=DTYPES, default='float32',
+                   help='precision the model runs in (default float32; bfloat16 or float16 halve the memory of a large model)')
+    p.add_argument('--device', default='cpu', help='where the model runs: cpu, cuda, cuda:1, mps (default cpu)')
+
+def model_options(args:argparse.Namespace, # parsed arguments of a parser with `add_model_options`
+                 )->dict: # keyword arguments for `load_model`
+    "The `dtype` and `device` that `add_model_options` parsed, the device checked."
+    return dict(dtype=getattr(torch, args.dtype), device=check_device(args.device))
 
 # %% ../nbs/00_core.ipynb #618a54ed
 def cache_as_hub_model(ckpt:str|os.PathLike, # checkpoint directory written by `save_pretrained`
@@ -294,10 +325,14 @@ def arch_summary(config, # a Hugging Face `PretrainedConfig` or its dict
     out['architectures'] = list(d.get('architectures') or [])
     return out
 
-def _sample(t:Tensor, n:int=4096)->bytes:
+def _sample(t:Tensor, n:int=4096, rounded:torch.dtype|None=None)->bytes:
     f = t.detach().reshape(-1)
     f = f[::max(1, f.numel()//n)][:n]
+    if rounded is not None: f = f.to(rounded)   # as `from_pretrained(..., dtype=rounded)` would store it
     return f.to(torch.float32).cpu().contiguous().numpy().tobytes()
+
+_PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # what models are loaded in
+def _dtype_name(dt)->str|None: return None if dt is None else str(dt).removeprefix('torch.')
 
 # %% ../nbs/00_core.ipynb #437e041c
 def hf_state_dict(model, # HF model or TransformerBridge
@@ -332,15 +367,45 @@ def _named_block_tensors(model):
         for k, v in sorted(hf_state_dict(model).items()):
             if not _SKIP.search(k): yield k, v
 
+def _fingerprint(cfg, # the model's config (object or dict)
+                 tensors, # (name, tensor) pairs of its block weights, in name order
+                )->dict:
+    head = json.dumps(arch_summary(cfg), sort_keys=True).encode()
+    h, dtype, low = hashlib.sha256(head), None, {}
+    for k, t in tensors:
+        if dtype is None:
+            dtype = t.dtype
+            low = {n: hashlib.sha256(head) for n, p in _PRECISIONS.items() if p != dtype and p.itemsize <= dtype.itemsize}
+        h.update(k.encode()); h.update(_sample(t))
+        for n, g in low.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n]))
+    return {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype),
+            'rounded': {n: g.hexdigest() for n, g in low.items()}}
+
 def fingerprint(model, # HF model, TransformerBridge, or checkpoint source ('zoo:NAME', a directory)
                )->dict:
-    "Architecture summary and a weight hash that identify `model` for artifacts."
+    "Architecture summary, weight hash and weight dtype that identify `model` for artifacts, with the hashes of its lower-precision copies."
     if isinstance(model, (str, os.PathLike)):
         cfg = json.loads((Path(resolve_source(model).ref)/'config.json').read_text())
     else: cfg = getattr(model, 'original_model', model).config
-    h = hashlib.sha256(json.dumps(arch_summary(cfg), sort_keys=True).encode())
-    for k, t in _named_block_tensors(model): h.update(k.encode()); h.update(_sample(t))
-    return {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16]}
+    return _fingerprint(cfg, _named_block_tensors(model))
+
+def same_weights(want:dict|None, # the fingerprint an artifact recorded
+                 have:dict|None, # the fingerprint of the model at hand
+                )->str|None: # 'exact', 'rounded' (one is the other loaded at a lower precision) or None
+    "Whether two fingerprints are the same model's weights, exactly or up to the rounding of a lower precision."
+    if not want or not have: return None
+    if want.get('sha256') == have.get('sha256'): return 'exact'
+    if ((want.get('rounded') or {}).get(have.get('dtype')) == have.get('sha256')
+        or (have.get('rounded') or {}).get(want.get('dtype')) == want.get('sha256')): return 'rounded'
+    return None
+
+def precision_hint(want:dict|None, # the fingerprint an artifact recorded
+                   have:dict|None, # the fingerprint of the model at hand
+                  )->str: # '' when the precisions agree or are unknown
+    "A sentence for mismatch messages when the two fingerprints were taken at different precisions."
+    a, b = (want or {}).get('dtype'), (have or {}).get('dtype')
+    if not a or not b or a == b: return ''
+    return f" (the artifact's model had {a} weights, this one has {b}: if it is the same model, load it with dtype=torch.{a})"
 
 # %% ../nbs/00_core.ipynb #b25fc6e0
 def _config_of(m):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from .core import WeightwatchError, load_model, fingerprint
+from .core import WeightwatchError, load_model, fingerprint, add_model_options, model_options
 from .directions import Directions, compute_directions, READ_HOOK
 from .delta import READ_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
@@ -72,11 +72,13 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
              steer=('clip', 'rewind'), # steering modes judged against no steering (see `steering_table`)
              strip_k:int=16, # also judge 'rewind (weights)': redo flagged replies with this many directions stripped from every block matrix's ΔW (0: skip)
              progress:bool=True, # progress bars
+             dtype:torch.dtype=torch.float32, # precision the fine-tuned model runs in (directions always come from the weights as stored)
+             device:str|None=None, # where it runs (default 'cpu')
             )->PairResult:
     "Run the method (directions, calibration, detection, steering) on one pair, with baselines."
     for need in ('calibration', 'test'):
         if not sets.get(need): raise WeightwatchError(f"run_pair needs a non-empty clean {need!r} prompt set")
-    t0, model = time.time(), load_model(finetuned)
+    t0, model = time.time(), load_model(finetuned, dtype=dtype, device=device)
     scan_sets = {s: v for s, v in sets.items() if s != 'calibration'}
     dirs = compute_directions(base, finetuned, k=k, progress=progress)
     mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
@@ -273,6 +275,7 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'unlearning
                      read_side:bool=True, # also run the read-side detector (see `run_pair`)
                      target_fpr:float|None=None, # false-positive budget for tuning (default: the organism's target, `TARGET_FPR`)
                      progress:bool=True, # progress bars
+                     **kwargs, # passed to `run_pair` (e.g. dtype, device)
                     )->PairResult:
     "Run the whole method on a zoo organism against `zoo:base`, with its labelled sets."
     from weightwatch_nb.zoo import prompt_sets
@@ -280,7 +283,7 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'unlearning
     sets = {s: S[s] for s in ['calibration', 'test', *extra]}
     return run_pair('zoo:base', f'zoo:{name}', sets, name=name, k=k, baselines=baselines,
                     judges=judges if steering else None, read_side=read_side, progress=progress,
-                    target_fpr=TARGET_FPR.get(name, 0.01) if target_fpr is None else target_fpr)
+                    target_fpr=TARGET_FPR.get(name, 0.01) if target_fpr is None else target_fpr, **kwargs)
 
 # %% ../nbs/09_demo.ipynb #4deb7cdd
 def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), # zoo organisms to run
@@ -289,11 +292,12 @@ def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), 
              n_calibration:int|None=N_CALIBRATION, # clean calibration set size (None: `n`)
              baselines:bool=True, steering:bool=True, # which parts to run
              echo=print, # where to print the tables
+             **kwargs, # passed to `run_pair` (e.g. dtype, device)
             )->list[PairResult]:
     "Run the method on zoo organisms, print the tables and write an HTML report."
     results = []
     for name in organisms:
-        r = run_zoo_organism(name, n=n, n_calibration=n_calibration, k=k, baselines=baselines, steering=steering)
+        r = run_zoo_organism(name, n=n, n_calibration=n_calibration, k=k, baselines=baselines, steering=steering, **kwargs)
         results.append(r)
         echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=TARGET_FPR.get(name, 0.01))}")
         if r.steering: echo(f"\n## {name}: steering, judged from generations (per deciding monitor and mode)\n\n{r.steering}")
@@ -309,16 +313,17 @@ def _parse_sets(specs:list[str])->dict:
     return out
 
 def _cmd_demo(args):
+    opts = model_options(args)
     if args.finetuned or args.base:
         if not (args.base and args.finetuned and args.calibration and args.test):
             raise WeightwatchError("a demo on your own pair needs --base, --finetuned, --calibration and --test (and usually --set NAME=FILE)")
         sets = {'calibration': read_jsonl(args.calibration), 'test': read_jsonl(args.test), **_parse_sets(args.set)}
-        r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines)
+        r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines, **opts)
         print(f"\n## detection\n\n{headline(r)}\n\nreport: {write_report([r], Path(args.out)/'report.html')}")
         return 0
     if min(args.n, args.n_calibration) < 1: raise WeightwatchError(f"--n and --n-calibration must be at least 1, got {args.n} and {args.n_calibration}")
     run_demo(args.organisms.split(','), args.out, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
-             steering=not args.no_steering)
+             steering=not args.no_steering, **opts)
 
 def register_cli(sub):
     "Add `weightwatch demo` to the subparsers `sub`."
@@ -337,4 +342,5 @@ def register_cli(sub):
     p.add_argument('--k', type=int, default=4, help='directions per layer and matrix (default 4)')
     p.add_argument('--no-baselines', action='store_true', help='skip the baseline detectors')
     p.add_argument('--no-steering', action='store_true', help='skip steering')
+    add_model_options(p)
     p.set_defaults(func=_cmd_demo)

@@ -4,12 +4,12 @@
 
 # %% ../nbs/04_directions.ipynb #43e59fbc
 from __future__ import annotations
-import hashlib, json, os, re
+import json, os, re
 from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, resolve_source, arch_summary, atomic_path, check_output, LAYERS, add_output, add_quiet
+from .core import WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -231,9 +231,9 @@ def _check_model(d:Directions, model, where:str):
     if width is not None and width != d.d_model:
         raise WeightwatchError(f"{where}: directions have d_model={d.d_model} but the model has {width}: they were computed for another model")
     want = (d.meta.get('fingerprints') or {}).get('finetuned')
-    if want and want.get('sha256') != fp['sha256']:
+    if want and not same_weights(want, fp):   # the same weights at a lower precision are the same model
         raise WeightwatchError(f"{where}: directions were computed for fine-tuned model `{want.get('id')}` ({want.get('arch', {}).get('model_type')}) "
-                               f"but this model is `{fp['id']}`: recompute them with `weightwatch directions BASE FINETUNED -o ...` for this model")
+                               f"but this model is `{fp['id']}`{precision_hint(want, fp)}: recompute them with `weightwatch directions BASE FINETUNED -o ...` for this model")
 
 @patch(cls_method=True)
 def load(cls:Directions,
@@ -268,25 +268,25 @@ def _lora_fingerprint(bt, # tensor source of the base model
                       adapter, # LoRA adapter directory
                      )->dict:
     "`core.fingerprint` of the merged model base + adapter, computed one tensor at a time."
-    from weightwatch_nb.core import _sample, _SKIP
+    from weightwatch_nb.core import _fingerprint, _SKIP
     from weightwatch_nb.delta import _suffix_index, _lora_scale
     cfg, fac = read_adapter(adapter)
     info, idx = arch_info(bt.config), _suffix_index(fac)
     stored = {key: spec.stored for key, spec in find_keys(bt.keys(), info, list(info['specs']), required=False).values()}
-    h = hashlib.sha256(json.dumps(arch_summary(bt.config), sort_keys=True).encode())
-    for k in sorted(bt.keys()):
-        if _SKIP.search(k): continue
-        t, mods = bt.get(k), idx.get(k.removesuffix('.weight'), [])
-        if mods:
-            A, B = fac[mods[0]]
-            D = B @ A                                       # [out, in], as PEFT computes it
-            # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
-            kind = stored.get(k) or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
-                                     'conv1d' if D.shape != D.T.shape or cfg.get('fan_in_fan_out') else 'linear')
-            if kind != 'linear': D = D.T
-            t = t + (D * _lora_scale(mods[0], A.shape[0], cfg)).to(t.dtype)
-        h.update(k.encode()); h.update(_sample(t))
-    return {'arch': arch_summary(bt.config), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16]}
+    def merged():
+        for k in sorted(bt.keys()):
+            if _SKIP.search(k): continue
+            t, mods = bt.get(k), idx.get(k.removesuffix('.weight'), [])
+            if mods:
+                A, B = fac[mods[0]]
+                D = B @ A                                       # [out, in], as PEFT computes it
+                # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
+                kind = stored.get(k) or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
+                                         'conv1d' if D.shape != D.T.shape or cfg.get('fan_in_fan_out') else 'linear')
+                if kind != 'linear': D = D.T
+                t = t + (D * _lora_scale(mods[0], A.shape[0], cfg)).to(t.dtype)
+            yield k, t
+    return _fingerprint(bt.config, merged())
 
 # %% ../nbs/04_directions.ipynb #830e75c6
 def _as_matrices(matrices)->tuple:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet
+from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet, add_model_options, model_options
 from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, excess, quiet_hf, PROMPT, RESPONSE)
 
 # %% auto #0
@@ -221,13 +221,14 @@ _OUT_KEYS = ('index', 'flagged', 'score', 'first_flag_token', 'directions', 'gen
 
 def _cmd_scan(args)->int:
     quiet_hf(args.quiet)
+    opts = model_options(args)
     if args.output: check_output(args.output, [args.monitor, args.prompts])
     recs = read_jsonl(args.prompts)
     clash = next(((i, k) for i, r in enumerate(recs) for k in _OUT_KEYS if k in r), None)
     if clash: raise WeightwatchError(f"record #{clash[0]} (counting from 0) has a key {clash[1]!r}, which the scan output writes itself; "
                                      f"rename it (the output keys are {', '.join(_OUT_KEYS)})")
     Monitor.load(args.monitor)   # a bad file fails before a (possibly large) model loads
-    model = load_model(args.model)
+    model = load_model(args.model, **opts)
     mon = Monitor.load(args.monitor, model=model)
     try: reps = scan(model, mon, recs, generate=args.generate, batch_size=args.batch_size, check=False, progress=not args.quiet)
     except (WeightwatchError, KeyboardInterrupt): raise
@@ -252,5 +253,6 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     add_output(p, 'JSONL file to write (default: standard output)', required=False)
     p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N tokens per prompt and monitor them too (default 0)')
     p.add_argument('--batch-size', type=POSITIVE_INT, default=16, help='prompts per forward pass (default 16)')
+    add_model_options(p)
     add_quiet(p)
     p.set_defaults(func=_cmd_scan)

@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import torch
 from torch import Tensor
-from .core import WeightwatchError, load_model, hf_state_dict, POSITIVE_INT
+from .core import WeightwatchError, load_model, hf_state_dict, POSITIVE_INT, add_model_options, model_options
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
                                       context_window, _pad_id, PROMPT, RESPONSE)
 from .monitor import scan, Report, _mismatch, _error_html
@@ -308,7 +308,8 @@ def changed_weights(edited, # the edited model (HF model or bridge), e.g. from `
                    )->dict: # checkpoint name -> edited tensor, for the tensors that differ
     "The tensors of `edited` that differ from `model`'s: what `swapped_weights` needs."
     a, b = hf_state_dict(edited), hf_state_dict(model)
-    return {k: v.detach().clone() for k, v in a.items() if k in b and not torch.equal(v, b[k])}
+    as_held = {k: v.detach().to(device=b[k].device, dtype=b[k].dtype) for k, v in a.items() if k in b}   # as `model` would hold them
+    return {k: v.clone() for k, v in as_held.items() if not torch.equal(v, b[k])}
 
 # %% ../nbs/07_steer.ipynb #a94d6a7a
 def make_steerer(mon:Monitor, # the monitor (its directions and ranges)
@@ -375,8 +376,9 @@ def _cmd_generate(args)->int:
     if not args.prompt.strip(): raise WeightwatchError("PROMPT is empty: pass the text to reply to")
     if args.steer != 'off' and not args.monitor:
         raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
+    opts = model_options(args)
     if args.monitor: Monitor.load(args.monitor)   # a bad file fails before a (possibly large) model loads
-    model = load_model(args.model)
+    model = load_model(args.model, **opts)
     mon = Monitor.load(args.monitor, model=model) if args.monitor else None
     steer, how = args.steer, 'the directions projected out'
     if args.steer == 'rewind-weights':
@@ -414,4 +416,5 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions stripped per block matrix for --steer rewind-weights (default 16)')
     p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
     p.add_argument('--raw', action='store_true', help='tokenize the prompt as plain text, without the chat template')
+    add_model_options(p)
     p.set_defaults(func=_cmd_generate)
