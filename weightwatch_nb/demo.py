@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from .core import WeightwatchError, load_model, fingerprint, add_model_options, model_options
+from .core import WeightwatchError, load_model, fingerprint, add_model_options, model_options, POSITIVE_INT
 from .directions import Directions, compute_directions, READ_HOOK
 from .delta import READ_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
@@ -321,7 +321,6 @@ def _cmd_demo(args):
         r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines, **opts)
         print(f"\n## detection\n\n{headline(r)}\n\nreport: {write_report([r], Path(args.out)/'report.html')}")
         return 0
-    if min(args.n, args.n_calibration) < 1: raise WeightwatchError(f"--n and --n-calibration must be at least 1, got {args.n} and {args.n_calibration}")
     run_demo(args.organisms.split(','), args.out, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
              steering=not args.no_steering, **opts)
 
@@ -336,10 +335,10 @@ def register_cli(sub):
     p.add_argument('--test', help='clean test prompts (JSONL), defines false positives')
     p.add_argument('--set', action='append', metavar='NAME=FILE', help='another labelled set to scan (repeatable)')
     p.add_argument('--out', default='weightwatch-demo', help='folder for report.html (default: weightwatch-demo)')
-    p.add_argument('--n', type=int, default=300, help='zoo: clean test set size (default 300)')
-    p.add_argument('--n-calibration', type=int, default=N_CALIBRATION,
+    p.add_argument('--n', type=POSITIVE_INT, default=300, help='zoo: clean test set size (default 300)')
+    p.add_argument('--n-calibration', type=POSITIVE_INT, default=N_CALIBRATION,
                    help=f'zoo: clean calibration set size (default {N_CALIBRATION}: enough to certify a 1%% false-positive budget)')
-    p.add_argument('--k', type=int, default=4, help='directions per layer and matrix (default 4)')
+    p.add_argument('--k', type=POSITIVE_INT, default=4, help='directions per layer and matrix (default 4)')
     p.add_argument('--no-baselines', action='store_true', help='skip the baseline detectors')
     p.add_argument('--no-steering', action='store_true', help='skip steering')
     add_model_options(p)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint
+from .core import WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -502,7 +502,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('base', metavar='BASE', help="base model: zoo:NAME, a checkpoint directory or a hub id")
     p.add_argument('finetuned', metavar='FINETUNED', nargs='?', help='fine-tuned model (same kinds) or a LoRA adapter directory; optional with --lora')
     add_output(p, 'directions file to write (.safetensors)', metavar='OUT.safetensors')
-    p.add_argument('--k', type=int, default=20, help='directions per layer and matrix (default 20)')
+    p.add_argument('--k', type=POSITIVE_INT, default=20, help='directions per layer and matrix (default 20)')
     p.add_argument('--matrices', default='attn_out,mlp_out', help=f"comma-separated, from {','.join(MATRICES)} (default attn_out,mlp_out)")
     g = p.add_mutually_exclusive_group()
     g.add_argument('--exact', action='store_true', help='exact SVD for every matrix')

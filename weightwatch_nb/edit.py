@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output, add_quiet
+from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output, add_quiet, COUNT
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -283,7 +283,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('finetuned', metavar='FINETUNED', help='fine-tuned model (same kinds) or a LoRA adapter directory (merged first)')
     add_output(p, 'checkpoint directory to write', metavar='OUT_DIR')
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument('--remove', type=int, metavar='K', help='remove the top K directions of each matrix (K = d_model resets it to the base)')
+    g.add_argument('--remove', type=COUNT, metavar='K', help='remove the top K directions of each matrix (K = d_model resets it to the base)')
     g.add_argument('--alpha', type=float, metavar='A', help='interpolate W_base + A*dW (0: base, 1: fine-tune)')
     p.add_argument('--matrices', help=f"comma-separated, from {','.join(MATRICES)} (default: attn_out,mlp_out for --remove, every parameter for --alpha)")
     p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
