@@ -25,7 +25,7 @@ __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'a
            'direction_names', 'Tracer', 'Trace', 'context_window', 'forward_blocks', 'run_batches', 'trace_batches',
            'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
            'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds',
-           'check_directions', 'calibrate', 'quiet_hf', 'register_cli']
+           'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -420,6 +420,9 @@ def merge_stats(parts:list[CalStats], # statistics of several shards of the cali
         if p.names != a.names or p.meta.get('hook_point') != a.meta.get('hook_point'):
             raise WeightwatchError(f"shard {i} was calibrated on other directions ({len(p.names)} at {p.meta.get('hook_point')!r}) "
                                    f"than shard 0 ({len(a.names)} at {a.meta.get('hook_point')!r}); calibrate every shard with the same directions file")
+        if p.meta.get('generate', 0) != a.meta.get('generate', 0):
+            raise WeightwatchError(f"shard {i} generated {p.meta.get('generate', 0)} response tokens per prompt, shard 0 {a.meta.get('generate', 0)}; "
+                                   "calibrate every shard with the same --generate")
         if _fp_id(p.meta.get('model')) != _fp_id(a.meta.get('model')):
             fa, fp = a.meta.get('model') or {}, p.meta.get('model') or {}
             if same_weights(fa, fp): raise WeightwatchError(f"shard {i} was calibrated on the same model as shard 0 but in {fp.get('dtype')} instead of "
@@ -737,6 +740,31 @@ def calibrate(model, # fine-tuned model (source or bridge)
     if tune: return tune_thresholds(st, dirs, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify)
     return Monitor.from_stats(st, dirs, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr)
 
+# %% ../nbs/05_calibrate.ipynb #5f2ad111
+def merge_monitors(monitors:list, # `Monitor`s or monitor files, calibrated on parts of the clean prompts (same model, directions, `generate`)
+                   percentile:float=0., # trim this percent of records at each end of each range
+                   margin:float=0.2, # widen each range by this fraction of its width
+                   holdout:float=0.2, # fraction of records held out for the FPR estimate
+                   seed:int=0, # seed of the held-out split
+                   target_fpr:float|None=None, # warn when too few records to certify this FPR; with `tune`, the FPR to tune for (default 0.01)
+                   tune:bool=False, # choose percentile and margin with `tune_thresholds`
+                   certify:bool=False, # with `tune`: make the FPR's 95% upper bound meet `target_fpr`
+                  )->Monitor:
+    "One monitor from the statistics of several, exactly as if their prompts had been calibrated in one run."
+    ms = [m if isinstance(m, Monitor) else Monitor.load(m) for m in monitors]
+    if not ms: raise WeightwatchError("merge needs at least one monitor")
+    if certify and not tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
+    a = ms[0]
+    for i, m in enumerate(ms[1:], 1):
+        if m.hook_point != a.hook_point or m.names != a.names or m.U.shape != a.U.shape or not torch.allclose(m.U, a.U, atol=1e-6):
+            raise WeightwatchError(f"monitor {i} was calibrated along other directions than monitor 0 ({len(m.names)} at {m.hook_point!r} vs "
+                                   f"{len(a.names)} at {a.hook_point!r}); calibrate every part with the same directions file")
+    stats = merge_stats([m.stats for m in ms])   # and the same model and --generate
+    out = (tune_thresholds(stats, a, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify) if tune else
+           Monitor.from_stats(stats, a, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr))
+    out.meta['fingerprints'] = a.meta['fingerprints']
+    return out
+
 # %% ../nbs/05_calibrate.ipynb #55c0c1eb
 def quiet_hf(quiet:bool=True, # do it (False: leave the bars alone)
             ):
@@ -765,6 +793,26 @@ def _cmd_calibrate(args)->int:
     print(f"calibrated {len(mon)} directions on {m['n_calibration']} prompts; {fpr}; wrote {args.output}")
     return 0
 
+def _cmd_merge(args)->int:
+    check_output(args.output, args.monitors, 'monitor file')
+    mon = merge_monitors(args.monitors, percentile=args.percentile, margin=args.margin, holdout=args.holdout, target_fpr=args.target_fpr,
+                         tune=args.tune, certify=args.certify)
+    mon.save(args.output)
+    m = mon.meta
+    fpr = f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at 95%" if m['n_heldout'] else 'no held-out split'
+    print(f"merged {len(args.monitors)} monitor(s): {len(mon)} directions on {m['n_calibration']} prompts, percentile {m['percentile']:g}, "
+          f"margin {m['margin']:g}; {fpr}; wrote {args.output}")
+    return 0
+
+def _threshold_options(p):
+    p.add_argument('--percentile', type=float, default=0., help='trim this percent of prompts at each end of each range (default 0)')
+    p.add_argument('--margin', type=NONNEGATIVE, default=0.2, help='widen each range by this fraction of its width (default 0.2)')
+    p.add_argument('--holdout', type=FRACTION, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2; 0: none)')
+    p.add_argument('--target-fpr', type=PROBABILITY, default=None, help='a fraction, e.g. 0.01 for 1%%: warn if the prompts are too few to certify this FPR '
+                                                                      '(with --tune: the FPR to tune for, default 0.01)')
+    p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
+    p.add_argument('--certify', action='store_true', help='with --tune: make the 95%% upper bound of the tuning FPR, not the FPR itself, meet --target-fpr')
+
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser
                 ):
     "Add `weightwatch calibrate` to the command line."
@@ -774,15 +822,17 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('directions', help='directions file written by `weightwatch directions`')
     p.add_argument('prompts', help='clean prompts, JSONL: {"text": ...} or {"messages": [...]} per line')
     add_output(p, 'monitor file to write (.safetensors)')
-    p.add_argument('--percentile', type=float, default=0., help='trim this percent of prompts at each end of each range (default 0)')
-    p.add_argument('--margin', type=NONNEGATIVE, default=0.2, help='widen each range by this fraction of its width (default 0.2)')
     p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N response tokens per prompt (default 0)')
     p.add_argument('--batch-size', type=POSITIVE_INT, default=16, help='prompts per forward pass (default 16)')
-    p.add_argument('--holdout', type=FRACTION, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2; 0: none)')
-    p.add_argument('--target-fpr', type=PROBABILITY, default=None, help='a fraction, e.g. 0.01 for 1%%: warn if the prompts are too few to certify this FPR '
-                                                                      '(with --tune: the FPR to tune for, default 0.01)')
-    p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
-    p.add_argument('--certify', action='store_true', help='with --tune: make the 95%% upper bound of the tuning FPR, not the FPR itself, meet --target-fpr')
+    _threshold_options(p)
     add_model_options(p)
     add_quiet(p)
     p.set_defaults(func=_cmd_calibrate)
+    p = sub.add_parser('merge', help='combine monitors calibrated on parts of the clean prompts, or re-derive the ranges of one', description=
+                       'Combine monitors calibrated on parts of the clean prompts (same model, same directions, e.g. on several machines) '
+                       'into one, exactly as if all the prompts had been calibrated in one run, and derive its ranges anew. With one '
+                       'monitor, re-derive its ranges with other settings. No model is loaded.')
+    p.add_argument('monitors', nargs='+', metavar='MONITOR', help='monitor files written by `weightwatch calibrate`, in the order of their prompts')
+    add_output(p, 'monitor file to write (.safetensors)')
+    _threshold_options(p)
+    p.set_defaults(func=_cmd_merge)
