@@ -1,7 +1,7 @@
 "Weight deltas and directions beyond the notebooks' two architectures: Llama-family relatives, GPT-NeoX, sharded and bf16 checkpoints, GPT-2 LoRA."
 import json
 import pytest, torch
-from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint
+from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
 from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors
 from weightwatch_nb.directions import Directions, compute_directions
 
@@ -81,3 +81,23 @@ def test_bad_pairs(tmp_path):
     (tmp_path/'trunc'/'model.safetensors').write_bytes(data[:len(data)//2])
     with pytest.raises(WeightwatchError, match='missing, truncated or not safetensors'): compute_directions(b, tmp_path/'trunc', progress=False)
     with pytest.raises(WeightwatchError, match='no such checkpoint directory'): compute_directions(b, tmp_path/'nope', progress=False)
+
+def test_lora_on_bfloat16_base_matches_at_both_precisions(tmp_path):
+    "Directions of a LoRA on a checkpoint stored in bfloat16 belong to the merged model, run in float32 or in bfloat16."
+    from peft import LoraConfig, get_peft_model
+    b = make_tiny_checkpoint(tmp_path/'base32', 'llama')
+    hf, tok = load_hf(b, dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path/'base'); tok.save_pretrained(tmp_path/'base')
+    torch.manual_seed(0)
+    pm = get_peft_model(load_hf(tmp_path/'base', dtype=torch.bfloat16)[0], LoraConfig(r=2, lora_alpha=4, target_modules=['down_proj', 'o_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path/'lora')
+    d = compute_directions(tmp_path/'base', lora=tmp_path/'lora', k=2, progress=False)
+    for dt, want in ((torch.float32, 'exact'), (torch.bfloat16, 'precision')):
+        m = load_model(tmp_path/'lora', dtype=dt)
+        assert same_weights(d.meta['fingerprints']['finetuned'], fingerprint(m)) == want, dt
+        Directions.load(d.save(tmp_path/'d.safetensors'), model=m)   # accepted at either precision
+    with pytest.raises(WeightwatchError, match='directions were computed for fine-tuned model'):
+        Directions.load(tmp_path/'d.safetensors', model=load_model(tmp_path/'base'))

@@ -423,10 +423,11 @@ def merge_stats(parts:list[CalStats], # statistics of several shards of the cali
         if p.meta.get('generate', 0) != a.meta.get('generate', 0):
             raise WeightwatchError(f"shard {i} generated {p.meta.get('generate', 0)} response tokens per prompt, shard 0 {a.meta.get('generate', 0)}; "
                                    "calibrate every shard with the same --generate")
-        if _fp_id(p.meta.get('model')) != _fp_id(a.meta.get('model')):
-            fa, fp = a.meta.get('model') or {}, p.meta.get('model') or {}
-            if same_weights(fa, fp): raise WeightwatchError(f"shard {i} was calibrated on the same model as shard 0 but in {fp.get('dtype')} instead of "
-                                                            f"{fa.get('dtype')}; calibrate every shard at one precision (the same `dtype=`)")
+        fa, fp = a.meta.get('model') or {}, p.meta.get('model') or {}
+        match = same_weights(fa, fp) if fa or fp else 'exact'
+        if match == 'precision': raise WeightwatchError(f"shard {i} was calibrated on the same model as shard 0 but in {fp.get('dtype')} instead of "
+                                                        f"{fa.get('dtype')}; calibrate every shard at one precision (the same --dtype / dtype=)")
+        if match is None:
             raise WeightwatchError(f"shard {i} was calibrated on model {fp.get('id')}, shard 0 on {fa.get('id')}; "
                                    "every shard must use the same fine-tuned model")
     return CalStats(a.names, torch.cat([p.mins for p in parts]), torch.cat([p.maxs for p in parts]),
@@ -663,7 +664,7 @@ def check(self:Monitor, model=None, # model the monitor will watch (its fingerpr
             raise WeightwatchError(f"{where} was calibrated for model {want.get('id')} ({want.get('arch', {}).get('model_type')}), "
                                    f"but the model given is {fp['id']} ({fp['arch'].get('model_type')}){precision_hint(want, fp)}; "
                                    "calibrate a monitor for this model with `weightwatch calibrate MODEL DIRECTIONS PROMPTS.jsonl`")
-        if match == 'rounded':   # usable, but its ranges were measured at the other precision
+        if match == 'precision':   # usable, but its ranges were measured at the other precision
             warnings.warn(f"{where} was calibrated on this model's {want.get('dtype')} weights, but the model runs in {fp.get('dtype')}: "
                           "rounding moves the cosines slightly, so a few more or fewer tokens can cross the ranges; for ranges measured "
                           f"at this precision, calibrate with the model loaded in {fp.get('dtype')}", stacklevel=2)
@@ -742,10 +743,10 @@ def calibrate(model, # fine-tuned model (source or bridge)
 
 # %% ../nbs/05_calibrate.ipynb #5f2ad111
 def merge_monitors(monitors:list, # `Monitor`s or monitor files, calibrated on parts of the clean prompts (same model, directions, `generate`)
-                   percentile:float=0., # trim this percent of records at each end of each range
-                   margin:float=0.2, # widen each range by this fraction of its width
-                   holdout:float=0.2, # fraction of records held out for the FPR estimate
-                   seed:int=0, # seed of the held-out split
+                   percentile:float|None=None, # trim this percent of records at each end of each range (default: the first monitor's)
+                   margin:float|None=None, # widen each range by this fraction of its width (default: the first monitor's)
+                   holdout:float|None=None, # fraction of records held out for the FPR estimate (default: the first monitor's)
+                   seed:int|None=None, # seed of the held-out split (default: the first monitor's)
                    target_fpr:float|None=None, # warn when too few records to certify this FPR; with `tune`, the FPR to tune for (default 0.01)
                    tune:bool=False, # choose percentile and margin with `tune_thresholds`
                    certify:bool=False, # with `tune`: make the FPR's 95% upper bound meet `target_fpr`
@@ -760,6 +761,8 @@ def merge_monitors(monitors:list, # `Monitor`s or monitor files, calibrated on p
             raise WeightwatchError(f"monitor {i} was calibrated along other directions than monitor 0 ({len(m.names)} at {m.hook_point!r} vs "
                                    f"{len(a.names)} at {a.hook_point!r}); calibrate every part with the same directions file")
     stats = merge_stats([m.stats for m in ms])   # and the same model and --generate
+    pick = lambda v, k: a.meta[k] if v is None else v
+    percentile, margin, holdout, seed = pick(percentile, 'percentile'), pick(margin, 'margin'), pick(holdout, 'holdout'), pick(seed, 'seed')
     out = (tune_thresholds(stats, a, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify) if tune else
            Monitor.from_stats(stats, a, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr))
     out.meta['fingerprints'] = a.meta['fingerprints']
@@ -804,10 +807,11 @@ def _cmd_merge(args)->int:
           f"margin {m['margin']:g}; {fpr}; wrote {args.output}")
     return 0
 
-def _threshold_options(p):
-    p.add_argument('--percentile', type=float, default=0., help='trim this percent of prompts at each end of each range (default 0)')
-    p.add_argument('--margin', type=NONNEGATIVE, default=0.2, help='widen each range by this fraction of its width (default 0.2)')
-    p.add_argument('--holdout', type=FRACTION, default=0.2, help='fraction held out to estimate the false-positive rate (default 0.2; 0: none)')
+def _threshold_options(p, merging:bool=False):
+    d = lambda v: (None, "the first monitor's") if merging else (v, v)
+    p.add_argument('--percentile', type=float, default=d(0.)[0], help=f'trim this percent of prompts at each end of each range (default {d(0)[1]})')
+    p.add_argument('--margin', type=NONNEGATIVE, default=d(0.2)[0], help=f'widen each range by this fraction of its width (default {d(0.2)[1]})')
+    p.add_argument('--holdout', type=FRACTION, default=d(0.2)[0], help=f'fraction held out to estimate the false-positive rate (default {d(0.2)[1]}; 0: none)')
     p.add_argument('--target-fpr', type=PROBABILITY, default=None, help='a fraction, e.g. 0.01 for 1%%: warn if the prompts are too few to certify this FPR '
                                                                       '(with --tune: the FPR to tune for, default 0.01)')
     p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')
@@ -834,5 +838,5 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                        'monitor, re-derive its ranges with other settings. No model is loaded.')
     p.add_argument('monitors', nargs='+', metavar='MONITOR', help='monitor files written by `weightwatch calibrate`, in the order of their prompts')
     add_output(p, 'monitor file to write (.safetensors)')
-    _threshold_options(p)
+    _threshold_options(p, merging=True)
     p.set_defaults(func=_cmd_merge)

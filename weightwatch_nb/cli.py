@@ -5,7 +5,7 @@
 # %% ../nbs/90_cli.ipynb #fc7c06c1
 from __future__ import annotations
 import argparse, importlib, sys, warnings
-from .core import WeightwatchError
+from .core import WeightwatchError, add_output
 
 # %% auto #0
 __all__ = ['register_zoo_cli', 'build_parser', 'main']
@@ -21,7 +21,7 @@ def _zoo_path(args):
 
 def _zoo_build(args):
     from weightwatch_nb.zoo import build_zoo, ZOO_DIR
-    build_zoo(out_dir=args.out or ZOO_DIR, names=args.only.split(',') if args.only else None, quick=args.quick, seed=args.seed)
+    build_zoo(out_dir=args.output or ZOO_DIR, names=args.only.split(',') if args.only else None, quick=args.quick, seed=args.seed)
 
 def _zoo_eval(args):
     from weightwatch_nb.zoo import zoo_table
@@ -37,7 +37,7 @@ def register_zoo_cli(sub):
     p = zs.add_parser('path', help='print the checkpoint directory of an organism')
     p.add_argument('name', help='organism name, e.g. backdoor'); p.set_defaults(func=_zoo_path)
     b = zs.add_parser('build', help='rebuild the organisms deterministically (about 10 min on 2 CPU cores)')
-    b.add_argument('--out', help='output directory (default: the package zoo, overwritten)')
+    add_output(b, 'output directory (default: the package zoo, overwritten)', required=False, metavar='DIR')
     b.add_argument('--only', help='comma-separated organisms to build (default: all)')
     b.add_argument('--quick', action='store_true', help='tiny step counts, for testing the pipeline')
     b.add_argument('--seed', type=int, default=0, help='random seed (default 0)')

@@ -78,9 +78,10 @@ def add_output(p:argparse.ArgumentParser, # a subcommand's parser
                help:str, # what the file is
                required:bool=True, # whether the command needs it
                metavar:str|None=None, # how the help names the value
+               default:str|None=None, # value when it is not given (with `required=False`)
               ):
     "Add the output option every command spells the same way: `-o`, `--output` or `--out`, read as `args.output`."
-    p.add_argument('-o', '--output', '--out', dest='output', required=required, metavar=metavar, help=help)
+    p.add_argument('-o', '--output', '--out', dest='output', required=required, metavar=metavar, default=default, help=help)
 
 def add_quiet(p:argparse.ArgumentParser, # a subcommand's parser
              ):
@@ -248,6 +249,7 @@ def check_device(device:str|None, # 'cpu', 'cuda', 'cuda:1', 'mps', ... (None: '
     d = device or 'cpu'
     try: dev = torch.device(d)
     except (RuntimeError, TypeError): raise WeightwatchError(f"{d!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == 'meta': raise WeightwatchError("the 'meta' device holds no weights, so a model cannot run on it; use 'cpu' or 'cuda'")
     if dev.type == 'cuda':
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not n: raise WeightwatchError(f"device {d!r} was asked for, but torch {torch.__version__} sees no CUDA GPU on this machine; "
@@ -255,6 +257,8 @@ def check_device(device:str|None, # 'cpu', 'cuda', 'cuda:1', 'mps', ... (None: '
         if dev.index is not None and dev.index >= n: raise WeightwatchError(f"device {d!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n-1}")
     if dev.type == 'mps' and not torch.backends.mps.is_available():
         raise WeightwatchError(f"device {d!r} was asked for, but this machine has no Apple GPU that torch can use; use 'cpu'")
+    try: torch.empty(1, device=dev)   # any other kind (xpu, ...): can this torch put a tensor there?
+    except Exception as e: raise WeightwatchError(f"device {d!r} is not usable here ({type(e).__name__}: {e}); use 'cpu', or 'cuda' on a machine with a GPU") from None
     return d
 
 def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-memory HF model, or a bridge (returned as is)
@@ -391,21 +395,27 @@ def fingerprint(model, # HF model, TransformerBridge, or checkpoint source ('zoo
 
 def same_weights(want:dict|None, # the fingerprint an artifact recorded
                  have:dict|None, # the fingerprint of the model at hand
-                )->str|None: # 'exact', 'rounded' (one is the other loaded at a lower precision) or None
-    "Whether two fingerprints are the same model's weights, exactly or up to the rounding of a lower precision."
-    if not want or not have: return None
-    if want.get('sha256') == have.get('sha256'): return 'exact'
-    if ((want.get('rounded') or {}).get(have.get('dtype')) == have.get('sha256')
-        or (have.get('rounded') or {}).get(want.get('dtype')) == want.get('sha256')): return 'rounded'
+                )->str|None: # 'exact', 'precision' (the same weights held at another precision) or None
+    "Whether two fingerprints are the same model's weights at the same precision, at another precision, or not the same model."
+    a, b = (want or {}).get('sha256'), (have or {}).get('sha256')
+    if not a or not b: return None
+    da, db = want.get('dtype'), have.get('dtype')
+    if a == b: return 'exact' if not da or not db or da == db else 'precision'   # e.g. bfloat16 weights upcast to float32
+    if b == (want.get('rounded') or {}).get(db) or a == (have.get('rounded') or {}).get(da): return 'precision'
     return None
 
 def precision_hint(want:dict|None, # the fingerprint an artifact recorded
                    have:dict|None, # the fingerprint of the model at hand
-                  )->str: # '' when the precisions agree or are unknown
-    "A sentence for mismatch messages when the two fingerprints were taken at different precisions."
+                  )->str: # '' when a precision cannot explain the mismatch
+    "A sentence for a mismatch message when loading at another precision might explain it."
     a, b = (want or {}).get('dtype'), (have or {}).get('dtype')
-    if not a or not b or a == b: return ''
-    return f" (the artifact's model had {a} weights, this one has {b}: if it is the same model, load it with dtype=torch.{a})"
+    if not want or not b: return ''
+    if not a:   # an artifact from before precisions were recorded: it was made at float32 unless its maker said otherwise
+        return '' if b == 'float32' else " (the artifact records no precision: if it is the same model, load it in float32, `--dtype float32` / `dtype=torch.float32`)"
+    size = lambda n: getattr(getattr(torch, n, None), 'itemsize', 0)
+    if (a == b or (size(a) > size(b) and b in (want.get('rounded') or {}))    # the higher precision predicts the lower one exactly:
+        or (size(b) > size(a) and a in (have.get('rounded') or {}))): return ''   # compared at one precision, so another model
+    return f" (the artifact's model had {a} weights, this one has {b}: if it is the same model, load it with `--dtype {a}` / `dtype=torch.{a}`)"
 
 # %% ../nbs/00_core.ipynb #b25fc6e0
 def _config_of(m):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from .core import WeightwatchError, load_model, fingerprint, add_model_options, model_options, POSITIVE_INT
+from .core import WeightwatchError, load_model, fingerprint, add_model_options, model_options, POSITIVE_INT, add_output
 from .directions import Directions, compute_directions, READ_HOOK
 from .delta import READ_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
@@ -319,9 +319,9 @@ def _cmd_demo(args):
             raise WeightwatchError("a demo on your own pair needs --base, --finetuned, --calibration and --test (and usually --set NAME=FILE)")
         sets = {'calibration': read_jsonl(args.calibration), 'test': read_jsonl(args.test), **_parse_sets(args.set)}
         r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines, **opts)
-        print(f"\n## detection\n\n{headline(r)}\n\nreport: {write_report([r], Path(args.out)/'report.html')}")
+        print(f"\n## detection\n\n{headline(r)}\n\nreport: {write_report([r], Path(args.output)/'report.html')}")
         return 0
-    run_demo(args.organisms.split(','), args.out, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
+    run_demo(args.organisms.split(','), args.output, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
              steering=not args.no_steering, **opts)
 
 def register_cli(sub):
@@ -334,7 +334,7 @@ def register_cli(sub):
     p.add_argument('--calibration', help='clean calibration prompts (JSONL)')
     p.add_argument('--test', help='clean test prompts (JSONL), defines false positives')
     p.add_argument('--set', action='append', metavar='NAME=FILE', help='another labelled set to scan (repeatable)')
-    p.add_argument('--out', default='weightwatch-demo', help='folder for report.html (default: weightwatch-demo)')
+    add_output(p, 'folder for report.html (default: weightwatch-demo)', required=False, metavar='DIR', default='weightwatch-demo')
     p.add_argument('--n', type=POSITIVE_INT, default=300, help='zoo: clean test set size (default 300)')
     p.add_argument('--n-calibration', type=POSITIVE_INT, default=N_CALIBRATION,
                    help=f'zoo: clean calibration set size (default {N_CALIBRATION}: enough to certify a 1%% false-positive budget)')

@@ -284,8 +284,8 @@ def _lora_fingerprint(bt, # tensor source of the base model
                 kind = stored.get(k) or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
                                          'conv1d' if D.shape != D.T.shape or cfg.get('fan_in_fan_out') else 'linear')
                 if kind != 'linear': D = D.T
-                t = t + (D * _lora_scale(mods[0], A.shape[0], cfg)).to(t.dtype)
-            yield k, t
+                t = t.float() + (D * _lora_scale(mods[0], A.shape[0], cfg)).float()   # merged in float32 and rounded once, as PEFT does
+            yield k, t.float()
     return _fingerprint(bt.config, merged())
 
 # %% ../nbs/04_directions.ipynb #830e75c6
