@@ -387,8 +387,6 @@ class CalStats:
         return CalStats(self.names, self.mins[idx], self.maxs[idx], self.counts[idx], dict(self.meta))
 
 # %% ../nbs/05_calibrate.ipynb #ca21a2ca
-def _fp_id(fp)->str|None: return (fp or {}).get('sha256')
-
 def collect_stats(model, # fine-tuned model (source or bridge)
                   dirs, # `Directions` (or a `Monitor`) to measure along
                   records:list, # clean records
