@@ -287,7 +287,8 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     return bridge
 
 # %% ../nbs/00_core.ipynb #f60fced7
-DTYPES = ('float32', 'bfloat16', 'float16')   # the precisions a model can be run in from the command line
+_PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}   # what models are run in
+DTYPES = tuple(_PRECISIONS)   # their names, for the command line
 
 def add_model_options(p:argparse.ArgumentParser, # a subcommand's parser
                      ):
@@ -299,7 +300,7 @@ def add_model_options(p:argparse.ArgumentParser, # a subcommand's parser
 def model_options(args:argparse.Namespace, # parsed arguments of a parser with `add_model_options`
                  )->dict: # keyword arguments for `load_model`
     "The `dtype` and `device` that `add_model_options` parsed, the device checked."
-    return dict(dtype=getattr(torch, args.dtype), device=check_device(args.device))
+    return dict(dtype=_PRECISIONS[args.dtype], device=check_device(args.device))
 
 # %% ../nbs/00_core.ipynb #618a54ed
 def cache_as_hub_model(ckpt:str|os.PathLike, # checkpoint directory written by `save_pretrained`
@@ -335,7 +336,6 @@ def _sample(t:Tensor, n:int=4096, rounded:torch.dtype|None=None)->bytes:
     if rounded is not None: f = f.to(rounded)   # as `from_pretrained(..., dtype=rounded)` would store it
     return f.to(torch.float32).cpu().contiguous().numpy().tobytes()
 
-_PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # what models are loaded in
 def _dtype_name(dt)->str|None: return None if dt is None else str(dt).removeprefix('torch.')
 
 # %% ../nbs/00_core.ipynb #437e041c
