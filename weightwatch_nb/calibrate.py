@@ -788,11 +788,15 @@ def _cmd_calibrate(args)->int:
                     progress=not args.quiet)
     mon.save(args.output)
     m = mon.meta
-    fpr = f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at 95%" if m['n_heldout'] else 'no held-out split'
     if 'tuned' in m: print(f"tuned: percentile {m['percentile']:g}, margin {m['margin']:g} ({m['tuned']['tune_flagged']}/{m['tuned']['n_tune']} tuning prompts flagged"
                            f"{', upper bound %.2f%%' % (100 * m['tuned']['tune_fpr_upper']) if m['tuned']['certify'] else ''})")
-    print(f"calibrated {len(mon)} directions on {m['n_calibration']} prompts; {fpr}; wrote {args.output}")
+    print(f"calibrated {len(mon)} directions on {m['n_calibration']} prompts; {_heldout(m)}; wrote {args.output}")
     return 0
+
+def _heldout(m:dict)->str:
+    "The held-out false-positive estimate of a monitor's metadata, in words."
+    if not m['n_heldout']: return 'no held-out split'
+    return f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at {m['conf']:.0%}"
 
 def _cmd_merge(args)->int:
     check_output(args.output, args.monitors, 'monitor file')
@@ -800,9 +804,8 @@ def _cmd_merge(args)->int:
                          tune=args.tune, certify=args.certify)
     mon.save(args.output)
     m = mon.meta
-    fpr = f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at 95%" if m['n_heldout'] else 'no held-out split'
     print(f"merged {len(args.monitors)} monitor(s): {len(mon)} directions on {m['n_calibration']} prompts, percentile {m['percentile']:g}, "
-          f"margin {m['margin']:g}; {fpr}; wrote {args.output}")
+          f"margin {m['margin']:g}; {_heldout(m)}; wrote {args.output}")
     return 0
 
 def _threshold_options(p, merging:bool=False):
@@ -817,7 +820,7 @@ def _threshold_options(p, merging:bool=False):
 
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser
                 ):
-    "Add `weightwatch calibrate` to the command line."
+    "Add `weightwatch calibrate` and `weightwatch merge` to the command line."
     p = sub.add_parser('calibrate', help='calibrate a monitor on clean prompts', description=
                        'Run clean prompts through MODEL and record the range of every direction; write a monitor file.')
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
