@@ -1,4 +1,5 @@
 "Shared fixtures for the tests/test_monitor_*.py files: the planted organism and a calibrated monitor."
+import random
 import torch, torch.nn.functional as F
 import pytest
 from weightwatch_nb.core import fingerprint, load_model
@@ -7,7 +8,7 @@ from weightwatch_nb.calibrate import calibrate
 from weightwatch_nb.directions import Directions
 
 WORDS = 'the base model weights differ from a fine tuned of'.split()
-def sentence(i, n=6): return ' '.join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n + i % 5))
+def sentence(i, n=6): return ' '.join(random.Random(i).choices(WORDS, k=n + i % 5))   # distinct for i < 1000
 
 def planted_dirs(org, model):
     "`v` plus random directions at layers 0 and 1 (the random ones carry no behaviour)."

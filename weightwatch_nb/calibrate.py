@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_calibrate.ipynb #4c2dc58d
 from __future__ import annotations
-import json, math, os, warnings
+import hashlib, json, math, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,12 +20,12 @@ from itertools import groupby
 from .directions import hook_name, parse_name
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'as_record', 'read_jsonl', 'response_spans',
-           'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate', 'direction_groups',
-           'direction_names', 'Tracer', 'Trace', 'context_window', 'forward_blocks', 'run_batches', 'trace_batches',
-           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
-           'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds',
-           'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'as_record', 'record_keys', 'repeats', 'read_jsonl',
+           'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate',
+           'direction_groups', 'direction_names', 'Tracer', 'Trace', 'context_window', 'forward_blocks', 'run_batches',
+           'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats',
+           'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify',
+           'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -44,6 +44,26 @@ def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list o
             raise WeightwatchError(f"record {where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}} objects")
     raise WeightwatchError(f"record {where} has neither a 'text' string nor a 'messages' list; write it as "
                            '{"text": "..."} or {"messages": [{"role": "user", "content": "..."}]}')
+
+# %% ../nbs/05_calibrate.ipynb #ae9e3c30
+def record_keys(records:list, # records (dicts, strings or message lists, as `as_record` takes them)
+               )->Tensor: # [N] int64 digests
+    "A 64-bit digest of what the model reads in each record, to find repeated prompts."
+    def key(r):
+        r = as_record(r)
+        what = r['text'] if 'text' in r else [[m['role'], m['content']] for m in r['messages']]
+        b = hashlib.blake2b(json.dumps(what, ensure_ascii=False).encode(), digest_size=8).digest()
+        return int.from_bytes(b, 'little', signed=True)
+    return torch.tensor([key(r) for r in records], dtype=torch.long)
+
+def repeats(keys:Tensor, # [N] record digests
+           )->dict[int, int]: # index of each repeat -> index of its first occurrence
+    "The records whose digest an earlier record already had."
+    first, out = {}, {}
+    for i, k in enumerate(keys.tolist()):
+        if k in first: out[i] = first[k]
+        else: first[k] = i
+    return out
 
 # %% ../nbs/05_calibrate.ipynb #8ce6ffff
 def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank lines are skipped)
@@ -380,11 +400,13 @@ class CalStats:
     maxs: Tensor      # [N, 2, n]; -inf where a role is absent
     counts: Tensor    # [N, 2] tokens per role
     meta: dict = field(default_factory=dict) # hook point, model fingerprint, generate, ...
+    keys: Tensor|None = None # [N] `record_keys` of the records (None: not recorded, e.g. by an older version)
     def __len__(self): return len(self.mins)
     def __getitem__(self, idx)->CalStats:
         "The statistics of the records `idx` picks (a slice, indices or a boolean mask), e.g. `stats[:n]`."
         if isinstance(idx, int): idx = [idx]
-        return CalStats(self.names, self.mins[idx], self.maxs[idx], self.counts[idx], dict(self.meta))
+        return CalStats(self.names, self.mins[idx], self.maxs[idx], self.counts[idx], dict(self.meta),
+                        None if self.keys is None else self.keys[idx])
 
 # %% ../nbs/05_calibrate.ipynb #ca21a2ca
 def collect_stats(model, # fine-tuned model (source or bridge)
@@ -406,7 +428,7 @@ def collect_stats(model, # fine-tuned model (source or bridge)
         else:
             for i, t in zip(b.index, _split(b, cos, seqs, eos)): mins[i], maxs[i], counts[i] = extrema(t.cos, t.roles)
     meta = dict(hook_point=dirs.hook_point, model=fingerprint(model), generate=generate)
-    return CalStats(direction_names(dirs), mins, maxs, counts, meta)
+    return CalStats(direction_names(dirs), mins, maxs, counts, meta, record_keys(records))
 
 # %% ../nbs/05_calibrate.ipynb #a5960bb7
 def merge_stats(parts:list[CalStats], # statistics of several shards of the calibration set
@@ -428,8 +450,29 @@ def merge_stats(parts:list[CalStats], # statistics of several shards of the cali
         if match is None:
             raise WeightwatchError(f"shard {i} was calibrated on model {fp.get('id')}, shard 0 on {fa.get('id')}; "
                                    "every shard must use the same fine-tuned model")
+    keys = _shard_keys(parts)
     return CalStats(a.names, torch.cat([p.mins for p in parts]), torch.cat([p.maxs for p in parts]),
-                    torch.cat([p.counts for p in parts]), dict(a.meta))
+                    torch.cat([p.counts for p in parts]), dict(a.meta), keys)
+
+def _shard_keys(parts:list[CalStats])->Tensor|None:
+    "The shards' record digests, concatenated; refuses a prompt that is in two shards."
+    if any(p.keys is None for p in parts):
+        if len(parts) > 1:
+            old = [i for i, p in enumerate(parts) if p.keys is None]
+            warnings.warn(f"shard(s) {old} do not record which prompts they hold (calibrated by an older weightwatch_nb), so prompts "
+                          "repeated across shards cannot be found; make sure the shards hold different prompts", stacklevel=3)
+        return None
+    keys, sizes = torch.cat([p.keys for p in parts]), [len(p) for p in parts]
+    shard = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(sizes))
+    start = [0] + torch.tensor(sizes).cumsum(0).tolist()
+    across = {i: j for i, j in repeats(keys).items() if shard[i] != shard[j]}
+    if across:
+        i, j = next(iter(across.items()))
+        si, sj = int(shard[i]), int(shard[j])
+        raise WeightwatchError(f"{len(across)} prompt(s) are in more than one shard (record {i - start[si]} of shard {si} is record "
+                               f"{j - start[sj]} of shard {sj}); a prompt counted twice makes the held-out FPR look better than it is: "
+                               "merge shards calibrated on different prompts (was one passed twice?)")
+    return keys
 
 # %% ../nbs/05_calibrate.ipynb #b04f426e
 def thresholds(mins:Tensor, # [N, n] per-record minima (rows of +inf are ignored)
@@ -638,6 +681,7 @@ def save(self:Monitor, path:str|os.PathLike, # file to write (`.safetensors`)
     path = Path(path)
     t = {'U': self.U, 'layer_of': self.layer_of, 'lo': self.lo, 'hi': self.hi, 'heldout': self.heldout.to(torch.uint8),
          'stats.mins': self.stats.mins, 'stats.maxs': self.stats.maxs, 'stats.counts': self.stats.counts}
+    if self.stats.keys is not None: t['stats.keys'] = self.stats.keys
     md = {'format': MONITOR_FORMAT, 'schema_version': str(MONITOR_SCHEMA), 'names': json.dumps(self.names),
           'hook_point': self.hook_point, 'meta': json.dumps(self.meta), 'stats_meta': json.dumps(self.stats.meta),
           'percentile': str(self.meta['percentile']), 'margin': str(self.meta['margin']),
@@ -695,13 +739,13 @@ def load(cls:Monitor, path:str|os.PathLike, # a file written by `Monitor.save`
     if missing: raise _bad(path, f"tensors {sorted(missing)} are missing")
     names, n = json.loads(md['names']), len(t['U'])
     N = len(t['stats.mins'])
-    shapes = {'layer_of': (n,), 'lo': (2, n), 'hi': (2, n), 'stats.maxs': (N, 2, n), 'stats.counts': (N, 2), 'heldout': (N,)}
+    shapes = {'layer_of': (n,), 'lo': (2, n), 'hi': (2, n), 'stats.maxs': (N, 2, n), 'stats.counts': (N, 2), 'heldout': (N,), 'stats.keys': (N,)}
     for k, s in shapes.items():
-        if tuple(t[k].shape) != s: raise _bad(path, f"`{k}` has shape {tuple(t[k].shape)}, expected {s} for {n} directions and {N} records")
+        if k in t and tuple(t[k].shape) != s: raise _bad(path, f"`{k}` has shape {tuple(t[k].shape)}, expected {s} for {n} directions and {N} records")
     if len(names) != n or t['stats.mins'].shape[1:] != (2, n): raise _bad(path, f"{len(names)} names for {n} directions")
     for k in ('U', 'lo', 'hi'):
         if not torch.isfinite(t[k]).all(): raise _bad(path, f"`{k}` has non-finite values")
-    stats = CalStats(names, t['stats.mins'], t['stats.maxs'], t['stats.counts'], json.loads(md['stats_meta']))
+    stats = CalStats(names, t['stats.mins'], t['stats.maxs'], t['stats.counts'], json.loads(md['stats_meta']), t.get('stats.keys'))
     mon = cls(names, t['layer_of'], t['U'], md['hook_point'], t['lo'], t['hi'], stats, t['heldout'].bool(), json.loads(md['meta']))
     return mon.check(model, dirs, where=f"monitor {p.name!r}")
 
@@ -734,6 +778,10 @@ def calibrate(model, # fine-tuned model (source or bridge)
     model = load_model(model)
     check_directions(model, dirs)
     if not records: raise WeightwatchError("no calibration records: pass some clean prompts")
+    if rep := repeats(record_keys(records)):
+        i, j = next(iter(rep.items()))
+        warnings.warn(f"{len(rep)} of {len(records)} calibration prompts repeat an earlier one (e.g. record {i} is record {j}); a copy in the "
+                      "held-out split is in range by construction, so the held-out FPR looks better than it is: remove the repeats", stacklevel=2)
     st = collect_stats(model, dirs, records, batch_size=batch_size, generate=generate, progress=progress, **kwargs)
     if certify and not tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
     if tune: return tune_thresholds(st, dirs, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify)
