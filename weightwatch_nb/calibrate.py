@@ -857,10 +857,12 @@ def _cmd_merge(args)->int:
     return 0
 
 def _threshold_options(p, merging:bool=False):
-    d = lambda v: (None, "the first monitor's") if merging else (v, v)
-    p.add_argument('--percentile', type=float, default=d(0.)[0], help=f'trim this percent of prompts at each end of each range (default {d(0)[1]})')
-    p.add_argument('--margin', type=NONNEGATIVE, default=d(0.2)[0], help=f'widen each range by this fraction of its width (default {d(0.2)[1]})')
-    p.add_argument('--holdout', type=FRACTION, default=d(0.2)[0], help=f'fraction held out to estimate the false-positive rate (default {d(0.2)[1]}; 0: none)')
+    "Add the range options; when merging, each defaults to the first monitor's setting."
+    percentile, margin, holdout = (None, None, None) if merging else (0., 0.2, 0.2)
+    said = lambda v: "the first monitor's" if merging else f'{v:g}'
+    p.add_argument('--percentile', type=float, default=percentile, help=f'trim this percent of prompts at each end of each range (default {said(percentile)})')
+    p.add_argument('--margin', type=NONNEGATIVE, default=margin, help=f'widen each range by this fraction of its width (default {said(margin)})')
+    p.add_argument('--holdout', type=FRACTION, default=holdout, help=f'fraction held out to estimate the false-positive rate (default {said(holdout)}; 0: none)')
     p.add_argument('--target-fpr', type=PROBABILITY, default=None, help='a fraction, e.g. 0.01 for 1%%: warn if the prompts are too few to certify this FPR '
                                                                       '(with --tune: the FPR to tune for, default 0.01)')
     p.add_argument('--tune', action='store_true', help='choose --percentile and --margin on a tuning split of the prompts: the narrowest ranges meeting --target-fpr')

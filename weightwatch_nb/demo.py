@@ -111,12 +111,12 @@ def judge_steering(base, finetuned, # the model pair (for the weights-rewind edi
                    batch_size:int=32, # prompts per batch
                   )->Table:
     "`steering_table` rows for every deciding monitor, with a `monitor` column, plus the weights-rewind mode."
-    from weightwatch_nb.steer import Rewind, changed_weights
+    from weightwatch_nb.steer import Rewind
     modes = list(steer)
     if strip_k:
-        from weightwatch_nb.edit import remove_directions
-        edited = remove_directions(base, finetuned, strip_k, matrices=block_matrices(finetuned), progress=False)
-        modes.append(Rewind(weights=changed_weights(edited, model), label='rewind (weights)'))
+        from weightwatch_nb.edit import removed_weights
+        w = removed_weights(base, finetuned, strip_k, matrices=block_matrices(finetuned), like=model, progress=False)
+        modes.append(Rewind(weights=w, label='rewind (weights)'))
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None
                  for row in steering_table(model, m, sets, judges, steer=modes, batch_size=batch_size))
 

@@ -5,20 +5,22 @@
 # %% ../nbs/12_edit.ipynb #7d9b0cdf
 from __future__ import annotations
 import copy, json, math, os, shutil, sys, tempfile
+from collections import Counter
 from pathlib import Path
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .core import WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output, add_quiet, COUNT
+from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
+                                 add_quiet, COUNT, same_weights)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
 
 # %% auto #0
-__all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'interpolate', 'save_edited',
-           'read_edit', 'measure', 'sweep', 'plot_sweep', 'register_cli']
+__all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'removed_weights', 'interpolate',
+           'save_edited', 'read_edit', 'measure', 'sweep', 'plot_sweep', 'register_cli']
 
 # %% ../nbs/12_edit.ipynb #4fc78eeb
 def strip_update(W_ft:Tensor, # fine-tuned weight, oriented [d_model, d_in]
@@ -82,6 +84,45 @@ def _basis(dirs_or_k, key, D)->Tensor:
     return top_svd(D, dirs_or_k, 'exact')[0] if dirs_or_k else D.new_zeros(D.shape[0], 0)
 
 # %% ../nbs/12_edit.ipynb #d8f5b8f7
+def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str):
+    "Check a removal request: (finetuned with any adapter merged, matrices, layers)."
+    finetuned = _merged(base, finetuned)
+    if isinstance(dirs_or_k, Directions):
+        _check_model(dirs_or_k, _origin(open_tensors(finetuned)), where)
+        matrices = dirs_or_k.matrices if matrices is None else matrices
+        layers = dirs_or_k.layers if layers is None else layers
+    elif isinstance(dirs_or_k, bool) or not isinstance(dirs_or_k, int) or dirs_or_k < 0:
+        raise WeightwatchError(f"dirs_or_k must be a number of directions (an integer >= 0) or a `Directions`, got {dirs_or_k!r}")
+    matrices = _as_matrices(DEFAULT_MATRICES if matrices is None else matrices)
+    check_comparable(base, finetuned)
+    return finetuned, matrices, layers
+
+def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress)->tuple[dict, dict, dict]:
+    "The edited tensors ({name: tensor}, named, typed and placed as `like` holds them, if given), the directions removed per matrix, the plan."
+    ft = open_tensors(finetuned)
+    info = arch_info(ft.config)
+    _check_tied(info, matrices)
+    plan = find_keys(ft.keys(), info, matrices, layers)
+    names, held = {key: key for key, _ in plan.values()}, None
+    if like is not None:
+        held = hf_state_dict(like)
+        names = {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items()}
+    left = Counter(key for key, _ in plan.values())   # GPT-2 keeps q, k and v in one tensor: three edits land in it
+    out, removed = {}, {}
+    with torch.no_grad():
+        for l, m, D in tqdm(iter_deltas(base, finetuned, matrices, layers=layers), total=len(plan), desc='removing directions',
+                            disable=not progress, leave=False):
+            key, spec = plan[(l, m)]
+            if key not in out: out[key] = ft.get(key).to(torch.float32, copy=True)
+            U = _basis(dirs_or_k, (l, m), D)
+            W = orient(out[key], spec, info, key)
+            W.copy_(strip_update(W, D, U))
+            removed[f"L{l}.{m}"] = U.shape[1]
+            left[key] -= 1
+            if not left[key] and held is not None:   # finished: keep it as the model holds its own (e.g. bfloat16 on a GPU)
+                out[key] = out[key].to(device=held[names[key]].device, dtype=held[names[key]].dtype)
+    return {names[k]: v for k, v in out.items()}, removed, plan
+
 def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
                       finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir (not modified: the edit is made on a copy)
                       dirs_or_k,   # int k: top-k directions of each ΔW; or `Directions` of this pair
@@ -90,31 +131,33 @@ def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub
                       progress:bool=True, # progress bar over matrices
                      ):            # edited HF model, with `.tokenizer` and the edit record `.ww_edit`
     "A copy of `finetuned` with W_ft − U·Uᵀ·ΔW in every listed matrix, U the directions to remove."
-    is_dirs, finetuned = isinstance(dirs_or_k, Directions), _merged(base, finetuned)
-    if is_dirs:
-        _check_model(dirs_or_k, _origin(open_tensors(finetuned)), 'remove_directions')
-        matrices = dirs_or_k.matrices if matrices is None else matrices
-        layers = dirs_or_k.layers if layers is None else layers
-    elif isinstance(dirs_or_k, bool) or not isinstance(dirs_or_k, int) or dirs_or_k < 0:
-        raise WeightwatchError(f"dirs_or_k must be a number of directions (an integer >= 0) or a `Directions`, got {dirs_or_k!r}")
-    matrices = _as_matrices(DEFAULT_MATRICES if matrices is None else matrices)
-    check_comparable(base, finetuned)
+    finetuned, matrices, layers = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'remove_directions')
     hf = _hf_copy(finetuned)
-    info, sd = arch_info(hf.config), hf_state_dict(hf)
-    _check_tied(info, matrices)
-    plan, removed = find_keys(list(sd), info, matrices, layers), {}
+    edits, removed, plan = _removed(base, finetuned, dirs_or_k, matrices, layers, hf, progress)
+    sd = hf_state_dict(hf)
     with torch.no_grad():
-        for l, m, D in tqdm(iter_deltas(base, finetuned, matrices, layers=layers), total=len(plan), desc='removing directions',
-                            disable=not progress, leave=False):
-            key, spec = plan[(l, m)]
-            U = _basis(dirs_or_k, (l, m), D)
-            W = orient(sd[key], spec, info, key)
-            W.copy_(strip_update(W, D, U))
-            removed[f"L{l}.{m}"] = U.shape[1]
+        for k, v in edits.items(): sd[k].copy_(v)
+    is_dirs = isinstance(dirs_or_k, Directions)
     k = dirs_or_k.meta.get('k') if is_dirs else dirs_or_k
     hf.ww_edit = _record('remove', base, finetuned, k=k, directions='given' if is_dirs else 'top_svd', matrices=list(matrices),
                          layers=sorted({l for l, _ in plan}), removed=removed)
     return hf
+
+# %% ../nbs/12_edit.ipynb #ba7536c2
+def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
+                    finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
+                    dirs_or_k,   # int k: top-k directions of each ΔW; or `Directions` of this pair
+                    matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: theirs)
+                    layers=None, # block indices to edit (default: all; with `Directions`: theirs)
+                    like=None,   # the loaded fine-tuned model they are for: named, typed and placed as it holds its weights (default: float32 on the CPU)
+                    progress:bool=True, # progress bar over matrices
+                   )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
+    "Just the tensors `remove_directions` changes, without a copy of the whole model."
+    finetuned, matrices, layers = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights')
+    if like is not None and not same_weights(want := fingerprint(_origin(open_tensors(finetuned))), fp := fingerprint(like)):
+        raise WeightwatchError(f"`like` is model {fp['id']}, not the fine-tuned model {want['id']} whose update is stripped; "
+                               "pass the loaded fine-tuned model (at any precision), or leave `like` out")
+    return _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress)[0]
 
 # %% ../nbs/12_edit.ipynb #dfe94aaf
 def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge

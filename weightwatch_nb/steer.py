@@ -384,10 +384,10 @@ def _cmd_generate(args)->int:
     if args.steer == 'rewind-weights':
         if not args.base: raise WeightwatchError("--steer rewind-weights needs --base BASE, the model MODEL was fine-tuned from: "
                                                  "the update to strip is MODEL's weights minus BASE's")
-        from weightwatch_nb.edit import remove_directions
+        from weightwatch_nb.edit import removed_weights
         from weightwatch_nb.delta import block_matrices
-        edited = remove_directions(args.base, args.model, args.strip_k, matrices=block_matrices(args.model), progress=False)
-        steer = Rewind(weights=changed_weights(edited, model), label='rewind (weights)')
+        w = removed_weights(args.base, args.model, args.strip_k, matrices=block_matrices(args.model), like=model, progress=False)
+        steer = Rewind(weights=w, label='rewind (weights)')
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
