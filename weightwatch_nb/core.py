@@ -375,15 +375,17 @@ def _fingerprint(cfg, # the model's config (object or dict)
                  tensors, # (name, tensor) pairs of its block weights, in name order
                 )->dict:
     head = json.dumps(arch_summary(cfg), sort_keys=True).encode()
-    h, dtype, low = hashlib.sha256(head), None, {}
+    h, seen, low = hashlib.sha256(head), [], {n: hashlib.sha256(head) for n in _PRECISIONS}
     for k, t in tensors:
-        if dtype is None:
-            dtype = t.dtype
-            low = {n: hashlib.sha256(head) for n, p in _PRECISIONS.items() if p != dtype and p.itemsize <= dtype.itemsize}
+        if t.dtype not in seen: seen.append(t.dtype)
         h.update(k.encode()); h.update(_sample(t))
         for n, g in low.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n]))
+    # the model's precision is its narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
+    # then the hash at its own precision (those modules rounded too) is kept, to match the checkpoint's rounded hash
+    dtype = min(seen, key=lambda d: d.itemsize) if seen else None
+    keep = lambda p: dtype is not None and ((p != dtype and p.itemsize <= dtype.itemsize) or (p == dtype and len(seen) > 1))
     return {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype),
-            'rounded': {n: g.hexdigest() for n, g in low.items()}}
+            'rounded': {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n])}}
 
 def fingerprint(model, # HF model, TransformerBridge, or checkpoint source ('zoo:NAME', a directory)
                )->dict:
@@ -401,7 +403,9 @@ def same_weights(want:dict|None, # the fingerprint an artifact recorded
     if not a or not b: return None
     da, db = want.get('dtype'), have.get('dtype')
     if a == b: return 'exact' if not da or not db or da == db else 'precision'   # e.g. bfloat16 weights upcast to float32
-    if b == (want.get('rounded') or {}).get(db) or a == (have.get('rounded') or {}).get(da): return 'precision'
+    ra, rb = want.get('rounded') or {}, have.get('rounded') or {}
+    if b == ra.get(db) or a == rb.get(da): return 'precision'
+    if any(ra.get(d) and ra.get(d) == rb.get(d) for d in (da, db)): return 'precision'   # a model that keeps some modules wider
     return None
 
 def precision_hint(want:dict|None, # the fingerprint an artifact recorded

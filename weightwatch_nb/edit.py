@@ -97,8 +97,8 @@ def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str):
     check_comparable(base, finetuned)
     return finetuned, matrices, layers
 
-def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress)->tuple[dict, dict, dict]:
-    "The edited tensors ({name: tensor}, named, typed and placed as `like` holds them, if given), the directions removed per matrix, the plan."
+def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write:bool=False)->tuple[dict, dict, dict]:
+    "The edited tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
     ft = open_tensors(finetuned)
     info = arch_info(ft.config)
     _check_tied(info, matrices)
@@ -120,7 +120,8 @@ def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress)->tupl
             removed[f"L{l}.{m}"] = U.shape[1]
             left[key] -= 1
             if not left[key] and held is not None:   # finished: keep it as the model holds its own (e.g. bfloat16 on a GPU)
-                out[key] = out[key].to(device=held[names[key]].device, dtype=held[names[key]].dtype)
+                if write: held[names[key]].copy_(out.pop(key))
+                else: out[key] = out[key].to(device=held[names[key]].device, dtype=held[names[key]].dtype)
     return {names[k]: v for k, v in out.items()}, removed, plan
 
 def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
@@ -133,10 +134,7 @@ def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub
     "A copy of `finetuned` with W_ft − U·Uᵀ·ΔW in every listed matrix, U the directions to remove."
     finetuned, matrices, layers = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'remove_directions')
     hf = _hf_copy(finetuned)
-    edits, removed, plan = _removed(base, finetuned, dirs_or_k, matrices, layers, hf, progress)
-    sd = hf_state_dict(hf)
-    with torch.no_grad():
-        for k, v in edits.items(): sd[k].copy_(v)
+    _, removed, plan = _removed(base, finetuned, dirs_or_k, matrices, layers, hf, progress, write=True)   # edited in place, tensor by tensor
     is_dirs = isinstance(dirs_or_k, Directions)
     k = dirs_or_k.meta.get('k') if is_dirs else dirs_or_k
     hf.ww_edit = _record('remove', base, finetuned, k=k, directions='given' if is_dirs else 'top_svd', matrices=list(matrices),
