@@ -49,12 +49,12 @@ def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list o
 def record_keys(records:list, # records (dicts, strings or message lists, as `as_record` takes them)
                )->Tensor: # [N] int64 digests
     "A 64-bit digest of what the model reads in each record, to find repeated prompts."
-    def key(r):
-        r = as_record(r)
+    def key(i, r):
+        r = as_record(r, f'#{i}')
         what = r['text'] if 'text' in r else [[m['role'], m['content']] for m in r['messages']]
         b = hashlib.blake2b(json.dumps(what, ensure_ascii=False).encode(), digest_size=8).digest()
         return int.from_bytes(b, 'little', signed=True)
-    return torch.tensor([key(r) for r in records], dtype=torch.long)
+    return torch.tensor([key(i, r) for i, r in enumerate(records)], dtype=torch.long)
 
 def repeats(keys:Tensor, # [N] record digests
            )->dict[int, int]: # index of each repeat -> index of its first occurrence

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #3d7430cc
 from __future__ import annotations
-import argparse, hashlib, json, math, os, re, warnings
+import argparse, functools, hashlib, json, math, os, re, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,8 +354,28 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #3d3beae2
+@functools.lru_cache(maxsize=16)
+def _loaded_names(config_json:str)->tuple[frozenset, str, tuple]|None:
+    "The state-dict names a model of this config has, its base-model prefix, and the checkpoint names it ignores when loading (None: unknown)."
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        with torch.device('meta'): m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.loads(config_json)))
+    except Exception: return None   # e.g. an architecture this transformers does not know: names are taken as stored
+    return frozenset(m.state_dict()), m.base_model_prefix or '', tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ())
+
+def _as_loaded(keys, config_json:str)->list[tuple[str, str]]:
+    "(name in the loaded model, checkpoint name) of the checkpoint tensors a model loads, sorted by the first."
+    info, out = _loaded_names(config_json), []
+    if info is None: return sorted((k, k) for k in keys)
+    names, prefix, ignore = info
+    for k in keys:
+        n = f'{prefix}.{k}' if k not in names and f'{prefix}.{k}' in names else k   # older checkpoints drop the prefix (GPT-2's `h.0...`)
+        if n not in names and any(re.search(p, k) for p in ignore): continue      # stored but not loaded (GPT-2's attention masks)
+        out.append((n, k))
+    return sorted(out)
+
 def _named_block_tensors(model):
-    "Yield (name, tensor) for the block weights of an HF model, a bridge, or a checkpoint dir (lazily)."
+    "Yield (name, tensor) for the block weights of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them."
     if isinstance(model, (str, os.PathLike)):
         from safetensors import safe_open
         d = Path(resolve_source(model).ref)
@@ -363,10 +383,11 @@ def _named_block_tensors(model):
         if not files: raise WeightwatchError(f"{str(model)!r} has no *.safetensors weights to fingerprint; save it with `save_pretrained(safe_serialization=True)`")
         names = {}
         for f in files:
+            if 'adapter' in f.name: continue
             with safe_open(str(f), 'pt') as fh: names.update({k: f for k in fh.keys()})
-        for k in sorted(names):
-            if _SKIP.search(k) or 'adapter' in names[k].name: continue
-            with safe_open(str(names[k]), 'pt') as fh: yield k, fh.get_tensor(k)
+        for n, k in _as_loaded(names, (d/'config.json').read_text()):
+            if _SKIP.search(n): continue
+            with safe_open(str(names[k]), 'pt') as fh: yield n, fh.get_tensor(k)
     else:
         for k, v in sorted(hf_state_dict(model).items()):
             if not _SKIP.search(k): yield k, v
@@ -377,9 +398,9 @@ def _fingerprint(cfg, # the model's config (object or dict)
     head = json.dumps(arch_summary(cfg), sort_keys=True).encode()
     h, seen, low = hashlib.sha256(head), [], {n: hashlib.sha256(head) for n in _PRECISIONS}
     for k, t in tensors:
-        if t.dtype not in seen: seen.append(t.dtype)
+        if t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
         h.update(k.encode()); h.update(_sample(t))
-        for n, g in low.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n]))
+        for n, g in low.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n] if t.is_floating_point() else None))
     # the model's precision is its narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
     # then the hash at its own precision (those modules rounded too) is kept, to match the checkpoint's rounded hash
     dtype = min(seen, key=lambda d: d.itemsize) if seen else None

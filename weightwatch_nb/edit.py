@@ -12,7 +12,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
-                                 add_quiet, COUNT, same_weights)
+                                 add_quiet, COUNT)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -97,8 +97,8 @@ def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str):
     check_comparable(base, finetuned)
     return finetuned, matrices, layers
 
-def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write:bool=False)->tuple[dict, dict, dict]:
-    "The edited tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
+def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write:bool=False, verify:bool=False)->tuple[dict, dict, dict]:
+    "The changed tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
     ft = open_tensors(finetuned)
     info = arch_info(ft.config)
     _check_tied(info, matrices)
@@ -108,21 +108,26 @@ def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write
         held = hf_state_dict(like)
         names = {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items()}
     left = Counter(key for key, _ in plan.values())   # GPT-2 keeps q, k and v in one tensor: three edits land in it
-    out, removed = {}, {}
+    out, removed, changed = {}, {}, set()
     with torch.no_grad():
         for l, m, D in tqdm(iter_deltas(base, finetuned, matrices, layers=layers), total=len(plan), desc='removing directions',
                             disable=not progress, leave=False):
             key, spec = plan[(l, m)]
-            if key not in out: out[key] = ft.get(key).to(torch.float32, copy=True)
+            if key not in out:
+                out[key] = ft.get(key).to(torch.float32, copy=True)
+                if verify and not torch.equal(out[key].to(held[names[key]]), held[names[key]]):
+                    raise WeightwatchError(f"`like` does not hold the fine-tuned model's weights: its `{names[key]}` differs from the fine-tuned "
+                                           "checkpoint's; pass the loaded fine-tuned model (at any precision), or leave `like` out")
             U = _basis(dirs_or_k, (l, m), D)
+            if U.shape[1] and D.abs().max() > 0: changed.add(key)
             W = orient(out[key], spec, info, key)
             W.copy_(strip_update(W, D, U))
             removed[f"L{l}.{m}"] = U.shape[1]
             left[key] -= 1
             if not left[key] and held is not None:   # finished: keep it as the model holds its own (e.g. bfloat16 on a GPU)
-                if write: held[names[key]].copy_(out.pop(key))
+                if write: held[names[key]].copy_(out.pop(key))   # (unchanged tensors too: the same values)
                 else: out[key] = out[key].to(device=held[names[key]].device, dtype=held[names[key]].dtype)
-    return {names[k]: v for k, v in out.items()}, removed, plan
+    return {names[k]: v for k, v in out.items() if k in changed}, removed, plan
 
 def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
                       finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir (not modified: the edit is made on a copy)
@@ -147,15 +152,12 @@ def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub i
                     dirs_or_k,   # int k: top-k directions of each ΔW; or `Directions` of this pair
                     matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: theirs)
                     layers=None, # block indices to edit (default: all; with `Directions`: theirs)
-                    like=None,   # the loaded fine-tuned model they are for: named, typed and placed as it holds its weights (default: float32 on the CPU)
+                    like=None,   # the loaded fine-tuned model they are for: named, typed and placed as it holds its weights (default: float32, checkpoint names)
                     progress:bool=True, # progress bar over matrices
                    )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
     "Just the tensors `remove_directions` changes, without a copy of the whole model."
     finetuned, matrices, layers = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights')
-    if like is not None and not same_weights(want := fingerprint(_origin(open_tensors(finetuned))), fp := fingerprint(like)):
-        raise WeightwatchError(f"`like` is model {fp['id']}, not the fine-tuned model {want['id']} whose update is stripped; "
-                               "pass the loaded fine-tuned model (at any precision), or leave `like` out")
-    return _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress)[0]
+    return _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
 
 # %% ../nbs/12_edit.ipynb #dfe94aaf
 def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
