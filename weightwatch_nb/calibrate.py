@@ -51,8 +51,8 @@ def record_keys(records:list, # records (dicts, strings or message lists, as `as
     "A 64-bit digest of what the model reads in each record, to find repeated prompts."
     def key(i, r):
         r = as_record(r, f'#{i}')
-        what = r['text'] if 'text' in r else [[m['role'], m['content']] for m in r['messages']]
-        b = hashlib.blake2b(json.dumps(what, ensure_ascii=False).encode(), digest_size=8).digest()
+        what = r['text'] if 'text' in r else r['messages']   # every field of a message can reach the chat template
+        b = hashlib.blake2b(json.dumps(what, ensure_ascii=False, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(b, 'little', signed=True)
     return torch.tensor([key(i, r) for i, r in enumerate(records)], dtype=torch.long)
 
