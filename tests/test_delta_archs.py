@@ -101,3 +101,26 @@ def test_lora_on_bfloat16_base_matches_at_both_precisions(tmp_path):
         Directions.load(d.save(tmp_path/'d.safetensors'), model=m)   # accepted at either precision
     with pytest.raises(WeightwatchError, match='directions were computed for fine-tuned model'):
         Directions.load(tmp_path/'d.safetensors', model=load_model(tmp_path/'base'))
+
+def _legacy_gpt2(src, dst):
+    "Rewrite a GPT-2 checkpoint the way older files (e.g. the hub's `gpt2`) store it: no `transformer.` prefix, attention masks kept."
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    sd = {k.removeprefix('transformer.'): v for k, v in load_file(src/'model.safetensors').items()}
+    n_layer, n_pos = (json.loads((src/'config.json').read_text())[k] for k in ('n_layer', 'n_positions'))
+    sd.update({f'h.{l}.attn.bias': torch.tril(torch.ones(1, 1, n_pos, n_pos)) for l in range(n_layer)})
+    save_file(sd, dst/'model.safetensors', metadata={'format': 'pt'})
+    return dst
+
+def test_older_gpt2_checkpoint_names(tmp_path):
+    from weightwatch_nb.calibrate import calibrate
+    b = make_tiny_checkpoint(tmp_path/'base', 'gpt2', n_layers=2)
+    truth = plant_update(b, tmp_path/'ft', {(1, 'mlp_out'): 2})
+    lb, lf = _legacy_gpt2(b, tmp_path/'lbase'), _legacy_gpt2(tmp_path/'ft', tmp_path/'lft')
+    d = compute_directions(lb, lf, k=2, progress=False)          # directions from the files as stored
+    assert subspace_cosines(d[(1, 'mlp_out')].T, truth[(1, 'mlp_out')]).min() >= 0.999
+    model = load_model(lf)
+    assert same_weights(fingerprint(lf), fingerprint(model)) == 'exact' and fingerprint(lf) == fingerprint(tmp_path/'ft')
+    mon = calibrate(model, Directions.load(d.save(tmp_path/'d.safetensors'), model=model), [f'the model {i}' for i in range(12)])
+    assert len(mon) == len(d)                                     # accepted by the loaded model: before, its fingerprint differed
