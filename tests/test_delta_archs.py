@@ -124,3 +124,12 @@ def test_older_gpt2_checkpoint_names(tmp_path):
     assert same_weights(fingerprint(lf), fingerprint(model)) == 'exact' and fingerprint(lf) == fingerprint(tmp_path/'ft')
     mon = calibrate(model, Directions.load(d.save(tmp_path/'d.safetensors'), model=model), [f'the model {i}' for i in range(12)])
     assert len(mon) == len(d)                                     # accepted by the loaded model: before, its fingerprint differed
+    from peft import LoraConfig, get_peft_model                   # a LoRA adapter on the older-style base
+    torch.manual_seed(0)
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=2, lora_alpha=4, target_modules=['c_proj', 'c_fc'], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    dl = compute_directions(lb, lora=tmp_path/'lora', k=2, progress=False)
+    assert dl.meta['fingerprints']['finetuned'] == fingerprint(pm.merge_and_unload())

@@ -268,15 +268,15 @@ def _lora_fingerprint(bt, # tensor source of the base model
                       adapter, # LoRA adapter directory
                      )->dict:
     "`core.fingerprint` of the merged model base + adapter, computed one tensor at a time."
-    from weightwatch_nb.core import _fingerprint, _SKIP
+    from weightwatch_nb.core import _fingerprint, _SKIP, _as_loaded
     from weightwatch_nb.delta import _suffix_index, _lora_scale
     cfg, fac = read_adapter(adapter)
     info, idx = arch_info(bt.config), _suffix_index(fac)
     stored = {key: spec.stored for key, spec in find_keys(bt.keys(), info, list(info['specs']), required=False).values()}
     def merged():
-        for k in sorted(bt.keys()):
-            if _SKIP.search(k): continue
-            t, mods = bt.get(k), idx.get(k.removesuffix('.weight'), [])
+        for n, k in _as_loaded(bt.keys(), json.dumps(bt.config, sort_keys=True, default=str)):   # named as the loaded model names them
+            if _SKIP.search(n): continue
+            t, mods = bt.get(k), idx.get(n.removesuffix('.weight'), []) or idx.get(k.removesuffix('.weight'), [])
             if mods:
                 A, B = fac[mods[0]]
                 D = B @ A                                       # [out, in], as PEFT computes it
@@ -285,7 +285,7 @@ def _lora_fingerprint(bt, # tensor source of the base model
                                          'conv1d' if D.shape != D.T.shape or cfg.get('fan_in_fan_out') else 'linear')
                 if kind != 'linear': D = D.T
                 t = t.float() + (D * _lora_scale(mods[0], A.shape[0], cfg)).float()   # merged in float32 and rounded once, as PEFT does
-            yield k, t.float()
+            yield n, t.float()
     return _fingerprint(bt.config, merged())
 
 # %% ../nbs/04_directions.ipynb #830e75c6
