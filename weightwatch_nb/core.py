@@ -355,35 +355,44 @@ def hf_state_dict(model, # HF model or TransformerBridge
 
 # %% ../nbs/00_core.ipynb #3d3beae2
 @functools.lru_cache(maxsize=16)
-def _loaded_names(config_json:str)->tuple[frozenset, str, tuple]|None:
-    "The state-dict names a model of this config has, its base-model prefix, and the checkpoint names it ignores when loading (None: unknown)."
+def _loaded_names(config_json:str)->tuple|None:
+    "What a model of this config loads: its state-dict names, module names, buffer names, and the checkpoint names it ignores (None: unknown)."
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         with torch.device('meta'): m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.loads(config_json)))
     except Exception: return None   # e.g. an architecture this transformers does not know: names are taken as stored
-    return frozenset(m.state_dict()), m.base_model_prefix or '', tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ())
+    return (frozenset(m.state_dict()), m.base_model_prefix or '', frozenset(n for n, _ in m.named_modules()),
+            frozenset(n for n, _ in m.named_buffers()), tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ()))
 
 def _as_loaded(keys, config_json:str)->list[tuple[str, str]]:
     "(name in the loaded model, checkpoint name) of the checkpoint tensors a model loads, sorted by the first."
     info, out = _loaded_names(config_json), []
     if info is None: return sorted((k, k) for k in keys)
-    names, prefix, ignore = info
+    names, prefix, modules, buffers, ignore = info
+    known = lambda x: x in names or x.rpartition('.')[0] in modules   # a weight of the model, or a tensor of one of its modules
     for k in keys:
-        n = f'{prefix}.{k}' if k not in names and f'{prefix}.{k}' in names else k   # older checkpoints drop the prefix (GPT-2's `h.0...`)
-        if n not in names and any(re.search(p, k) for p in ignore): continue      # stored but not loaded (GPT-2's attention masks)
+        n = f'{prefix}.{k}' if prefix and not known(k) and known(f'{prefix}.{k}') else k   # older checkpoints drop the prefix (GPT-2's `h.0...`)
+        if (n not in names and n.rpartition('.')[0] in modules                    # a stored tensor of a module the model has, which it does
+                and (n in buffers or any(re.search(p, k) for p in ignore))): continue   # not load: GPT-2's attention masks, a rotary table
         out.append((n, k))
+    if len({n for n, _ in out}) < len(out): return sorted((k, k) for k in keys)   # two stored names for one weight: keep them as stored
     return sorted(out)
+
+def _weight_files(d:Path)->list[Path]:
+    "The safetensors files of a checkpoint directory that hold the model (the index's, when there is one; never an adapter's)."
+    idx = d/'model.safetensors.index.json'
+    if idx.is_file(): return sorted({d/f for f in json.loads(idx.read_text())['weight_map'].values()})
+    return sorted(f for f in d.glob('*.safetensors') if 'adapter' not in f.name)
 
 def _named_block_tensors(model):
     "Yield (name, tensor) for the block weights of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them."
     if isinstance(model, (str, os.PathLike)):
         from safetensors import safe_open
         d = Path(resolve_source(model).ref)
-        files = sorted(d.glob('*.safetensors'))
+        files = _weight_files(d)
         if not files: raise WeightwatchError(f"{str(model)!r} has no *.safetensors weights to fingerprint; save it with `save_pretrained(safe_serialization=True)`")
         names = {}
         for f in files:
-            if 'adapter' in f.name: continue
             with safe_open(str(f), 'pt') as fh: names.update({k: f for k in fh.keys()})
         for n, k in _as_loaded(names, (d/'config.json').read_text()):
             if _SKIP.search(n): continue
