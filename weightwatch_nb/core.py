@@ -339,27 +339,29 @@ def _sample(t:Tensor, n:int=4096, rounded:torch.dtype|None=None)->bytes:
 def _dtype_name(dt)->str|None: return None if dt is None else str(dt).removeprefix('torch.')
 
 # %% ../nbs/00_core.ipynb #437e041c
+def _meta_model(config): # a Hugging Face config object
+    "An empty model of `config` on the meta device (no memory): what it names, holds and ignores."
+    from transformers import AutoModelForCausalLM
+    with torch.device('meta'): return AutoModelForCausalLM.from_config(config)
+
 def hf_state_dict(model, # HF model or TransformerBridge
                  )->dict[str, Tensor]:
     "The model's weights under the names its Hugging Face checkpoint uses (no copies)."
-    from transformers import AutoModelForCausalLM
     hf = getattr(model, 'original_model', model)
     sd = hf.state_dict()
     if not any('_original_component' in k for k in sd): return sd
     norm = {}
     for k, v in sd.items(): norm.setdefault(k.replace('._original_component', ''), v)
     ref = hf.__dict__.get('_ww_hf_keys')   # the checkpoint's key names depend only on the config: build them once per model
-    if ref is None:
-        with torch.device('meta'): ref = hf.__dict__['_ww_hf_keys'] = list(AutoModelForCausalLM.from_config(hf.config).state_dict().keys())
+    if ref is None: ref = hf.__dict__['_ww_hf_keys'] = list(_meta_model(hf.config).state_dict())
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #3d3beae2
 @functools.lru_cache(maxsize=16)
 def _loaded_names(config_json:str)->tuple|None:
     "What a model of this config loads: its state-dict names, module names, buffer names, and the checkpoint names it ignores (None: unknown)."
-    from transformers import AutoConfig, AutoModelForCausalLM
-    try:
-        with torch.device('meta'): m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**json.loads(config_json)))
+    from transformers import AutoConfig
+    try: m = _meta_model(AutoConfig.for_model(**json.loads(config_json)))
     except Exception: return None   # e.g. an architecture this transformers does not know: names are taken as stored
     return (frozenset(m.state_dict()), m.base_model_prefix or '', frozenset(n for n, _ in m.named_modules()),
             frozenset(n for n, _ in m.named_buffers()), tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ()))
