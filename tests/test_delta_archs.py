@@ -133,3 +133,23 @@ def test_older_gpt2_checkpoint_names(tmp_path):
     pm.save_pretrained(tmp_path/'lora')
     dl = compute_directions(lb, lora=tmp_path/'lora', k=2, progress=False)
     assert dl.meta['fingerprints']['finetuned'] == fingerprint(pm.merge_and_unload())
+
+def test_older_rotary_tables_are_not_weights(tmp_path):
+    "Older Pythia (GPT-NeoX) files store each layer's rotary table and attention masks; the loaded model computes them."
+    from safetensors.torch import load_file, save_file
+    b = make_tiny_checkpoint(tmp_path/'base', 'gpt_neox', n_layers=2)
+    truth = plant_update(b, tmp_path/'ft', {(1, 'mlp_out'): 2})
+    want = fingerprint(tmp_path/'ft')
+    for d in (b, tmp_path/'ft'):
+        sd = load_file(d/'model.safetensors')
+        for l in range(2):
+            a = f'gpt_neox.layers.{l}.attention'
+            sd.update({f'{a}.rotary_emb.inv_freq': torch.rand(4), f'{a}.bias': torch.ones(1, 1, 8, 8, dtype=torch.bool),
+                       f'{a}.masked_bias': torch.tensor(-1e9)})
+        save_file(sd, d/'model.safetensors', metadata={'format': 'pt'})
+    assert fingerprint(tmp_path/'ft') == want
+    model = load_model(tmp_path/'ft')
+    assert same_weights(fingerprint(tmp_path/'ft'), fingerprint(model)) == 'exact'
+    d = compute_directions(b, tmp_path/'ft', k=2, progress=False)
+    assert subspace_cosines(d[(1, 'mlp_out')].T, truth[(1, 'mlp_out')]).min() >= 0.999
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=model)   # accepted by the loaded model

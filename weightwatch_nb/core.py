@@ -359,23 +359,26 @@ def hf_state_dict(model, # HF model or TransformerBridge
 # %% ../nbs/00_core.ipynb #3d3beae2
 @functools.lru_cache(maxsize=16)
 def _loaded_names(config_json:str)->tuple|None:
-    "What a model of this config loads: its state-dict names, module names, buffer names, and the checkpoint names it ignores (None: unknown)."
+    "What a model of this config loads: its state-dict names, module names, buffer names, its computed tables' `module.buffer` tails, and the checkpoint names it ignores (None: unknown)."
     from transformers import AutoConfig
     try: m = _meta_model(AutoConfig.for_model(**json.loads(config_json)))
     except Exception: return None   # e.g. an architecture this transformers does not know: names are taken as stored
-    return (frozenset(m.state_dict()), m.base_model_prefix or '', frozenset(n for n, _ in m.named_modules()),
-            frozenset(n for n, _ in m.named_buffers()), tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ()))
+    names, buffers = frozenset(m.state_dict()), frozenset(n for n, _ in m.named_buffers())
+    tails = frozenset('.'.join(b.split('.')[-2:]) for b in buffers - names)   # tables it computes, never loads: `rotary_emb.inv_freq`
+    return (names, m.base_model_prefix or '', frozenset(n for n, _ in m.named_modules()), buffers, tails,
+            tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ()))
 
 def _as_loaded(keys, config_json:str)->list[tuple[str, str]]:
     "(name in the loaded model, checkpoint name) of the checkpoint tensors a model loads, sorted by the first."
     info, out = _loaded_names(config_json), []
     if info is None: return sorted((k, k) for k in keys)
-    names, prefix, modules, buffers, ignore = info
+    names, prefix, modules, buffers, tails, ignore = info
     known = lambda x: x in names or x.rpartition('.')[0] in modules   # a weight of the model, or a tensor of one of its modules
     for k in keys:
         n = f'{prefix}.{k}' if prefix and not known(k) and known(f'{prefix}.{k}') else k   # older checkpoints drop the prefix (GPT-2's `h.0...`)
-        if (n not in names and n.rpartition('.')[0] in modules                    # a stored tensor of a module the model has, which it does
-                and (n in buffers or any(re.search(p, k) for p in ignore))): continue   # not load: GPT-2's attention masks, a rotary table
+        if n not in names and ((n.rpartition('.')[0] in modules                   # a stored tensor of a module the model has, which it does
+                and (n in buffers or any(re.search(p, k) for p in ignore)))       # not load: GPT-2's attention masks, a rotary table,
+                or '.'.join(n.split('.')[-2:]) in tails): continue                # or a table it computes, where older versions kept it (per layer)
         out.append((n, k))
     if len({n for n, _ in out}) < len(out): return sorted((k, k) for k in keys)   # two stored names for one weight: keep them as stored
     return sorted(out)
