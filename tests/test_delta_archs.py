@@ -153,3 +153,17 @@ def test_older_rotary_tables_are_not_weights(tmp_path):
     d = compute_directions(b, tmp_path/'ft', k=2, progress=False)
     assert subspace_cosines(d[(1, 'mlp_out')].T, truth[(1, 'mlp_out')]).min() >= 0.999
     Directions.load(d.save(tmp_path/'d.safetensors'), model=model)   # accepted by the loaded model
+
+def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
+    "GPT-NeoX files store the untied unembedding as `embed_out`; the loaded model calls it `lm_head`: both are found."
+    from weightwatch_nb.edit import removed_weights
+    b = tiny('gpt_neox', tmp_path/'base')
+    assert not json.loads((b/'config.json').read_text()).get('tie_word_embeddings')
+    truth = plant_update(b, tmp_path/'ft', {(1, 'unembed'): 2, (1, 'mlp_out'): 1})
+    (hb, _), (hf, _) = load_hf(b), load_hf(tmp_path/'ft')
+    assert 'lm_head.weight' in hf.state_dict()
+    for d in (compute_directions(b, tmp_path/'ft', k=2, matrices=['unembed'], progress=False),
+              compute_directions(hb, hf, k=2, matrices=['unembed'], progress=False)):
+        assert subspace_cosines(d[(1, 'unembed')].T, truth[(1, 'unembed')]).min() >= 0.999
+    w = removed_weights(b, tmp_path/'ft', 2, matrices=['unembed', 'mlp_out'], like=load_model(tmp_path/'ft'), progress=False)
+    assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed

@@ -30,6 +30,7 @@ class MatrixSpec:
     residual:str         # side that touches the residual stream: 'out' (writes to it) or 'in' (reads from it)
     other:str            # size of the other side: 'q', 'kv', 'd_mlp' or 'vocab' (see `arch_info`)
     part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn)
+    alt:tuple=()         # other names of it, tried in turn (a loaded GPT-NeoX calls the stored `embed_out` `lm_head`)
 
 # %% ../nbs/03_delta.ipynb #10239f4c
 def _specs(**kw): return {m: MatrixSpec(*v) for m, v in kw.items()}
@@ -55,7 +56,7 @@ _NEOX = _specs(attn_out=('layers.{layer}.attention.dense.weight', 'linear', 'out
                mlp_out=('layers.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'),
                mlp_in=('layers.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
                embed=('embed_in.weight', 'embedding', 'out', 'vocab'),
-               unembed=('embed_out.weight', 'linear', 'in', 'vocab'))
+               unembed=('embed_out.weight', 'linear', 'in', 'vocab', None, ('lm_head.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX}
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'olmo', 'olmo2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox'}
@@ -199,8 +200,8 @@ def find_keys(keys,            # checkpoint tensor names
         spec = info['specs'].get(m)
         if spec is None: raise WeightwatchError(f"{info['model_type']} has no `{m}` matrix; choose from {list(info['specs'])}")
         for l in ([None] if m in ('embed', 'unembed') else layers):
-            t = spec.key.format(layer=l).removesuffix(suffix)
-            hits = idx.get(t, [])
+            names = [n.format(layer=l).removesuffix(suffix) for n in (spec.key, *spec.alt)]
+            t, hits = next(((n, idx[n]) for n in names if n in idx), (names[0], []))
             if not hits and m == 'unembed' and info['tied']: hits = idx.get(info['specs']['embed'].key.removesuffix(suffix), [])
             if len(hits) > 1: raise WeightwatchError(f"`{t}` matches several tensors {hits}; pass the language model's own checkpoint")
             if hits: out[(spec_layer(m, l, info), m)] = (hits[0], spec)
