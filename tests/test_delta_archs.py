@@ -167,3 +167,50 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
         assert subspace_cosines(d[(1, 'unembed')].T, truth[(1, 'unembed')]).min() >= 0.999
     w = removed_weights(b, tmp_path/'ft', 2, matrices=['unembed', 'mlp_out'], like=load_model(tmp_path/'ft'), progress=False)
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
+
+def _post_norm_pair(arch, tmp_path):
+    "A tiny Gemma 2 or OLMo 2 pair (norm gains randomised, so a norm in the way shows) with a planted rank-1 `attn_out` update at layer 0."
+    import transformers as T
+    from weightwatch_nb.core import tiny_tokenizer
+    torch.manual_seed(0)
+    cfg = T.AutoConfig.for_model(arch, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    m = T.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if 'norm' in n: p.add_(0.5 * torch.randn_like(p))
+    m.save_pretrained(tmp_path/'base'); tiny_tokenizer(300).save_pretrained(tmp_path/'base')
+    truth = plant_update(tmp_path/'base', tmp_path/'ft', {(0, 'attn_out'): 1}, scale=5.)
+    return tmp_path/'base', tmp_path/'ft', truth[(0, 'attn_out')][:, 0]
+
+@pytest.mark.parametrize('arch', ['gemma2', 'olmo2'])
+def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
+    "Where a norm follows attention and the MLP, directions are compared at their outputs, where a planted update is exactly along them."
+    from weightwatch_nb.directions import WRITE_HOOK, DEFAULT_HOOK, READ_HOOK
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.steer import project_out
+    b, f, u = _post_norm_pair(arch, tmp_path)
+    d = compute_directions(b, f, k=1, progress=False)
+    assert d.hook_point == WRITE_HOOK and d.hook(0, 'attn_out') == 'blocks.0.attn.hook_out'
+    assert abs(float(d[(0, 'attn_out')][0] @ u)) > 0.999
+    h, acts = d.hook(0, 'attn_out'), {}
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
+    for which, src in (('base', b), ('ft', f)):
+        _, cache = load_model(src).run_with_cache(ids, names_filter=lambda n: n in (h, 'blocks.0.hook_out'))
+        acts[which] = cache
+    for hook, exact in ((h, True), ('blocks.0.hook_out', False)):   # the change the update makes, along its direction: all of it only before the norm
+        D = (acts['ft'][hook] - acts['base'][hook])[0]
+        share = float(((D @ u) ** 2).sum() / (D ** 2).sum())
+        assert (share > 0.999) == exact, (hook, share)
+    with pytest.warns(UserWarning, match='normalises each attention and MLP output'):
+        compute_directions(b, f, k=1, hook_point=DEFAULT_HOOK, progress=False)
+    model = load_model(f)
+    mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(4)])
+    assert len(mon) == len(d)                                            # calibrated at the sub-layer outputs
+    x = model.tokenizer('the model 3 of 2', return_tensors='pt').input_ids
+    with project_out(model, d):
+        _, cache = model.run_with_cache(x, names_filter=lambda n: n == h)
+    assert float((cache[h][0] @ d[(0, 'attn_out')].T).abs().max()) < 1e-4   # removed where it was measured
+    if arch == 'olmo2':   # no norm before attention and the MLP: no `ln1`/`ln2` to compare read-side directions with
+        with pytest.raises(WeightwatchError, match='no norm in front of attention'):
+            compute_directions(b, f, k=1, matrices=['attn_q'], hook_point=READ_HOOK, progress=False)

@@ -17,15 +17,16 @@ from .core import (WeightwatchError, fingerprint, load_model, load_hf, make_tiny
                                  add_model_options, model_options,
                                  same_weights, precision_hint)
 from itertools import groupby
-from .directions import hook_name, parse_name
+from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
 __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'as_record', 'record_keys', 'repeats', 'read_jsonl',
            'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate',
-           'direction_groups', 'direction_names', 'Tracer', 'Trace', 'context_window', 'forward_blocks', 'run_batches',
-           'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats',
-           'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed', 'Monitor', 'CannotCertify',
-           'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
+           'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window', 'forward_blocks',
+           'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats',
+           'merge_stats', 'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed', 'Monitor',
+           'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
+           'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -268,8 +269,23 @@ class Tracer:
             return self.steer(h, act, c, valid, roles, step)
         return fn
 
-    def hooks(self)->list: return [(h, self._hook(h, U)) for _, h, _, _, U in self.groups]
+    def hooks(self, model=None)->list:
+        "(hook name, function) pairs to attach; with `model`, first checked against the hooks it has (`check_hooks`)."
+        if model is not None: check_hooks(model, [h for _, h, *_ in self.groups])
+        return [(h, self._hook(h, U)) for _, h, _, _, U in self.groups]
     def cosines(self)->Tensor: return torch.cat([torch.cat(self.cos[h], dim=1) for _, h, *_ in self.groups], dim=-1)
+
+def check_hooks(model, # the model (`TransformerBridge`)
+                names:list[str], # hook names that directions are compared at
+               )->None:
+    "Raise a `WeightwatchError` that names the hook, unless `model` has every hook in `names`."
+    have = getattr(model, 'hook_dict', None)
+    missing = sorted(set(names) - set(have)) if have is not None else []
+    if not missing: return
+    mt = getattr(getattr(getattr(model, 'original_model', model), 'config', None), 'model_type', None) or 'this'
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''
+    raise WeightwatchError(f"these directions are compared at hook {missing[0]!r}{more}, which this {mt} model does not have; "
+                           f"compute the directions with a hook point it has, e.g. {DEFAULT_HOOK!r}")
 
 # %% ../nbs/05_calibrate.ipynb #46ee89c1
 @dataclass
@@ -342,7 +358,7 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
         trs = [Tracer(dirs, dev, None if own else steer)] + ([Tracer(steer.dirs, dev, steer, record=False)] if own else [])
         for t in trs: t.start(b.mask.bool().to(dev), b.roles.to(dev))
         ids, mask = b.ids.to(dev), b.mask.to(dev)
-        with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks()]):
+        with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks(model)]):
             if generate: seqs = model.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate, pad_token_id=pad, **gen)
             else: seqs = None; forward_blocks(model, ids, mask, max(dirs.layers))
         yield b, trs[0].cosines().cpu(), (None if seqs is None else seqs.cpu())

@@ -13,10 +13,10 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'READ_MATRICES', 'BLOCK_MATRICES', 'MatrixSpec', 'arch_info',
-           'spec_layer', 'orient', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices',
-           'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'sign_fix', 'svd_method', 'top_svd',
-           'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'READ_MATRICES',
+           'BLOCK_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient', 'CheckpointTensors', 'StateDictTensors',
+           'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'sign_fix',
+           'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'embed', 'unembed')
@@ -60,6 +60,8 @@ _NEOX = _specs(attn_out=('layers.{layer}.attention.dense.weight', 'linear', 'out
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX}
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'olmo', 'olmo2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox'}
+POST_NORM = ('gemma2', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
+NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
 
 # %% ../nbs/03_delta.ipynb #73ce5693
 def arch_info(config, # a Hugging Face config or its dict
@@ -75,7 +77,8 @@ def arch_info(config, # a Hugging Face config or its dict
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=d.get('num_hidden_layers') or d.get('n_layer'),
                 d_mlp=d.get('intermediate_size') or d.get('n_inner') or 4*d_model, vocab=d['vocab_size'],
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim,
-                tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS[FAMILIES[mt]])
+                tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS[FAMILIES[mt]],
+                post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM)
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     "The layer a matrix's directions are filed under (embed: 0, unembed: last)."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_directions.ipynb #43e59fbc
 from __future__ import annotations
-import json, os, re
+import json, os, re, warnings
 from pathlib import Path
 import torch
 from torch import Tensor
@@ -14,9 +14,9 @@ from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_ke
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
 # %% auto #0
-__all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'parse_name', 'Directions', 'hook_name',
-           'compute_directions', 'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap', 'DirectionsBrowser',
-           'delta_spectra', 'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
+__all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK', 'parse_name',
+           'Directions', 'hook_name', 'compute_directions', 'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap',
+           'DirectionsBrowser', 'delta_spectra', 'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
 
 # %% ../nbs/04_directions.ipynb #0b48467e
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
@@ -24,6 +24,8 @@ _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
 INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
                'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
+OUTPUT_HOOKS = {'attn_out': 'attn.hook_out', 'mlp_out': 'mlp.hook_out'}  # each writing matrix's own sub-layer output, before any norm
+WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
 
 def parse_name(name:str, # 'L3.mlp_out.u0' (one vector) or 'L3.mlp_out' (all vectors of a matrix)
               )->tuple:  # (layer, matrix, index or None)
@@ -42,6 +44,9 @@ def _check(vectors:dict, S:dict, hook_point:str, where:str='', indices:dict|None
     bad = sorted({m for _, m in vectors if m not in INPUT_HOOKS}) if '{input}' in hook_point else []
     if bad: raise WeightwatchError(f"{w}hook_point {hook_point!r} compares each direction with its matrix's input, but {bad} write to the "
                                    f"residual stream rather than read from it; use '{{input}}' only with {list(INPUT_HOOKS)}, or a plain hook such as {DEFAULT_HOOK!r}")
+    bad = sorted({m for _, m in vectors if m not in OUTPUT_HOOKS}) if '{output}' in hook_point else []
+    if bad: raise WeightwatchError(f"{w}hook_point {hook_point!r} compares each direction with its sub-layer's output, but {bad} are not "
+                                   f"sub-layer outputs; use '{{output}}' only with {list(OUTPUT_HOOKS)}, or a plain hook such as {DEFAULT_HOOK!r}")
     if not vectors: raise WeightwatchError(f"{w}no directions: there must be at least one (layer, matrix)")
     if set(vectors) != set(S): raise WeightwatchError(f"{w}singular values missing or extra for {sorted(set(vectors) ^ set(S))}")
     for (l, m), v in vectors.items():
@@ -144,19 +149,21 @@ def by_layer(self:Directions,
     return ([f"L{l}.{m}.u{i}" for l, m in keys for i in self.index((l, m))],
             torch.cat([self.vectors[lm] for lm in keys]))
 
-def hook_name(template:str, # hook template with '{layer}', and optionally '{input}' (see `READ_HOOK`)
+def hook_name(template:str, # hook template with '{layer}', and optionally '{input}' or '{output}' (see `READ_HOOK`, `WRITE_HOOK`)
               layer:int, # block index
-              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}')
+              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}' or '{output}')
              )->str:
     "The hook name `template` gives at `layer` for directions of `matrix`."
-    if '{input}' not in template: return template.format(layer=layer)
-    if matrix not in INPUT_HOOKS: raise WeightwatchError(f"hook {template!r} needs the matrix that reads the activation (one of {list(INPUT_HOOKS)}), got {matrix!r}")
-    return template.format(layer=layer, input=INPUT_HOOKS[matrix])
+    for field, table, does in (('input', INPUT_HOOKS, 'reads'), ('output', OUTPUT_HOOKS, 'writes')):
+        if '{' + field + '}' not in template: continue
+        if matrix not in table: raise WeightwatchError(f"hook {template!r} needs the matrix that {does} the activation (one of {list(table)}), got {matrix!r}")
+        return template.format(layer=layer, **{field: table[matrix]})
+    return template.format(layer=layer)
 
 @patch
 def hook(self:Directions,
          layer:int, # block index
-         matrix:str|None=None, # the matrix, for a hook template with '{input}'
+         matrix:str|None=None, # the matrix, for a hook template with '{input}' or '{output}'
         )->str:
     "The TransformerLens hook name where directions of `layer` (and `matrix`) are compared with activations."
     return hook_name(self.hook_point, layer, matrix)
@@ -299,6 +306,25 @@ def _label(x):
     if x is None or isinstance(x, (str, os.PathLike)): return None if x is None else str(x)
     return getattr(x, 'ww_source', None) or type(x).__name__
 
+def _hook_for(info:dict, # `arch_info` of the model
+              matrices:tuple, # the matrices whose directions are compared there
+              hook_point:str|None, # the caller's template (None: choose)
+             )->str:
+    "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
+    mt, writes = info['model_type'], set(matrices) & set(OUTPUT_HOOKS)
+    if '{input}' in (hook_point or '') and not info['pre_norm']:
+        raise WeightwatchError(f"{mt} has no norm in front of attention and the MLP (no `ln1`/`ln2` hooks), so read-side directions cannot be "
+                               f"compared with what their matrices read at {hook_point!r}; compare them at the block's input instead, "
+                               "hook_point='blocks.{layer}.hook_in' (exact for attn_q/attn_k/attn_v), or use the write side")
+    if hook_point is None:
+        if info['post_norm'] and writes and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
+        hook_point = DEFAULT_HOOK
+    if info['post_norm'] and writes and '{output}' not in hook_point:
+        warnings.warn(f"{mt} normalises each attention and MLP output before adding it to the residual stream, so directions of "
+                      f"{sorted(writes)} are exact at those outputs ({WRITE_HOOK!r}), not at {hook_point!r}; compute them separately "
+                      f"with hook_point={WRITE_HOOK!r}", stacklevel=3)
+    return hook_point
+
 def _pbar(total, progress, desc):
     from tqdm.auto import tqdm
     return tqdm(total=total, disable=not progress, desc=desc, unit='matrix', leave=False)
@@ -312,7 +338,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                        mode:str='sub',  # 'sub': ΔW = W_ft - W_base (the paper); 'raw': W_ft alone
                        lora=None,       # LoRA adapter dir: ΔW = B·A·scale on top of `base`, read without merging
                        layers=None,     # block indices (default: all)
-                       hook_point:str=DEFAULT_HOOK, # where the directions will be compared with activations
+                       hook_point:str|None=None, # where the directions will be compared with activations (None: the residual stream, `DEFAULT_HOOK`, or the sub-layer outputs, `WRITE_HOOK`, where a norm follows them)
                        progress:bool=True, # show a progress bar
                       )->Directions:
     "Top-`k` singular directions of every requested weight delta of a model pair."
@@ -326,7 +352,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if mode != 'sub': raise WeightwatchError("mode 'raw' needs the full fine-tuned weights; a LoRA adapter only has the delta: use mode 'sub'")
         if finetuned is not None: raise WeightwatchError("with `lora=` the fine-tuned model is base + adapter: leave `finetuned` empty")
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
-        bt = open_tensors(base); info = arch_info(bt.config)
+        bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point)
         plan = find_keys(bt.keys(), info, matrices, layers)
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:
             for l, m, L, R in lora_factors(lora, bt.config, matrices, layers):
@@ -338,7 +364,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
         ft = open_tensors(finetuned); bt = open_tensors(base) if mode == 'sub' else None
-        info = arch_info(ft.config)
+        info = arch_info(ft.config); hook_point = _hook_for(info, matrices, hook_point)
         plan = find_keys(ft.keys(), info, matrices, layers)
         with _pbar(len(plan), progress, 'directions') as pb:
             for l, m, D in iter_deltas(bt, ft, matrices, mode, layers):
@@ -510,7 +536,8 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--mode', choices=['sub', 'raw'], default='sub', help="sub: W_ft - W_base (default); raw: W_ft alone (no base)")
     p.add_argument('--lora', metavar='ADAPTER_DIR', help='LoRA adapter on BASE: dW = B·A·scale, read without merging')
     p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
-    p.add_argument('--hook-point', default=DEFAULT_HOOK, help=f"hook template recorded in the file (default {DEFAULT_HOOK})")
+    p.add_argument('--hook-point', default=None, help=f"hook template recorded in the file (default {DEFAULT_HOOK}, the residual stream; "
+                   f"{WRITE_HOOK} for models that normalise each attention and MLP output, Gemma 2 and OLMo 2)")
     add_quiet(p)
     p.set_defaults(func=_directions_cmd)
     return p

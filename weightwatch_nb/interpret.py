@@ -130,7 +130,7 @@ def trace_tokens(model, # model (bridge) to run
     dev = model.cfg.device
     for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='batches'):
         tr = Tracer(dirs, dev); tr.start()
-        with torch.no_grad(), model.hooks(fwd_hooks=tr.hooks()):
+        with torch.no_grad(), model.hooks(fwd_hooks=tr.hooks(model)):
             forward_blocks(model, b.ids.to(dev), b.mask.to(dev), max(dirs.layers))
         cos = tr.cosines().cpu()
         for r, i in enumerate(b.index):

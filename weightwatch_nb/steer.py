@@ -82,7 +82,7 @@ def steering(model, # the model (`TransformerBridge`)
     "Attach `steerer` to the model's hooks for the duration of a `with` block."
     tr = Tracer(steerer.dirs, device=model.cfg.device, steer=steerer, record=False)
     steerer.reset()
-    with model.hooks(fwd_hooks=tr.hooks()): yield steerer
+    with model.hooks(fwd_hooks=tr.hooks(model)): yield steerer
 
 # %% ../nbs/07_steer.ipynb #eda0a64d
 class ProjectOut(Steerer):
