@@ -25,3 +25,18 @@ def test_unknown_organism_is_one_clear_line():
 def test_missing_subcommand_is_usage_error():
     r = run()
     assert r.returncode == 2 and 'usage' in r.stderr
+
+def test_outputs_never_land_in_a_model_folder(tmp_path):
+    "No command writes into, or replaces, a checkpoint folder it reads; the folder is left byte for byte."
+    import hashlib
+    from weightwatch_nb.core import make_tiny_checkpoint
+    from weightwatch_nb.delta import plant_update
+    base = make_tiny_checkpoint(tmp_path/'base', 'llama', n_layers=1)
+    ft = tmp_path/'ft'; plant_update(base, ft, {(0, 'mlp_out'): 1})
+    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in ft.iterdir()}
+    for args in (('directions', str(base), str(ft), '-o', str(ft/'model.safetensors')),
+                 ('edit', str(base), str(ft), '-o', str(ft), '--remove', '1', '--force'),
+                 ('edit', str(base), str(ft), '-o', str(tmp_path), '--remove', '1', '--force')):   # a folder that holds both models
+        r = run(*args)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr and 'model folder' in r.stderr, (args, r.stderr)
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in ft.iterdir()} == before

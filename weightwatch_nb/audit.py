@@ -237,7 +237,7 @@ def save(self:Audit, path:str|os.PathLike, # HTML file to write; the JSON goes n
 def _cmd_audit(args)->int:
     quiet_hf(args.quiet)
     opts = model_options(args)
-    for out in (args.output, Path(args.output).with_suffix('.json')): check_output(out, [args.corpus], 'report file')
+    for out in (args.output, Path(args.output).with_suffix('.json')): check_output(out, [args.corpus], 'report file', models=[args.base, args.finetuned])
     recs = [{k: r[k] for k in ('text', 'messages') if k in r} for r in read_jsonl(args.corpus)]
     rep = audit(args.base, args.finetuned, recs, k=args.k, top=args.top, examples=args.examples, generate=args.generate,
                 rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet, **opts)

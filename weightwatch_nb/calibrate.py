@@ -842,7 +842,7 @@ def _cmd_calibrate(args)->int:
     from weightwatch_nb.directions import Directions
     quiet_hf(args.quiet)
     opts = model_options(args)
-    check_output(args.output, [args.directions, args.prompts], 'monitor file')
+    check_output(args.output, [args.directions, args.prompts], 'monitor file', models=[args.model])
     recs = read_jsonl(args.prompts)
     Directions.load(args.directions)   # a bad file fails before a (possibly large) model loads
     model = load_model(args.model, **opts)

@@ -14,11 +14,11 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'DTYPES', 'HOOK_SITES',
-           'WeightwatchError', 'atomic_path', 'check_output', 'LAYERS', 'add_output', 'add_quiet', 'zoo_available',
-           'Source', 'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint', 'load_hf',
-           'stack_problem', 'check_device', 'load_model', 'add_model_options', 'model_options', 'cache_as_hub_model',
-           'arch_summary', 'hf_state_dict', 'fingerprint', 'same_weights', 'precision_hint', 'check_comparable',
-           'ModelPair', 'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
+           'WeightwatchError', 'atomic_path', 'check_apart', 'check_output', 'LAYERS', 'add_output', 'add_quiet',
+           'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint',
+           'load_hf', 'stack_problem', 'check_device', 'load_model', 'add_model_options', 'model_options',
+           'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'fingerprint', 'same_weights', 'precision_hint',
+           'check_comparable', 'ModelPair', 'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
@@ -40,11 +40,28 @@ def atomic_path(path:str|os.PathLike, # the file to (re)place
     finally:
         if tmp.exists(): tmp.unlink()
 
+def check_apart(path:str|os.PathLike, # a file or folder a command will write
+                models=(), # model sources the command reads ('zoo:NAME', checkpoint or adapter folders; hub ids have no folder here)
+                what:str='output', # what is written, for the message
+               )->None:
+    "Refuse to write `path` inside a model folder the command reads, or onto a folder that holds one."
+    p = Path(path).expanduser().resolve()
+    for m in models:
+        if m is None or not isinstance(m, (str, os.PathLike)): continue
+        try: src = resolve_source(m)
+        except WeightwatchError: continue   # a bad source is reported by the command itself
+        if src.kind == 'hub': continue
+        d = Path(src.ref).resolve()
+        if p == d or d in p.parents or p in d.parents:
+            raise WeightwatchError(f"{what} {str(path)!r} would be written {'inside' if d in p.parents else 'over'} the model folder {str(m)!r} "
+                                   "that this command reads, changing or deleting that model; write it outside that folder")
+
 def check_output(path:str|os.PathLike, # the file a command will write
                  inputs=(), # files the command reads: the output must not replace any of them
                  what:str='output file', # what the file is, for the message
+                 models=(), # model sources the command reads: the output must not land in their folders (`check_apart`)
                 )->Path:
-    "Check, before any work, that `path` can be written as a regular file and is none of `inputs`."
+    "Check, before any work, that `path` can be written as a regular file, is none of `inputs`, and is outside the models' folders."
     p = Path(path)
     if p.exists() and not p.is_file(): raise WeightwatchError(f"{what} {str(p)!r} exists and is not a regular file (a folder or a device); pass a file path")
     if not p.parent.is_dir(): raise WeightwatchError(f"cannot write {what} {str(p)!r}: the folder {str(p.parent)!r} does not exist; create it first")
@@ -52,6 +69,7 @@ def check_output(path:str|os.PathLike, # the file a command will write
     for i in inputs:
         if i is not None and p.exists() and Path(i).exists() and os.path.samefile(p, i):
             raise WeightwatchError(f"{what} {str(p)!r} is also an input of this command and would be overwritten; write to another file")
+    check_apart(p, models, what)
     return p
 
 # %% ../nbs/00_core.ipynb #67e01255

@@ -511,7 +511,7 @@ def _directions_cmd(args):
     fin, base = args.finetuned, args.base
     if fin is None and args.lora is None and args.mode == 'raw': base, fin = None, base
     method = 'exact' if args.exact else 'randomized' if args.randomized else 'auto'
-    check_output(args.output, [], 'directions file')
+    check_output(args.output, [], 'directions file', models=[base, fin, args.lora])
     d = compute_directions(base, fin, k=args.k, matrices=args.matrices, method=method, mode=args.mode, lora=args.lora,
                            layers=args.layers, hook_point=args.hook_point, progress=not args.quiet)
     p = d.save(args.output)

@@ -12,7 +12,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
-                                 add_quiet, COUNT)
+                                 add_quiet, COUNT, check_apart)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -306,6 +306,7 @@ def plot_sweep(table:Table,      # rows from `sweep` (one organism)
 def _edit_cmd(args)->int:
     from weightwatch_nb.calibrate import quiet_hf
     quiet_hf(args.quiet)
+    check_apart(args.output, [args.base, args.finetuned], 'checkpoint folder')   # before any work, and never replaced with --force
     if args.remove is not None:
         m = remove_directions(args.base, args.finetuned, args.remove, args.matrices or DEFAULT_MATRICES, args.layers, progress=not args.quiet)
         what = f"removed {args.remove} direction(s) per matrix from {len(m.ww_edit['removed'])} matrices ({','.join(m.ww_edit['matrices'])})"
