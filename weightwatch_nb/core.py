@@ -228,10 +228,13 @@ def load_hf(src:str|os.PathLike, # 'zoo:NAME', checkpoint dir, adapter dir or hu
         hf, tok = load_hf(b, dtype=dtype, device=device)
         hf = PeftModel.from_pretrained(hf, s.ref).merge_and_unload()
         return hf.eval(), tok
-    try: hf = AutoModelForCausalLM.from_pretrained(s.ref, dtype=dtype)
+    try: hf, info = AutoModelForCausalLM.from_pretrained(s.ref, dtype=dtype, output_loading_info=True)
     except Exception as e:
         hint = "check the hub id and your network connection" if s.kind=='hub' else "the checkpoint may be incomplete or corrupt; save it again with `save_pretrained`"
         raise WeightwatchError(f"could not load model {str(src)!r} ({type(e).__name__}: {e}); {hint}") from e
+    if missing := sorted(info.get('missing_keys') or ()):   # transformers would fill them with random values (and says so only in a log)
+        raise WeightwatchError(f"model {str(src)!r} lacks {len(missing)} weight(s) its config needs (e.g. {missing[:3]}), which loading would fill "
+                               "with random values: the checkpoint is incomplete or of another architecture; save it again with `save_pretrained`")
     return hf.to(device or 'cpu').eval(), _load_tokenizer(s.ref)
 
 # %% ../nbs/00_core.ipynb #41014b5f
