@@ -708,6 +708,14 @@ def save(self:Monitor, path:str|os.PathLike, # file to write (`.safetensors`)
 # %% ../nbs/05_calibrate.ipynb #239f480d
 def _bad(path, what): return WeightwatchError(f"{str(path)!r} is not a valid monitor file: {what}; recreate it with `weightwatch calibrate`")
 
+def _md_json(md:dict, key:str, typ:type, path):
+    "Metadata entry `key` of a monitor file, parsed as JSON and of type `typ`, or a `WeightwatchError` that says what is wrong."
+    if key not in md: raise _bad(path, f"metadata `{key}` is missing")
+    try: v = json.loads(md[key])
+    except ValueError as e: raise _bad(path, f"metadata `{key}` is not valid JSON ({e})") from None
+    if not isinstance(v, typ): raise _bad(path, f"metadata `{key}` should be a {typ.__name__}, got {type(v).__name__}")
+    return v
+
 @patch
 def check(self:Monitor, model=None, # model the monitor will watch (its fingerprint must match)
           dirs=None, # directions it should have been calibrated with
@@ -748,21 +756,28 @@ def load(cls:Monitor, path:str|os.PathLike, # a file written by `Monitor.save`
         with safe_open(str(p), 'pt') as f: md, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e: raise _bad(path, f"not a safetensors file ({type(e).__name__})") from None
     if md.get('format') != MONITOR_FORMAT: raise _bad(path, f"format is {md.get('format')!r}, expected {MONITOR_FORMAT!r}")
-    v = int(md.get('schema_version', -1))
+    try: v = int(md.get('schema_version', -1))
+    except ValueError: raise _bad(path, f"schema version {md.get('schema_version')!r} is not a number") from None
     if v > MONITOR_SCHEMA: raise WeightwatchError(f"{str(path)!r} has monitor schema {v}, newer than this weightwatch_nb ({MONITOR_SCHEMA}); upgrade weightwatch_nb")
     if v != MONITOR_SCHEMA: raise _bad(path, f"schema version {v} is not supported")
     missing = {'U', 'layer_of', 'lo', 'hi', 'heldout', 'stats.mins', 'stats.maxs', 'stats.counts'} - set(t)
     if missing: raise _bad(path, f"tensors {sorted(missing)} are missing")
-    names, n = json.loads(md['names']), len(t['U'])
+    names, n = _md_json(md, 'names', list, path), len(t['U'])
+    if not all(isinstance(x, str) for x in names): raise _bad(path, "metadata `names` must be a list of direction names")
+    hook = md.get('hook_point')
+    if not isinstance(hook, str) or '{layer}' not in hook: raise _bad(path, f"metadata `hook_point` {hook!r} is not a hook template with '{{layer}}'")
+    stats_meta, meta = _md_json(md, 'stats_meta', dict, path), _md_json(md, 'meta', dict, path)
     N = len(t['stats.mins'])
     shapes = {'layer_of': (n,), 'lo': (2, n), 'hi': (2, n), 'stats.maxs': (N, 2, n), 'stats.counts': (N, 2), 'heldout': (N,), 'stats.keys': (N,)}
     for k, s in shapes.items():
         if k in t and tuple(t[k].shape) != s: raise _bad(path, f"`{k}` has shape {tuple(t[k].shape)}, expected {s} for {n} directions and {N} records")
     if len(names) != n or t['stats.mins'].shape[1:] != (2, n): raise _bad(path, f"{len(names)} names for {n} directions")
     for k in ('U', 'lo', 'hi'):
-        if not torch.isfinite(t[k]).all(): raise _bad(path, f"`{k}` has non-finite values")
-    stats = CalStats(names, t['stats.mins'], t['stats.maxs'], t['stats.counts'], json.loads(md['stats_meta']), t.get('stats.keys'))
-    mon = cls(names, t['layer_of'], t['U'], md['hook_point'], t['lo'], t['hi'], stats, t['heldout'].bool(), json.loads(md['meta']))
+        if not t[k].is_floating_point() or not torch.isfinite(t[k]).all(): raise _bad(path, f"`{k}` has non-finite or non-float values")
+    if n and (t['U'].norm(dim=1) - 1).abs().max() > 1e-3: raise _bad(path, "the rows of `U` are not unit vectors (the directions were altered)")
+    if (t['lo'] > t['hi']).any(): raise _bad(path, "some ranges have `lo` above `hi`")
+    stats = CalStats(names, t['stats.mins'], t['stats.maxs'], t['stats.counts'], stats_meta, t.get('stats.keys'))
+    mon = cls(names, t['layer_of'], t['U'], hook, t['lo'], t['hi'], stats, t['heldout'].bool(), meta)
     return mon.check(model, dirs, where=f"monitor {p.name!r}")
 
 # %% ../nbs/05_calibrate.ipynb #c7f0732a
