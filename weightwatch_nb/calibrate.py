@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_calibrate.ipynb #4c2dc58d
 from __future__ import annotations
-import hashlib, json, math, os, warnings
+import codecs, hashlib, json, math, os, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -13,19 +13,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from .core import (WeightwatchError, fingerprint, load_model, load_hf, make_tiny_checkpoint, make_planted_checkpoint, pad_batch,
-                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE, add_output, add_quiet,
+                                 atomic_path, check_output, POSITIVE_INT, COUNT, PROBABILITY, FRACTION, NONNEGATIVE, add_output, add_quiet, _number,
                                  add_model_options, model_options,
                                  same_weights, precision_hint)
 from itertools import groupby
 from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'as_record', 'record_keys', 'repeats', 'read_jsonl',
-           'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate',
-           'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window', 'forward_blocks',
-           'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats',
-           'merge_stats', 'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed', 'Monitor',
-           'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats',
+           'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
+           'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
+           'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats',
+           'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed',
+           'Monitor', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
            'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
@@ -74,18 +74,19 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
     if p.is_dir(): raise WeightwatchError(f"{str(path)!r} is a folder; pass the JSONL prompt file itself")
     if not p.is_file(): raise WeightwatchError(f"no such prompt file: {str(path)!r}")
     recs = []
-    with open(p, encoding='utf-8', errors='strict') as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip(): continue
-                try: obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise WeightwatchError(f"{p.name} line {n} is not valid JSON ({e.msg}, column {e.colno}); "
-                                           'each line must be one JSON object such as {"text": "..."}') from None
-                if not isinstance(obj, dict): raise WeightwatchError(f"{p.name} line {n} is a JSON {type(obj).__name__}, not an object; "
-                                                                     'write it as {"text": "..."} or {"messages": [...]}')
-                recs.append(as_record(obj, f'on line {n} of {p.name}'))
-        except UnicodeDecodeError as e: raise WeightwatchError(f"{p.name} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    with open(p, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8): raw = raw[len(codecs.BOM_UTF8):]   # the byte-order mark some editors write
+            try: line = raw.decode('utf-8')
+            except UnicodeDecodeError as e: raise WeightwatchError(f"{p.name} line {n} is not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+            if not line.strip(): continue
+            try: obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise WeightwatchError(f"{p.name} line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+                                       'each line must be one JSON object such as {"text": "..."}') from None
+            if not isinstance(obj, dict): raise WeightwatchError(f"{p.name} line {n} is a JSON {type(obj).__name__}, not an object; "
+                                                                 'write it as {"text": "..."} or {"messages": [...]}')
+            recs.append(as_record(obj, f'on line {n} of {p.name}'))
     if not recs: raise WeightwatchError(f"{p.name} is empty: it has no records; write one JSON object per line, "
                                         'e.g. {"text": "..."} or {"messages": [...]}')
     return recs
@@ -857,6 +858,7 @@ def _cmd_calibrate(args)->int:
     from weightwatch_nb.directions import Directions
     quiet_hf(args.quiet)
     opts = model_options(args)
+    if args.certify and not args.tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")   # before any work
     check_output(args.output, [args.directions, args.prompts], 'monitor file', models=[args.model])
     recs = read_jsonl(args.prompts)
     Directions.load(args.directions)   # a bad file fails before a (possibly large) model loads
@@ -878,6 +880,7 @@ def _heldout(m:dict)->str:
     return f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at {m['conf']:.0%}"
 
 def _cmd_merge(args)->int:
+    if args.certify and not args.tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
     check_output(args.output, args.monitors, 'monitor file')
     mon = merge_monitors(args.monitors, percentile=args.percentile, margin=args.margin, holdout=args.holdout, target_fpr=args.target_fpr,
                          tune=args.tune, certify=args.certify)
@@ -887,11 +890,13 @@ def _cmd_merge(args)->int:
           f"margin {m['margin']:g}; {_heldout(m)}; wrote {args.output}")
     return 0
 
+PERCENTILE = _number(float, lambda v: 0 <= v < 50, 'a percent >= 0 and < 50 (trimmed at each end of each range)')
+
 def _threshold_options(p, merging:bool=False):
     "Add the range options; when merging, each defaults to the first monitor's setting."
     percentile, margin, holdout = (None, None, None) if merging else (0., 0.2, 0.2)
     said = lambda v: "the first monitor's" if merging else f'{v:g}'
-    p.add_argument('--percentile', type=float, default=percentile, help=f'trim this percent of prompts at each end of each range (default {said(percentile)})')
+    p.add_argument('--percentile', type=PERCENTILE, default=percentile, help=f'trim this percent of prompts at each end of each range (default {said(percentile)})')
     p.add_argument('--margin', type=NONNEGATIVE, default=margin, help=f'widen each range by this fraction of its width (default {said(margin)})')
     p.add_argument('--holdout', type=FRACTION, default=holdout, help=f'fraction held out to estimate the false-positive rate (default {said(holdout)}; 0: none)')
     p.add_argument('--target-fpr', type=PROBABILITY, default=None, help='a fraction, e.g. 0.01 for 1%%: warn if the prompts are too few to certify this FPR '
