@@ -323,7 +323,7 @@ def _split(b:Batch, cos:Tensor, seqs:Tensor|None, eos:set)->list[Trace]:
             gen = seqs[i, t0:].cpu()
             stop = next((j for j, t in enumerate(gen.tolist()) if t in eos), len(gen) - 1)
             gen = gen[:stop + 1]
-            seen = min(len(gen), cos.shape[1] - t0)   # decoding steps whose activations we have
+            seen = min(len(gen) - 1, cos.shape[1] - t0)   # the last token (the end, or an EOS that a batch still fed back) is never seen
             ids, roles = torch.cat([ids, gen[:seen]]), torch.cat([roles, torch.ones(seen, dtype=torch.long)])
             c = torch.cat([c, cos[i, t0:t0 + seen]])
         out.append(Trace(ids, roles, c.cpu(), gen, int(m.sum())))
