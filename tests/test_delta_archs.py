@@ -214,3 +214,17 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     if arch == 'olmo2':   # no norm before attention and the MLP: no `ln1`/`ln2` to compare read-side directions with
         with pytest.raises(WeightwatchError, match='no norm in front of attention'):
             compute_directions(b, f, k=1, matrices=['attn_q'], hook_point=READ_HOOK, progress=False)
+
+def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
+    "transformers fuses a mixture-of-experts checkpoint's experts when loading: an edit that cannot be read back is refused, not half-written."
+    import transformers as T
+    from weightwatch_nb.core import tiny_tokenizer
+    from weightwatch_nb.edit import interpolate, save_edited
+    torch.manual_seed(0)
+    cfg = T.AutoConfig.for_model('mixtral', vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path/'moe'); tiny_tokenizer(300).save_pretrained(tmp_path/'moe')
+    m = interpolate(tmp_path/'moe', tmp_path/'moe', 0.5, progress=False)
+    with pytest.raises(WeightwatchError, match='does not read back as the edited model, so nothing was written'):
+        save_edited(m, None, tmp_path/'out')
+    assert not (tmp_path/'out').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['moe']

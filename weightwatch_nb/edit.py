@@ -208,6 +208,10 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
         model.save_pretrained(work, safe_serialization=True); tok.save_pretrained(work)
         rec = dict(format='weightwatch-edit', schema_version=EDIT_SCHEMA, **getattr(model, 'ww_edit', {'kind': 'unknown'}))
         rec['fingerprints'] = {**rec.get('fingerprints', {}), 'edited': fingerprint(model)}
+        if fingerprint(work)['sha256'] != rec['fingerprints']['edited']['sha256']:   # read back before it replaces anything
+            raise WeightwatchError(f"the saved checkpoint does not read back as the edited model, so nothing was written to {str(out)!r}: this "
+                                   f"{model.config.model_type} model is stored differently from how transformers loads it (e.g. fused "
+                                   "mixture-of-experts weights), which weightwatch_nb cannot fingerprint yet")
         (work/EDIT_FILE).write_text(json.dumps(rec, indent=1))
         if out.exists(): shutil.rmtree(out)
         work.rename(out)
