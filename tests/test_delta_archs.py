@@ -169,7 +169,7 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
 
 def _post_norm_pair(arch, tmp_path):
-    "A tiny Gemma 2 or OLMo 2 pair (norm gains randomised, so a norm in the way shows) with a planted rank-1 `attn_out` update at layer 0."
+    "A tiny Gemma 2 or OLMo 2 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
     import transformers as T
     from weightwatch_nb.core import tiny_tokenizer
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def _post_norm_pair(arch, tmp_path):
         for n, p in m.named_parameters():
             if 'norm' in n: p.add_(0.5 * torch.randn_like(p))
     m.save_pretrained(tmp_path/'base'); tiny_tokenizer(300).save_pretrained(tmp_path/'base')
-    truth = plant_update(tmp_path/'base', tmp_path/'ft', {(0, 'attn_out'): 1}, scale=5.)
+    truth = plant_update(tmp_path/'base', tmp_path/'ft', {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1}, scale=5.)
     return tmp_path/'base', tmp_path/'ft', truth[(0, 'attn_out')][:, 0]
 
 @pytest.mark.parametrize('arch', ['gemma2', 'olmo2'])
@@ -190,7 +190,7 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.steer import project_out
     b, f, u = _post_norm_pair(arch, tmp_path)
-    d = compute_directions(b, f, k=1, progress=False)
+    d = compute_directions(b, f, k=1, layers=[0], progress=False)
     assert d.hook_point == WRITE_HOOK and d.hook(0, 'attn_out') == 'blocks.0.attn.hook_out'
     assert abs(float(d[(0, 'attn_out')][0] @ u)) > 0.999
     h, acts = d.hook(0, 'attn_out'), {}
@@ -203,7 +203,7 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
         share = float(((D @ u) ** 2).sum() / (D ** 2).sum())
         assert (share > 0.999) == exact, (hook, share)
     with pytest.warns(UserWarning, match='normalises each attention and MLP output'):
-        compute_directions(b, f, k=1, hook_point=DEFAULT_HOOK, progress=False)
+        compute_directions(b, f, k=1, layers=[0], hook_point=DEFAULT_HOOK, progress=False)
     model = load_model(f)
     mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(4)])
     assert len(mon) == len(d)                                            # calibrated at the sub-layer outputs
@@ -211,9 +211,18 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     with project_out(model, d):
         _, cache = model.run_with_cache(x, names_filter=lambda n: n == h)
     assert float((cache[h][0] @ d[(0, 'attn_out')].T).abs().max()) < 1e-4   # removed where it was measured
-    if arch == 'olmo2':   # no norm before attention and the MLP: no `ln1`/`ln2` to compare read-side directions with
-        with pytest.raises(WeightwatchError, match='no norm in front of attention'):
-            compute_directions(b, f, k=1, matrices=['attn_q'], hook_point=READ_HOOK, progress=False)
+    # the read side is compared with exactly what each reading matrix multiplies: a norm's output, or on OLMo 2 (no norm in front) the residual stream
+    rd = compute_directions(b, f, k=1, matrices=['attn_q', 'mlp_in'], layers=[1], hook_point=READ_HOOK, progress=False)
+    layer, seen = model.original_model.model.layers[1], {}
+    hs = [layer.self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__('attn_q', i[0].detach())),
+          layer.mlp.up_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__('mlp_in', i[0].detach()))]
+    try: _, cache = model.run_with_cache(x, names_filter=lambda n: n in (rd.hook(1, 'attn_q'), rd.hook(1, 'mlp_in')))
+    finally:
+        for hk in hs: hk.remove()
+    for m in ('attn_q', 'mlp_in'): assert torch.equal(cache[rd.hook(1, m)], seen[m]), (arch, m, rd.hook(1, m))
+    assert (rd.hook(1, 'attn_q'), rd.hook(1, 'mlp_in')) == (('blocks.1.hook_in', 'blocks.1.hook_resid_mid') if arch == 'olmo2' else
+                                                          ('blocks.1.ln1.hook_out', 'blocks.1.ln2.hook_out'))
+    assert len(calibrate(model, rd, [f'the model {i} of {j}' for i in range(6) for j in range(4)])) == len(rd)
 
 def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
     "transformers fuses a mixture-of-experts checkpoint's experts when loading: an edit that cannot be read back is refused, not half-written."

@@ -14,9 +14,10 @@ from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_ke
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
 # %% auto #0
-__all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK', 'parse_name',
-           'Directions', 'hook_name', 'compute_directions', 'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap',
-           'DirectionsBrowser', 'delta_spectra', 'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
+__all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
+           'RAW_INPUT_HOOKS', 'RAW_READ_HOOK', 'parse_name', 'Directions', 'hook_name', 'compute_directions',
+           'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap', 'DirectionsBrowser', 'delta_spectra',
+           'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
 
 # %% ../nbs/04_directions.ipynb #0b48467e
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
@@ -26,6 +27,10 @@ INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
 OUTPUT_HOOKS = {'attn_out': 'attn.hook_out', 'mlp_out': 'mlp.hook_out'}  # each writing matrix's own sub-layer output, before any norm
 WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
+RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
+                   'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
+RAW_READ_HOOK = 'blocks.{layer}.{raw_input}'  # the read side of blocks with no norm in front of attention and the MLP (OLMo 2)
+_FIELDS = (('input', INPUT_HOOKS, 'reads'), ('raw_input', RAW_INPUT_HOOKS, 'reads'), ('output', OUTPUT_HOOKS, 'writes'))
 
 def parse_name(name:str, # 'L3.mlp_out.u0' (one vector) or 'L3.mlp_out' (all vectors of a matrix)
               )->tuple:  # (layer, matrix, index or None)
@@ -41,12 +46,10 @@ def _check(vectors:dict, S:dict, hook_point:str, where:str='', indices:dict|None
     w, d = f"{where}: " if where else '', None
     if not isinstance(hook_point, str) or '{layer}' not in hook_point:
         raise WeightwatchError(f"{w}hook_point {hook_point!r} must be a template containing '{{layer}}', e.g. {DEFAULT_HOOK!r}")
-    bad = sorted({m for _, m in vectors if m not in INPUT_HOOKS}) if '{input}' in hook_point else []
-    if bad: raise WeightwatchError(f"{w}hook_point {hook_point!r} compares each direction with its matrix's input, but {bad} write to the "
-                                   f"residual stream rather than read from it; use '{{input}}' only with {list(INPUT_HOOKS)}, or a plain hook such as {DEFAULT_HOOK!r}")
-    bad = sorted({m for _, m in vectors if m not in OUTPUT_HOOKS}) if '{output}' in hook_point else []
-    if bad: raise WeightwatchError(f"{w}hook_point {hook_point!r} compares each direction with its sub-layer's output, but {bad} are not "
-                                   f"sub-layer outputs; use '{{output}}' only with {list(OUTPUT_HOOKS)}, or a plain hook such as {DEFAULT_HOOK!r}")
+    for field, table, does in _FIELDS:
+        bad = sorted({m for _, m in vectors if m not in table}) if '{' + field + '}' in hook_point else []
+        if bad: raise WeightwatchError(f"{w}hook_point {hook_point!r} compares each direction with the activation its matrix {does}, but {bad} "
+                                       f"do not; use '{{{field}}}' only with {list(table)}, or a plain hook such as {DEFAULT_HOOK!r}")
     if not vectors: raise WeightwatchError(f"{w}no directions: there must be at least one (layer, matrix)")
     if set(vectors) != set(S): raise WeightwatchError(f"{w}singular values missing or extra for {sorted(set(vectors) ^ set(S))}")
     for (l, m), v in vectors.items():
@@ -149,12 +152,12 @@ def by_layer(self:Directions,
     return ([f"L{l}.{m}.u{i}" for l, m in keys for i in self.index((l, m))],
             torch.cat([self.vectors[lm] for lm in keys]))
 
-def hook_name(template:str, # hook template with '{layer}', and optionally '{input}' or '{output}' (see `READ_HOOK`, `WRITE_HOOK`)
+def hook_name(template:str, # hook template with '{layer}', and optionally '{input}', '{raw_input}' or '{output}' (`READ_HOOK`, `RAW_READ_HOOK`, `WRITE_HOOK`)
               layer:int, # block index
               matrix:str|None=None, # the directions' matrix (needed when the template has '{input}' or '{output}')
              )->str:
     "The hook name `template` gives at `layer` for directions of `matrix`."
-    for field, table, does in (('input', INPUT_HOOKS, 'reads'), ('output', OUTPUT_HOOKS, 'writes')):
+    for field, table, does in _FIELDS:
         if '{' + field + '}' not in template: continue
         if matrix not in table: raise WeightwatchError(f"hook {template!r} needs the matrix that {does} the activation (one of {list(table)}), got {matrix!r}")
         return template.format(layer=layer, **{field: table[matrix]})
@@ -312,10 +315,8 @@ def _hook_for(info:dict, # `arch_info` of the model
              )->str:
     "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
     mt, writes = info['model_type'], set(matrices) & set(OUTPUT_HOOKS)
-    if '{input}' in (hook_point or '') and not info['pre_norm']:
-        raise WeightwatchError(f"{mt} has no norm in front of attention and the MLP (no `ln1`/`ln2` hooks), so read-side directions cannot be "
-                               f"compared with what their matrices read at {hook_point!r}; compare them at the block's input instead, "
-                               "hook_point='blocks.{layer}.hook_in' (exact for attn_q/attn_k/attn_v), or use the write side")
+    if '{input}' in (hook_point or '') and not info['pre_norm']:   # no norm's output to compare with: what the matrices read is the residual stream
+        return hook_point.replace('{input}', '{raw_input}')
     if hook_point is None:
         if info['post_norm'] and writes and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
         hook_point = DEFAULT_HOOK
