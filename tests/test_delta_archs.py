@@ -237,3 +237,18 @@ def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
     with pytest.raises(WeightwatchError, match='does not read back as the edited model, so nothing was written'):
         save_edited(m, None, tmp_path/'out')
     assert not (tmp_path/'out').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['moe']
+
+def test_lora_on_modules_no_matrix_maps_warns(tmp_path):
+    "GPT-NeoX fuses q, k and v per head, so no matrix maps to `query_key_value`: a LoRA update there is named in a warning, not dropped silently."
+    from peft import LoraConfig, get_peft_model
+    b = tiny('gpt_neox', tmp_path/'base')
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM        # (this tiny checkpoint has no tokenizer, which `load_hf` would load)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['query_key_value', 'dense_4h_to_h']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    with pytest.warns(UserWarning, match=r"changes 2 module\(s\) that no gpt_neox matrix maps to \(e.g. \['base_model.model.gpt_neox.layers.0.attention.query_key_value"):
+        d = compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
+    assert d.matrices == ['mlp_out']                      # the mapped update is still there

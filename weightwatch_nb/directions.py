@@ -355,6 +355,10 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
         bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point)
         plan = find_keys(bt.keys(), info, matrices, layers)
+        mapped = {k for k, _ in find_keys(list(read_adapter(lora)[1]), info, list(info['specs']), suffix='.weight', required=False).values()}
+        if other := sorted(set(read_adapter(lora)[1]) - mapped):   # e.g. GPT-NeoX's fused query_key_value
+            warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
+                          "their update is not in these directions", stacklevel=2)
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:
             for l, m, L, R in lora_factors(lora, bt.config, matrices, layers):
                 U, s = lowrank_svd(L, R, k)
