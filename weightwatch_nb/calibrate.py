@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_calibrate.ipynb #4c2dc58d
 from __future__ import annotations
-import codecs, hashlib, json, math, os, warnings
+import codecs, hashlib, json, math, os, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,12 +21,12 @@ from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
 __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats',
-           'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
-           'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
-           'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats',
-           'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores', 'cp_upper', 'prompts_needed',
-           'Monitor', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
-           'register_cli']
+           'Records', 'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate',
+           'batches', 'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace',
+           'context_window', 'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema',
+           'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores', 'cp_upper',
+           'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate',
+           'merge_monitors', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -67,13 +67,25 @@ def repeats(keys:Tensor, # [N] record digests
     return out
 
 # %% ../nbs/05_calibrate.ipynb #8ce6ffff
+class Records(list):
+    "Records read from a file, each with the line it came from, so that a message about record #i can name its line (`in_file`)."
+    def __init__(self, recs:list, lines:list[int], name:str): super().__init__(recs); self.lines, self.name = lines, name
+
+def in_file(records, # records, as `read_jsonl` returns them (other lists: `msg` unchanged)
+            msg:str, # a message that may name 'record #i (counting from 0)'
+           )->str:
+    "`msg` with each record it names also given by its line in the file the records were read from."
+    lines = getattr(records, 'lines', None)
+    at = lambda m: f"record #{m[1]} (line {lines[int(m[1])]} of {records.name})" if lines and int(m[1]) < len(lines) else m[0]
+    return re.sub(r'record #(\d+) \(counting from 0\)', at, msg)
+
 def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank lines are skipped)
               )->list[dict]:
-    "Read records from a JSONL file, naming the line of any malformed record."
+    "Read records from a JSONL file, naming the line of any malformed record (and remembering each record's line)."
     p = Path(path)
     if p.is_dir(): raise WeightwatchError(f"{str(path)!r} is a folder; pass the JSONL prompt file itself")
     if not p.is_file(): raise WeightwatchError(f"no such prompt file: {str(path)!r}")
-    recs = []
+    recs, lines = [], []
     with open(p, 'rb') as f:
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(codecs.BOM_UTF8): raw = raw[len(codecs.BOM_UTF8):]   # the byte-order mark some editors write
@@ -86,10 +98,10 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
                                        'each line must be one JSON object such as {"text": "..."}') from None
             if not isinstance(obj, dict): raise WeightwatchError(f"{p.name} line {n} is a JSON {type(obj).__name__}, not an object; "
                                                                  'write it as {"text": "..."} or {"messages": [...]}')
-            recs.append(as_record(obj, f'on line {n} of {p.name}'))
+            recs.append(as_record(obj, f'on line {n} of {p.name}')); lines.append(n)
     if not recs: raise WeightwatchError(f"{p.name} is empty: it has no records; write one JSON object per line, "
                                         'e.g. {"text": "..."} or {"messages": [...]}')
-    return recs
+    return Records(recs, lines, p.name)
 
 # %% ../nbs/05_calibrate.ipynb #f7df5481
 PROMPT, RESPONSE = 0, 1
@@ -864,9 +876,10 @@ def _cmd_calibrate(args)->int:
     Directions.load(args.directions)   # a bad file fails before a (possibly large) model loads
     model = load_model(args.model, **opts)
     dirs = Directions.load(args.directions, model=model)
-    mon = calibrate(model, dirs, recs, percentile=args.percentile, margin=args.margin, generate=args.generate,
-                    batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, tune=args.tune, certify=args.certify,
-                    progress=not args.quiet)
+    try: mon = calibrate(model, dirs, recs, percentile=args.percentile, margin=args.margin, generate=args.generate,
+                         batch_size=args.batch_size, holdout=args.holdout, target_fpr=args.target_fpr, tune=args.tune, certify=args.certify,
+                         progress=not args.quiet)
+    except WeightwatchError as e: raise WeightwatchError(in_file(recs, str(e))) from None   # a bad record: its line in PROMPTS
     mon.save(args.output)
     m = mon.meta
     if 'tuned' in m: print(f"tuned: percentile {m['percentile']:g}, margin {m['margin']:g} ({m['tuned']['tune_flagged']}/{m['tuned']['n_tune']} tuning prompts flagged"

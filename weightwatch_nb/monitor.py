@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet, add_model_options, model_options
-from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, excess, quiet_hf, PROMPT, RESPONSE)
+from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, in_file, excess, quiet_hf, PROMPT, RESPONSE)
 
 # %% auto #0
 __all__ = ['token_excess', 'Report', 'make_report', 'scan', 'scan_scores', 'plot_direction', 'plot_scores', 'report_html',
@@ -225,13 +225,14 @@ def _cmd_scan(args)->int:
     if args.output: check_output(args.output, [args.monitor, args.prompts], models=[args.model, getattr(args, 'base', None)])
     recs = read_jsonl(args.prompts)
     clash = next(((i, k) for i, r in enumerate(recs) for k in _OUT_KEYS if k in r), None)
-    if clash: raise WeightwatchError(f"record #{clash[0]} (counting from 0) has a key {clash[1]!r}, which the scan output writes itself; "
-                                     f"rename it (the output keys are {', '.join(_OUT_KEYS)})")
+    if clash: raise WeightwatchError(in_file(recs, f"record #{clash[0]} (counting from 0) has a key {clash[1]!r}, which the scan output writes "
+                                                   f"itself; rename it (the output keys are {', '.join(_OUT_KEYS)})"))
     Monitor.load(args.monitor)   # a bad file fails before a (possibly large) model loads
     model = load_model(args.model, **opts)
     mon = Monitor.load(args.monitor, model=model)
     try: reps = scan(model, mon, recs, generate=args.generate, batch_size=args.batch_size, check=False, progress=not args.quiet)
-    except (WeightwatchError, KeyboardInterrupt): raise
+    except WeightwatchError as e: raise WeightwatchError(in_file(recs, str(e))) from None   # a bad record: its line in PROMPTS
+    except KeyboardInterrupt: raise
     except Exception as e:
         raise WeightwatchError(f"the scan stopped before the end ({type(e).__name__}: {e}); nothing was written"
                                + (f" to {args.output}" if args.output else '')) from e
