@@ -223,6 +223,8 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     assert (rd.hook(1, 'attn_q'), rd.hook(1, 'mlp_in')) == (('blocks.1.hook_in', 'blocks.1.hook_resid_mid') if arch == 'olmo2' else
                                                           ('blocks.1.ln1.hook_out', 'blocks.1.ln2.hook_out'))
     assert len(calibrate(model, rd, [f'the model {i} of {j}' for i in range(6) for j in range(4)])) == len(rd)
+    from weightwatch_nb.directions import RAW_READ_HOOK   # either read template means "what each matrix reads", on either kind of block
+    assert compute_directions(b, f, k=1, matrices=['attn_q'], layers=[1], hook_point=RAW_READ_HOOK, progress=False).hook(1, 'attn_q') == rd.hook(1, 'attn_q')
 
 def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
     "transformers fuses a mixture-of-experts checkpoint's experts when loading: an edit that cannot be read back is refused, not half-written."
@@ -234,7 +236,7 @@ def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
                                  num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path/'moe'); tiny_tokenizer(300).save_pretrained(tmp_path/'moe')
     m = interpolate(tmp_path/'moe', tmp_path/'moe', 0.5, progress=False)
-    with pytest.raises(WeightwatchError, match='does not read back as the edited model, so nothing was written'):
+    with pytest.raises(WeightwatchError, match='cannot verify the saved checkpoint, so nothing was written'):
         save_edited(m, None, tmp_path/'out')
     assert not (tmp_path/'out').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['moe']
 

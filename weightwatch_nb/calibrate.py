@@ -237,7 +237,7 @@ def direction_groups(dirs, # `Directions` or `Monitor`: anything with `.layers`,
     for l in dirs.layers:
         names, U = dirs.by_layer(l)
         hooks = [dirs.hook(l, parse_name(n)[1]) for n in names]
-        for h, run in groupby(range(len(names)), key=hooks.__getitem__):   # one hook per layer, or two with '{input}'
+        for h, run in groupby(range(len(names)), key=hooks.__getitem__):   # one hook per layer, or one per matrix input/output
             r = list(run); a, b = r[0], r[-1] + 1
             out.append((l, h, slice(i + a, i + b), names[a:b], U[a:b].float()))
         i += len(names)
@@ -570,7 +570,7 @@ class Monitor:
         "Sorted layers that have directions."
         return sorted(set(self.layer_of.tolist()))
     def hook(self, layer:int, matrix:str|None=None)->str:
-        "Hook name of `layer` (and `matrix`, for a '{input}' hook point)."
+        "Hook name of `layer` (and `matrix`, for a hook point with '{input}', '{raw_input}' or '{output}')."
         return hook_name(self.hook_point, layer, matrix)
     def by_layer(self, layer:int)->tuple[list[str], Tensor]:
         "Names and unit vectors [n, d] of the directions at `layer`."
@@ -893,7 +893,6 @@ def _heldout(m:dict)->str:
     return f"held-out FPR {m['heldout_fpr']:.2%} ({m['heldout_flagged']}/{m['n_heldout']}), ≤ {m['fpr_upper']:.2%} at {m['conf']:.0%}"
 
 def _cmd_merge(args)->int:
-    if args.certify and not args.tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
     check_output(args.output, args.monitors, 'monitor file')
     mon = merge_monitors(args.monitors, percentile=args.percentile, margin=args.margin, holdout=args.holdout, target_fpr=args.target_fpr,
                          tune=args.tune, certify=args.certify)

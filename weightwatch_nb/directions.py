@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
+from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -25,7 +25,7 @@ _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
 INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
                'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
-OUTPUT_HOOKS = {'attn_out': 'attn.hook_out', 'mlp_out': 'mlp.hook_out'}  # each writing matrix's own sub-layer output, before any norm
+OUTPUT_HOOKS = {m: HOOK_SITES[m].removeprefix('blocks.{layer}.') for m in ('attn_out', 'mlp_out')}  # each writing matrix's sub-layer output, before any norm
 WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
 RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
                    'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
@@ -154,7 +154,7 @@ def by_layer(self:Directions,
 
 def hook_name(template:str, # hook template with '{layer}', and optionally '{input}', '{raw_input}' or '{output}' (`READ_HOOK`, `RAW_READ_HOOK`, `WRITE_HOOK`)
               layer:int, # block index
-              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}' or '{output}')
+              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}', '{raw_input}' or '{output}')
              )->str:
     "The hook name `template` gives at `layer` for directions of `matrix`."
     for field, table, does in _FIELDS:
@@ -166,7 +166,7 @@ def hook_name(template:str, # hook template with '{layer}', and optionally '{inp
 @patch
 def hook(self:Directions,
          layer:int, # block index
-         matrix:str|None=None, # the matrix, for a hook template with '{input}' or '{output}'
+         matrix:str|None=None, # the matrix, for a hook template with '{input}', '{raw_input}' or '{output}'
         )->str:
     "The TransformerLens hook name where directions of `layer` (and `matrix`) are compared with activations."
     return hook_name(self.hook_point, layer, matrix)
@@ -315,8 +315,9 @@ def _hook_for(info:dict, # `arch_info` of the model
              )->str:
     "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
     mt, writes = info['model_type'], set(matrices) & set(OUTPUT_HOOKS)
-    if '{input}' in (hook_point or '') and not info['pre_norm']:   # no norm's output to compare with: what the matrices read is the residual stream
-        return hook_point.replace('{input}', '{raw_input}')
+    if hook_point and set(matrices) <= set(INPUT_HOOKS):   # '{input}' and '{raw_input}' both mean "what each matrix reads": a norm's
+        a, b = ('{raw_input}', '{input}') if info['pre_norm'] else ('{input}', '{raw_input}')   # output, or with no norm first the stream
+        return hook_point.replace(a, b)
     if hook_point is None:
         if info['post_norm'] and writes and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
         hook_point = DEFAULT_HOOK
@@ -355,8 +356,9 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
         bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point)
         plan = find_keys(bt.keys(), info, matrices, layers)
-        mapped = {k for k, _ in find_keys(list(read_adapter(lora)[1]), info, list(info['specs']), suffix='.weight', required=False).values()}
-        if other := sorted(set(read_adapter(lora)[1]) - mapped):   # e.g. GPT-NeoX's fused query_key_value
+        mods = list(read_adapter(lora)[1])
+        mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
+        if other := sorted(set(mods) - mapped):   # e.g. GPT-NeoX's fused query_key_value
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
                           "their update is not in these directions", stacklevel=2)
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:

@@ -200,6 +200,7 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
     out, tok = Path(out_dir), tokenizer if tokenizer is not None else getattr(model, 'tokenizer', None)
     if tok is None: raise WeightwatchError("no tokenizer to save with the model: pass `tokenizer=`, or the checkpoint cannot be loaded")
     if out.exists() and not out.is_dir(): raise WeightwatchError(f"{str(out)!r} is a file; pass a directory to write the checkpoint to")
+    check_apart(out, (getattr(model, 'ww_edit', {}).get('sources') or {}).values(), 'checkpoint folder')   # never over the models it came from
     if out.is_dir() and any(out.iterdir()) and not force:
         raise WeightwatchError(f"{str(out)!r} already exists and is not empty; choose a new directory, or pass force=True (CLI: --force) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,9 +210,9 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
         rec = dict(format='weightwatch-edit', schema_version=EDIT_SCHEMA, **getattr(model, 'ww_edit', {'kind': 'unknown'}))
         rec['fingerprints'] = {**rec.get('fingerprints', {}), 'edited': fingerprint(model)}
         if fingerprint(work)['sha256'] != rec['fingerprints']['edited']['sha256']:   # read back before it replaces anything
-            raise WeightwatchError(f"the saved checkpoint does not read back as the edited model, so nothing was written to {str(out)!r}: this "
-                                   f"{model.config.model_type} model is stored differently from how transformers loads it (e.g. fused "
-                                   "mixture-of-experts weights), which weightwatch_nb cannot fingerprint yet")
+            raise WeightwatchError(f"cannot verify the saved checkpoint, so nothing was written to {str(out)!r}: this {model.config.model_type} "
+                                   "model stores its weights under other names than the loaded model has (e.g. fused mixture-of-experts "
+                                   "weights), which weightwatch_nb cannot fingerprint yet")
         (work/EDIT_FILE).write_text(json.dumps(rec, indent=1))
         if out.exists(): shutil.rmtree(out)
         work.rename(out)
@@ -318,7 +319,7 @@ def _edit_cmd(args)->int:
         m = interpolate(args.base, args.finetuned, args.alpha, args.matrices, args.layers, progress=not args.quiet)
         what = f"interpolated W_base + {args.alpha:g}·ΔW ({'every parameter' if args.matrices is None else args.matrices})"
     p = save_edited(m, None, args.output, force=args.force)
-    print(f"wrote {p}: {what}; edited model {read_edit(p)['fingerprints']['edited']['id']}")
+    print(f"wrote {p}: {what}; edited model {json.loads((p/EDIT_FILE).read_text())['fingerprints']['edited']['id']}")   # verified when saved
     return 0
 
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser

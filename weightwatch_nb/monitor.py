@@ -222,7 +222,7 @@ _OUT_KEYS = ('index', 'flagged', 'score', 'first_flag_token', 'directions', 'gen
 def _cmd_scan(args)->int:
     quiet_hf(args.quiet)
     opts = model_options(args)
-    if args.output: check_output(args.output, [args.monitor, args.prompts], models=[args.model, getattr(args, 'base', None)])
+    if args.output: check_output(args.output, [args.monitor, args.prompts], models=[args.model])
     recs = read_jsonl(args.prompts)
     clash = next(((i, k) for i, r in enumerate(recs) for k in _OUT_KEYS if k in r), None)
     if clash: raise WeightwatchError(in_file(recs, f"record #{clash[0]} (counting from 0) has a key {clash[1]!r}, which the scan output writes "

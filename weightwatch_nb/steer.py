@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from .core import (WeightwatchError, load_model, hf_state_dict, POSITIVE_INT, add_model_options, model_options,
-                                 fingerprint, same_weights, precision_hint)
+                                 same_weights, precision_hint)
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
                                       context_window, _pad_id, PROMPT, RESPONSE)
 from .monitor import scan, Report, _mismatch, _error_html
@@ -378,10 +378,11 @@ def _cmd_generate(args)->int:
     if args.steer != 'off' and not args.monitor:
         raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
     opts = model_options(args)
-    if args.monitor: Monitor.load(args.monitor)   # a bad file fails before a (possibly large) model loads
+    first = Monitor.load(args.monitor) if args.monitor else None   # a bad file fails before a (possibly large) model loads
     if args.steer == 'rewind-weights' and args.base:   # the update to strip is the one the monitor's directions came from
-        want = ((Monitor.load(args.monitor).meta.get('fingerprints') or {}).get('directions') or {}).get('base')
-        if want and not same_weights(want, fp := fingerprint(args.base)):
+        from weightwatch_nb.edit import _fp
+        want = ((first.meta.get('fingerprints') or {}).get('directions') or {}).get('base')
+        if want and not same_weights(want, fp := _fp(args.base)):   # any source: folder, zoo, hub id
             raise WeightwatchError(f"--base {args.base!r} (model {fp['id']}) is not the base the monitor's directions were computed against "
                                    f"(model {want.get('id')}){precision_hint(want, fp)}; pass that base, so the update stripped is the fine-tune's")
     model = load_model(args.model, **opts)
