@@ -20,13 +20,14 @@ from itertools import groupby
 from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats',
-           'Records', 'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate',
-           'batches', 'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace',
-           'context_window', 'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema',
-           'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores', 'cp_upper',
-           'prompts_needed', 'Monitor', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate',
-           'merge_monitors', 'quiet_hf', 'register_cli']
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'FLOAT_TOL', 'MIN_RESPONSE_RECORDS', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE',
+           'as_record', 'record_keys', 'repeats', 'Records', 'in_file', 'read_jsonl', 'response_spans', 'Encoded',
+           'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate', 'direction_groups', 'direction_names',
+           'Tracer', 'check_hooks', 'Trace', 'context_window', 'forward_blocks', 'run_batches', 'trace_batches',
+           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
+           'record_scores', 'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records',
+           'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
+           'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -132,6 +133,8 @@ def response_spans(tok, # tokenizer with a chat template
             s = full.find(m['content'], cursor)
             if s < 0: raise WeightwatchError(f"cannot locate assistant message {i} in the chat-template rendering; the template rewrites it")
             e = s + len(m['content'])
+        j = full.find(m['content'], s, e)   # the turn ends with its end-of-turn marker: whitespace the template adds after it is not a reply
+        if j >= 0 and m['content']: k = j + len(m['content']); e = k + len(full[k:e].rstrip())
         spans.append((s, e)); cursor = e
     return full, spans
 
@@ -143,12 +146,14 @@ class Encoded:
     roles: list[int] # 0 = prompt (user, system, BOS, template), 1 = response (assistant)
     def __len__(self): return len(self.ids)
 
+def _offset_roles(offsets:list, spans:list)->list[int]:
+    "Role of each token from its character offsets: response if it covers any character of an assistant span."
+    return [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
+
 def _token_roles(tok, text:str, spans:list)->tuple[list[int], list[int]]:
     if getattr(tok, 'is_fast', False):
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc['input_ids']
-        roles = [int(any(s <= a < e for s, e in spans)) for a, _ in enc['offset_mapping']]
-        return ids, roles
+        return enc['input_ids'], _offset_roles(enc['offset_mapping'], spans)
     ids, roles, pos = [], [], 0   # slow tokenizers: tokenize piece by piece at the span boundaries
     for s, e in spans + [(len(text), len(text))]:
         for piece, r in ((text[pos:s], 0), (text[s:e], 1)):
@@ -181,7 +186,7 @@ def encode_many(tok, # the model's tokenizer
         except WeightwatchError as e: raise WeightwatchError(f"record #{i} (counting from 0): {e}") from None
     if not records or not getattr(tok, 'is_fast', False): return [encode(tok, r, generation_prompt) for r in records]
     enc = tok([t for t, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
-    return [_with_bos(tok, ids, [int(any(s <= a < e for s, e in spans)) for a, _ in offs])
+    return [_with_bos(tok, ids, _offset_roles(offs, spans))
             for (_, spans), ids, offs in zip(texts, enc['input_ids'], enc['offset_mapping'])]
 
 # %% ../nbs/05_calibrate.ipynb #ddf4dcd5
@@ -211,6 +216,8 @@ def batches(encs:list[Encoded], # encoded records
             side:str='right', # padding side
            )->Iterator[Batch]:
     "Length-sorted batches of `encs` (longest first, so memory problems show up at once)."
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise WeightwatchError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     order = sorted(range(len(encs)), key=lambda i: -len(encs[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s:s+batch_size]
@@ -504,20 +511,22 @@ def _shard_keys(parts:list[CalStats])->Tensor|None:
     return keys
 
 # %% ../nbs/05_calibrate.ipynb #b04f426e
-def thresholds(mins:Tensor, # [N, n] per-record minima (rows of +inf are ignored)
-               maxs:Tensor, # [N, n] per-record maxima (rows of -inf are ignored)
+FLOAT_TOL = 1e-6   # the least a range is widened on each side: about the rounding of a float32 cosine, whatever the margin
+
+def thresholds(mins:Tensor, # [N, n] per-record minima (rows of +inf or NaN are ignored)
+               maxs:Tensor, # [N, n] per-record maxima (rows of -inf or NaN are ignored)
                percentile:float=0., # trim this percent of records at each end (0: the full range)
-               margin:float=0., # widen by this fraction of the range width on each side
+               margin:float=0., # widen by this fraction of the range width on each side (at least `FLOAT_TOL`)
               )->tuple[Tensor, Tensor]: # lo [n], hi [n]; NaN when no record has the role
     "Calibrated range of every direction from per-record extremes."
     if not 0 <= percentile < 50: raise WeightwatchError(f"percentile must be in [0, 50), got {percentile}")
-    keep = torch.isfinite(mins).all(-1)
+    keep = torch.isfinite(mins).all(-1) & torch.isfinite(maxs).all(-1)
     if not keep.any(): return torch.full(mins.shape[-1:], math.nan), torch.full(mins.shape[-1:], math.nan)
     mins, maxs = mins[keep].double(), maxs[keep].double()
     q = percentile / 100
     lo, hi = torch.quantile(mins, q, dim=0), torch.quantile(maxs, 1 - q, dim=0)
-    w = hi - lo
-    return (lo - margin * w).float(), (hi + margin * w).float()
+    pad = (margin * (hi - lo)).clamp_min(FLOAT_TOL)
+    return (lo - pad).float(), (hi + pad).float()
 
 # %% ../nbs/05_calibrate.ipynb #3be821bb
 def excess(mins:Tensor, # [..., 2, n] per-role minima (or cosines, repeated as min and max)
@@ -526,7 +535,9 @@ def excess(mins:Tensor, # [..., 2, n] per-role minima (or cosines, repeated as m
           )->Tensor: # [..., 2, n] signed distance outside the range / range width
     "How far each value is outside its calibrated range, in range widths (> 0 means out of range)."
     w = (hi - lo).clamp_min(1e-6)
-    return torch.maximum(lo - mins, maxs - hi) / w
+    out = torch.maximum(lo - mins, maxs - hi) / w
+    worst = torch.maximum(lo + 1, 1 - hi) / w   # a NaN cosine (an activation with inf or NaN in it) counts as the farthest a cosine can be
+    return torch.where(out.isnan(), worst, out)
 
 def record_scores(stats:CalStats, # calibration statistics
                   lo:Tensor, hi:Tensor, # [2, n] calibrated range per role and direction
@@ -535,6 +546,22 @@ def record_scores(stats:CalStats, # calibration statistics
     return excess(stats.mins, stats.maxs, lo, hi).flatten(1).max(1).values
 
 # %% ../nbs/05_calibrate.ipynb #6859a85d
+def check_settings(percentile=None, # trimming percentile: [0, 50)
+                   margin=None, # relative margin: finite, >= 0
+                   holdout=None, # held-out fraction: [0, 1)
+                   target_fpr=None, # false-positive rate: (0, 1)
+                   conf=None, # confidence level: (0, 1)
+                  ):
+    "Raise `WeightwatchError` naming the first calibration setting out of its range (None: not checked)."
+    rules = (('percentile', percentile, lambda v: 0 <= v < 50, 'in [0, 50), e.g. 1 to trim 1% at each end'),
+             ('margin', margin, lambda v: 0 <= v < math.inf, 'a finite fraction of the range width >= 0, e.g. 0.2'),
+             ('holdout', holdout, lambda v: 0 <= v < 1, 'a fraction in [0, 1), e.g. 0.2'),
+             ('target_fpr', target_fpr, lambda v: 0 < v < 1, 'a fraction strictly between 0 and 1, e.g. 0.01 for 1%'),
+             ('conf', conf, lambda v: 0 < v < 1, 'a confidence strictly between 0 and 1, e.g. 0.95'))
+    for name, v, ok, want in rules:   # NaN fails every comparison, so it is refused too
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
+            raise WeightwatchError(f"{name} must be {want}, got {v!r}")
+
 def cp_upper(k:int, # flagged held-out prompts
              n:int, # held-out prompts
              conf:float=0.95, # confidence level
@@ -549,6 +576,7 @@ def prompts_needed(fpr:float, # the false-positive rate to certify
                    conf:float=0.95, # confidence level
                   )->int:
     "Held-out clean prompts needed (with none flagged) for the upper bound to reach `fpr`."
+    check_settings(target_fpr=fpr, conf=conf)
     return math.ceil(math.log(1 - conf) / math.log(1 - fpr))
 
 # %% ../nbs/05_calibrate.ipynb #ea4486a6
@@ -585,12 +613,38 @@ def _split_heldout(N:int, holdout:float, seed:int)->Tensor:
     held[torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:k]] = True
     return held
 
+MIN_RESPONSE_RECORDS = 20   # fewer fitting records with replies than this (and than records in all): the response range is warned about
+
+def _nonfinite(stats:CalStats)->Tensor:
+    "[N] bool: records with a NaN cosine (an activation that overflowed)."
+    return (stats.mins.isnan() | stats.maxs.isnan()).flatten(1).any(1)
+
 def _ranges(stats:CalStats, fit:Tensor, percentile:float, margin:float)->tuple[Tensor, Tensor, str]:
+    fit = fit & ~_nonfinite(stats)
+    if not fit.any(): raise WeightwatchError("every calibration record has non-finite activations (inf or NaN): the model overflows at this precision; "
+                                             "run it in float32 or bfloat16 (--dtype), not float16")
     lo, hi = zip(*(thresholds(stats.mins[fit, r], stats.maxs[fit, r], percentile, margin) for r in (PROMPT, RESPONSE)))
     lo, hi, src = torch.stack(lo), torch.stack(hi), 'response'
-    if lo[RESPONSE].isnan().any(): lo[RESPONSE], hi[RESPONSE], src = lo[PROMPT], hi[PROMPT], 'prompt'
+    if response_records(stats, fit) < 2 or lo[RESPONSE].isnan().any(): lo[RESPONSE], hi[RESPONSE], src = lo[PROMPT], hi[PROMPT], 'prompt'
     if lo[PROMPT].isnan().any(): raise WeightwatchError("no calibration record has prompt tokens; pass some clean prompts")
     return lo, hi, src
+
+def response_records(stats:CalStats, # calibration statistics
+                     fit:Tensor, # [N] bool: the records that count
+                    )->int:
+    "How many of the `fit` records have response (assistant) tokens."
+    return int(torch.isfinite(stats.mins[fit, RESPONSE]).all(-1).sum())   # a role a record lacks has extremes of +-inf
+
+def _uncertified(target_fpr, conf, n, k, holdout)->str:
+    "Why the held-out split does not certify `target_fpr`, and what to do."
+    need = prompts_needed(target_fpr, conf)
+    if not n: return (f"no held-out split (holdout={holdout}), so the FPR is not measured and an FPR of {target_fpr:.2%} is not certified: "
+                      f"hold some records out (with holdout=0.2, about {math.ceil(need / 0.2)} prompts certify it if none of the held-out ones is flagged)")
+    head = f"with {n} held-out prompts ({k} flagged) the {conf:.0%} upper bound on the FPR is {cp_upper(k, n, conf):.2%}, above {target_fpr:.2%}: "
+    if n >= need: return ("the held-out FPR does not certify the target: " + head + f"the prompts are enough ({need} with none flagged would do), "
+                          "the flags are the problem: widen the ranges (a larger margin, or tune=True / --tune) or check that the prompts are clean")
+    return (f"too few calibration prompts for an FPR of {target_fpr:.2%}: " + head + f"certifying {target_fpr:.2%} needs at least {need} held-out "
+            f"clean prompts with none flagged (about {math.ceil(need / holdout)} prompts in all with holdout={holdout})")
 
 @patch(cls_method=True)
 def from_stats(cls:Monitor, stats:CalStats, # calibration statistics
@@ -603,6 +657,7 @@ def from_stats(cls:Monitor, stats:CalStats, # calibration statistics
                conf:float=0.95, # confidence of the FPR upper bound
               )->Monitor:
     "Derive calibrated ranges from statistics, and estimate their false-positive rate on held-out records."
+    check_settings(percentile=percentile, margin=margin, holdout=holdout, target_fpr=target_fpr, conf=conf)
     names = direction_names(dirs)
     if names != stats.names: raise WeightwatchError(f"the statistics are for {len(stats.names)} directions {stats.names[:3]}..., "
                                                     f"not the {len(names)} given {names[:3]}...; pass the directions they were collected with")
@@ -611,17 +666,22 @@ def from_stats(cls:Monitor, stats:CalStats, # calibration statistics
     U = torch.cat([U for *_, U in groups])
     held = _split_heldout(len(stats), holdout, seed)
     if (~held).sum() < 2: raise WeightwatchError(f"calibration needs at least 2 records to fit a range, got {int((~held).sum())}; pass more clean prompts")
+    if (bad := _nonfinite(stats)).any():
+        warnings.warn(f"{int(bad.sum())} of {len(stats)} calibration records have non-finite activations (inf or NaN), e.g. record {int(bad.nonzero()[0, 0])}: "
+                      "they are left out of the ranges (and count as flagged if held out); the model overflows at this precision, "
+                      "so run it in float32 or bfloat16 (--dtype)", stacklevel=2)
     lo, hi, src = _ranges(stats, ~held, percentile, margin)
+    nfit, nresp = int((~held & ~bad).sum()), response_records(stats, ~held & ~bad)
+    if 0 < nresp < min(MIN_RESPONSE_RECORDS, nfit):
+        warnings.warn(f"only {nresp} of the {nfit} fitting records have assistant tokens, so replies are compared with "
+                      f"{'ranges from those few' if src == 'response' else 'the prompt-token ranges'} and will be flagged more often than the held-out "
+                      "FPR says; calibrate on more conversations with replies, or generate replies (generate=N, --generate N)", stacklevel=2)
     k, n = int((record_scores(stats, lo, hi)[held] > 0).sum()), int(held.sum())
     meta = dict(percentile=percentile, margin=margin, holdout=holdout, seed=seed, n_calibration=len(stats), n_fit=len(stats) - n,
                 n_heldout=n, heldout_flagged=k, heldout_fpr=k / n if n else None, fpr_upper=cp_upper(k, n, conf) if n else None,
                 conf=conf, response_range=src, fingerprints={'model': stats.meta.get('model'),
                 'directions': getattr(dirs, 'meta', {}).get('fingerprints')}, generate=stats.meta.get('generate', 0))
-    if target_fpr is not None and (not n or meta['fpr_upper'] > target_fpr):
-        need = prompts_needed(target_fpr, conf)
-        warnings.warn(f"too few calibration prompts for an FPR of {target_fpr:.2%}: with {n} held-out prompts ({k} flagged) the {conf:.0%} "
-                      f"upper bound on the FPR is {meta['fpr_upper'] if n else 1:.2%}; certifying {target_fpr:.2%} needs at least {need} held-out "
-                      f"clean prompts with none flagged (about {math.ceil(need / max(holdout, 1e-9))} prompts in all with holdout={holdout})", stacklevel=2)
+    if target_fpr is not None and (not n or meta['fpr_upper'] > target_fpr): warnings.warn(_uncertified(target_fpr, conf, n, k, holdout), stacklevel=2)
     return cls(names, layer_of, U, dirs.hook_point, lo, hi, stats, held, meta)
 
 # %% ../nbs/05_calibrate.ipynb #ccc11441
@@ -654,6 +714,9 @@ def tune_thresholds(stats:CalStats, # calibration statistics
                     certify:bool=False, # require the `conf` upper bound of the cross-validated flag rate, not the rate itself, to be within `target_fpr`
                    )->Monitor:
     "A monitor with the narrowest ranges on the grid whose cross-validated flag rate on clean records (or, with `certify`, its upper bound) is at most `target_fpr`."
+    check_settings(target_fpr=target_fpr, holdout=holdout, conf=conf)
+    for p in percentiles: check_settings(percentile=p)
+    for m in margins: check_settings(margin=m)
     held = _split_heldout(len(stats), holdout, seed)
     rest = (~held).nonzero()[:, 0]
     if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds: {len(stats)}, of which {len(rest)} remain after "
@@ -819,6 +882,8 @@ def calibrate(model, # fine-tuned model (source or bridge)
               **kwargs, # passed to `trace_batches`
              )->Monitor:
     "Calibrate a monitor for `model` along `dirs` on clean records."
+    if certify and not tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
+    check_settings(percentile=percentile, margin=margin, holdout=holdout, target_fpr=target_fpr)
     model = load_model(model)
     check_directions(model, dirs)
     if not records: raise WeightwatchError("no calibration records: pass some clean prompts")
@@ -827,8 +892,7 @@ def calibrate(model, # fine-tuned model (source or bridge)
         warnings.warn(f"{len(rep)} of {len(records)} calibration prompts repeat an earlier one (e.g. record {i} is record {j}); a copy in the "
                       "held-out split is in range by construction, so the held-out FPR looks better than it is: remove the repeats", stacklevel=2)
     st = collect_stats(model, dirs, records, batch_size=batch_size, generate=generate, progress=progress, **kwargs)
-    if certify and not tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
-    if tune: return tune_thresholds(st, dirs, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify)
+    if tune: return tune_thresholds(st, dirs, target_fpr=0.01 if target_fpr is None else target_fpr, holdout=holdout, seed=seed, certify=certify)
     return Monitor.from_stats(st, dirs, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr)
 
 # %% ../nbs/05_calibrate.ipynb #5f2ad111
@@ -841,7 +905,8 @@ def merge_monitors(monitors:list, # `Monitor`s or monitor files, calibrated on p
                    tune:bool=False, # choose percentile and margin with `tune_thresholds`
                    certify:bool=False, # with `tune`: make the FPR's 95% upper bound meet `target_fpr`
                   )->Monitor:
-    "One monitor from the statistics of several, exactly as if their prompts had been calibrated in one run."
+    "One monitor from the statistics of several, as if their prompts had been calibrated in one run (to float rounding)."
+    check_settings(percentile=percentile, margin=margin, holdout=holdout, target_fpr=target_fpr)
     ms = [m if isinstance(m, Monitor) else Monitor.load(m) for m in monitors]
     if not ms: raise WeightwatchError("merge needs at least one monitor")
     if certify and not tune: raise WeightwatchError("certify only applies when tuning: pass tune=True (--tune) as well")
@@ -853,7 +918,7 @@ def merge_monitors(monitors:list, # `Monitor`s or monitor files, calibrated on p
     stats = merge_stats([m.stats for m in ms])   # and the same model and --generate
     pick = lambda v, k: a.meta[k] if v is None else v
     percentile, margin, holdout, seed = pick(percentile, 'percentile'), pick(margin, 'margin'), pick(holdout, 'holdout'), pick(seed, 'seed')
-    out = (tune_thresholds(stats, a, target_fpr=target_fpr or 0.01, holdout=holdout, seed=seed, certify=certify) if tune else
+    out = (tune_thresholds(stats, a, target_fpr=0.01 if target_fpr is None else target_fpr, holdout=holdout, seed=seed, certify=certify) if tune else
            Monitor.from_stats(stats, a, percentile=percentile, margin=margin, holdout=holdout, seed=seed, target_fpr=target_fpr))
     out.meta['fingerprints'] = a.meta['fingerprints']
     return out
