@@ -20,14 +20,14 @@ from itertools import groupby
 from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'FLOAT_TOL', 'MIN_RESPONSE_RECORDS', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE',
-           'as_record', 'record_keys', 'repeats', 'Records', 'in_file', 'read_jsonl', 'response_spans', 'Encoded',
-           'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate', 'direction_groups', 'direction_names',
-           'Tracer', 'check_hooks', 'Trace', 'context_window', 'forward_blocks', 'run_batches', 'trace_batches',
-           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
-           'record_scores', 'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records',
-           'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
-           'register_cli']
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'GENERATION_REFUSED', 'FLOAT_TOL', 'MIN_RESPONSE_RECORDS', 'MONITOR_FORMAT',
+           'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats', 'Records', 'in_file', 'read_jsonl',
+           'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate',
+           'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
+           'check_generation', 'same_directions', 'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema',
+           'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores',
+           'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records', 'CannotCertify',
+           'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -262,7 +262,7 @@ class Tracer:
     def __init__(self, dirs, # `Directions` or `Monitor`
                  device=None, # where the model runs
                  steer=None, # optional `steer(hook, act, cos, valid, roles, step) -> act`
-                 record:bool=True, # keep the cosines (False: only steer, e.g. for interactive generation)
+                 record:bool=True, # keep the cosines (False: only steer; whoever runs the model calls `start` when a new sequence begins)
                 ):
         self.groups = [(l, h, s, n, U.to(device or 'cpu')) for l, h, s, n, U in direction_groups(dirs)]
         self.steer, self.record = steer, record
@@ -272,7 +272,7 @@ class Tracer:
               roles:Tensor|None=None, # [b, t] 0 prompt, 1 response
              ):
         "Begin a batch; `valid`, `roles`: [b, t] masks of its prompt (default: all real, all prompt)."
-        self.valid, self.roles = valid, roles
+        self.valid, self.roles = valid, (roles if roles is not None or valid is None else torch.zeros_like(valid, dtype=torch.long))
         self.cos, self.step = {h: [] for _, h, *_ in self.groups}, {h: 0 for _, h, *_ in self.groups}
 
     def _hook(self, h, U):
@@ -280,7 +280,6 @@ class Tracer:
             a = act if act.dtype == torch.float32 else act.float()
             c = (a @ U.T) / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)   # cosines: one matmul, one norm
             if self.record: self.cos[h].append(c)
-            elif act.shape[1] > 1: self.step[h] = 0      # not recording: a multi-token call starts a new prompt
             step = self.step[h]; self.step[h] += 1
             if self.steer is None: return act
             b, t, dev = *c.shape[:2], c.device
@@ -348,6 +347,24 @@ def _split(b:Batch, cos:Tensor, seqs:Tensor|None, eos:set)->list[Trace]:
         out.append(Trace(ids, roles, c.cpu(), gen, int(m.sum())))
     return out
 
+GENERATION_REFUSED = {'num_beams': 1, 'num_beam_groups': 1, 'num_return_sequences': 1, 'use_cache': True, 'assistant_model': None,
+                      'prompt_lookup_num_tokens': None, 'max_new_tokens': None, 'max_length': None}
+
+def check_generation(gen:dict, # keyword arguments for Hugging Face `generate`
+                    )->None:
+    "Refuse generation arguments the hooks cannot follow: they see one sequence per prompt and one new token per step."
+    bad = {k: v for k, v in gen.items() if k in GENERATION_REFUSED and v != GENERATION_REFUSED[k]}
+    if bad: raise WeightwatchError(f"generation arguments {bad} are not supported while monitoring or steering: the hooks follow one sequence per "
+                                   "prompt and one new token per step (greedy or sampled decoding with the KV cache); drop them, and set the "
+                                   "number of new tokens with generate=N (--generate / --max-new-tokens)")
+
+def same_directions(a, b, # `Directions` or `Monitor`s
+                   )->bool:
+    "Whether `a` and `b` hold the same directions (names, hook point and vectors), so one set of hooks serves both."
+    if a is b: return True
+    if direction_names(a) != direction_names(b) or a.hook_point != b.hook_point: return False
+    return all(torch.equal(x[-1], y[-1]) for x, y in zip(direction_groups(a), direction_groups(b)))
+
 def forward_blocks(model, # fine-tuned model (`TransformerBridge`)
                    ids:Tensor, # [b, t] token ids
                    mask:Tensor, # [b, t] attention mask
@@ -373,7 +390,8 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
     encs = encode_many(tok, [as_record(r, f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
     truncate(encs, max_len or context_window(model), reserve=generate)
     dev, pad, gen = model.cfg.device, _pad_id(tok), dict(do_sample=False) | gen_kwargs
-    own = steer is not None and direction_names(getattr(steer, 'dirs', dirs)) != direction_names(dirs)  # steers along other directions
+    check_generation(gen)
+    own = steer is not None and not same_directions(getattr(steer, 'dirs', dirs), dirs)   # a steerer along other directions gets its own hooks
     for b in tqdm(list(batches(encs, batch_size, pad, 'left' if generate else 'right')), disable=not progress, desc='batches'):
         trs = [Tracer(dirs, dev, None if own else steer)] + ([Tracer(steer.dirs, dev, steer, record=False)] if own else [])
         for t in trs: t.start(b.mask.bool().to(dev), b.roles.to(dev))

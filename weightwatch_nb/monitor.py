@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from .core import WeightwatchError, load_model, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet, add_model_options, model_options
-from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, in_file, excess, quiet_hf, PROMPT, RESPONSE)
+from .calibrate import (Monitor, Trace, trace_batches, as_record, read_jsonl, in_file, excess, quiet_hf, check_directions,
+                                      same_directions, PROMPT, RESPONSE)
 
 # %% auto #0
 __all__ = ['token_excess', 'Report', 'make_report', 'scan', 'scan_scores', 'plot_direction', 'plot_scores', 'report_html',
@@ -30,7 +31,7 @@ def token_excess(tr:Trace, # a traced record
 class Report:
     "Monitoring result for one input."
     index: int                  # position of the input in the scanned list
-    flagged: bool               # some token left the calibrated range of some direction
+    flagged: bool|None          # some token left the calibrated range of some direction (None: generated without a monitor)
     score: float                # max excess over tokens and directions (> 0 iff flagged): a continuous score for ROC
     first_flag_token: int|None  # position of the first flagged token (None if not flagged)
     directions: list[str]       # flagged directions, most extreme first
@@ -46,7 +47,8 @@ class Report:
     rewound_at: int|None = None # rewind steering: the token where an unsteered pass was flagged, so this generation was redone steered
 
     @property
-    def token_scores(self)->Tensor: return self.excess.max(-1).values.clamp_min(0)  # [T] per-token score, 0 inside the range
+    def token_scores(self)->Tensor:   # [T] per-token score, 0 inside the range (and without a monitor)
+        return self.excess.max(-1).values.clamp_min(0) if self.excess.shape[-1] else torch.zeros(len(self.ids))
 
 def make_report(tr:Trace, # traced record
                 mon:Monitor, # calibrated monitor
@@ -69,7 +71,7 @@ def make_report(tr:Trace, # traced record
 @patch
 def to_json(self:Report)->dict:
     "The JSON-lines form of a report: index, flagged, score, first_flag_token, directions, the record's other keys."
-    out = {'index': self.index, 'flagged': self.flagged, 'score': round(self.score, 6),
+    out = {'index': self.index, 'flagged': self.flagged, 'score': round(self.score, 6) if math.isfinite(self.score) else None,
            'first_flag_token': self.first_flag_token, 'directions': self.directions}
     if self.text is not None: out['generated'] = self.text
     if self.rewound_at is not None: out['rewound_at'] = self.rewound_at
@@ -89,7 +91,11 @@ def scan(model, # fine-tuned model (source or bridge)
     "Monitor `records`: one `Report` per record, in input order."
     model = load_model(model)
     mon = mon if isinstance(mon, Monitor) else Monitor.load(mon)
-    if check: mon.check(model)
+    if check:
+        mon.check(model)
+        sd = getattr(steer, 'dirs', None)   # a steerer along other directions must belong to this model too
+        if sd is not None and not same_directions(sd, mon):
+            sd.check(model, where="the steerer's monitor") if isinstance(sd, Monitor) else check_directions(model, sd)
     records = [as_record(r, f'#{i}') for i, r in enumerate(records)]
     out = [None] * len(records)
     for idx, trs in trace_batches(model, mon, records, batch_size=batch_size, generate=generate, steer=steer, progress=progress, **kwargs):
@@ -152,15 +158,16 @@ def report_html(rep:Report, # a report
     spans = []
     for i, (t, s) in enumerate(zip(rep.ids.tolist(), sc.tolist())):
         a = min(1.0, s) if s > 0 else 0.0
-        j = int(rep.excess[i].argmax())
-        tip = f"token {i} ({'response' if rep.roles[i] else 'prompt'}), score {s:.2f}" + (f", worst {mon.names[j]} cos {rep.cos[i, j]:+.3f}" if mon else '')
+        j = int(rep.excess[i].argmax()) if rep.excess.shape[-1] else None
+        tip = f"token {i} ({'response' if rep.roles[i] else 'prompt'}), score {s:.2f}" + (f", worst {mon.names[j]} cos {rep.cos[i, j]:+.3f}" if mon and j is not None else '')
         style = f"background: rgba(220,40,40,{0.15 + 0.85 * a:.2f})" if s > 0 else ''
         sep = "<span style='border-left:2px solid #888;margin:0 2px'></span>" if i == rep.n_prompt else ''
         spans.append(f"{sep}<span title='{html.escape(tip)}' style='{style}'>{html.escape(tok.decode([t]))}</span>")
     head = (f"<b style='color:#c00'>FLAGGED</b> at token {rep.first_flag_token}: {', '.join(rep.directions[:5])} (layers {rep.layers})"
-            if rep.flagged else "<b style='color:#080'>within range</b>")
+            if rep.flagged else "<b style='color:#080'>within range</b>" if rep.flagged is not None else "<b>not monitored</b>")
     gen = f"<div><i>generated:</i> {html.escape(rep.text)}</div>" if rep.text is not None else ''
-    return f"<div>{head}; score {rep.score:+.3f}</div><div style='font-family:monospace;white-space:pre-wrap'>{''.join(spans)}</div>{gen}"
+    score = f"; score {rep.score:+.3f}" if math.isfinite(rep.score) else ''
+    return f"<div>{head}{score}</div><div style='font-family:monospace;white-space:pre-wrap'>{''.join(spans)}</div>{gen}"
 
 # %% ../nbs/06_monitor.ipynb #e4d69b53
 def _error_html(msg:str)->str: return f"<pre style='color:#c00;white-space:pre-wrap'>{html.escape(msg)}</pre>"

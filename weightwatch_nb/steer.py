@@ -12,13 +12,13 @@ from torch import Tensor
 from .core import (WeightwatchError, load_model, hf_state_dict, POSITIVE_INT, add_model_options, model_options,
                                  same_weights, precision_hint)
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
-                                      context_window, _pad_id, PROMPT, RESPONSE)
+                                      context_window, check_directions, check_generation, _pad_id, PROMPT, RESPONSE)
 from .monitor import scan, Report, _mismatch, _error_html
 
 # %% auto #0
-__all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'steering', 'ProjectOut', 'Add', 'project_out', 'add',
-           'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'Rewind', 'steered_generate', 'rewind_generate',
-           'swapped_weights', 'changed_weights', 'make_steerer', 'SteerView', 'register_cli']
+__all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'check_steerer', 'steering', 'ProjectOut', 'Add',
+           'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'Rewind', 'steered_generate',
+           'rewind_generate', 'swapped_weights', 'changed_weights', 'make_steerer', 'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -76,14 +76,38 @@ class Steerer:
         "Edit `act` [b, t, d] at hook `hook` (see `Tracer` for the arguments); the base class leaves it alone."
         return act
 
+def check_steerer(model, # the model (`TransformerBridge`)
+                  steerer:Steerer, # the steerer about to act on it
+                 )->None:
+    "Raise `WeightwatchError` if the steerer's monitor or directions belong to another model."
+    d = steerer.dirs
+    if isinstance(d, Monitor): d.check(model, where="the steerer's monitor")
+    else: check_directions(model, d)
+
+def _cached(pkv)->int:
+    "Tokens already in a key/value cache (0: none, so a pass starts a new sequence)."
+    if pkv is None: return 0
+    if hasattr(pkv, 'get_seq_length'): return int(pkv.get_seq_length())
+    try: return int(pkv[0][0].shape[-2])   # the legacy tuple-of-tuples cache
+    except (TypeError, IndexError, AttributeError): return 0
+
 @contextmanager
 def steering(model, # the model (`TransformerBridge`)
              steerer:Steerer, # what to do to the activations
             ):
     "Attach `steerer` to the model's hooks for the duration of a `with` block."
+    check_steerer(model, steerer)
     tr = Tracer(steerer.dirs, device=model.cfg.device, steer=steerer, record=False)
     steerer.reset()
-    with model.hooks(fwd_hooks=tr.hooks(model)): yield steerer
+    def begin(module, args, kwargs):   # before each pass of the decoder stack: nothing cached means a new sequence, with this padding
+        if _cached(kwargs.get('past_key_values')): return
+        x = kwargs.get('input_ids', args[0] if args else None)
+        x, m = (x if x is not None else kwargs.get('inputs_embeds')), kwargs.get('attention_mask')
+        tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None)
+    handle = model.original_model.base_model.register_forward_pre_hook(begin, with_kwargs=True)
+    try:
+        with model.hooks(fwd_hooks=tr.hooks(model)): yield steerer
+    finally: handle.remove()
 
 # %% ../nbs/07_steer.ipynb #eda0a64d
 class ProjectOut(Steerer):
@@ -231,6 +255,8 @@ def steered_generate(model, # fine-tuned model
                      **kwargs, # passed to `scan` (e.g. generation arguments)
                     )->list[Report]:
     "Generate replies to `records` with steering, monitored: one `Report` (with `.text`) per record."
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise WeightwatchError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     if isinstance(steer, Rewind):
         if mon is None: raise WeightwatchError("rewind needs a monitor to decide what to redo: pass one (from `weightwatch calibrate`)")
         return rewind_generate(model, mon, records, steer.names, max_new_tokens, batch_size, weights=steer.weights, **kwargs)
@@ -242,23 +268,24 @@ def steered_generate(model, # fine-tuned model
             steer = Clip(mon) if steer == 'clip' else Clamp(mon)
         else: raise WeightwatchError(f"unknown steering mode {steer!r}: use 'clip', 'clamp', 'rewind' or 'off'")
     if mon is not None: return scan(model, mon, records, generate=max_new_tokens, batch_size=batch_size, steer=steer, **kwargs)
-    if steer is None: return _plain_generate(model, records, max_new_tokens, batch_size)
-    with steering(model, steer): return _plain_generate(model, records, max_new_tokens, batch_size)
+    if steer is None: return _plain_generate(model, records, max_new_tokens, batch_size, **kwargs)
+    with steering(model, steer): return _plain_generate(model, records, max_new_tokens, batch_size, **kwargs)
 
 # %% ../nbs/07_steer.ipynb #3cf3e5db
-def _plain_generate(model, records, max_new_tokens, batch_size)->list[Report]:
+def _plain_generate(model, records, max_new_tokens, batch_size, check=True, progress=False, max_len=None, **gen)->list[Report]:
     from weightwatch_nb.calibrate import batches, truncate, _split, _eos_ids, encode_many
     tok = model.tokenizer
     recs = [as_record(r, f'#{i}') for i, r in enumerate(records)]
     encs = encode_many(tok, recs, generation_prompt=True)
-    truncate(encs, context_window(model), reserve=max_new_tokens)
+    check_generation(gen)
+    truncate(encs, max_len or context_window(model), reserve=max_new_tokens)
     out, pad, dev = [None] * len(recs), _pad_id(tok), model.cfg.device
     for b in batches(encs, batch_size, pad, 'left'):
         with torch.no_grad():
             seqs = model.original_model.generate(input_ids=b.ids.to(dev), attention_mask=b.mask.to(dev), max_new_tokens=max_new_tokens,
-                                                 do_sample=False, pad_token_id=pad)
+                                                 pad_token_id=pad, **(dict(do_sample=False) | gen))
         for i, t in zip(b.index, _split(b, torch.zeros(*seqs.shape, 0), seqs, _eos_ids(model))):
-            out[i] = Report(i, False, float('nan'), None, [], [], t.ids, t.roles, t.cos, t.cos, t.n_prompt, t.generated, recs[i],
+            out[i] = Report(i, None, float('nan'), None, [], [], t.ids, t.roles, t.cos, t.cos, t.n_prompt, t.generated, recs[i],
                             tok.decode(t.generated, skip_special_tokens=True))
     return out
 
