@@ -2,7 +2,7 @@
 import json, math, warnings
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, load_model, make_tiny_checkpoint, tiny_tokenizer
-from weightwatch_nb.calibrate import (encode, response_spans, RESPONSE, collect_stats, merge_stats, thresholds, record_scores,
+from weightwatch_nb.calibrate import (encode, response_spans, RESPONSE, collect_stats, merge_stats, thresholds, record_scores, FLOAT_TOL,
                                       cp_upper, prompts_needed, Monitor, trace, read_jsonl, calibrate)
 from _monitor_fixtures import organism, sentence
 
@@ -19,9 +19,9 @@ def test_roles_tiny_template():
     assert sum(encode(tok, {'text': 'a model'}).roles) == 0
 
 @pytest.mark.parametrize('template, want', [
-    # ChatML (Qwen-style): newlines and headers around the content
+    # ChatML (Qwen-style): newlines and headers around the content; the newline after <|im_end|> is the template's, not the reply's
     ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", 'a model<|im_end|>\ndiffer<|im_end|>\n'),
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", 'a model<|im_end|>differ<|im_end|>'),
     # Llama-3 style, BOS rendered by the template itself
     ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
      "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}", 'a model<|eot_id|>differ<|eot_id|>'),
@@ -71,12 +71,12 @@ def test_merge_refuses_other_model(organism, tmp_path):
 def test_thresholds_percentile_and_margin():
     mins = torch.arange(100.).reshape(100, 1) / 100 - 1     # -1.00 .. -0.01
     maxs = torch.arange(100.).reshape(100, 1) / 100          #  0.00 ..  0.99
-    lo, hi = thresholds(mins, maxs)
-    assert lo.item() == pytest.approx(-1) and hi.item() == pytest.approx(0.99)
+    lo, hi = thresholds(mins, maxs)                           # without a margin: the range, widened by FLOAT_TOL on each side
+    assert lo.item() == pytest.approx(-1 - FLOAT_TOL, abs=1e-7) and hi.item() == pytest.approx(0.99 + FLOAT_TOL, abs=1e-7)
     lo, hi = thresholds(mins, maxs, percentile=10)
-    assert lo.item() == pytest.approx(-0.901) and hi.item() == pytest.approx(0.891)
+    assert lo.item() == pytest.approx(-0.901 - FLOAT_TOL, abs=1e-7) and hi.item() == pytest.approx(0.891 + FLOAT_TOL, abs=1e-7)
     lo2, hi2 = thresholds(mins, maxs, percentile=10, margin=0.25)
-    assert (hi2 - lo2).item() == pytest.approx(1.5 * (hi - lo).item())
+    assert (hi2 - lo2).item() == pytest.approx(1.5 * (0.891 + 0.901), abs=1e-5)   # a margin beyond FLOAT_TOL replaces it
 
 def test_rethreshold_without_model(organism):
     mon = organism['mon']

@@ -14,7 +14,7 @@ from .core import WeightwatchError, load_model, fingerprint, add_model_options, 
 from .directions import Directions, compute_directions, READ_HOOK
 from .delta import READ_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
-from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baseline,
+from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baselines,
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
@@ -93,8 +93,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
         for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, mode='raw', progress=False), 'weights (raw W)')):
             dets.append(detect(model, calibrate_monitor(model, dd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr), scan_sets,
                                name=nm, batch_size=batch_size, generate=generate, progress=progress))
-        for kind in ('mahalanobis', 'pca'):
-            dets.append(activation_baseline(model, sets['calibration'], scan_sets, layer, kind, batch_size=batch_size))
+        dets += activation_baselines(model, sets['calibration'], scan_sets, layer, batch_size=batch_size, generate=generate)   # the tokens the monitor saw
     res = PairResult(name, dirs, mon, dets, detection_table(dets), read_monitor=rmon)
     if judges: res.steering = judge_steering(base, finetuned, model, {'write': mon, 'read': rmon}, scan_sets, judges, steer, strip_k, batch_size)
     res.seconds = time.time() - t0

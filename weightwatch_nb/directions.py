@@ -454,6 +454,8 @@ def plot_heatmap(d:Directions, # directions made by `compute_directions`
     from matplotlib.figure import Figure
     import numpy as np
     ls, ms = [l for l in d.layers if layers is None or l in layers], [m for m in d.matrices if matrices is None or m in matrices]
+    if not ls or not ms:
+        raise WeightwatchError(f"no {'layers' if not ls else 'matrices'} to show: pick from layers {d.layers} and matrices {d.matrices}")
     norms = d.meta.get('delta_norm') or {}
     vals = {'‖ΔW‖ (Frobenius)': [[norms.get(f"L{l}.{m}", np.nan) for m in ms] for l in ls],
             'σ₁ (top singular value)': [[float(d.S[(l, m)][0]) if (l, m) in d.S else np.nan for m in ms] for l in ls]}
@@ -472,7 +474,7 @@ class DirectionsBrowser:
     plots = {'spectrum': plot_spectrum, 'energy': plot_energy, 'heatmap': plot_heatmap}
     def __init__(self, d:Directions): # directions to browse
         import ipywidgets as W
-        self.d, self.fig = d, None
+        self.d, self.fig, self.message = d, None, None
         self.view = W.ToggleButtons(options=list(self.plots), value='spectrum', description='plot')
         self.layers = W.SelectMultiple(options=d.layers, value=tuple(d.layers), rows=min(8, len(d.layers)), description='layers')
         self.matrices = W.SelectMultiple(options=d.matrices, value=tuple(d.matrices), rows=min(8, len(d.matrices)), description='matrices')
@@ -481,10 +483,20 @@ class DirectionsBrowser:
         for w in (self.view, self.layers, self.matrices): w.observe(self.draw, names='value')
         self.widget = W.VBox([self.view, W.HBox([self.layers, self.matrices]), self.out])
         self.draw()
+    def _empty(self)->str|None:
+        "Why the selection has nothing to plot, or None."
+        ls, ms = self.layers.value, self.matrices.value
+        if not ls or not ms: return 'select at least one ' + ' and one '.join(w for w, v in (('layer', ls), ('matrix', ms)) if not v)
+        if self.view.value != 'heatmap' and not _keys(self.d, ls, ms):
+            return 'no directions for the selected layer × matrix pairs: select others'
     def _draw(self, change=None):
-        import io
-        from IPython.display import display, Image
-        self.fig = self.plots[self.view.value](self.d, layers=list(self.layers.value), matrices=list(self.matrices.value))
+        import io, html
+        from IPython.display import display, Image, HTML
+        self.fig, self.message = None, self._empty()
+        if self.message is None:
+            try: self.fig = self.plots[self.view.value](self.d, layers=list(self.layers.value), matrices=list(self.matrices.value))
+            except WeightwatchError as e: self.message = str(e)
+        if self.message is not None: return display(HTML(f"<p><i>{html.escape(self.message)}</i></p>"))
         buf = io.BytesIO(); self.fig.savefig(buf, format='png', dpi=80, bbox_inches='tight'); import matplotlib.pyplot as plt; plt.close(self.fig)
         display(Image(buf.getvalue()))   # a PNG renders in any kernel; a bare Figure needs the inline backend
     def _ipython_display_(self):

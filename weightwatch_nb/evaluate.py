@@ -12,12 +12,13 @@ import torch
 import matplotlib.pyplot as plt
 from scipy import stats
 from fastcore.basics import patch
-from .core import WeightwatchError
+from .core import WeightwatchError, load_model
 
 # %% auto #0
-__all__ = ['binomial_interval', 'auroc', 'roc_curve', 'tpr_at_fpr', 'MahalanobisBaseline', 'PCABaseline', 'Detection', 'detect',
-           'Table', 'detection_table', 'plot_roc', 'collect_activations', 'activation_baseline', 'confusion_counts',
-           'leading_counts', 'replies', 'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
+__all__ = ['BASELINES', 'binomial_interval', 'auroc', 'roc_curve', 'tpr_at_fpr', 'MahalanobisBaseline', 'PCABaseline',
+           'Detection', 'detect', 'Table', 'detection_table', 'plot_roc', 'model_sequences', 'collect_activations',
+           'activation_baselines', 'activation_baseline', 'confusion_counts', 'leading_counts', 'replies',
+           'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
 
 # %% ../nbs/08_evaluate.ipynb #285617b4
 def binomial_interval(k:int, # number of successes (e.g. flagged inputs)
@@ -33,12 +34,19 @@ def binomial_interval(k:int, # number of successes (e.g. flagged inputs)
     return lo, hi
 
 # %% ../nbs/08_evaluate.ipynb #8add4bab
+def _scores(x, what:str)->np.ndarray:
+    "Scores as a flat float array; refuses an empty set and NaN scores, which would make every rate meaningless."
+    a = np.asarray(x, float).ravel()
+    if len(a) == 0: raise WeightwatchError(f"no {what} scores: ROC numbers need at least one negative and one positive input")
+    if np.isnan(a).any(): raise WeightwatchError(f"{int(np.isnan(a).sum())} of the {len(a)} {what} scores are NaN (e.g. #{int(np.flatnonzero(np.isnan(a))[0])}); "
+                                                 "a NaN sorts nowhere, so drop or fix those inputs")
+    return a
+
 def auroc(neg, # scores of negative (clean) inputs
           pos, # scores of positive (e.g. triggered) inputs
          )->float:
     "Area under the ROC curve of `pos` vs `neg` (ties count 1/2)."
-    neg, pos = np.asarray(neg, float).ravel(), np.asarray(pos, float).ravel()
-    if len(neg) == 0 or len(pos) == 0: raise WeightwatchError("AUROC needs at least one negative and one positive score")
+    neg, pos = _scores(neg, 'negative'), _scores(pos, 'positive')
     ranks = stats.rankdata(np.concatenate([neg, pos]))
     u = ranks[len(neg):].sum() - len(pos)*(len(pos)+1)/2
     return float(u/(len(neg)*len(pos)))
@@ -48,7 +56,7 @@ def roc_curve(neg, # scores of negative inputs
               pos, # scores of positive inputs
              )->tuple[np.ndarray, np.ndarray, np.ndarray]: # fpr, tpr, thresholds (flag when score >= threshold)
     "ROC points for every distinct threshold, from flagging nothing to flagging everything."
-    neg, pos = np.asarray(neg, float).ravel(), np.asarray(pos, float).ravel()
+    neg, pos = _scores(neg, 'negative'), _scores(pos, 'positive')
     th = np.unique(np.concatenate([neg, pos]))[::-1]
     th = np.concatenate([[np.inf], th])
     fpr = np.array([(neg >= t).mean() for t in th]); tpr = np.array([(pos >= t).mean() for t in th])
@@ -58,6 +66,7 @@ def tpr_at_fpr(neg, pos, # negative and positive scores
                max_fpr:float=0.01, # the largest false-positive rate allowed on `neg`
               )->tuple[float, float, float]: # tpr, fpr, threshold
     "The best TPR whose threshold keeps the FPR on `neg` at or below `max_fpr`."
+    if not 0 <= max_fpr <= 1: raise WeightwatchError(f"max_fpr must be a fraction between 0 and 1, e.g. 0.01 for 1%, got {max_fpr!r}")
     fpr, tpr, th = roc_curve(neg, pos)
     ok = np.flatnonzero(fpr <= max_fpr)
     i = ok[np.argmax(tpr[ok])]
@@ -174,18 +183,45 @@ def plot_roc(dets:list[Detection], # detectors to compare
     return ax.figure
 
 # %% ../nbs/08_evaluate.ipynb #e9af782e
+def model_sequences(model, # model (bridge or source)
+                    records:list, # records (see `as_record`)
+                    generate:int=0, # reply tokens generated per record, as the monitor's `generate`
+                    batch_size:int=32, # records per batch
+                    max_len:int|None=None, # context window (default: the model's)
+                    **gen_kwargs, # generation arguments, as for `scan` (default: greedy)
+                   )->list: # one `Encoded` per record: token ids and roles
+    "The tokens a monitor with `generate` sees for each record: the prompt and the reply up to its last token fed back."
+    from weightwatch_nb.calibrate import (as_record, encode_many, batches, truncate, context_window, check_generation, _pad_id,
+                                          _eos_ids, Encoded)
+    model = load_model(model)
+    tok = model.tokenizer
+    encs = encode_many(tok, [as_record(_record(r), f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
+    truncate(encs, max_len or context_window(model), reserve=generate)
+    if not generate: return encs
+    gen = dict(do_sample=False) | gen_kwargs
+    check_generation(gen)
+    pad, dev, eos = _pad_id(tok), model.cfg.device, _eos_ids(model)
+    for b in batches(encs, batch_size, pad, 'left'):
+        with torch.no_grad():
+            seqs = model.original_model.generate(input_ids=b.ids.to(dev), attention_mask=b.mask.to(dev), max_new_tokens=generate,
+                                                 pad_token_id=pad, **gen).cpu()
+        for row, i in enumerate(b.index):
+            g = seqs[row, b.ids.shape[1]:].tolist()
+            seen = g[:next((j for j, t in enumerate(g) if t in eos), len(g) - 1)]   # the end (or the last token) is never fed back
+            encs[i] = Encoded(encs[i].ids + seen, encs[i].roles + [1] * len(seen))
+    return encs
+
 def collect_activations(model, # model (bridge or source)
                         records:list, # records (see `as_record`)
                         layers:list[int], # blocks whose output (`blocks.{l}.hook_out`) to record
                         batch_size:int=32, # records per forward pass
-                        generation_prompt:bool=True, # end conversations with the assistant's turn marker, where the model decides how to reply
+                        generate:int=0, # also the reply the model generates, as many tokens as the monitor's `generate` (see `model_sequences`)
                        )->dict[int, list[torch.Tensor]]: # layer -> one [T_i, d_model] tensor per record
-    "Residual-stream activations of every token of every record, per layer."
-    from weightwatch_nb.core import load_model, hook_name
-    from weightwatch_nb.calibrate import as_record, encode_many, batches, truncate, context_window, _pad_id
+    "Residual-stream activations of every token the monitor sees, per layer and record."
+    from weightwatch_nb.core import hook_name
+    from weightwatch_nb.calibrate import batches, _pad_id
     model = load_model(model)
-    encs = encode_many(model.tokenizer, [as_record(_record(r), f'#{i}') for i, r in enumerate(records)], generation_prompt=generation_prompt)
-    truncate(encs, context_window(model))
+    encs = model_sequences(model, records, generate, batch_size)
     out, cache = {l: [None]*len(encs) for l in layers}, {}
     def keep(l):
         def f(x, hook): cache[l] = x.detach(); return x
@@ -198,6 +234,31 @@ def collect_activations(model, # model (bridge or source)
     return out
 
 # %% ../nbs/08_evaluate.ipynb #ebbd7f85
+BASELINES = {'mahalanobis': MahalanobisBaseline, 'pca': PCABaseline}
+
+def activation_baselines(model, # fine-tuned model (bridge or source)
+                         calibration:list, # clean calibration records (the monitor's)
+                         sets:dict, # set name -> records, as for `detect`
+                         layer:int, # block whose output is watched
+                         kinds=('mahalanobis', 'pca'), # detectors to fit (keys of `BASELINES`)
+                         target_fpr:float=0.01, # threshold: this quantile of clean calibration scores is exceeded
+                         batch_size:int=32, # records per forward pass
+                         generate:int=0, # reply tokens, as the monitor's `generate`: the detectors see the same tokens
+                        )->list[Detection]:
+    "Activation-based anomaly detectors, calibrated on the same clean prompts as the monitor and shown the same tokens."
+    bad = [k for k in kinds if k not in BASELINES]
+    if bad: raise WeightwatchError(f"unknown baseline {bad[0]!r}: use {' or '.join(map(repr, BASELINES))}")
+    acts = lambda recs: collect_activations(model, recs, [layer], batch_size, generate=generate)[layer]
+    cal, seen = acts(calibration), {s: acts(recs) for s, recs in sets.items()}   # one pass per set, shared by every detector
+    out = []
+    for kind in kinds:
+        det = BASELINES[kind]().fit(torch.cat(cal))
+        score = lambda xs: np.array([float(det.score(a).max()) for a in xs])
+        th, d = float(np.quantile(score(cal), 1 - target_fpr)), Detection(f'{kind} L{layer}')
+        for s, xs in seen.items(): d.scores[s] = score(xs); d.flags[s] = d.scores[s] > th
+        out.append(d)
+    return out
+
 def activation_baseline(model, # fine-tuned model (bridge or source)
                         calibration:list, # clean calibration records (the monitor's)
                         sets:dict, # set name -> records, as for `detect`
@@ -205,19 +266,10 @@ def activation_baseline(model, # fine-tuned model (bridge or source)
                         kind:str='mahalanobis', # 'mahalanobis' or 'pca'
                         target_fpr:float=0.01, # threshold: this quantile of clean calibration scores is exceeded
                         batch_size:int=32, # records per forward pass
+                        generate:int=0, # reply tokens, as the monitor's `generate`
                        )->Detection:
-    "An activation-based anomaly detector, calibrated on the same clean prompts as the monitor."
-    dets = {'mahalanobis': MahalanobisBaseline, 'pca': PCABaseline}
-    if kind not in dets: raise WeightwatchError(f"unknown baseline {kind!r}: use 'mahalanobis' or 'pca'")
-    cal = collect_activations(model, calibration, [layer], batch_size)[layer]
-    det = dets[kind]().fit(torch.cat(cal))
-    score = lambda acts: np.array([float(det.score(a).max()) for a in acts])
-    th = float(np.quantile(score(cal), 1 - target_fpr))
-    out = Detection(f'{kind} L{layer}')
-    for s, recs in sets.items():
-        out.scores[s] = score(collect_activations(model, recs, [layer], batch_size)[layer])
-        out.flags[s] = out.scores[s] > th
-    return out
+    "One activation-based anomaly detector (see `activation_baselines`)."
+    return activation_baselines(model, calibration, sets, layer, (kind,), target_fpr, batch_size, generate)[0]
 
 # %% ../nbs/08_evaluate.ipynb #90dec941
 def confusion_counts(flags, # per input: whether the monitor flagged it (bools, e.g. a `Detection`'s flag array)
@@ -320,6 +372,8 @@ class ThresholdTuner:
         import ipywidgets as W
         self.mon, self.stats, self.negative, self.table, self.point = mon, stats, negative, None, None
         others = [s for s in stats if s != negative]
+        if positive is not None and positive not in others:
+            raise WeightwatchError(f"positive={positive!r} is not one of the labelled sets {others} (the negative set is {negative!r})")
         self.percentile = W.FloatSlider(value=mon.meta.get('percentile', 0.), min=0, max=10, step=0.25, description='percentile', continuous_update=False)
         self.margin = W.FloatSlider(value=mon.meta.get('margin', 0.2), min=0, max=1, step=0.05, description='margin', continuous_update=False)
         self.positive = W.Dropdown(options=others, value=positive or (others[0] if others else None), description='positive')
@@ -335,6 +389,7 @@ def _update(self:ThresholdTuner, change=None):
     import html, io
     from weightwatch_nb.calibrate import record_scores
     try:
+        if self.positive.value is None: raise WeightwatchError(f"no positive set to draw a ROC curve for: pass a labelled set besides the negative {self.negative!r}")
         self.table = operating_point(self.mon, self.stats, self.percentile.value, self.margin.value, self.negative)
         neg, pos = self.table.where(set=self.negative), self.table.where(set=self.positive.value)
         self.point = (neg['rate'], pos['rate'])

@@ -199,12 +199,14 @@ def extreme_examples(traces:list[Trace], # traces of the corpus (`trace_corpus`)
                      name:str, # direction name
                      tok=None, # tokenizer, to decode tokens
                      k:int=5, # records per list
+                     role:int|None=None, # only this role's examples: 0 prompt, 1 response (default: both)
                     )->Extremes:
     "The `k` records with the highest and the lowest token cosine along `name`, per role."
     if not traces: raise WeightwatchError("no traces: trace a non-empty corpus first")
+    if role not in (None, PROMPT, RESPONSE): raise WeightwatchError(f"role must be {PROMPT} (prompt), {RESPONSE} (response) or None (both), got {role!r}")
     j = direction_names(dirs).index(direction_name(dirs, name))
     ex, scale = {}, 1e-6
-    for r in (PROMPT, RESPONSE):
+    for r in (PROMPT, RESPONSE) if role is None else (role,):
         cand = [(i, t, t.cos[:, j].masked_fill(t.roles != r, math.nan)) for i, t in enumerate(traces) if (t.roles == r).any()]
         if not cand: continue
         hi = sorted(cand, key=lambda c: -float(c[2].nan_to_num(-math.inf).max()))[:k]
@@ -212,6 +214,7 @@ def extreme_examples(traces:list[Trace], # traces of the corpus (`trace_corpus`)
         ex[(r, 'top')] = [_example(i, t, t.cos[:, j], int(c.nan_to_num(-math.inf).argmax()), tok) for i, t, c in hi]
         ex[(r, 'bottom')] = [_example(i, t, t.cos[:, j], int(c.nan_to_num(math.inf).argmin()), tok) for i, t, c in lo]
         scale = max(scale, *(abs(e.value) for v in ex.values() for e in v))
+    if not ex: raise WeightwatchError(f"the traces have no {ROLES[role]} tokens: trace replies (`generate=`) or give conversations with replies")
     return Extremes(direction_name(dirs, name), ex, len(traces), scale)
 
 # %% ../nbs/10_interpret.ipynb #74a6ddfd
@@ -390,14 +393,16 @@ class DirectionExplorer:
 def update(self:DirectionExplorer):
     "Read the chosen direction from the cached traces and show it (errors are shown, not raised)."
     if self.traces is None: return
+    self.name = self.lens = self.extremes = self.fig = None    # an error leaves nothing of the previous direction
     try:
         name = direction_name(self.dirs, layer=self.layer.value, matrix=self.matrix.value, index=self.index.value)
-        self.lens = logit_lens(self.model, self.dirs, name)
-        self.extremes = extreme_examples(self.traces, self.dirs, name, self.model.tokenizer, self.k)
         role = self.role.value if any((t.roles == self.role.value).any() for t in self.traces) else PROMPT
-        self.fig = direction_histograms(self.dirs, name, self.traces, self.flagged, self.base, self.mon, role)
-        self.name, self.error = name, None
-        self.out.value = self.lens._repr_html_() + self.extremes._repr_html_() + _png(self.fig)
+        note = '' if role == self.role.value else f"<div><i>no {ROLES[self.role.value]} tokens in this corpus: showing {ROLES[role]} tokens</i></div>"
+        lens = logit_lens(self.model, self.dirs, name)
+        extremes = extreme_examples(self.traces, self.dirs, name, self.model.tokenizer, self.k, role=role)
+        fig = direction_histograms(self.dirs, name, self.traces, self.flagged, self.base, self.mon, role)
+        self.name, self.lens, self.extremes, self.fig, self.error = name, lens, extremes, fig, None
+        self.out.value = note + lens._repr_html_() + extremes._repr_html_() + _png(fig)
     except WeightwatchError as e: self.error, self.out.value = str(e), _error_html(str(e))
     except Exception as e: self.error, self.out.value = f"{type(e).__name__}: {e}", _error_html(f"{type(e).__name__}: {e}")
 
