@@ -254,3 +254,21 @@ def test_lora_on_modules_no_matrix_maps_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"changes 2 module\(s\) that no gpt_neox matrix maps to \(e.g. \['base_model.model.gpt_neox.layers.0.attention.query_key_value"):
         d = compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
     assert d.matrices == ['mlp_out']                      # the mapped update is still there
+
+def test_unembed_delta_when_only_the_base_ties(tmp_path):
+    # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
+    # unembedding is its embedding, so the delta is lm_head_ft - embed_base, with the planted rank-1 change as its only direction
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from weightwatch_nb.core import tiny_tokenizer
+    from weightwatch_nb.directions import compute_directions
+    torch.manual_seed(0); tok = tiny_tokenizer()
+    cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    base = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=True)); base.save_pretrained(tmp_path/'b'); tok.save_pretrained(tmp_path/'b')
+    ft = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False)); ft.load_state_dict(base.state_dict(), strict=False)
+    u = torch.zeros(300); u[:6] = 1; v = torch.zeros(32); v[3] = 1
+    with torch.no_grad(): ft.lm_head.weight.copy_(base.model.embed_tokens.weight + torch.outer(u, v))
+    ft.save_pretrained(tmp_path/'f'); tok.save_pretrained(tmp_path/'f')
+    d = compute_directions(tmp_path/'b', tmp_path/'f', k=2, matrices='unembed', progress=False)
+    assert d.names() == ['L1.unembed.u0']                        # rank 1
+    assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
+    assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)

@@ -235,7 +235,7 @@ def iter_deltas(base,            # base model: source or loaded model (ignored i
     if bt is not None: check_comparable(_origin(bt), _origin(ft), check_tokenizer=False)
     info = arch_info(ft.config)
     plan = find_keys(ft.keys(), info, matrices, layers)
-    bplan = find_keys(bt.keys(), info, matrices, layers) if bt is not None else {}
+    bplan = find_keys(bt.keys(), arch_info(bt.config), matrices, layers) if bt is not None else {}   # the base's own tying: a tied base's unembedding is its embedding
     for (l, m), (key, spec) in plan.items():
         Wf = _check_finite(ft.get(key), key, 'fine-tuned')
         D = orient(Wf, spec, info, key).to(torch.float32, copy=not ft.fresh)

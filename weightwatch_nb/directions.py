@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_directions.ipynb #43e59fbc
 from __future__ import annotations
-import json, os, re, warnings
+import json, numbers, os, re, warnings
 from pathlib import Path
 import torch
 from torch import Tensor
@@ -236,6 +236,9 @@ def save(self:Directions,
 _TENSOR = re.compile(r'^L(\d+)\.([a-z_]+)(\.S)?$')
 
 def _check_model(d:Directions, model, where:str):
+    if isinstance(model, (str, os.PathLike)) and resolve_source(model).kind == 'adapter':   # a LoRA adapter: the model it makes with its base
+        from weightwatch_nb.core import load_model
+        model = load_model(model)
     fp = fingerprint(model)
     a = fp['arch']; width = a.get('hidden_size') or a.get('n_embd') or a.get('d_model')
     if width is not None and width != d.d_model:
@@ -268,6 +271,11 @@ def load(cls:Directions,
         mt = _TENSOR.match(k)
         if not mt or mt[2] not in MATRICES: raise WeightwatchError(f"{w}: unexpected tensor {k!r}; expected 'L{{layer}}.{{matrix}}' and 'L{{layer}}.{{matrix}}.S'")
         (S if mt[3] else V)[(int(mt[1]), mt[2])] = t
+    fps = meta.get('fingerprints')
+    if fps is not None and (not isinstance(fps, dict) or any(v is not None and not isinstance(v, dict) for v in fps.values())):
+        raise WeightwatchError(f"{w}: corrupt metadata (`fingerprints` must map 'base' and 'finetuned' to fingerprint records, got {fps!r:.80}); recompute the directions")
+    if not isinstance(meta.get('indices', {}), dict):
+        raise WeightwatchError(f"{w}: corrupt metadata (`indices` must map matrix names to lists of indices); recompute the directions")
     hook = meta.pop('hook_point', None); meta.pop('format', None)
     d = cls(V, S, hook, meta, where=w)
     if model is not None: _check_model(d, model, w)
@@ -314,13 +322,17 @@ def _hook_for(info:dict, # `arch_info` of the model
               hook_point:str|None, # the caller's template (None: choose)
              )->str:
     "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
-    mt, writes = info['model_type'], set(matrices) & set(OUTPUT_HOOKS)
+    mt, writes, reads = info['model_type'], set(matrices) & set(OUTPUT_HOOKS), set(matrices) & set(INPUT_HOOKS)
+    if hook_point is None and set(matrices) <= set(INPUT_HOOKS): hook_point = READ_HOOK   # the read side alone: each with what it reads
     if hook_point and set(matrices) <= set(INPUT_HOOKS):   # '{input}' and '{raw_input}' both mean "what each matrix reads": a norm's
         a, b = ('{raw_input}', '{input}') if info['pre_norm'] else ('{input}', '{raw_input}')   # output, or with no norm first the stream
         return hook_point.replace(a, b)
     if hook_point is None:
         if info['post_norm'] and writes and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
         hook_point = DEFAULT_HOOK
+    if reads and not any(f in hook_point for f in ('{input}', '{raw_input}')):
+        warnings.warn(f"directions of {sorted(reads)} are compared at {hook_point!r}, which is not what these matrices read; compute them "
+                      f"separately (hook_point=None or {READ_HOOK!r}) to compare each with its matrix's input", stacklevel=3)
     if info['post_norm'] and writes and '{output}' not in hook_point:
         warnings.warn(f"{mt} normalises each attention and MLP output before adding it to the residual stream, so directions of "
                       f"{sorted(writes)} are exact at those outputs ({WRITE_HOOK!r}), not at {hook_point!r}; compute them separately "
@@ -339,12 +351,13 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                        method:str='auto', # SVD: 'exact', 'randomized' or 'auto' (by size)
                        mode:str='sub',  # 'sub': ΔW = W_ft - W_base (the paper); 'raw': W_ft alone
                        lora=None,       # LoRA adapter dir: ΔW = B·A·scale on top of `base`, read without merging
-                       layers=None,     # block indices (default: all)
-                       hook_point:str|None=None, # where the directions will be compared with activations (None: the residual stream, `DEFAULT_HOOK`, or the sub-layer outputs, `WRITE_HOOK`, where a norm follows them)
+                       layers=None,     # block indices, or one index (default: all)
+                       hook_point:str|None=None, # where the directions will be compared with activations (None: the residual stream, `DEFAULT_HOOK`; each matrix's input, `READ_HOOK`, for read-side matrices alone; the sub-layer outputs, `WRITE_HOOK`, where a norm follows them)
                        progress:bool=True, # show a progress bar
                       )->Directions:
     "Top-`k` singular directions of every requested weight delta of a model pair."
-    if not isinstance(k, int) or k < 1: raise WeightwatchError(f"k must be a positive integer, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1: raise WeightwatchError(f"k must be a positive integer, got {k!r}")
+    k, layers = int(k), ([int(layers)] if isinstance(layers, numbers.Integral) else layers)
     matrices, _ = _as_matrices(matrices), svd_method((1, 1), 1, method)
     if isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter':
         if lora is not None and Path(lora) != Path(finetuned): raise WeightwatchError("pass the LoRA adapter once: as `finetuned` or as `lora=`, not both")
@@ -556,7 +569,8 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--lora', metavar='ADAPTER_DIR', help='LoRA adapter on BASE: dW = B·A·scale, read without merging')
     p.add_argument('--layers', type=LAYERS, help='comma-separated block indices, e.g. 0,2,3 (default: all)')
     p.add_argument('--hook-point', default=None, help=f"hook template recorded in the file (default {DEFAULT_HOOK}, the residual stream; "
-                   f"{WRITE_HOOK} for models that normalise each attention and MLP output, Gemma 2 and OLMo 2)")
+                   f"{READ_HOOK}, what each matrix reads, when only read-side matrices are asked for; {WRITE_HOOK} for models that normalise "
+                   "each attention and MLP output, Gemma 2 and OLMo 2)")
     add_quiet(p)
     p.set_defaults(func=_directions_cmd)
     return p
