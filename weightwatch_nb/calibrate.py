@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_calibrate.ipynb #4c2dc58d
 from __future__ import annotations
-import codecs, hashlib, json, math, os, re, warnings
+import codecs, hashlib, json, math, numbers, os, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,10 +20,10 @@ from itertools import groupby
 from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'GENERATION_REFUSED', 'FLOAT_TOL', 'MIN_RESPONSE_RECORDS', 'MONITOR_FORMAT',
-           'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats', 'Records', 'in_file', 'read_jsonl',
-           'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches', 'truncate',
-           'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'GENERATION_REFUSED', 'GENERATION_DEFAULTS', 'FLOAT_TOL', 'MIN_RESPONSE_RECORDS',
+           'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats', 'Records',
+           'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
+           'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
            'check_generation', 'same_directions', 'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema',
            'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores',
            'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records', 'CannotCertify',
@@ -216,9 +216,9 @@ def batches(encs:list[Encoded], # encoded records
             side:str='right', # padding side
            )->Iterator[Batch]:
     "Length-sorted batches of `encs` (longest first, so memory problems show up at once)."
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise WeightwatchError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    order = sorted(range(len(encs)), key=lambda i: -len(encs[i]))
+    order, batch_size = sorted(range(len(encs)), key=lambda i: -len(encs[i])), int(batch_size)
     for s in range(0, len(order), batch_size):
         idx = order[s:s+batch_size]
         yield collate([encs[i] for i in idx], idx, pad_id, side)
@@ -349,21 +349,25 @@ def _split(b:Batch, cos:Tensor, seqs:Tensor|None, eos:set)->list[Trace]:
 
 GENERATION_REFUSED = {'num_beams': 1, 'num_beam_groups': 1, 'num_return_sequences': 1, 'use_cache': True, 'assistant_model': None,
                       'prompt_lookup_num_tokens': None, 'max_new_tokens': None, 'max_length': None}
+GENERATION_DEFAULTS = dict(do_sample=False, use_cache=True, num_beams=1, num_return_sequences=1)   # set explicitly: a checkpoint's own
+                                                                                                   # generation config may say otherwise
 
 def check_generation(gen:dict, # keyword arguments for Hugging Face `generate`
-                    )->None:
+                    )->dict: # the arguments to pass: `GENERATION_DEFAULTS` overridden by `gen` (None: the default)
     "Refuse generation arguments the hooks cannot follow: they see one sequence per prompt and one new token per step."
+    gen = GENERATION_DEFAULTS | {k: v for k, v in gen.items() if not (k in GENERATION_DEFAULTS and v is None)}
     bad = {k: v for k, v in gen.items() if k in GENERATION_REFUSED and v != GENERATION_REFUSED[k]}
     if bad: raise WeightwatchError(f"generation arguments {bad} are not supported while monitoring or steering: the hooks follow one sequence per "
                                    "prompt and one new token per step (greedy or sampled decoding with the KV cache); drop them, and set the "
                                    "number of new tokens with generate=N (--generate / --max-new-tokens)")
+    return gen
 
 def same_directions(a, b, # `Directions` or `Monitor`s
                    )->bool:
     "Whether `a` and `b` hold the same directions (names, hook point and vectors), so one set of hooks serves both."
     if a is b: return True
     if direction_names(a) != direction_names(b) or a.hook_point != b.hook_point: return False
-    return all(torch.equal(x[-1], y[-1]) for x, y in zip(direction_groups(a), direction_groups(b)))
+    return all(torch.equal(x[-1].cpu(), y[-1].cpu()) for x, y in zip(direction_groups(a), direction_groups(b)))
 
 def forward_blocks(model, # fine-tuned model (`TransformerBridge`)
                    ids:Tensor, # [b, t] token ids
@@ -389,8 +393,7 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
     tok = model.tokenizer
     encs = encode_many(tok, [as_record(r, f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
     truncate(encs, max_len or context_window(model), reserve=generate)
-    dev, pad, gen = model.cfg.device, _pad_id(tok), dict(do_sample=False) | gen_kwargs
-    check_generation(gen)
+    dev, pad, gen = model.cfg.device, _pad_id(tok), check_generation(gen_kwargs)
     own = steer is not None and not same_directions(getattr(steer, 'dirs', dirs), dirs)   # a steerer along other directions gets its own hooks
     for b in tqdm(list(batches(encs, batch_size, pad, 'left' if generate else 'right')), disable=not progress, desc='batches'):
         trs = [Tracer(dirs, dev, None if own else steer)] + ([Tracer(steer.dirs, dev, steer, record=False)] if own else [])
@@ -577,7 +580,7 @@ def check_settings(percentile=None, # trimming percentile: [0, 50)
              ('target_fpr', target_fpr, lambda v: 0 < v < 1, 'a fraction strictly between 0 and 1, e.g. 0.01 for 1%'),
              ('conf', conf, lambda v: 0 < v < 1, 'a confidence strictly between 0 and 1, e.g. 0.95'))
     for name, v, ok, want in rules:   # NaN fails every comparison, so it is refused too
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v)):
             raise WeightwatchError(f"{name} must be {want}, got {v!r}")
 
 def cp_upper(k:int, # flagged held-out prompts
@@ -676,6 +679,7 @@ def from_stats(cls:Monitor, stats:CalStats, # calibration statistics
               )->Monitor:
     "Derive calibrated ranges from statistics, and estimate their false-positive rate on held-out records."
     check_settings(percentile=percentile, margin=margin, holdout=holdout, target_fpr=target_fpr, conf=conf)
+    percentile, margin, holdout, conf = float(percentile), float(margin), float(holdout), float(conf)   # plain numbers in the metadata
     names = direction_names(dirs)
     if names != stats.names: raise WeightwatchError(f"the statistics are for {len(stats.names)} directions {stats.names[:3]}..., "
                                                     f"not the {len(names)} given {names[:3]}...; pass the directions they were collected with")
@@ -735,6 +739,7 @@ def tune_thresholds(stats:CalStats, # calibration statistics
     check_settings(target_fpr=target_fpr, holdout=holdout, conf=conf)
     for p in percentiles: check_settings(percentile=p)
     for m in margins: check_settings(margin=m)
+    percentiles, margins = [float(p) for p in percentiles], [float(m) for m in margins]
     held = _split_heldout(len(stats), holdout, seed)
     rest = (~held).nonzero()[:, 0]
     if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds: {len(stats)}, of which {len(rest)} remain after "

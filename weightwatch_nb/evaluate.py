@@ -198,8 +198,7 @@ def model_sequences(model, # model (bridge or source)
     encs = encode_many(tok, [as_record(_record(r), f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
     truncate(encs, max_len or context_window(model), reserve=generate)
     if not generate: return encs
-    gen = dict(do_sample=False) | gen_kwargs
-    check_generation(gen)
+    gen = check_generation(gen_kwargs)
     pad, dev, eos = _pad_id(tok), model.cfg.device, _eos_ids(model)
     for b in batches(encs, batch_size, pad, 'left'):
         with torch.no_grad():

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_steer.ipynb #89b6af47
 from __future__ import annotations
-import html, sys
+import html, numbers, sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import torch
@@ -255,7 +255,7 @@ def steered_generate(model, # fine-tuned model
                      **kwargs, # passed to `scan` (e.g. generation arguments)
                     )->list[Report]:
     "Generate replies to `records` with steering, monitored: one `Report` (with `.text`) per record."
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise WeightwatchError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     if isinstance(steer, Rewind):
         if mon is None: raise WeightwatchError("rewind needs a monitor to decide what to redo: pass one (from `weightwatch calibrate`)")
@@ -277,13 +277,13 @@ def _plain_generate(model, records, max_new_tokens, batch_size, check=True, prog
     tok = model.tokenizer
     recs = [as_record(r, f'#{i}') for i, r in enumerate(records)]
     encs = encode_many(tok, recs, generation_prompt=True)
-    check_generation(gen)
+    gen = check_generation(gen)
     truncate(encs, max_len or context_window(model), reserve=max_new_tokens)
     out, pad, dev = [None] * len(recs), _pad_id(tok), model.cfg.device
     for b in batches(encs, batch_size, pad, 'left'):
         with torch.no_grad():
             seqs = model.original_model.generate(input_ids=b.ids.to(dev), attention_mask=b.mask.to(dev), max_new_tokens=max_new_tokens,
-                                                 pad_token_id=pad, **(dict(do_sample=False) | gen))
+                                                 pad_token_id=pad, **gen)
         for i, t in zip(b.index, _split(b, torch.zeros(*seqs.shape, 0), seqs, _eos_ids(model))):
             out[i] = Report(i, None, float('nan'), None, [], [], t.ids, t.roles, t.cos, t.cos, t.n_prompt, t.generated, recs[i],
                             tok.decode(t.generated, skip_special_tokens=True))
