@@ -500,13 +500,26 @@ def check_comparable(base, # base model or source
                      check_tokenizer:bool=True, # also require identical vocabularies
                     )->None:
     "Raise `WeightwatchError` naming the first difference that makes `base` and `finetuned` incomparable."
-    a, b = arch_summary(_config_of(base)), arch_summary(_config_of(finetuned))
+    ca, cb = _config_of(base), _config_of(finetuned)
+    a, b = arch_summary(ca), arch_summary(cb)
     if a['architectures'] != b['architectures'] or a.get('model_type') != b.get('model_type'):
         raise WeightwatchError(f"base and fine-tuned models have different architectures: {a.get('model_type')} {a['architectures']} vs "
                                f"{b.get('model_type')} {b['architectures']}; a weight delta needs a fine-tune of the same base architecture")
     for k in _ARCH_KEYS:
         if a.get(k) != b.get(k):
             raise WeightwatchError(f"base and fine-tuned models differ in `{k}`: {a.get(k)} vs {b.get(k)}; "
+                                   "a weight delta needs the same architecture and sizes: pass the base model this fine-tune started from")
+    def full(d):   # a saved config.json leaves out fields at their defaults (Qwen3's head_dim of 128): fill them in
+        from transformers import AutoConfig
+        try: return AutoConfig.for_model(**d).to_dict()
+        except Exception: return None
+    fa, fb = full(ca), full(cb)
+    if fa is None or fb is None: fa, fb = ({k: v for k, v in x.items() if k in ca and k in cb} for x in (ca, cb))   # as stored, where both say
+    for k in ('head_dim', 'kv_channels', 'n_positions', 'multi_query', 'num_local_experts', 'num_experts', 'n_routed_experts',
+              'n_shared_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step', 'mlp_only_layers',
+              'first_k_dense_replace', 'q_lora_rank', 'kv_lora_rank', 'qk_rope_head_dim', 'qk_nope_head_dim', 'v_head_dim'):   # more shapes
+        if fa.get(k) != fb.get(k):
+            raise WeightwatchError(f"base and fine-tuned models differ in `{k}`: {fa.get(k)} vs {fb.get(k)}, so their weights have different shapes; "
                                    "a weight delta needs the same architecture and sizes: pass the base model this fine-tune started from")
     if check_tokenizer:
         ta, tb = _tokenizer_of(base), _tokenizer_of(finetuned)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_edit.ipynb #7d9b0cdf
 from __future__ import annotations
-import copy, json, math, os, shutil, sys, tempfile
+import copy, hashlib, itertools, json, math, os, shutil, sys, tempfile
 from collections import Counter
 from pathlib import Path
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
-                                 add_quiet, COUNT, check_apart)
+                                 add_quiet, COUNT, check_apart, _weight_files)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -62,8 +62,14 @@ def _check_tied(info, matrices):
 
 def _fp(src)->dict: return fingerprint(_origin(open_tensors(src)))
 
+def _source(m)->str|None:
+    "Where `m` comes from, for the record and for `check_apart`: its source; for a loaded model, the folder it was loaded from (its `config._name_or_path`, when that is a folder here), else its class name."
+    if m is None or isinstance(m, (str, os.PathLike)) or getattr(m, 'ww_source', None): return _label(m)
+    p = getattr(getattr(getattr(m, 'original_model', m), 'config', None), '_name_or_path', None)
+    return str(p) if isinstance(p, (str, os.PathLike)) and str(p) and Path(p).is_dir() else _label(m)
+
 def _record(kind, base, finetuned, **params)->dict:
-    return dict(kind=kind, **params, sources={'base': _label(base), 'finetuned': _label(finetuned)},
+    return dict(kind=kind, **params, sources={'base': _source(base), 'finetuned': _source(finetuned)},
                 fingerprints={'base': _fp(base), 'finetuned': _fp(finetuned)})
 
 # %% ../nbs/12_edit.ipynb #70724b2e
@@ -73,8 +79,9 @@ def _basis(dirs_or_k, key, D)->Tensor:
     if isinstance(dirs_or_k, Directions):
         if key not in dirs_or_k.vectors:
             if D.abs().max() == 0: return D.new_zeros(D.shape[0], 0)
-            raise WeightwatchError(f"the directions have none for L{l}.{m}, but its ΔW is not zero; pass directions that cover it "
-                                   f"(they cover {[f'L{a}.{b}' for a, b in dirs_or_k.vectors]}) or leave it out with `matrices=`/`layers=`")
+            raise WeightwatchError(f"the directions have none for L{l}.{m}, but its ΔW is not zero, and `matrices=` and `layers=` ask for every "
+                                   f"pair of them; leave out `matrices=` or `layers=` (or both) to edit only the pairs the directions cover "
+                                   f"({[f'L{a}.{b}' for a, b in dirs_or_k.vectors]}), or pass directions that cover L{l}.{m}")
         V = dirs_or_k.vectors[key].to(D)
         if V.shape[1] != D.shape[0]: raise WeightwatchError(f"directions for L{l}.{m} have d_model={V.shape[1]}, the model {D.shape[0]}")
         return torch.linalg.qr(V.T)[0]
@@ -85,32 +92,46 @@ def _basis(dirs_or_k, key, D)->Tensor:
 
 # %% ../nbs/12_edit.ipynb #d8f5b8f7
 def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str):
-    "Check a removal request: (finetuned with any adapter merged, matrices, layers)."
-    finetuned = _merged(base, finetuned)
+    "Check a removal request: (finetuned with any adapter merged, matrices, layers, the (layer, matrix) pairs to edit: None for all of matrices × layers)."
+    finetuned, pairs = _merged(base, finetuned), None
     if isinstance(dirs_or_k, Directions):
         _check_model(dirs_or_k, _origin(open_tensors(finetuned)), where)
-        matrices = dirs_or_k.matrices if matrices is None else matrices
-        layers = dirs_or_k.layers if layers is None else layers
+        if matrices is None or layers is None:   # the pairs the directions have (within the matrices or the layers given)
+            ms = None if matrices is None else _as_matrices(matrices)
+            pairs = {(l, m) for l, m in dirs_or_k.vectors if (ms is None or m in ms) and (layers is None or l in layers)}
+            missing = ([m for m in ms or () if all(m != b for _, b in pairs)] +
+                       [f'layer {l}' for l in layers or () if all(l != a for a, _ in pairs)])
+            if missing: raise WeightwatchError(f"the directions have none for {', '.join(map(str, missing))} (they cover "
+                                               f"{[f'L{a}.{b}' for a, b in dirs_or_k.vectors]}); leave those out, or pass directions that cover them")
+            matrices, layers = [m for m in MATRICES if any(m == b for _, b in pairs)], sorted({l for l, _ in pairs})
     elif isinstance(dirs_or_k, bool) or not isinstance(dirs_or_k, int) or dirs_or_k < 0:
         raise WeightwatchError(f"dirs_or_k must be a number of directions (an integer >= 0) or a `Directions`, got {dirs_or_k!r}")
     matrices = _as_matrices(DEFAULT_MATRICES if matrices is None else matrices)
     check_comparable(base, finetuned)
-    return finetuned, matrices, layers
+    return finetuned, matrices, layers, pairs
 
-def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write:bool=False, verify:bool=False)->tuple[dict, dict, dict]:
+def _deltas(base, finetuned, matrices, layers, plan, pairs):
+    "`iter_deltas` over matrices × layers, or (`pairs` given) over just the pairs in `plan`, one matrix at a time."
+    if pairs is None: return iter_deltas(base, finetuned, matrices, layers=layers)
+    return itertools.chain.from_iterable(
+        iter_deltas(base, finetuned, [m], layers=None if m in ('embed', 'unembed') else sorted({l for l, b in plan if b == m}))
+        for m in matrices if any(b == m for _, b in plan))
+
+def _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, write:bool=False, verify:bool=False)->tuple[dict, dict, dict]:
     "The changed tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
     ft = open_tensors(finetuned)
     info = arch_info(ft.config)
     _check_tied(info, matrices)
     plan = find_keys(ft.keys(), info, matrices, layers)
+    if pairs is not None: plan = {lm: v for lm, v in plan.items() if lm in pairs}
     names, held = {key: key for key, _ in plan.values()}, None
     if like is not None:
         held = hf_state_dict(like)
-        names = {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items()}
+        names = {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items() if lm in plan}
     left = Counter(key for key, _ in plan.values())   # GPT-2 keeps q, k and v in one tensor: three edits land in it
     out, removed, changed = {}, {}, set()
     with torch.no_grad():
-        for l, m, D in tqdm(iter_deltas(base, finetuned, matrices, layers=layers), total=len(plan), desc='removing directions',
+        for l, m, D in tqdm(_deltas(base, finetuned, matrices, layers, plan, pairs), total=len(plan), desc='removing directions',
                             disable=not progress, leave=False):
             key, spec = plan[(l, m)]
             if key not in out:
@@ -119,10 +140,11 @@ def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write
                     raise WeightwatchError(f"`like` does not hold the fine-tuned model's weights: its `{names[key]}` differs from the fine-tuned "
                                            "checkpoint's; pass the loaded fine-tuned model (at any precision), or leave `like` out")
             U = _basis(dirs_or_k, (l, m), D)
-            if U.shape[1] and D.abs().max() > 0: changed.add(key)
+            n = U.shape[1] if D.abs().max() > 0 else 0   # directions removed from a zero ΔW change nothing
+            if n: changed.add(key)
             W = orient(out[key], spec, info, key)
             W.copy_(strip_update(W, D, U))
-            removed[f"L{l}.{m}"] = U.shape[1]
+            removed[f"L{l}.{m}"] = n
             left[key] -= 1
             if not left[key] and held is not None:   # finished: keep it as the model holds its own (e.g. bfloat16 on a GPU)
                 if write: held[names[key]].copy_(out.pop(key))   # (unchanged tensors too: the same values)
@@ -132,14 +154,14 @@ def _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, write
 def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
                       finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir (not modified: the edit is made on a copy)
                       dirs_or_k,   # int k: top-k directions of each ΔW; or `Directions` of this pair
-                      matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: theirs)
-                      layers=None, # block indices to edit (default: all; with `Directions`: theirs)
+                      matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: the pairs they cover, see below)
+                      layers=None, # block indices to edit (default: all; with `Directions`: the pairs they cover)
                       progress:bool=True, # progress bar over matrices
                      ):            # edited HF model, with `.tokenizer` and the edit record `.ww_edit`
     "A copy of `finetuned` with W_ft − U·Uᵀ·ΔW in every listed matrix, U the directions to remove."
-    finetuned, matrices, layers = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'remove_directions')
+    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'remove_directions')
     hf = _hf_copy(finetuned)
-    _, removed, plan = _removed(base, finetuned, dirs_or_k, matrices, layers, hf, progress, write=True)   # edited in place, tensor by tensor
+    _, removed, plan = _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, hf, progress, write=True)   # edited in place, tensor by tensor
     is_dirs = isinstance(dirs_or_k, Directions)
     k = dirs_or_k.meta.get('k') if is_dirs else dirs_or_k
     hf.ww_edit = _record('remove', base, finetuned, k=k, directions='given' if is_dirs else 'top_svd', matrices=list(matrices),
@@ -150,14 +172,14 @@ def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub
 def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
                     finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
                     dirs_or_k,   # int k: top-k directions of each ΔW; or `Directions` of this pair
-                    matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: theirs)
-                    layers=None, # block indices to edit (default: all; with `Directions`: theirs)
+                    matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: the pairs they cover)
+                    layers=None, # block indices to edit (default: all; with `Directions`: the pairs they cover)
                     like=None,   # the loaded fine-tuned model they are for: named, typed and placed as it holds its weights (default: float32, checkpoint names)
                     progress:bool=True, # progress bar over matrices
                    )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
     "Just the tensors `remove_directions` changes, without a copy of the whole model."
-    finetuned, matrices, layers = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights')
-    return _removed(base, finetuned, dirs_or_k, matrices, layers, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
+    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights')
+    return _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
 
 # %% ../nbs/12_edit.ipynb #dfe94aaf
 def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
@@ -176,11 +198,16 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
     check_comparable(base, finetuned)
     hf = _hf_copy(finetuned)
     sd, bsd = hf_state_dict(hf), hf_state_dict(base if isinstance(base, torch.nn.Module) else load_hf(base)[0])
-    if matrices is None: pairs = [(p, bsd[n]) for n, p in hf.named_parameters() if p.is_floating_point()]
+    if matrices is None: names = {n: None for n, p in hf.named_parameters() if p.is_floating_point()}
     else:
         matrices, info = _as_matrices(matrices), arch_info(hf.config)
         _check_tied(info, matrices)
-        pairs = [(orient(sd[k], s, info, k), orient(bsd[k], s, info, k)) for k, s in find_keys(list(sd), info, matrices, layers).values()]
+        names = {k: s for k, s in find_keys(list(sd), info, matrices, layers).values()}
+    for n in names:   # before any arithmetic: torch.lerp's own error names no tensor
+        if n not in bsd or bsd[n].shape != sd[n].shape:
+            raise WeightwatchError(f"base and fine-tuned models differ in `{n}`: {list(bsd[n].shape) if n in bsd else 'missing'} vs {list(sd[n].shape)}; "
+                                   "interpolation needs the same architecture and sizes: pass the base model this fine-tune started from")
+    pairs = [(sd[n], bsd[n]) if s is None else (orient(sd[n], s, info, n), orient(bsd[n], s, info, n)) for n, s in names.items()]
     with torch.no_grad():
         for W, Wb in tqdm(pairs, desc=f'interpolating (α={alpha:g})', disable=not progress, leave=False):
             W.copy_(torch.lerp(Wb.to(W), W, float(alpha)))
@@ -189,7 +216,14 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
     return hf
 
 # %% ../nbs/12_edit.ipynb #748636f5
-EDIT_FILE, EDIT_SCHEMA = 'weightwatch_edit.json', 1
+EDIT_FILE, EDIT_SCHEMA = 'weightwatch_edit.json', 2   # 2: adds `weights_sha256`, a full hash of each weights file
+
+def _sha256(f:Path)->str:
+    "The sha256 of file `f`'s bytes, read in 1 MiB chunks."
+    h = hashlib.sha256()
+    with open(f, 'rb') as fh:
+        for b in iter(lambda: fh.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()
 
 def save_edited(model,           # edited HF model (from `remove_directions` or `interpolate`)
                 tokenizer,       # its tokenizer (None: `model.tokenizer`)
@@ -201,6 +235,7 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
     if tok is None: raise WeightwatchError("no tokenizer to save with the model: pass `tokenizer=`, or the checkpoint cannot be loaded")
     if out.exists() and not out.is_dir(): raise WeightwatchError(f"{str(out)!r} is a file; pass a directory to write the checkpoint to")
     check_apart(out, (getattr(model, 'ww_edit', {}).get('sources') or {}).values(), 'checkpoint folder')   # never over the models it came from
+    check_apart(out, [_source(model)], 'checkpoint folder')   # nor over the folder the edited model itself was loaded from
     if out.is_dir() and any(out.iterdir()) and not force:
         raise WeightwatchError(f"{str(out)!r} already exists and is not empty; choose a new directory, or pass force=True (CLI: --force) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +248,7 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
             raise WeightwatchError(f"cannot verify the saved checkpoint, so nothing was written to {str(out)!r}: this {model.config.model_type} "
                                    "model stores its weights under other names than the loaded model has (e.g. fused mixture-of-experts "
                                    "weights), which weightwatch_nb cannot fingerprint yet")
+        rec['weights_sha256'] = {f.name: _sha256(f) for f in _weight_files(work)}   # every byte, as written: `read_edit` checks them all
         (work/EDIT_FILE).write_text(json.dumps(rec, indent=1))
         if out.exists(): shutil.rmtree(out)
         work.rename(out)
@@ -224,13 +260,30 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
 def read_edit(path:str|os.PathLike, # checkpoint directory written by `save_edited`
              )->dict:               # the edit record
     "The record of how an edited checkpoint was made, checked against its schema and its weights."
-    f = Path(path)/EDIT_FILE
+    f, redo = Path(path)/EDIT_FILE, "re-create the checkpoint with `save_edited` (CLI: `weightwatch edit`)"
     if not f.is_file(): raise WeightwatchError(f"{str(path)!r} has no {EDIT_FILE}: it was not written by `save_edited`")
-    rec = json.loads(f.read_text())
-    if rec.get('schema_version') != EDIT_SCHEMA:
-        raise WeightwatchError(f"{f} has schema_version {rec.get('schema_version')!r}; this weightwatch_nb reads {EDIT_SCHEMA}")
-    if fingerprint(path)['sha256'] != rec['fingerprints']['edited']['sha256']:
-        raise WeightwatchError(f"the weights in {str(path)!r} are not the ones {EDIT_FILE} describes: the checkpoint was changed after it was saved")
+    try: rec = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise WeightwatchError(f"{f} is not valid JSON ({e}): the record is damaged; {redo}") from None
+    if not isinstance(rec, dict) or rec.get('format') != 'weightwatch-edit':
+        raise WeightwatchError(f"{f} is not a weightwatch edit record (no `format: weightwatch-edit`); {redo}")
+    v = rec.get('schema_version')
+    if isinstance(v, int) and not isinstance(v, bool) and v < EDIT_SCHEMA:
+        raise WeightwatchError(f"{f} has schema_version {v}, from an older weightwatch_nb that recorded no hash of the weights files, "
+                               f"so the checkpoint cannot be verified; {redo}")
+    if v != EDIT_SCHEMA: raise WeightwatchError(f"{f} has schema_version {v!r}; this weightwatch_nb reads {EDIT_SCHEMA}: upgrade weightwatch_nb to read it")
+    want, files = ((rec.get('fingerprints') or {}).get('edited') or {}).get('sha256'), rec.get('weights_sha256')
+    if not isinstance(want, str) or not isinstance(files, dict) or not files or not all(isinstance(h, str) for h in files.values()):
+        raise WeightwatchError(f"{f} lacks the edited model's {'fingerprint' if not isinstance(want, str) else 'weights hashes'} "
+                               f"(`{'fingerprints.edited.sha256' if not isinstance(want, str) else 'weights_sha256'}`): the record is damaged; {redo}")
+    changed = lambda what: WeightwatchError(f"the weights in {str(path)!r} are not the ones {EDIT_FILE} describes: {what}, so the "
+                                            f"checkpoint was changed after it was saved; restore it, or {redo}")
+    try: have = {p.name: p for p in _weight_files(Path(path))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e: raise changed(f"its weights index cannot be read ({type(e).__name__}: {e})") from None
+    for name in sorted(set(files) | set(have)):
+        if name not in files: raise changed(f"it holds weights in `{name}`, which the record does not list")
+        if name not in have or not have[name].is_file(): raise changed(f"the weights file `{name}` is missing")
+        if _sha256(have[name]) != files[name]: raise changed(f"the weights file `{name}` has other bytes (its sha256 differs)")
+    if fingerprint(path)['sha256'] != want: raise changed("its fingerprint differs")
     return rec
 
 # %% ../nbs/12_edit.ipynb #3e82e7fc
@@ -314,7 +367,11 @@ def _edit_cmd(args)->int:
     check_apart(args.output, [args.base, args.finetuned], 'checkpoint folder')   # before any work, and never replaced with --force
     if args.remove is not None:
         m = remove_directions(args.base, args.finetuned, args.remove, args.matrices or DEFAULT_MATRICES, args.layers, progress=not args.quiet)
-        what = f"removed {args.remove} direction(s) per matrix from {len(m.ww_edit['removed'])} matrices ({','.join(m.ww_edit['matrices'])})"
+        rm = m.ww_edit['removed']; n = sum(1 for v in rm.values() if v)   # a matrix with ΔW = 0 has nothing to remove: unchanged
+        ms = ','.join(m.ww_edit['matrices'])
+        what = (f"removed {'' if all(v == args.remove for v in rm.values() if v) else 'up to '}{args.remove} direction(s) per matrix "
+                f"from {n} of {len(rm)} matrices ({ms})" + (f"; the other {len(rm) - n} had no update to remove" if n < len(rm) else '')
+                if n else f"removed nothing: none of the {len(rm)} matrices ({ms}) had an update to remove, so the weights are the fine-tune's")
     else:
         m = interpolate(args.base, args.finetuned, args.alpha, args.matrices, args.layers, progress=not args.quiet)
         what = f"interpolated W_base + {args.alpha:g}·ΔW ({'every parameter' if args.matrices is None else args.matrices})"
