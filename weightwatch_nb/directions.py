@@ -113,6 +113,7 @@ def from_vectors(cls:Directions,
         n = v.norm(dim=-1)
         if v.ndim == 2 and (n == 0).any(): raise WeightwatchError(f"L{lm[0]}.{lm[1]} has a zero vector: it has no direction")
         V[lm] = (v / n[..., None]).contiguous()
+        if S is not None and key not in S: raise WeightwatchError(f"S has no singular values for {key!r}: key S as `vectors` is keyed (its keys: {list(S)[:4]})")
         s = n if S is None else S[key]
         SS[lm] = torch.as_tensor(s).detach().to(torch.float32).reshape(-1).clone()
     return cls(V, SS, hook_point, meta)
@@ -176,6 +177,8 @@ def __getitem__(self:Directions,
                 name, # 'L3.mlp_out.u0' (a [d_model] vector), 'L3.mlp_out' or (3, 'mlp_out') (a [k, d_model] block)
                )->Tensor:
     "One vector or one matrix's block of vectors."
+    if isinstance(name, tuple) and len(name) != 2:
+        raise WeightwatchError(f"a key is (layer, matrix), e.g. (3, 'mlp_out'), got {name!r}; for one vector use its name, e.g. 'L3.mlp_out.u1'")
     l, m, i = (*name, None) if isinstance(name, tuple) else parse_name(name)
     if (l, m) not in self.vectors: raise WeightwatchError(f"no directions for L{l}.{m}: have {[f'L{a}.{b}' for a, b in self.vectors]}")
     v, ix = self.vectors[(l, m)], self.index((l, m))
