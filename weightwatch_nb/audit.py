@@ -243,7 +243,7 @@ def _cmd_audit(args)->int:
                 rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet, **opts)
     hp, jp = rep.save(args.output)
     print(f"audited {len(rep.table)} directions on {len(recs)} records; top: "
-          f"{', '.join(f'{d.name} ({d.shift:+.3f})' for d in rep.top[:3])}; wrote {hp} and {jp}")
+          f"{', '.join(f'{d.name} (shift {d.shift:+.3f})' for d in rep.top[:3])}; wrote {hp} and {jp}")
     return 0
 
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser

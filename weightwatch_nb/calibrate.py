@@ -742,9 +742,11 @@ def tune_thresholds(stats:CalStats, # calibration statistics
     percentiles, margins = [float(p) for p in percentiles], [float(m) for m in margins]
     held = _split_heldout(len(stats), holdout, seed)
     rest = (~held).nonzero()[:, 0]
-    if len(rest) < 10 * folds: raise WeightwatchError(f"too few calibration records to tune thresholds: {len(stats)}, of which {len(rest)} remain after "
-                                                      f"holding out {holdout:.0%}, and each of the {folds} folds needs >= 10 (so >= {math.ceil(10 * folds / (1 - holdout))} "
-                                                      "records): pass more clean prompts or fix the percentile and margin")
+    if len(rest) < 10 * folds:
+        need = next(N for N in range(10 * folds, 10**9) if int((~_split_heldout(N, holdout, seed)).sum()) >= 10 * folds)   # as the split rounds
+        raise WeightwatchError(f"too few calibration records to tune thresholds: {len(stats)}, of which {len(rest)} remain after holding out "
+                               f"{holdout:.0%}, and each of the {folds} folds needs >= 10 (so >= {need} records): pass more clean prompts, or "
+                               "calibrate with a fixed percentile and margin instead of tuning them (tune=False; `weightwatch calibrate` without --tune)")
     if certify and cp_upper(0, len(rest), conf) > target_fpr:
         need = math.ceil(prompts_needed(target_fpr, conf) / (1 - holdout))
         raise CannotCertify(f"{len(rest)} tuning records cannot certify an FPR of {target_fpr:.2%}: even with none flagged the {conf:.0%} upper "

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from .core import WeightwatchError, load_model, fingerprint, add_model_options, model_options, POSITIVE_INT, add_output
+from .core import (WeightwatchError, load_model, fingerprint, add_model_options, model_options, POSITIVE_INT, add_output,
+                                 atomic_path, check_apart)
 from .directions import Directions, compute_directions, READ_HOOK
 from .delta import READ_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
@@ -18,9 +19,9 @@ from .evaluate import (Detection, Table, detect, detection_table, plot_roc, acti
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['TARGET_FPR', 'N_CALIBRATION', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair', 'judge_steering',
-           'headline', 'write_report', 'calibration_study', 'plot_calibration_study', 'summarize_study', 'zoo_plan',
-           'run_zoo_organism', 'run_demo', 'register_cli']
+__all__ = ['HEADLINE_NOTE', 'TARGET_FPR', 'N_CALIBRATION', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair',
+           'judge_steering', 'headline', 'write_report', 'calibration_study', 'plot_calibration_study',
+           'summarize_study', 'zoo_plan', 'run_zoo_organism', 'check_report_dir', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -120,11 +121,16 @@ def judge_steering(base, finetuned, # the model pair (for the weights-rewind edi
                  for row in steering_table(model, m, sets, judges, steer=modes, batch_size=batch_size))
 
 # %% ../nbs/09_demo.ipynb #b174716e
+HEADLINE_NOTE = ("flagged, clean_flagged: the weight monitor (ΔW) at its calibrated ranges, on the set and on the clean test set. "
+                 "TPR@FPR<=x: the share of the set the same monitor's score flags at the best threshold that flags at most x of the clean "
+                 "test set, a threshold chosen on the test set itself (an oracle, comparable with the paper's numbers, not what the "
+                 "calibrated monitor does). AUROC: each detector's score, the set against the clean test set.")
+
 def headline(res:PairResult, # result of `run_pair`
              max_fpr:float=0.01, # FPR budget for the TPR column
              negative:str='test', # clean set
             )->Table:
-    "One row per anomalous set: calibrated flag rates, TPR at `max_fpr`, and every detector's AUROC."
+    "One row per anomalous set: calibrated flag rates, TPR at `max_fpr`, and every detector's AUROC (see `HEADLINE_NOTE`)."
     rows, w = Table(), res.detections[0]
     for s in w.scores:
         if s == negative: continue
@@ -157,12 +163,12 @@ def write_report(results:list, # `PairResult`s
     for r in results:
         parts += [f'<h2>{html.escape(r.name)}</h2>', f'<p>{len(r.directions)} directions; monitor calibrated on '
                   f'{r.monitor.meta.get("n_calibration")} clean prompts; {r.seconds:.0f} s.</p>',
-                  '<h3>Headline</h3>', _html_table(headline(r)), '<h3>Detection (all detectors)</h3>', _html_table(r.detection)]
+                  '<h3>Headline</h3>', _html_table(headline(r)), f'<p><small>{html.escape(HEADLINE_NOTE)}</small></p>', '<h3>Detection (all detectors)</h3>', _html_table(r.detection)]
         for s in r.detections[0].scores:
             if s != 'test': parts.append(f'<img alt="ROC {html.escape(s)}" src="data:image/png;base64,{_png(plot_roc(r.detections, s))}">')
         if r.steering: parts += ['<h3>Steering, judged from generations (per deciding monitor and mode)</h3>', _html_table(r.steering)]
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('\n'.join(parts + ['</body></html>']))
+    with atomic_path(path) as tmp: tmp.write_text('\n'.join(parts + ['</body></html>']))
     return path
 
 # %% ../nbs/09_demo.ipynb #0c7fb6fa
@@ -285,6 +291,17 @@ def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'unlearning
                     target_fpr=TARGET_FPR.get(name, 0.01) if target_fpr is None else target_fpr, **kwargs)
 
 # %% ../nbs/09_demo.ipynb #4deb7cdd
+def check_report_dir(out:str|os.PathLike, # folder for report.html
+                     models=(), # model sources the run reads: the report must not land in their folders
+                    )->Path: # the report file
+    "Before any work: `out` can hold report.html (it is a folder, or can be made one) and lies outside the models' folders."
+    d = Path(out)
+    if d.exists() and not d.is_dir(): raise WeightwatchError(f"output folder {str(d)!r} exists and is not a folder; pass a folder for report.html (-o DIR)")
+    check_apart(d, models, 'report folder')
+    f = d/'report.html'
+    if f.exists() and not f.is_file(): raise WeightwatchError(f"{str(f)!r} exists and is not a file; pass another folder (-o DIR)")
+    return f
+
 def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), # zoo organisms to run
              out:str|os.PathLike='weightwatch-demo', # folder for the HTML report
              n:int=300, k:int=4, # clean test set size, directions per layer and matrix
@@ -294,13 +311,14 @@ def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), 
              **kwargs, # passed to `run_pair` (e.g. dtype, device)
             )->list[PairResult]:
     "Run the method on zoo organisms, print the tables and write an HTML report."
+    check_report_dir(out, [f'zoo:{o}' for o in organisms])
     results = []
     for name in organisms:
         r = run_zoo_organism(name, n=n, n_calibration=n_calibration, k=k, baselines=baselines, steering=steering, **kwargs)
         results.append(r)
         echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=TARGET_FPR.get(name, 0.01))}")
         if r.steering: echo(f"\n## {name}: steering, judged from generations (per deciding monitor and mode)\n\n{r.steering}")
-    echo(f"\nreport: {write_report(results, Path(out)/'report.html')}")
+    echo(f"\n{HEADLINE_NOTE}\n\nreport: {write_report(results, Path(out)/'report.html')}")
     return results
 
 # %% ../nbs/09_demo.ipynb #5627d980
@@ -308,7 +326,12 @@ def _parse_sets(specs:list[str])->dict:
     out = {}
     for sp in specs or []:
         if '=' not in sp: raise WeightwatchError(f"--set {sp!r}: write it as NAME=FILE.jsonl, e.g. --set triggered=triggered.jsonl")
-        nm, f = sp.split('=', 1); out[nm] = read_jsonl(f)
+        nm, f = sp.split('=', 1)
+        if not nm.strip() or nm in ('calibration', 'test') or nm in out:
+            why = ('the set name is empty' if not nm.strip() else f'{nm!r} is the name of a clean set (--calibration, --test)'
+                   if nm in ('calibration', 'test') else f'the set name {nm!r} is given twice')
+            raise WeightwatchError(f"--set {sp!r}: {why}; give each labelled set its own name, e.g. --set triggered=triggered.jsonl")
+        out[nm] = read_jsonl(f)
     return out
 
 def _cmd_demo(args):
@@ -316,9 +339,11 @@ def _cmd_demo(args):
     if args.finetuned or args.base:
         if not (args.base and args.finetuned and args.calibration and args.test):
             raise WeightwatchError("a demo on your own pair needs --base, --finetuned, --calibration and --test (and usually --set NAME=FILE)")
+        check_report_dir(args.output, [args.base, args.finetuned])
         sets = {'calibration': read_jsonl(args.calibration), 'test': read_jsonl(args.test), **_parse_sets(args.set)}
         r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines, **opts)
-        print(f"\n## detection\n\n{headline(r)}\n\nreport: {write_report([r], Path(args.output)/'report.html')}")
+        print(f"\n## detection\n\n{headline(r)}\n\n{HEADLINE_NOTE}")
+        print(f"\nreport: {write_report([r], Path(args.output)/'report.html')}")
         return 0
     run_demo(args.organisms.split(','), args.output, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
              steering=not args.no_steering, **opts)

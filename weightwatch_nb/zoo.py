@@ -523,6 +523,7 @@ def zoo_table(names:list[str]=None, # organisms to evaluate; default every shipp
               zoo_dir:Path=None     # folder of the zoo; default `ZOO_DIR`
              )->ZooTable:
     "Measure every organism's behaviours on the same labelled prompt sets."
+    for nm in names or []: zoo_path(nm, zoo_dir)   # every name checked before the first evaluation
     S = prompt_sets(seed=seed, n=n)
     return ZooTable(dict(organism=nm, **evaluate_organism(load_organism(nm, zoo_dir), S)) for nm in tqdm(names or zoo_names(zoo_dir), desc='evaluating'))
 
