@@ -24,10 +24,11 @@ __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'GENERATION_REFUSED', 'GENERATION_DEFA
            'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats', 'Records',
            'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
            'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
-           'check_generation', 'same_directions', 'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema',
-           'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores',
-           'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records', 'CannotCertify',
-           'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
+           'reply_end', 'check_generation', 'same_directions', 'forward_blocks', 'run_batches', 'trace_batches',
+           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
+           'record_scores', 'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records',
+           'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
+           'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -330,6 +331,12 @@ def context_window(model)->int:
     return int(getattr(cfg, 'max_position_embeddings', None) or getattr(cfg, 'n_positions', None) or model.cfg.n_ctx)
 
 # %% ../nbs/05_calibrate.ipynb #660ce0ab
+def reply_end(gen:list[int], # generated token ids of one sequence, as `generate` returned them (padding after an early end included)
+              eos:set, # end-of-sequence ids
+             )->int: # position of the reply's last token: the first end, else the last token
+    "Where a generated reply ends; its tokens before that were fed back, so only those have activations."
+    return next((j for j, t in enumerate(gen) if t in eos), len(gen) - 1)
+
 def _split(b:Batch, cos:Tensor, seqs:Tensor|None, eos:set)->list[Trace]:
     "Cut a batch's cosines (and generations) back into one `Trace` per record."
     out, t0 = [], b.ids.shape[1]
@@ -339,8 +346,7 @@ def _split(b:Batch, cos:Tensor, seqs:Tensor|None, eos:set)->list[Trace]:
         gen = torch.zeros(0, dtype=torch.long)
         if seqs is not None:
             gen = seqs[i, t0:].cpu()
-            stop = next((j for j, t in enumerate(gen.tolist()) if t in eos), len(gen) - 1)
-            gen = gen[:stop + 1]
+            gen = gen[:reply_end(gen.tolist(), eos) + 1]
             seen = min(len(gen) - 1, cos.shape[1] - t0)   # the last token (the end, or an EOS that a batch still fed back) is never seen
             ids, roles = torch.cat([ids, gen[:seen]]), torch.cat([roles, torch.ones(seen, dtype=torch.long)])
             c = torch.cat([c, cos[i, t0:t0 + seen]])

@@ -192,7 +192,7 @@ def model_sequences(model, # model (bridge or source)
                    )->list: # one `Encoded` per record: token ids and roles
     "The tokens a monitor with `generate` sees for each record: the prompt and the reply up to its last token fed back."
     from weightwatch_nb.calibrate import (as_record, encode_many, batches, truncate, context_window, check_generation, _pad_id,
-                                          _eos_ids, Encoded)
+                                          _eos_ids, reply_end, Encoded)
     model = load_model(model)
     tok = model.tokenizer
     encs = encode_many(tok, [as_record(_record(r), f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
@@ -206,7 +206,7 @@ def model_sequences(model, # model (bridge or source)
                                                  pad_token_id=pad, **gen).cpu()
         for row, i in enumerate(b.index):
             g = seqs[row, b.ids.shape[1]:].tolist()
-            seen = g[:next((j for j, t in enumerate(g) if t in eos), len(g) - 1)]   # the end (or the last token) is never fed back
+            seen = g[:reply_end(g, eos)]   # the end (or the last token) is never fed back
             encs[i] = Encoded(encs[i].ids + seen, encs[i].roles + [1] * len(seen))
     return encs
 
