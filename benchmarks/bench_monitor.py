@@ -15,7 +15,11 @@ The model is the zoo's backdoor organism with its directions when the zoo is bui
 of the zoo's size with random directions (timings do not depend on the weights), plus a wider model to show
 how the ratios move with model size.
 
-Usage: python benchmarks/bench_monitor.py [--quick] [--out benchmarks/RESULTS_monitor.md]
+On a GPU (`--device cuda`) every time is wall-clock between `torch.cuda.synchronize()` calls (CPU seconds would miss
+the GPU's work), the thread sweep is skipped, and a third, larger random Llama shows the ratios where the GPU does real
+work per step.
+
+Usage: python benchmarks/bench_monitor.py [--quick] [--device cuda] [--out benchmarks/RESULTS_monitor.md]
 """
 from __future__ import annotations
 import argparse, datetime, os, platform, statistics, sys, tempfile, time, warnings
@@ -34,6 +38,8 @@ def prompts(n:int, seed:int=0, lo:int=12, hi:int=40)->list[dict]:
         out.append({'text': ' '.join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (k,), generator=g))})
     return out
 
+DEVICE = 'cpu'   # set by --device
+
 def setup(kind:str, tmp:Path):
     "(label, bridge, directions) for a benchmark model."
     from weightwatch_nb.core import load_model, make_tiny_checkpoint, fingerprint
@@ -42,23 +48,30 @@ def setup(kind:str, tmp:Path):
         from weightwatch_nb.core import zoo_available
         if {'base', 'backdoor'} <= set(zoo_available()):
             d = compute_directions('zoo:base', 'zoo:backdoor', k=20, progress=False)
-            return 'zoo:backdoor (4 layers, d_model 128), its directions k=20', load_model('zoo:backdoor'), d
+            return 'zoo:backdoor (4 layers, d_model 128), its directions k=20', load_model('zoo:backdoor', device=DEVICE), d
         sizes = dict(d_model=128, n_layers=4, n_heads=4, d_mlp=256)
         label = 'tiny Llama of the zoo size (4 layers, d_model 128; zoo not built)'
-    else:
+    elif kind == 'wide':
         sizes = dict(d_model=384, n_layers=4, n_heads=6, d_mlp=1024)
         label = 'wider random Llama (4 layers, d_model 384, d_mlp 1024)'
+    else:
+        sizes = dict(d_model=2048, n_layers=8, n_heads=16, d_mlp=5632)
+        label = 'large random Llama (8 layers, d_model 2048, d_mlp 5632)'
     ck = make_tiny_checkpoint(tmp/kind, arch='llama', seed=0, **sizes)
-    model = load_model(ck)
+    model = load_model(ck, device=DEVICE)
     g = torch.Generator().manual_seed(0)
     vec = {(l, m): torch.randn(20, sizes['d_model'], generator=g) for l in range(sizes['n_layers']) for m in ('attn_out', 'mlp_out')}
     dirs = Directions.from_vectors(vec, meta={'fingerprints': {'base': None, 'finetuned': fingerprint(model)}})
     return f"{label}, random directions k=20 per attn_out/mlp_out", model, dirs
 
+def sync():
+    if DEVICE != 'cpu' and torch.cuda.is_available(): torch.cuda.synchronize()
+
 def timed(fn)->tuple[float, float]:
-    "(wall-clock seconds, CPU seconds of this process) of one call."
-    w, c = time.perf_counter(), time.process_time(); fn()
-    return time.perf_counter() - w, time.process_time() - c
+    "(wall-clock seconds, CPU seconds of this process) of one call; on a GPU both are wall-clock, the GPU's work included."
+    sync(); w, c = time.perf_counter(), time.process_time(); fn(); sync()
+    w = time.perf_counter() - w
+    return w, (w if DEVICE != 'cpu' else time.process_time() - c)
 
 # ---------------------------------------------------------------- 1. generation overhead
 def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)->dict:
@@ -71,7 +84,8 @@ def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)
     gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=pad)
     def plain():
         with torch.no_grad():
-            for b in batches(encs, batch_size, pad, 'left'): model.original_model.generate(input_ids=b.ids, attention_mask=b.mask, **gen)
+            for b in batches(encs, batch_size, pad, 'left'):
+                model.original_model.generate(input_ids=b.ids.to(DEVICE), attention_mask=b.mask.to(DEVICE), **gen)
     monitored = lambda: scan(model, mon, recs, generate=n_new, batch_size=batch_size, check=False, min_new_tokens=n_new)
     clipped = lambda: scan(model, mon, recs, generate=n_new, batch_size=batch_size, check=False, min_new_tokens=n_new, steer=Clip(mon))
     plain(); monitored()                                   # warm-up
@@ -92,10 +106,10 @@ def reference_loop(model, dirs, recs:list)->int:
     groups, tok, n = direction_groups(dirs), model.tokenizer, 0
     with torch.no_grad():
         for r in recs:
-            ids = torch.tensor([encode(tok, r).ids]); n += ids.shape[1]
+            ids = torch.tensor([encode(tok, r).ids], device=DEVICE); n += ids.shape[1]
             hs = model.original_model(ids, output_hidden_states=True).hidden_states
             for l, _, _, _, U in groups:
-                c = F.normalize(hs[l + 1][0].float(), dim=-1) @ U.T
+                c = F.normalize(hs[l + 1][0].float(), dim=-1) @ U.to(DEVICE).T
                 c.min(0).values, c.max(0).values
     return n
 
@@ -104,13 +118,13 @@ def bench_calibration(model, dirs, recs:list, batch_size:int, reps:int)->dict:
     ntok = sum(len(encode(model.tokenizer, r)) for r in recs)
     from weightwatch_nb.calibrate import batches
     encs = [encode(model.tokenizer, r) for r in recs]
-    bs = list(batches(encs, batch_size, 0))
+    bs = [(b.ids.to(DEVICE), b.mask.to(DEVICE)) for b in batches(encs, batch_size, 0)]
     runs = {'batched': lambda: collect_stats(model, dirs, recs, batch_size=batch_size),
             'per_example': lambda: collect_stats(model, dirs, recs, batch_size=1),
             'reference': lambda: reference_loop(model, dirs, recs),
             # the hardware's own ceiling: the bare HF forward pass, batched vs one prompt at a time, nothing monitored
-            'raw_batched': lambda: [model.original_model(b.ids, attention_mask=b.mask) for b in bs],
-            'raw_single': lambda: [model.original_model(torch.tensor([e.ids])) for e in encs]}
+            'raw_batched': lambda: [model.original_model(ids, attention_mask=mask) for ids, mask in bs],
+            'raw_single': lambda: [model.original_model(torch.tensor([e.ids], device=DEVICE)) for e in encs]}
     for f in runs.values(): f()                            # warm-up (and a check that all run)
     w, c = {k: [] for k in runs}, {k: [] for k in runs}
     for _ in range(reps):
@@ -129,7 +143,12 @@ def main(argv=None):
     ap.add_argument('--out', default=None, help='markdown file to write the results to')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (default 1: steadier timings on a shared machine)')
     ap.add_argument('--reps', type=int, default=7, help='repetitions per measurement (default 7)')
+    ap.add_argument('--device', default='cpu', help="where the models run: cpu (default) or cuda")
     args = ap.parse_args(argv)
+    global DEVICE
+    from weightwatch_nb.core import check_device
+    DEVICE = check_device(args.device)
+    gpu = DEVICE != 'cpu'
     warnings.filterwarnings('ignore')
     from transformers.utils import logging; logging.disable_progress_bar(); logging.set_verbosity_error()
     torch.set_grad_enabled(False); torch.set_num_threads(args.threads)
@@ -139,16 +158,19 @@ def main(argv=None):
     lines, tmp = [], Path(tempfile.mkdtemp())
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} visible CPU cores (shared), torch {torch.__version__} "
            f"(generation on {torch.get_num_threads()} thread(s), calibration on 1 and on every core), float32, CPU; {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    if gpu:
+        env = (f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}, {os.cpu_count()} CPU cores, float32, "
+               f"transformers {__import__('transformers').__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(env)
     rows_g, rows_c = [], []
-    for kind in ('zoo', 'wide'):
+    for kind in (('zoo', 'wide', 'large') if gpu and not q else ('zoo', 'wide')):
         label, model, dirs = setup(kind, tmp)
         print(f'\n== {label}: {len(dirs)} directions')
         mon = calibrate(model, dirs, prompts(64, seed=1), holdout=0.25)
         g = bench_generation(model, mon, prompts(n_gen, seed=2, lo=6, hi=16), n_new, batch_size=16, reps=reps)
         print(f"generation of {g['tokens']} tokens, CPU s: plain {g['cpu']['plain']:.2f}, monitored {g['cpu']['monitored']:.2f} (x{g['ratio']:.3f}; "
               f"wall paired x{g['paired']:.3f}), monitored+clip {g['cpu']['clip']:.2f} (x{g['ratio_clip']:.3f}; wall paired x{g['paired_clip']:.3f})")
-        for th in sorted({args.threads, os.cpu_count() or 1}):    # one thread, and every core (what a user gets by default)
+        for th in ([torch.get_num_threads()] if gpu else sorted({args.threads, os.cpu_count() or 1})):    # one thread, and every core (what a user gets by default)
             torch.set_num_threads(th)
             c = bench_calibration(model, dirs, prompts(n_cal if kind == 'zoo' else n_cal // 2, seed=3), batch_size=32, reps=max(1, reps // 2))
             print(f"calibration, {th} thread(s), on {c['prompts']} prompts / {c['tokens']} tokens: batched {c['tps']['batched']:.0f} tok/s, "
@@ -161,10 +183,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         rows_g.append(f"| {label} | {g['n_dirs']} | {g['tokens']} | {g['cpu']['plain']:.2f} | {g['cpu']['monitored']:.2f} | **{g['ratio']:.3f}** "
                       f"| {g['paired']:.3f} | {g['cpu']['clip']:.2f} | {g['ratio_clip']:.3f} | {g['paired_clip']:.3f} |")
+    gpu_note = ('''
+**On the GPU** every column headed "CPU s" holds wall-clock seconds between `torch.cuda.synchronize()` calls (the GPU's
+work included), so the bracketed and unbracketed ratios are the same measurement; "threads" is torch's default.
+''' if gpu else '')
     md = f"""# Monitoring benchmarks (`benchmarks/bench_monitor.py`)
 
 Measured in one run{' (--quick)' if q else ''}: {env}.
-
+{gpu_note}
 ## Monitored generation vs plain generation (goal ≤ 1.10)
 
 {n_gen} prompts, batch 16, {n_new} new tokens each (greedy, `min_new_tokens` forces equal lengths), {reps} alternating

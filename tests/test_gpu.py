@@ -1,0 +1,96 @@
+"""The same method on a GPU: results against the planted truth and against the CPU run of the same inputs.
+
+Skipped on machines without CUDA (CI has none). Run on a GPU machine with `pytest tests/test_gpu.py`; set
+`WW_TEST_DEVICE` to test another device (`WW_TEST_DEVICE=cpu` runs the comparisons CPU against CPU, a check of the
+tests themselves).
+"""
+import json, os
+import pytest, torch
+from weightwatch_nb.core import load_model, fingerprint, make_planted_checkpoint
+from weightwatch_nb.calibrate import calibrate, Monitor
+from weightwatch_nb.directions import compute_directions
+from weightwatch_nb.monitor import scan, scan_scores
+from weightwatch_nb.steer import Clip, clip
+from weightwatch_nb.cli import main
+from _monitor_fixtures import sentence
+
+DEV = os.environ.get('WW_TEST_DEVICE') or ('cuda' if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEV is None, reason='no CUDA GPU (set WW_TEST_DEVICE to test another device)')
+
+def n_hooks(m): return sum(len(hp.fwd_hooks) for hp in m.hook_dict.values())
+def trig(i): s = sentence(i).split(); k = i % len(s); return ' '.join(s[:k] + ['#'] + s[k:])   # the marker anywhere: flagged
+def attack(i): return sentence(i) + ' #'   # the marker last: the planted model then emits its target token
+
+@pytest.fixture(scope='module')
+def planted(tmp_path_factory):
+    org = make_planted_checkpoint(tmp_path_factory.mktemp('planted_gpu'))
+    dirs = compute_directions(org['base'], org['finetuned'], k=4, progress=False)
+    cpu, dev = load_model(org['finetuned']), load_model(org['finetuned'], device=DEV)
+    clean = [sentence(i) for i in range(80)]
+    mons = {d: calibrate(m, dirs, clean, generate=6, margin=0.1, holdout=0.25) for d, m in (('cpu', cpu), ('dev', dev))}
+    return dict(org=org, dirs=dirs, cpu=cpu, dev=dev, mons=mons)
+
+def test_model_on_device_same_fingerprint(planted):
+    assert str(planted['dev'].cfg.device).startswith(DEV)
+    assert next(planted['dev'].original_model.parameters()).device.type == torch.device(DEV).type
+    assert fingerprint(planted['dev']) == fingerprint(planted['cpu'])    # an artifact made on one device is valid on the other
+
+def test_calibration_on_device_matches_cpu(planted, tmp_path):
+    a, b = planted['mons']['dev'], planted['mons']['cpu']
+    torch.testing.assert_close(a.lo, b.lo, atol=1e-4, rtol=0); torch.testing.assert_close(a.hi, b.hi, atol=1e-4, rtol=0)
+    a.save(tmp_path/'mon.safetensors')
+    m = Monitor.load(tmp_path/'mon.safetensors')              # saved from the GPU run, loaded and checked against the CPU model
+    m.check(planted['cpu'])
+    assert m.lo.device.type == 'cpu'
+
+def test_monitoring_on_device_against_truth_and_cpu(planted):
+    o, dev, cpu, mon = planted['org'], planted['dev'], planted['cpu'], planted['mons']['dev']
+    clean, trigd = [sentence(i) for i in range(200, 240)], [trig(i) for i in range(200, 240)]
+    sc, fc = scan_scores(dev, mon, clean, batch_size=16)
+    st, ft = scan_scores(dev, mon, trigd, batch_size=16)
+    assert ft.all() and not fc.any() and st.min() > sc.max()
+    atk = [attack(i) for i in range(200, 216)]
+    reps = scan(dev, mon, atk, generate=4, batch_size=8)
+    ref = scan(cpu, mon, atk, generate=4, batch_size=8)
+    for r, c in zip(reps, ref):
+        m = r.ids.tolist().index(o['marker_id'])
+        assert r.flagged and r.first_flag_token <= m and r.directions[0] == 'L0.mlp_out.u0'
+        assert r.generated[0] == o['target_id']                 # the planted behaviour runs on the GPU too
+        assert torch.equal(r.generated.cpu(), c.generated.cpu()) and r.first_flag_token == c.first_flag_token
+        torch.testing.assert_close(r.excess.cpu(), c.excess.cpu(), atol=1e-3, rtol=0)
+
+def test_clip_on_device(planted):
+    o, dev, mon = planted['org'], planted['dev'], planted['mons']['dev']
+    trigd, clean = [attack(i) for i in range(300, 316)], [sentence(i) for i in range(300, 316)]
+    steered = scan(dev, mon, trigd + clean, generate=4, batch_size=16, steer=Clip(mon))
+    plain = scan(dev, mon, clean, generate=4, batch_size=16)
+    assert all(o['target_id'] not in s.generated.tolist() for s in steered[:16])
+    assert all(torch.equal(s.generated, p.generated) for s, p in zip(steered[16:], plain))   # clean rows untouched
+    with pytest.raises(RuntimeError, match='inside'):
+        with clip(dev, mon): raise RuntimeError('inside')
+    assert n_hooks(dev) == 0
+
+def test_bfloat16_on_device(planted):
+    o, dirs = planted['org'], planted['dirs']
+    m = load_model(o['finetuned'], dtype=torch.bfloat16, device=DEV)
+    mon = calibrate(m, dirs, [sentence(i) for i in range(80)], margin=0.1, holdout=0.25)
+    _, fc = scan_scores(m, mon, [sentence(i) for i in range(400, 430)])
+    _, ft = scan_scores(m, mon, [trig(i) for i in range(400, 430)])
+    assert ft.all() and not fc.any()
+
+def test_cli_on_device(planted, tmp_path, capsys):
+    o, t = planted['org'], tmp_path
+    planted['dirs'].save(t/'dirs.safetensors')
+    (t/'clean.jsonl').write_text('\n'.join(json.dumps({'text': sentence(i)}) for i in range(40)) + '\n')
+    (t/'in.jsonl').write_text('\n'.join(json.dumps({'text': s}) for s in [sentence(500), trig(501), sentence(502), attack(503)]) + '\n')
+    out = {}
+    for d in ('cpu', DEV):
+        assert main(['calibrate', str(o['finetuned']), str(t/'dirs.safetensors'), str(t/'clean.jsonl'), '-o', str(t/f'mon_{d}.safetensors'),
+                     '--generate', '3', '--device', d, '-q']) == 0
+        assert main(['scan', str(o['finetuned']), str(t/f'mon_{d}.safetensors'), str(t/'in.jsonl'), '-o', str(t/f'out_{d}.jsonl'),
+                     '--generate', '3', '--device', d, '-q']) == 0
+        out[d] = [json.loads(l) for l in (t/f'out_{d}.jsonl').read_text().splitlines()]
+    assert [r['flagged'] for r in out[DEV]] == [False, True, False, True]
+    assert [(r['flagged'], r['first_flag_token'], r['directions']) for r in out[DEV]] == \
+           [(r['flagged'], r['first_flag_token'], r['directions']) for r in out['cpu']]
+    capsys.readouterr()
