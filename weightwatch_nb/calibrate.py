@@ -274,18 +274,26 @@ class Tracer:
              ):
         "Begin a batch; `valid`, `roles`: [b, t] masks of its prompt (default: all real, all prompt)."
         self.valid, self.roles = valid, (roles if roles is not None or valid is None else torch.zeros_like(valid, dtype=torch.long))
-        self.cos, self.step = {h: [] for _, h, *_ in self.groups}, {h: 0 for _, h, *_ in self.groups}
+        self.dots, self.norms = {h: [] for _, h, *_ in self.groups}, {h: [] for _, h, *_ in self.groups}
+        self.step, self._masks = {h: 0 for _, h, *_ in self.groups}, {}
+
+    def _all_real(self, b, t, later, dev):
+        "Masks for a pass past the prompt (every token real, a response token once generation began), made once per shape."
+        key = (b, t, later, str(dev))
+        if key not in self._masks: self._masks[key] = (torch.ones(b, t, dtype=torch.bool, device=dev), torch.full((b, t), int(later), device=dev))
+        return self._masks[key]
 
     def _hook(self, h, U):
+        UT = U.T.contiguous()
         def fn(act, hook):
             a = act if act.dtype == torch.float32 else act.float()
-            c = (a @ U.T) / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)   # cosines: one matmul, one norm
-            if self.record: self.cos[h].append(c)
+            dots, norm = a @ UT, a.norm(dim=-1, keepdim=True)   # one matmul, one norm; `cosines` divides once, for every step
+            if self.record: self.dots[h].append(dots); self.norms[h].append(norm)
             step = self.step[h]; self.step[h] += 1
             if self.steer is None: return act
-            b, t, dev = *c.shape[:2], c.device
+            c = dots / norm.clamp_min(1e-12)
             if step == 0 and self.valid is not None: valid, roles = self.valid, self.roles
-            else: valid, roles = torch.ones(b, t, dtype=torch.bool, device=dev), torch.full((b, t), int(step > 0), device=dev)
+            else: valid, roles = self._all_real(*c.shape[:2], step > 0, c.device)
             return self.steer(h, act, c, valid, roles, step)
         return fn
 
@@ -293,7 +301,9 @@ class Tracer:
         "(hook name, function) pairs to attach; with `model`, first checked against the hooks it has (`check_hooks`)."
         if model is not None: check_hooks(model, [h for _, h, *_ in self.groups])
         return [(h, self._hook(h, U)) for _, h, _, _, U in self.groups]
-    def cosines(self)->Tensor: return torch.cat([torch.cat(self.cos[h], dim=1) for _, h, *_ in self.groups], dim=-1)
+    def cosines(self)->Tensor:
+        "[b, t, n] cosines of every token seen since `start` with every direction (layer-major order)."
+        return torch.cat([torch.cat(self.dots[h], dim=1) / torch.cat(self.norms[h], dim=1).clamp_min(1e-12) for _, h, *_ in self.groups], dim=-1)
 
 def check_hooks(model, # the model (`TransformerBridge`)
                 names:list[str], # hook names that directions are compared at

@@ -70,6 +70,15 @@ class Steerer:
         # per hook: bool [n_h] of the directions this steerer uses, and all its directions [n_h, d]
         self.sel = {h: torch.tensor([names is None or n in names for n in ns], dtype=torch.bool) for _, h, _, ns, _ in self.groups}
         self.U = {h: U for _, h, _, _, U in self.groups}
+    def on(self, what:str, # an attribute holding one tensor per hook: 'U', 'sel', 'lo', 'hi', ...
+           hook:str, # the hook
+           dev, # the device the activations are on
+          )->Tensor:
+        "`getattr(self, what)[hook]` on `dev`, copied there once: a hook runs at every step, and a copy each time would cost a transfer."
+        c = self.__dict__.setdefault('_on', {})
+        key = (what, hook, str(dev))
+        if key not in c: c[key] = getattr(self, what)[hook].to(dev)
+        return c[key]
     def reset(self):
         "Forget per-sequence state (called when a new batch starts)."
     def __call__(self, hook, act, cos, valid, roles, step)->Tensor:
@@ -118,8 +127,8 @@ class ProjectOut(Steerer):
         super().__init__(dirs, names)
         self.Q = {h: orthonormalize(self.U[h][s]) for h, s in self.sel.items()}
     def __call__(self, hook, act, cos, valid, roles, step):
-        Q = self.Q[hook]
-        return act if not len(Q) else remove_span(act.float(), Q.to(act.device)).to(act.dtype)
+        Q = self.on('Q', hook, act.device)
+        return act if not len(Q) else remove_span(act.float(), Q).to(act.dtype)
 
 class Add(Steerer):
     "Add `alpha` times each chosen direction to every token's activation."
@@ -130,7 +139,7 @@ class Add(Steerer):
         super().__init__(dirs, names); self.alpha = alpha
         self.delta = {h: self.U[h][s].sum(0) * alpha for h, s in self.sel.items()}
     def __call__(self, hook, act, cos, valid, roles, step):
-        return act + self.delta[hook].to(act.device, act.dtype)
+        return act + self.on('delta', hook, act.device).to(act.dtype)
 
 def project_out(model, # the model (`TransformerBridge`)
                 dirs, # `Directions` or `Monitor`
@@ -169,13 +178,13 @@ class Clamp(Steerer):
         self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
         self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
     def __call__(self, hook, act, cos, valid, roles, step):
-        s = self.sel[hook].to(act.device)
-        lo, hi = self.lo[hook].to(act.device)[roles], self.hi[hook].to(act.device)[roles]   # [b, t, n]
+        dev = act.device
+        s, lo, hi = self.on('sel', hook, dev), self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]   # lo, hi: [b, t, n]
         tgt = torch.where(s, cos.clamp(lo, hi), cos)
         rows = ((tgt != cos).any(-1) & valid).reshape(-1)
         if not rows.any(): return act
         flat = act.reshape(-1, act.shape[-1]).clone()
-        flat[rows] = set_cosines(flat[rows].float(), self.U[hook].to(act.device), tgt.reshape(-1, tgt.shape[-1])[rows]).to(act.dtype)
+        flat[rows] = set_cosines(flat[rows].float(), self.on('U', hook, dev), tgt.reshape(-1, tgt.shape[-1])[rows]).to(act.dtype)
         return flat.view_as(act)
 
 def clamp(model, # the model (`TransformerBridge`)
@@ -214,18 +223,19 @@ class Clip(Steerer):
 
     def __call__(self, hook, act, cos, valid, roles, step):
         dev = act.device
-        lo, hi = self.lo[hook].to(dev)[roles], self.hi[hook].to(dev)[roles]
-        out = ((cos < lo) | (cos > hi)) & valid[..., None] & self.sel[hook].to(dev)
+        lo, hi = self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]
+        out = ((cos < lo) | (cos > hi)) & valid[..., None] & self.on('sel', hook, dev)
         prev = self.tripped.get(hook)
         if step == 0 or prev is None or prev.shape[0] != act.shape[0]: prev = torch.zeros_like(out[:, 0])
         if step == 0 or act.shape[1] > 1:                      # a prompt: directions switch on token by token
             on = out.cummax(dim=1).values | prev[:, None]
             self.tripped[hook], self.basis[hook] = on[:, -1], None
-            return remove_masked(act, self.U[hook].to(dev), on, self.Q[hook])
+            return remove_masked(act, self.on('U', hook, dev), on, self.Q[hook])
         now = prev | out[:, 0]                                  # a decoding step: one new token per sequence
         self.tripped[hook] = now
-        if not now.any(): return act
-        if self.basis.get(hook) is None or not torch.equal(now, prev): self.basis[hook] = self._bases(hook, now, dev)
+        any_on, changed = torch.stack([now.any(), (now != prev).any()]).tolist()   # one wait for the device per step, not two
+        if not any_on: return act
+        if self.basis.get(hook) is None or changed: self.basis[hook] = self._bases(hook, now, dev)
         B, a = self.basis[hook], act.float()
         return (a - torch.einsum('btr,brd->btd', torch.einsum('btd,brd->btr', a, B), B)).to(act.dtype)
 
