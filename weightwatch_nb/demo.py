@@ -14,14 +14,15 @@ from .core import (WeightwatchError, load_model, fingerprint, add_model_options,
                                  atomic_path, check_apart)
 from .directions import Directions, compute_directions, READ_HOOK
 from .delta import READ_MATRICES, block_matrices
-from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed
+from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed, encode_many, as_record, in_file
 from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baselines,
                                      steering_table, tpr_at_fpr)
 
 # %% auto #0
-__all__ = ['HEADLINE_NOTE', 'TARGET_FPR', 'N_CALIBRATION', 'random_directions', 'calibrate_monitor', 'PairResult', 'run_pair',
-           'judge_steering', 'headline', 'write_report', 'calibration_study', 'plot_calibration_study',
-           'summarize_study', 'zoo_plan', 'run_zoo_organism', 'check_report_dir', 'run_demo', 'register_cli']
+__all__ = ['HEADLINE_NOTE', 'TARGET_FPR', 'N_CALIBRATION', 'DEMO_ORGANISMS', 'random_directions', 'calibrate_monitor',
+           'PairResult', 'check_sets', 'run_pair', 'judge_steering', 'headline', 'write_report', 'calibration_study',
+           'plot_calibration_study', 'summarize_study', 'zoo_plan', 'run_zoo_organism', 'check_report_dir', 'run_demo',
+           'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -58,6 +59,15 @@ class PairResult:
     seconds: float = 0.
 
 # %% ../nbs/09_demo.ipynb #2a76c918
+def check_sets(model, # the fine-tuned model (its tokenizer renders the records)
+               sets:dict, # set name -> records
+               generate:int=0, # reply tokens that will be generated (conversations then end with the assistant's turn opened)
+              )->None:
+    "Before any model work: every record of every set renders and tokenizes, or the error names its set, and its line in a file."
+    for s, recs in sets.items():
+        try: encode_many(model.tokenizer, [as_record(r, f'#{i} (counting from 0)') for i, r in enumerate(recs)], generation_prompt=generate > 0)
+        except WeightwatchError as e: raise WeightwatchError(in_file(recs, f"set {s!r}: {e}")) from None
+
 def run_pair(base, finetuned, # the model pair: sources or loaded models
              sets:dict, # set name -> records; needs 'calibration' and 'test' (clean)
              name:str='pair', # label for tables and the report
@@ -80,6 +90,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     for need in ('calibration', 'test'):
         if not sets.get(need): raise WeightwatchError(f"run_pair needs a non-empty clean {need!r} prompt set")
     t0, model = time.time(), load_model(finetuned, dtype=dtype, device=device)
+    check_sets(model, sets, generate)
     scan_sets = {s: v for s, v in sets.items() if s != 'calibration'}
     dirs = compute_directions(base, finetuned, k=k, progress=progress)
     mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
@@ -322,6 +333,8 @@ def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), 
     return results
 
 # %% ../nbs/09_demo.ipynb #5627d980
+DEMO_ORGANISMS = 'backdoor,unlearning,unlearning_rmu,control'
+
 def _parse_sets(specs:list[str])->dict:
     out = {}
     for sp in specs or []:
@@ -339,31 +352,37 @@ def _cmd_demo(args):
     if args.finetuned or args.base:
         if not (args.base and args.finetuned and args.calibration and args.test):
             raise WeightwatchError("a demo on your own pair needs --base, --finetuned, --calibration and --test (and usually --set NAME=FILE)")
+        zoo_only = [f for f, v in (('--organisms', args.organisms), ('--n', args.n), ('--n-calibration', args.n_calibration),
+                                   ('--no-steering', args.no_steering or None)) if v is not None]
+        if zoo_only: raise WeightwatchError(f"{', '.join(zoo_only)} only apply to the zoo demo, so they would be ignored here; on your own pair the "
+                                            "prompts are the files you give (--calibration, --test, --set) and no steering is judged; drop them")
         check_report_dir(args.output, [args.base, args.finetuned])
         sets = {'calibration': read_jsonl(args.calibration), 'test': read_jsonl(args.test), **_parse_sets(args.set)}
         r = run_pair(args.base, args.finetuned, sets, name=Path(str(args.finetuned)).name, k=args.k, baselines=not args.no_baselines, **opts)
         print(f"\n## detection\n\n{headline(r)}\n\n{HEADLINE_NOTE}")
+        print("\nsteering: not judged on your own pair (judging it needs to know which replies are wrong); "
+              "try `weightwatch generate MODEL PROMPT --monitor MONITOR --steer clip`")
         print(f"\nreport: {write_report([r], Path(args.output)/'report.html')}")
         return 0
-    run_demo(args.organisms.split(','), args.output, n=args.n, n_calibration=args.n_calibration, k=args.k, baselines=not args.no_baselines,
-             steering=not args.no_steering, **opts)
+    run_demo((args.organisms or DEMO_ORGANISMS).split(','), args.output, n=args.n or 300, k=args.k, baselines=not args.no_baselines,
+             n_calibration=N_CALIBRATION if args.n_calibration is None else args.n_calibration, steering=not args.no_steering, **opts)
 
 def register_cli(sub):
     "Add `weightwatch demo` to the subparsers `sub`."
     p = sub.add_parser('demo', help='run the whole method (directions, calibration, detection, steering) and print the tables',
                        description='With no arguments: the shipped zoo organisms. With --base/--finetuned/--calibration/--test: your own pair.')
-    p.add_argument('--organisms', default='backdoor,unlearning,unlearning_rmu,control', help='zoo organisms to run (default: backdoor,unlearning,unlearning_rmu,control)')
+    p.add_argument('--organisms', help=f'zoo organisms to run (default: {DEMO_ORGANISMS})')
     p.add_argument('--base', help='base model (zoo:NAME, directory or hub id)')
     p.add_argument('--finetuned', help='fine-tuned model (zoo:NAME, directory, hub id or LoRA adapter directory)')
     p.add_argument('--calibration', help='clean calibration prompts (JSONL)')
     p.add_argument('--test', help='clean test prompts (JSONL), defines false positives')
     p.add_argument('--set', action='append', metavar='NAME=FILE', help='another labelled set to scan (repeatable)')
     add_output(p, 'folder for report.html (default: weightwatch-demo)', required=False, metavar='DIR', default='weightwatch-demo')
-    p.add_argument('--n', type=POSITIVE_INT, default=300, help='zoo: clean test set size (default 300)')
-    p.add_argument('--n-calibration', type=POSITIVE_INT, default=N_CALIBRATION,
+    p.add_argument('--n', type=POSITIVE_INT, help='zoo: clean test set size (default 300)')
+    p.add_argument('--n-calibration', type=POSITIVE_INT,
                    help=f'zoo: clean calibration set size (default {N_CALIBRATION}: enough to certify a 1%% false-positive budget)')
     p.add_argument('--k', type=POSITIVE_INT, default=4, help='directions per layer and matrix (default 4)')
     p.add_argument('--no-baselines', action='store_true', help='skip the baseline detectors')
-    p.add_argument('--no-steering', action='store_true', help='skip steering')
+    p.add_argument('--no-steering', action='store_true', help='zoo: skip steering')
     add_model_options(p)
     p.set_defaults(func=_cmd_demo)
