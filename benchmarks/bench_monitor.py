@@ -65,7 +65,7 @@ def setup(kind:str, tmp:Path):
     return f"{label}, random directions k=20 per attn_out/mlp_out", model, dirs
 
 def sync():
-    if DEVICE != 'cpu' and torch.cuda.is_available(): torch.cuda.synchronize()
+    if DEVICE != 'cpu': torch.cuda.synchronize(DEVICE)
 
 def timed(fn)->tuple[float, float]:
     "(wall-clock seconds, CPU seconds of this process) of one call; on a GPU both are wall-clock, the GPU's work included."
@@ -103,13 +103,13 @@ def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)
 def reference_loop(model, dirs, recs:list)->int:
     "The reference code's design: one prompt at a time through HF with output_hidden_states, cosines per layer."
     from weightwatch_nb.calibrate import encode, direction_groups
-    groups, tok, n = direction_groups(dirs), model.tokenizer, 0
+    groups, tok, n = [(l, U.to(DEVICE)) for l, _, _, _, U in direction_groups(dirs)], model.tokenizer, 0   # on the device once
     with torch.no_grad():
         for r in recs:
             ids = torch.tensor([encode(tok, r).ids], device=DEVICE); n += ids.shape[1]
             hs = model.original_model(ids, output_hidden_states=True).hidden_states
-            for l, _, _, _, U in groups:
-                c = F.normalize(hs[l + 1][0].float(), dim=-1) @ U.to(DEVICE).T
+            for l, U in groups:
+                c = F.normalize(hs[l + 1][0].float(), dim=-1) @ U.T
                 c.min(0).values, c.max(0).values
     return n
 
@@ -148,6 +148,7 @@ def main(argv=None):
     global DEVICE
     from weightwatch_nb.core import check_device
     DEVICE = check_device(args.device)
+    if torch.device(DEVICE).type not in ('cpu', 'cuda'): sys.exit(f"--device {DEVICE}: the benchmark times cpu and cuda devices only")
     gpu = DEVICE != 'cpu'
     warnings.filterwarnings('ignore')
     from transformers.utils import logging; logging.disable_progress_bar(); logging.set_verbosity_error()

@@ -64,6 +64,7 @@ def test_clip_on_device(planted):
     trigd, clean = [attack(i) for i in range(300, 316)], [sentence(i) for i in range(300, 316)]
     steered = scan(dev, mon, trigd + clean, generate=4, batch_size=16, steer=Clip(mon))
     plain = scan(dev, mon, clean, generate=4, batch_size=16)
+    assert all(p.generated[0] == o['target_id'] for p in scan(dev, mon, trigd, generate=4, batch_size=16))   # the attack works unsteered
     assert all(o['target_id'] not in s.generated.tolist() for s in steered[:16])
     assert all(torch.equal(s.generated, p.generated) for s, p in zip(steered[16:], plain))   # clean rows untouched
     with pytest.raises(RuntimeError, match='inside'):
@@ -94,3 +95,36 @@ def test_cli_on_device(planted, tmp_path, capsys):
     assert [(r['flagged'], r['first_flag_token'], r['directions']) for r in out[DEV]] == \
            [(r['flagged'], r['first_flag_token'], r['directions']) for r in out['cpu']]
     capsys.readouterr()
+
+def test_steerers_on_device_against_truth_and_cpu(planted):
+    "Clip at a prompt and at decoding steps (a direction trips, then nothing new), Clamp, ProjectOut and Add, on synthetic activations."
+    from weightwatch_nb.steer import Clamp, ProjectOut, Add, remove_masked
+    from _monitor_fixtures import planted_dirs
+    import torch.nn.functional as F
+    cpu = planted['cpu']
+    mon = calibrate(cpu, planted_dirs(planted['org'], cpu), [sentence(i) for i in range(60)], margin=0.1)
+    h0, U0 = mon.hook(0), mon.by_layer(0)[1]                          # three directions at layer 0
+    g = torch.Generator().manual_seed(0)
+    acts, cos = torch.randn(3, 4, 128, generator=g), torch.zeros(3, 4, 3)
+    cos[1, 2, 0] = 9.; cos[2, 0, 1] = -9.                             # prompt: sequence 1 trips u0 at token 2, sequence 2 trips u1 at token 0
+    a1, c1 = torch.randn(3, 1, 128, generator=g), torch.zeros(3, 1, 3); c1[0, 0, 2] = 9.   # a decoding step: sequence 0 trips u2
+    ones, r0, r1 = torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 1, dtype=torch.long)
+    def run(dev):
+        d = lambda t: t.to(dev)
+        cl = Clip(mon)
+        out = [cl(h0, d(acts), d(cos), d(ones), d(r0), 0), cl(h0, d(a1), d(c1), d(ones[:, :1]), d(r1), 1),
+               cl(h0, d(a1), d(torch.zeros(3, 1, 3)), d(ones[:, :1]), d(r1), 2)]
+        trip = cl.tripped[h0].cpu()
+        out.append(Clamp(mon)(h0, d(acts), F.normalize(d(acts), dim=-1) @ d(U0).T, d(ones), d(r0), 0))
+        out += [ProjectOut(mon)(h0, d(acts), None, d(ones), d(r0), 0), Add(mon, alpha=2.)(h0, d(acts), None, d(ones), d(r0), 0)]
+        assert all(o.device.type == torch.device(dev).type for o in out)
+        return [o.cpu() for o in out], trip
+    (dv, dtrip), (cv, ctrip) = run(DEV), run('cpu')
+    assert dtrip.tolist() == ctrip.tolist() == [[False, False, True], [True, False, False], [False, True, False]]
+    for a, b in zip(dv, cv): torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    want = remove_masked(a1, U0, dtrip[:, None])                      # the truth: each sequence's tripped span removed
+    torch.testing.assert_close(dv[1], want, atol=1e-4, rtol=0); torch.testing.assert_close(dv[2], want, atol=1e-4, rtol=0)
+    c = F.normalize(dv[3], dim=-1) @ U0.T
+    assert (c <= mon.hi[0, :3] + 1e-4).all() and (c >= mon.lo[0, :3] - 1e-4).all()
+    assert (dv[4] @ U0.T).abs().max() < 1e-4                          # projected out: orthogonal to every direction
+    torch.testing.assert_close(dv[5], acts + 2 * U0.sum(0), atol=1e-5, rtol=0)

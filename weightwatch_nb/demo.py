@@ -64,8 +64,9 @@ def check_sets(model, # the fine-tuned model (its tokenizer renders the records)
                generate:int=0, # reply tokens that will be generated (conversations then end with the assistant's turn opened)
               )->None:
     "Before any model work: every record of every set renders and tokenizes, or the error names its set, and its line in a file."
+    from weightwatch_nb.evaluate import _record   # as the monitor will read them: a zoo item by its conversation
     for s, recs in sets.items():
-        try: encode_many(model.tokenizer, [as_record(r, f'#{i} (counting from 0)') for i, r in enumerate(recs)], generation_prompt=generate > 0)
+        try: encode_many(model.tokenizer, [as_record(_record(r), f'#{i} (counting from 0)') for i, r in enumerate(recs)], generation_prompt=generate > 0)
         except WeightwatchError as e: raise WeightwatchError(in_file(recs, f"set {s!r}: {e}")) from None
 
 def run_pair(base, finetuned, # the model pair: sources or loaded models
@@ -322,6 +323,8 @@ def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), 
              **kwargs, # passed to `run_pair` (e.g. dtype, device)
             )->list[PairResult]:
     "Run the method on zoo organisms, print the tables and write an HTML report."
+    from weightwatch_nb.zoo import zoo_path
+    for o in organisms: zoo_path(o)   # every name first: an unknown one is refused before the first organism runs
     check_report_dir(out, [f'zoo:{o}' for o in organisms])
     results = []
     for name in organisms:
@@ -354,7 +357,8 @@ def _cmd_demo(args):
             raise WeightwatchError("a demo on your own pair needs --base, --finetuned, --calibration and --test (and usually --set NAME=FILE)")
         zoo_only = [f for f, v in (('--organisms', args.organisms), ('--n', args.n), ('--n-calibration', args.n_calibration),
                                    ('--no-steering', args.no_steering or None)) if v is not None]
-        if zoo_only: raise WeightwatchError(f"{', '.join(zoo_only)} only apply to the zoo demo, so they would be ignored here; on your own pair the "
+        if zoo_only: raise WeightwatchError(f"{', '.join(zoo_only)} only appl{'ies' if len(zoo_only) == 1 else 'y'} to the zoo demo, so "
+                                            f"{'it' if len(zoo_only) == 1 else 'they'} would be ignored here; on your own pair the "
                                             "prompts are the files you give (--calibration, --test, --set) and no steering is judged; drop them")
         check_report_dir(args.output, [args.base, args.finetuned])
         sets = {'calibration': read_jsonl(args.calibration), 'test': read_jsonl(args.test), **_parse_sets(args.set)}
@@ -364,7 +368,7 @@ def _cmd_demo(args):
               "try `weightwatch generate MODEL PROMPT --monitor MONITOR --steer clip`")
         print(f"\nreport: {write_report([r], Path(args.output)/'report.html')}")
         return 0
-    run_demo((args.organisms or DEMO_ORGANISMS).split(','), args.output, n=args.n or 300, k=args.k, baselines=not args.no_baselines,
+    run_demo((DEMO_ORGANISMS if args.organisms is None else args.organisms).split(','), args.output, n=args.n or 300, k=args.k, baselines=not args.no_baselines,
              n_calibration=N_CALIBRATION if args.n_calibration is None else args.n_calibration, steering=not args.no_steering, **opts)
 
 def register_cli(sub):

@@ -75,10 +75,10 @@ class Steerer:
            dev, # the device the activations are on
           )->Tensor:
         "`getattr(self, what)[hook]` on `dev`, copied there once: a hook runs at every step, and a copy each time would cost a transfer."
-        c = self.__dict__.setdefault('_on', {})
-        key = (what, hook, str(dev))
-        if key not in c: c[key] = getattr(self, what)[hook].to(dev)
-        return c[key]
+        src, c = getattr(self, what)[hook], self.__dict__.setdefault('_on', {})
+        key, stamp = (what, hook, str(dev)), (id(src), src._version)   # a replaced or edited tensor is copied again
+        if c.get(key, (None,))[0] != stamp: c[key] = (stamp, src.to(dev))
+        return c[key][1]
     def reset(self):
         "Forget per-sequence state (called when a new batch starts)."
     def __call__(self, hook, act, cos, valid, roles, step)->Tensor:
@@ -203,20 +203,24 @@ class Clip(Steerer):
         super().__init__(mon, names)
         self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
         self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
-        self.Q = {h: {} for h in self.sel}   # per hook: orthonormal bases of the tripped sets seen so far
+        self.Q = {h: {} for h in self.sel}   # per hook and device: orthonormal bases of the tripped sets seen so far
         self.reset()
 
     def reset(self):
         "Switch every direction back off."
         self.tripped, self.basis = {}, {}   # hook -> [b, n_h] bool; hook -> [b, r, d] zero-padded bases
 
+    def _cache(self, hook, dev)->dict:
+        "The bases already made for `hook` on `dev` (a steerer may serve models on several devices)."
+        return self.Q[hook].setdefault(str(dev), {})
+
     def _bases(self, hook, on:Tensor, dev)->Tensor:
         "Zero-padded orthonormal basis [b, r, d] of each sequence's tripped set."
-        qs = []
+        qs, cache = [], self._cache(hook, dev)
         for row in on.tolist():
             key = tuple(row)
-            if key not in self.Q[hook]: self.Q[hook][key] = orthonormalize(self.U[hook][torch.tensor(row)]).to(dev)
-            qs.append(self.Q[hook][key])
+            if key not in cache: cache[key] = orthonormalize(self.U[hook][torch.tensor(row)]).to(dev)
+            qs.append(cache[key])
         B = torch.zeros(len(qs), max(1, max(len(q) for q in qs)), self.U[hook].shape[1], device=dev)
         for i, q in enumerate(qs): B[i, :len(q)] = q
         return B
@@ -230,7 +234,7 @@ class Clip(Steerer):
         if step == 0 or act.shape[1] > 1:                      # a prompt: directions switch on token by token
             on = out.cummax(dim=1).values | prev[:, None]
             self.tripped[hook], self.basis[hook] = on[:, -1], None
-            return remove_masked(act, self.on('U', hook, dev), on, self.Q[hook])
+            return remove_masked(act, self.on('U', hook, dev), on, self._cache(hook, dev))
         now = prev | out[:, 0]                                  # a decoding step: one new token per sequence
         self.tripped[hook] = now
         any_on, changed = torch.stack([now.any(), (now != prev).any()]).tolist()   # one wait for the device per step, not two
