@@ -76,7 +76,9 @@ class Steerer:
           )->Tensor:
         "`getattr(self, what)[hook]` on `dev`, copied there once: a hook runs at every step, and a copy each time would cost a transfer."
         src, c = getattr(self, what)[hook], self.__dict__.setdefault('_on', {})
-        key, stamp = (what, hook, str(dev)), (id(src), src._version)   # a replaced or edited tensor is copied again
+        try: ver = src._version
+        except RuntimeError: ver = None   # a tensor made under `torch.inference_mode` keeps no version count
+        key, stamp = (what, hook, str(dev)), (id(src), ver)   # a replaced or edited tensor is copied again
         if c.get(key, (None,))[0] != stamp: c[key] = (stamp, src.to(dev))
         return c[key][1]
     def reset(self):
