@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass, field
 import numpy as np
 import torch
@@ -16,9 +17,9 @@ from .core import WeightwatchError, load_model
 
 # %% auto #0
 __all__ = ['BASELINES', 'binomial_interval', 'auroc', 'roc_curve', 'tpr_at_fpr', 'MahalanobisBaseline', 'PCABaseline',
-           'Detection', 'detect', 'Table', 'detection_table', 'plot_roc', 'model_sequences', 'collect_activations',
-           'activation_baselines', 'activation_baseline', 'confusion_counts', 'leading_counts', 'replies',
-           'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
+           'Detection', 'detect', 'Table', 'detection_table', 'results_tables', 'plot_roc', 'model_sequences',
+           'collect_activations', 'activation_baselines', 'activation_baseline', 'confusion_counts', 'leading_counts',
+           'replies', 'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
 
 # %% ../nbs/08_evaluate.ipynb #285617b4
 def binomial_interval(k:int, # number of successes (e.g. flagged inputs)
@@ -163,6 +164,21 @@ def detection_table(dets:list[Detection], # detectors scored on the same sets
             rows.append(dict(detector=d.name, set=s, n=n, flagged=k, rate=k/n, ci_low=lo, ci_high=hi,
                              auroc=float('nan') if s == negative else auroc(d.scores[negative], d.scores[s])))
     return rows
+
+# %% ../nbs/08_evaluate.ipynb #2883e234
+def results_tables(file, # a markdown file, e.g. one a benchmark script wrote (benchmarks/RESULTS.md)
+                   header:str, # how the wanted tables' header rows start, e.g. '| model | directions |'
+                  )->list[Table]: # one per matching table, in file order; rows map column names to cell texts
+    "Every markdown table in `file` whose header row starts with `header`."
+    out, cols = [], None   # cols: None outside a table, [] inside one that is not wanted
+    for line in Path(file).read_text().splitlines():
+        if not line.startswith('|'): cols = None; continue
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if cols is None:
+            cols = cells if line.startswith(header) else []
+            if cols: out.append(Table())
+        elif cols and not line.startswith('|---'): out[-1].append(dict(zip(cols, cells)))
+    return out
 
 # %% ../nbs/08_evaluate.ipynb #0ee75b83
 def plot_roc(dets:list[Detection], # detectors to compare
