@@ -415,9 +415,13 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
         trs = [Tracer(dirs, dev, None if own else steer)] + ([Tracer(steer.dirs, dev, steer, record=False)] if own else [])
         for t in trs: t.start(b.mask.bool().to(dev), b.roles.to(dev))
         ids, mask = b.ids.to(dev), b.mask.to(dev)
-        with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks(model)]):
-            if generate: seqs = model.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate, pad_token_id=pad, **gen)
-            else: seqs = None; forward_blocks(model, ids, mask, max(dirs.layers))
+        extra = steer.attach(model) if hasattr(steer, 'attach') else []   # hooks a steerer needs beyond the directions' (e.g. `ClipWeights`)
+        try:
+            with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks(model)]):
+                if generate: seqs = model.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate, pad_token_id=pad, **gen)
+                else: seqs = None; forward_blocks(model, ids, mask, max(dirs.layers))
+        finally:
+            for h in extra: h.remove()
         yield b, trs[0].cosines().cpu(), (None if seqs is None else seqs.cpu())
 
 def trace_batches(model, # fine-tuned model (`TransformerBridge`)

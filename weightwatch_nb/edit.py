@@ -19,8 +19,8 @@ from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
 
 # %% auto #0
-__all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'removed_weights', 'interpolate',
-           'save_edited', 'read_edit', 'measure', 'sweep', 'plot_sweep', 'register_cli']
+__all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'removed_weights', 'removed_update',
+           'interpolate', 'save_edited', 'read_edit', 'measure', 'sweep', 'plot_sweep', 'register_cli']
 
 # %% ../nbs/12_edit.ipynb #4fc78eeb
 def strip_update(W_ft:Tensor, # fine-tuned weight, oriented [d_model, d_in]
@@ -117,6 +117,11 @@ def _deltas(base, finetuned, matrices, layers, plan, pairs):
         iter_deltas(base, finetuned, [m], layers=None if m in ('embed', 'unembed') else sorted({l for l, b in plan if b == m}))
         for m in matrices if any(b == m for _, b in plan))
 
+def _held_names(plan:dict, held:dict|None, info, matrices, layers)->dict:
+    "Checkpoint name -> the name a loaded model holds it under (`held`: its `hf_state_dict`; None: the checkpoint's names)."
+    if held is None: return {key: key for key, _ in plan.values()}
+    return {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items() if lm in plan}
+
 def _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, write:bool=False, verify:bool=False)->tuple[dict, dict, dict]:
     "The changed tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
     ft = open_tensors(finetuned)
@@ -124,10 +129,8 @@ def _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress
     _check_tied(info, matrices)
     plan = find_keys(ft.keys(), info, matrices, layers)
     if pairs is not None: plan = {lm: v for lm, v in plan.items() if lm in pairs}
-    names, held = {key: key for key, _ in plan.values()}, None
-    if like is not None:
-        held = hf_state_dict(like)
-        names = {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items() if lm in plan}
+    held = hf_state_dict(like) if like is not None else None
+    names = _held_names(plan, held, info, matrices, layers)
     left = Counter(key for key, _ in plan.values())   # GPT-2 keeps q, k and v in one tensor: three edits land in it
     out, removed, changed = {}, {}, set()
     with torch.no_grad():
@@ -180,6 +183,36 @@ def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub i
     "Just the tensors `remove_directions` changes, without a copy of the whole model."
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights')
     return _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
+
+# %% ../nbs/12_edit.ipynb #8a6fc5c3
+def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
+                   finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
+                   dirs_or_k,   # int k: top-k directions of each ΔW; or `Directions` of this pair
+                   matrices=None, # matrices to edit (default: attn_out, mlp_out; with `Directions`: the pairs they cover)
+                   layers=None, # block indices to edit (default: all; with `Directions`: the pairs they cover)
+                   like=None,   # the loaded fine-tuned model it is for: keyed by the names it holds its weights under
+                   progress:bool=True, # progress bar over matrices
+                  )->dict[str, tuple[Tensor, Tensor]]: # weight name -> (A, B), float32, A @ B = W_ft − W_edited in the weight's own layout
+    "What `removed_weights` subtracts from each changed tensor, as exact thin factors (for `steer.ClipWeights`)."
+    from weightwatch_nb.steer import low_rank_factors
+    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update')
+    ft = open_tensors(finetuned)
+    info = arch_info(ft.config)
+    _check_tied(info, matrices)
+    plan = find_keys(ft.keys(), info, matrices, layers)
+    if pairs is not None: plan = {lm: v for lm, v in plan.items() if lm in pairs}
+    names = _held_names(plan, hf_state_dict(like) if like is not None else None, info, matrices, layers)
+    E, rank = {}, Counter()
+    with torch.no_grad():
+        for l, m, D in tqdm(_deltas(base, finetuned, matrices, layers, plan, pairs), total=len(plan), desc='update to remove',
+                            disable=not progress, leave=False):
+            key, spec = plan[(l, m)]
+            U = _basis(dirs_or_k, (l, m), D)
+            if not U.shape[1] or not D.abs().max() > 0: continue     # nothing removed from this matrix
+            if key not in E: E[key] = torch.zeros(ft.get(key).shape)
+            orient(E[key], spec, info, key).copy_(U @ (U.T @ D.float()))
+            rank[key] += U.shape[1]
+    return {names[k]: low_rank_factors(v, rank[k]) for k, v in E.items()}
 
 # %% ../nbs/12_edit.ipynb #dfe94aaf
 def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html, numbers, sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from fastcore.basics import patch
 import torch
 from torch import Tensor
 from .core import (WeightwatchError, load_model, hf_state_dict, POSITIVE_INT, add_model_options, model_options,
@@ -18,7 +19,8 @@ from .monitor import scan, Report, _mismatch, _error_html
 # %% auto #0
 __all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'check_steerer', 'steering', 'ProjectOut', 'Add',
            'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'Rewind', 'steered_generate',
-           'rewind_generate', 'swapped_weights', 'changed_weights', 'make_steerer', 'SteerView', 'register_cli']
+           'rewind_generate', 'swapped_weights', 'changed_weights', 'low_rank_factors', 'weight_users', 'ClipWeights',
+           'clip_weights', 'make_steerer', 'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -83,6 +85,9 @@ class Steerer:
         return c[key][1]
     def reset(self):
         "Forget per-sequence state (called when a new batch starts)."
+    def attach(self, model)->list:
+        "Hooks this steerer needs besides those at its directions' hook points (handles, removed when steering ends); none here."
+        return []
     def __call__(self, hook, act, cos, valid, roles, step)->Tensor:
         "Edit `act` [b, t, d] at hook `hook` (see `Tracer` for the arguments); the base class leaves it alone."
         return act
@@ -115,10 +120,12 @@ def steering(model, # the model (`TransformerBridge`)
         x = kwargs.get('input_ids', args[0] if args else None)
         x, m = (x if x is not None else kwargs.get('inputs_embeds')), kwargs.get('attention_mask')
         tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None)
-    handle = model.original_model.base_model.register_forward_pre_hook(begin, with_kwargs=True)
+    handles = [model.original_model.base_model.register_forward_pre_hook(begin, with_kwargs=True)]
     try:
+        handles += steerer.attach(model)
         with model.hooks(fwd_hooks=tr.hooks(model)): yield steerer
-    finally: handle.remove()
+    finally:
+        for h in handles: h.remove()
 
 # %% ../nbs/07_steer.ipynb #eda0a64d
 class ProjectOut(Steerer):
@@ -354,6 +361,141 @@ def changed_weights(edited, # the edited model (HF model or bridge), e.g. from `
     a, b = hf_state_dict(edited), hf_state_dict(model)
     as_held = {k: v.detach().to(device=b[k].device, dtype=b[k].dtype) for k, v in a.items() if k in b}   # as `model` would hold them
     return {k: v.clone() for k, v in as_held.items() if not torch.equal(v, b[k])}
+
+# %% ../nbs/07_steer.ipynb #7d3e094d
+def low_rank_factors(E:Tensor, # [m, n] a matrix of low rank (e.g. the part of a weight an edit removes)
+                     rank:int|None=None, # an upper bound on its rank (None: find the rank with a full SVD)
+                     tol:float=1e-5, # relative error allowed (without `rank`: also the singular-value cut-off)
+                    )->tuple[Tensor, Tensor]: # A [m, r] and B [r, n], float32, with A @ B = E
+    "Exact thin factors of a low-rank matrix."
+    E = E.float()
+    if rank is None:
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        r = int((S > tol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
+        return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
+    G = torch.randn(E.shape[1], max(0, min(int(rank), *E.shape)), generator=torch.Generator().manual_seed(0)).to(E.device)
+    A = torch.linalg.qr(E @ G)[0]                   # an orthonormal basis of E's column space (exact when rank(E) <= rank)
+    B = A.T @ E
+    err = float((E - A @ B).norm() / E.norm().clamp_min(1e-30))
+    if err > tol: raise WeightwatchError(f"the matrix is not of rank <= {rank}: factors of that rank miss {err:.2g} of its norm; "
+                                         "pass an upper bound of its rank, or rank=None for an exact SVD")
+    return A, B
+
+# %% ../nbs/07_steer.ipynb #65d2fd1b
+def weight_users(model, # the model (bridge or HF model)
+                )->dict: # weight name (as `hf_state_dict` names it) -> the modules whose own weight is that tensor or a view of it
+    "Which modules compute with each matrix: the one that holds it, or, where a bridge splits GPT-2's fused q, k, v, those holding views of it."
+    by_storage = {}
+    for m in getattr(model, 'original_model', model).modules():
+        w = m._parameters.get('weight')
+        if w is not None and w.ndim == 2: by_storage.setdefault(w.untyped_storage().data_ptr(), []).append(m)
+    return {k: by_storage.get(W.untyped_storage().data_ptr(), []) for k, W in hf_state_dict(model).items() if W.ndim == 2}
+
+# %% ../nbs/07_steer.ipynb #0cc57114
+class ClipWeights(Steerer):
+    "Once a direction leaves its calibrated range in a sequence, run the sequence from there on without the fine-tune's update."
+    def __init__(self, mon:Monitor, # calibrated monitor: decides when each sequence is switched
+                 update:dict, # weight name -> (A, B): remove A @ B from that weight (from `removed_update` in the editing notebook)
+                 names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
+                 label:str='clip (weights)', # the name of this mode in tables
+                ):
+        super().__init__(mon, names)
+        bad = [k for k, v in (update or {}).items() if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) and t.ndim == 2 for t in v)
+                                                           and v[0].shape[1] == v[1].shape[0])]
+        if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]), as `removed_update` makes them; "
+                                                     f"got {'nothing' if not update else f'something else for {bad[:3]}'}")
+        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
+        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+        self.update, self.label, self._fac = update, label, {}
+        self.reset()
+
+    def reset(self):
+        "Switch every sequence back on the fine-tuned weights."
+        self.gate, self.live = None, False   # [b, t] tokens of the running pass that go without the update; whether any does
+
+# %% ../nbs/07_steer.ipynb #d6d9696c
+@patch
+def attach(self:ClipWeights, model)->list:
+    "A hook on each module that computes with an updated matrix, and one that starts each pass's mask (all checked before any is attached)."
+    sd, users, plan = hf_state_dict(model), weight_users(model), []
+    for k, (A, B) in self.update.items():
+        W = sd.get(k)
+        if W is None or W.ndim != 2: raise WeightwatchError(f"the update names `{k}`, which is not a matrix of this model (its weights look like {list(sd)[:2]}); "
+                                                            "make the update from this model's checkpoint (`removed_update(..., like=model)`)")
+        if (A.shape[0], B.shape[1]) != tuple(W.shape):
+            raise WeightwatchError(f"the update of `{k}` is {A.shape[0]}×{B.shape[1]}, the weight {list(W.shape)}: was it made from another model?")
+        for m in users[k] or [None]:
+            conv = type(m).__name__ == 'Conv1D'                      # GPT-2 stores [in, out] and computes x @ W
+            if not conv and not isinstance(m, torch.nn.Linear):
+                raise WeightwatchError(f"`{k}` is used by {type(m).__name__ if m is not None else 'no module'}, not by a linear layer: "
+                                       "only linear layers can be clipped in weight space; make the update without it")
+            plan.append((k, m, conv))
+    self._held, hs = {k: sd[k] for k in self.update}, []
+    try:
+        for k, m, conv in plan: hs.append(m.register_forward_hook(self._remove(k, conv)))
+        hs.append(model.original_model.base_model.register_forward_pre_hook(self._begin, with_kwargs=True))
+    except BaseException:
+        for h in hs: h.remove()
+        raise
+    return hs
+
+# %% ../nbs/07_steer.ipynb #08e64cbb
+@patch
+def _factors(self:ClipWeights, k:str, w:Tensor, conv:bool)->tuple[Tensor, Tensor]:
+    "(L, R) with x @ L @ R the update's share of a module's output (its weight `w`: the matrix `k` or a view of it), on `w`'s device and dtype, made once."
+    key = (k, w.data_ptr(), tuple(w.shape), str(w.device), w.dtype)
+    if key not in self._fac:
+        (A, B), W = self.update[k], self._held[k]
+        if (w.shape, w.stride(), w.storage_offset()) != (W.shape, W.stride(), W.storage_offset()):   # a view: the same view of A @ B
+            if not W.is_contiguous(): raise WeightwatchError(f"`{k}` is not contiguous, so the view a module takes of it cannot be followed")
+            A, B = low_rank_factors((A @ B).as_strided(w.shape, w.stride(), w.storage_offset() - W.storage_offset()), A.shape[1])
+        A, B = A.to(w.device, w.dtype), B.to(w.device, w.dtype)
+        self._fac[key] = (A, B) if conv else (B.T.contiguous(), A.T.contiguous())   # Conv1D: x @ (A B); Linear: x @ (A B)ᵀ
+    return self._fac[key]
+
+@patch
+def _remove(self:ClipWeights, k:str, conv:bool):
+    "Forward hook of one matrix: its output minus the update's share, at the tokens whose sequence is switched."
+    def fn(mod, args, out):
+        x, g = args[0], self.gate
+        if not self.live or g is None: return out
+        if x.ndim != 3 or x.shape[0] != g.shape[0] or x.shape[1] > g.shape[1]:
+            raise WeightwatchError(f"`{k}` ran on a {list(x.shape)} input, which does not line up with the pass's {list(g.shape)} tokens "
+                                   "(e.g. experts of a mixture-of-experts layer see a subset of tokens): ClipWeights cannot follow it; "
+                                   "make the update without that matrix, or use `rewind_generate(..., weights=...)`")
+        L, R = self._factors(k, mod.weight, conv)
+        return out - ((x @ L) @ R) * g[:, -x.shape[1]:, None].to(out.dtype)   # the last tokens: the LM head may see only those
+    return fn
+
+@patch
+def _begin(self:ClipWeights, module, args, kwargs):
+    "Before each pass of the decoder stack: a new sequence starts switched off; a decoding step carries its sequence's switch."
+    x = kwargs.get('input_ids', args[0] if args else None)
+    x = x if x is not None else kwargs.get('inputs_embeds')
+    if x is None: return
+    b, t = x.shape[:2]
+    if _cached(kwargs.get('past_key_values')) and self.gate is not None and self.gate.shape[0] == b:
+        self.gate = self.gate[:, -1:].expand(b, t)
+    else: self.gate, self.live = torch.zeros(b, t, dtype=torch.bool, device=x.device), False
+
+@patch
+def __call__(self:ClipWeights, hook, act, cos, valid, roles, step):
+    "At a monitored hook: switch each sequence from its first out-of-range token on (the activation itself is left alone)."
+    dev = act.device
+    lo, hi = self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]
+    out = (((cos < lo) | (cos > hi)) & valid[..., None] & self.on('sel', hook, dev)).any(-1)   # [b, t]
+    g = self.gate if self.gate is not None and self.gate.shape == out.shape else torch.zeros_like(out)
+    self.gate = g | out.cummax(dim=1).values
+    if not self.live: self.live = bool(self.gate[:, -1].any())   # a switch stays on: one wait for the device until the first
+    return act
+
+def clip_weights(model, # the model (`TransformerBridge`)
+                 mon:Monitor, # calibrated monitor
+                 update:dict, # weight name -> (A, B) factors of what to remove (see `ClipWeights`)
+                 names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
+                ):
+    "Context manager: clip in weight space (`ClipWeights`) while it is open."
+    return steering(model, ClipWeights(mon, update, names))
 
 # %% ../nbs/07_steer.ipynb #a94d6a7a
 def make_steerer(mon:Monitor, # the monitor (its directions and ranges)
