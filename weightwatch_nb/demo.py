@@ -82,7 +82,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
              target_fpr:float=0.01, # the false-positive budget that tuning aims for
              read_side:bool=False, # also monitor the read side: ΔW of q/k/v/mlp_in/mlp_gate, each at the activation it reads
              steer=('clip', 'rewind'), # steering modes judged against no steering (see `steering_table`)
-             strip_k:int=16, # also judge 'rewind (weights)': redo flagged replies with this many directions stripped from every block matrix's ΔW (0: skip)
+             strip_k:int=16, # also judge 'clip (weights)' and 'rewind (weights)' with this many directions of every block matrix's ΔW removed (0: skip)
              progress:bool=True, # progress bars
              dtype:torch.dtype=torch.float32, # precision the fine-tuned model runs in (directions always come from the weights as stored)
              device:str|None=None, # where it runs (default 'cpu')
@@ -113,24 +113,25 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     return res
 
 # %% ../nbs/09_demo.ipynb #0179717d
-def judge_steering(base, finetuned, # the model pair (for the weights-rewind edit)
+def judge_steering(base, finetuned, # the model pair (for the weight-space modes)
                    model, # the fine-tuned model, loaded
                    monitors:dict, # deciding monitor's name ('write', 'read') -> `Monitor` (None: skipped)
                    sets:dict, # set name -> prompt-set items
                    judges:dict, # metric -> (set, judge(reply, item))
                    steer=('clip', 'rewind'), # steering modes (see `steering_table`)
-                   strip_k:int=16, # directions stripped per block matrix for 'rewind (weights)' (0: no such mode)
+                   strip_k:int=16, # directions removed per block matrix for 'clip (weights)' and 'rewind (weights)' (0: no such modes)
                    batch_size:int=32, # prompts per batch
                   )->Table:
-    "`steering_table` rows for every deciding monitor, with a `monitor` column, plus the weights-rewind mode."
-    from weightwatch_nb.steer import Rewind
-    modes = list(steer)
+    "`steering_table` rows for every deciding monitor, with a `monitor` column, plus the two weight-space modes."
+    from weightwatch_nb.steer import Rewind, ClipWeights
+    extra = lambda m: []
     if strip_k:
-        from weightwatch_nb.edit import removed_weights
-        w = removed_weights(base, finetuned, strip_k, matrices=block_matrices(finetuned), like=model, progress=False)
-        modes.append(Rewind(weights=w, label='rewind (weights)'))
+        from weightwatch_nb.edit import removed_weights, removed_update
+        how = dict(matrices=block_matrices(finetuned), like=model, progress=False)
+        w, upd = removed_weights(base, finetuned, strip_k, **how), removed_update(base, finetuned, strip_k, **how)
+        extra = lambda m: [ClipWeights(m, upd), Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None
-                 for row in steering_table(model, m, sets, judges, steer=modes, batch_size=batch_size))
+                 for row in steering_table(model, m, sets, judges, steer=[*steer, *extra(m)], batch_size=batch_size))
 
 # %% ../nbs/09_demo.ipynb #b174716e
 HEADLINE_NOTE = ("flagged, clean_flagged: the weight monitor (ΔW) at its calibrated ranges, on the set and on the clean test set. "

@@ -373,10 +373,13 @@ def low_rank_factors(E:Tensor, # [m, n] a matrix of low rank (e.g. the part of a
         U, S, Vh = torch.linalg.svd(E, full_matrices=False)
         r = int((S > tol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
         return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
-    G = torch.randn(E.shape[1], max(0, min(int(rank), *E.shape)), generator=torch.Generator().manual_seed(0)).to(E.device)
-    A = torch.linalg.qr(E @ G)[0]                   # an orthonormal basis of E's column space (exact when rank(E) <= rank)
-    B = A.T @ E
-    err = float((E - A @ B).norm() / E.norm().clamp_min(1e-30))
+    E64, r = E.double(), max(0, min(int(rank), *E.shape))
+    G = torch.randn(E.shape[1], min(r + 10, *E.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(E.device)
+    Q = torch.linalg.qr(E64 @ G)[0]                 # E's column space, sampled with 10 columns to spare (a randomized SVD)
+    Ub, Sb, Vbh = torch.linalg.svd(Q.T @ E64, full_matrices=False)
+    A, B = (Q @ Ub[:, :r]) * Sb[:r], Vbh[:r]        # the top `rank` singular triplets
+    err = float((E64 - A @ B).norm() / E64.norm().clamp_min(1e-300))
+    A, B = A.float().contiguous(), B.float().contiguous()
     if err > tol: raise WeightwatchError(f"the matrix is not of rank <= {rank}: factors of that rank miss {err:.2g} of its norm; "
                                          "pass an upper bound of its rank, or rank=None for an exact SVD")
     return A, B
@@ -514,14 +517,17 @@ class SteerView:
                  mon:Monitor, # calibrated monitor
                  max_new_tokens:int=24, # default number of tokens to generate
                  rewind:Rewind|None=None, # also offer this rewind (e.g. with edited weights) as a mode, under its label
+                 clip_weights:ClipWeights|None=None, # also offer this weight-space clip as a mode, under its label
                 ):
         import ipywidgets as W
-        self.model, self.mon, self.plain, self.steered, self.rewind = model, mon, None, None, rewind
+        self.model, self.mon, self.plain, self.steered, self.rewind, self.clip_weights = model, mon, None, None, rewind, clip_weights
         self.text = W.Textarea(placeholder='a prompt', layout=W.Layout(width='100%', height='60px'))
         self.chat = W.Checkbox(value=bool(getattr(model.tokenizer, 'chat_template', None)), description='as a user message')
         self.rewind_label = None if rewind is None else rewind.label if rewind.label not in ('', 'rewind') else 'rewind (given)'
         extra = [self.rewind_label] if rewind is not None else []
-        self.mode = W.Dropdown(options=['clip', 'rewind', *extra, 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
+        self.cw_label = None if clip_weights is None else clip_weights.label if clip_weights.label not in ('', 'clip') else 'clip (given)'
+        cw = [self.cw_label] if clip_weights is not None else []
+        self.mode = W.Dropdown(options=['clip', *cw, 'rewind', *extra, 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
         self.names = W.SelectMultiple(options=mon.names, rows=4, description='directions')
         self.alpha = W.FloatSlider(value=1.0, min=-8, max=8, step=0.25, description='alpha', continuous_update=False)
         self.tokens = W.IntSlider(value=max_new_tokens, min=1, max=256, description='tokens', continuous_update=False)
@@ -538,8 +544,8 @@ class SteerView:
         try:
             t = self.text.value
             rec = {'messages': [{'role': 'user', 'content': t}]} if self.chat.value else {'text': t}
-            given = self.rewind is not None and self.mode.value == self.rewind_label
-            st = self.rewind if given else make_steerer(self.mon, self.mode.value, self.names.value or None, self.alpha.value)
+            given = {self.rewind_label: self.rewind, self.cw_label: self.clip_weights}
+            st = given[self.mode.value] if self.mode.value in given else make_steerer(self.mon, self.mode.value, self.names.value or None, self.alpha.value)
             self.plain, self.steered = (steered_generate(self.model, self.mon, [rec], steer=s, max_new_tokens=self.tokens.value, check=False,
                                                          names=list(self.names.value) or None)[0]
                                         for s in (None, st))
@@ -564,7 +570,8 @@ def _cmd_generate(args)->int:
         raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
     opts = model_options(args)
     first = Monitor.load(args.monitor) if args.monitor else None   # a bad file fails before a (possibly large) model loads
-    if args.steer == 'rewind-weights' and args.base:   # the update to strip is the one the monitor's directions came from
+    weights = args.steer in ('clip-weights', 'rewind-weights')
+    if weights and args.base:   # the update to strip is the one the monitor's directions came from
         from weightwatch_nb.edit import _fp
         want = ((first.meta.get('fingerprints') or {}).get('directions') or {}).get('base')
         if want and not same_weights(want, fp := _fp(args.base)):   # any source: folder, zoo, hub id
@@ -573,13 +580,14 @@ def _cmd_generate(args)->int:
     model = load_model(args.model, **opts)
     mon = Monitor.load(args.monitor, model=model) if args.monitor else None
     steer, how = args.steer, 'the directions projected out'
-    if args.steer == 'rewind-weights':
-        if not args.base: raise WeightwatchError("--steer rewind-weights needs --base BASE, the model MODEL was fine-tuned from: "
-                                                 "the update to strip is MODEL's weights minus BASE's")
-        from weightwatch_nb.edit import removed_weights
+    if weights:
+        if not args.base: raise WeightwatchError(f"--steer {args.steer} needs --base BASE, the model MODEL was fine-tuned from: "
+                                                 "the update to remove is MODEL's weights minus BASE's")
+        from weightwatch_nb.edit import removed_weights, removed_update
         from weightwatch_nb.delta import block_matrices
-        w = removed_weights(args.base, args.model, args.strip_k, matrices=block_matrices(args.model), like=model, progress=False)
-        steer = Rewind(weights=w, label='rewind (weights)')
+        kw = dict(matrices=block_matrices(args.model), like=model, progress=False)
+        if args.steer == 'clip-weights': steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, **kw))
+        else: steer = Rewind(weights=removed_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
@@ -600,12 +608,13 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('prompt', help='the prompt (sent as a user message through the chat template, unless --raw)')
     p.add_argument('--monitor', help='monitor file written by `weightwatch calibrate`')
-    p.add_argument('--steer', choices=['clip', 'rewind', 'rewind-weights', 'off'], default='off',
-                   help="steering (default off). clip: the paper's, from the first flagged token on; rewind: a flagged reply is redone "
-                        "from the prompt with the monitor's directions projected out; rewind-weights: it is redone with the top --strip-k "
-                        "directions of every block matrix's update (against --base) stripped from the weights. All need --monitor")
-    p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer rewind-weights)')
-    p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions stripped per block matrix for --steer rewind-weights (default 16)')
+    p.add_argument('--steer', choices=['clip', 'clip-weights', 'rewind', 'rewind-weights', 'off'], default='off',
+                   help="steering (default off). clip: the paper's, from the first flagged token on; clip-weights: from the first flagged "
+                        "token on, without the top --strip-k directions of every block matrix's update (against --base); rewind: a flagged "
+                        "reply is redone from the prompt with the monitor's directions projected out; rewind-weights: it is redone with "
+                        "the top --strip-k directions of every block matrix's update stripped from the weights. All need --monitor")
+    p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer clip-weights and rewind-weights)')
+    p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions removed per block matrix for --steer clip-weights and rewind-weights (default 16)')
     p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
     p.add_argument('--raw', action='store_true', help='tokenize the prompt as plain text, without the chat template')
     add_model_options(p)
