@@ -4,8 +4,10 @@
 1. Monitored generation time / plain generation time (goal <= 1.10). The same prompts, batches, greedy
    decoding and number of new tokens (forced with `min_new_tokens`), on the same bridge; "plain" is
    `bridge.original_model.generate` with no hooks, "monitored" is `monitor.scan(..., generate=N)` (hooks in the
-   same forward passes, reports built), "clip" adds clip steering. Repetitions alternate between the modes and
-   the median is reported.
+   same forward passes, reports built), "clip" adds clip steering, "clip (weights)" adds `ClipWeights` (the top 16
+   directions of every block matrix's update subtracted at each matrix's output once a sequence is flagged; for the
+   zoo model its real update against zoo:base, for the random models random rank-16 updates, as timings do not
+   depend on the values). Repetitions alternate between the modes and the median is reported.
 2. Batched calibration vs a per-example loop in tokens/s (goal >= 5x): `calibrate.collect_stats` with
    `batch_size=32`, against (a) the reference code's design, one prompt at a time through the Hugging Face
    model with `output_hidden_states=True`, cosines per layer, and (b) `collect_stats` itself with `batch_size=1`.
@@ -40,15 +42,25 @@ def prompts(n:int, seed:int=0, lo:int=12, hi:int=40)->list[dict]:
 
 DEVICE = 'cpu'   # set by --device
 
+def random_update(model, rank:int=16)->dict:
+    "Random rank-`rank` factors for every matrix of the blocks (what `removed_update` returns, in shape)."
+    from weightwatch_nb.core import hf_state_dict
+    g = torch.Generator().manual_seed(1)
+    return {k: (torch.randn(W.shape[0], rank, generator=g) * 1e-3, torch.randn(rank, W.shape[1], generator=g) * 1e-3)
+            for k, W in hf_state_dict(model).items() if W.ndim == 2 and '.layers.' in k}
+
 def setup(kind:str, tmp:Path):
-    "(label, bridge, directions) for a benchmark model."
+    "(label, bridge, directions, update for ClipWeights) for a benchmark model."
     from weightwatch_nb.core import load_model, make_tiny_checkpoint, fingerprint
     from weightwatch_nb.directions import Directions, compute_directions
     if kind == 'zoo':
         from weightwatch_nb.core import zoo_available
         if {'base', 'backdoor'} <= set(zoo_available()):
-            d = compute_directions('zoo:base', 'zoo:backdoor', k=20, progress=False)
-            return 'zoo:backdoor (4 layers, d_model 128), its directions k=20', load_model('zoo:backdoor', device=DEVICE), d
+            from weightwatch_nb.edit import removed_update
+            from weightwatch_nb.delta import block_matrices
+            d, m = compute_directions('zoo:base', 'zoo:backdoor', k=20, progress=False), load_model('zoo:backdoor', device=DEVICE)
+            u = removed_update('zoo:base', 'zoo:backdoor', 16, matrices=block_matrices('zoo:backdoor'), like=m, progress=False)
+            return 'zoo:backdoor (4 layers, d_model 128), its directions k=20', m, d, u
         sizes = dict(d_model=128, n_layers=4, n_heads=4, d_mlp=256)
         label = 'tiny Llama of the zoo size (4 layers, d_model 128; zoo not built)'
     elif kind == 'wide':
@@ -62,7 +74,7 @@ def setup(kind:str, tmp:Path):
     g = torch.Generator().manual_seed(0)
     vec = {(l, m): torch.randn(20, sizes['d_model'], generator=g) for l in range(sizes['n_layers']) for m in ('attn_out', 'mlp_out')}
     dirs = Directions.from_vectors(vec, meta={'fingerprints': {'base': None, 'finetuned': fingerprint(model)}})
-    return f"{label}, random directions k=20 per attn_out/mlp_out", model, dirs
+    return f"{label}, random directions k=20 per attn_out/mlp_out", model, dirs, random_update(model)
 
 def sync():
     if DEVICE != 'cpu': torch.cuda.synchronize(DEVICE)
@@ -74,10 +86,10 @@ def timed(fn)->tuple[float, float]:
     return w, (w if DEVICE != 'cpu' else time.process_time() - c)
 
 # ---------------------------------------------------------------- 1. generation overhead
-def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)->dict:
+def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int, update:dict)->dict:
     from weightwatch_nb.calibrate import encode, batches, truncate, context_window, _pad_id
     from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import Clip
+    from weightwatch_nb.steer import Clip, ClipWeights
     tok, pad = model.tokenizer, _pad_id(model.tokenizer)
     encs = [encode(tok, r, generation_prompt=True) for r in recs]
     assert not truncate(encs, context_window(model), reserve=n_new), 'prompts too long: both modes must see the same tokens'
@@ -88,16 +100,18 @@ def bench_generation(model, mon, recs:list, n_new:int, batch_size:int, reps:int)
                 model.original_model.generate(input_ids=b.ids.to(DEVICE), attention_mask=b.mask.to(DEVICE), **gen)
     monitored = lambda: scan(model, mon, recs, generate=n_new, batch_size=batch_size, check=False, min_new_tokens=n_new)
     clipped = lambda: scan(model, mon, recs, generate=n_new, batch_size=batch_size, check=False, min_new_tokens=n_new, steer=Clip(mon))
-    plain(); monitored()                                   # warm-up
-    w, c = {'plain': [], 'monitored': [], 'clip': []}, {'plain': [], 'monitored': [], 'clip': []}
-    modes = [('plain', plain), ('monitored', monitored), ('clip', clipped)]
+    clip_w = lambda: scan(model, mon, recs, generate=n_new, batch_size=batch_size, check=False, min_new_tokens=n_new, steer=ClipWeights(mon, update))
+    plain(); monitored(); clip_w()                         # warm-up
+    modes = [('plain', plain), ('monitored', monitored), ('clip', clipped), ('clip_weights', clip_w)]
+    w, c = {k: [] for k, _ in modes}, {k: [] for k, _ in modes}
     for r in range(reps):
-        for k, f in modes[r % 3:] + modes[:r % 3]:             # rotate the order, so no mode always runs first
+        for k, f in modes[r % 4:] + modes[:r % 4]:             # rotate the order, so no mode always runs first
             a, b = timed(f); w[k].append(a); c[k].append(b)
     cpu, wall = {k: min(v) for k, v in c.items()}, {k: min(v) for k, v in w.items()}
     paired = lambda k: statistics.median(a / b for a, b in zip(w[k], w['plain']))   # each rep against the plain run of the same round
     return dict(cpu=cpu, wall=wall, ratio=cpu['monitored'] / cpu['plain'], ratio_clip=cpu['clip'] / cpu['plain'],
-                paired=paired('monitored'), paired_clip=paired('clip'), tokens=len(recs) * n_new, n_dirs=len(mon), raw=(w, c))
+                ratio_clip_w=cpu['clip_weights'] / cpu['plain'], paired=paired('monitored'), paired_clip=paired('clip'),
+                paired_clip_w=paired('clip_weights'), tokens=len(recs) * n_new, n_dirs=len(mon), raw=(w, c))
 
 # ---------------------------------------------------------------- 2. calibration throughput
 def reference_loop(model, dirs, recs:list)->int:
@@ -137,10 +151,15 @@ def bench_calibration(model, dirs, recs:list, batch_size:int, reps:int)->dict:
                 wall_reference=tps_wall['batched'] / tps_wall['reference'], wall_per_example=tps_wall['batched'] / tps_wall['per_example'], raw=(w, c))
 
 # ---------------------------------------------------------------- report
+GEN_HEADER = ('| model | directions | new tokens | plain CPU s | monitored CPU s | monitored / plain | (wall) | clip CPU s | clip / plain | (wall) '
+              '| clip (weights) CPU s | clip (weights) / plain | (wall) |\n|' + '---|' * 13)
+CAL_HEADER = ('| model | threads | prompts / tokens | batched tok/s | reference loop tok/s | batched / reference | per-example tok/s '
+              '| batched / per-example | ceiling |\n|' + '---|' * 9)
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--quick', action='store_true', help='small sizes, one repetition (a smoke test)')
     ap.add_argument('--out', default=None, help='markdown file to write the results to')
+    ap.add_argument('--append', default=None, help='markdown file to append this run to, as a section of its own (keeps earlier runs and notes)')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (default 1: steadier timings on a shared machine)')
     ap.add_argument('--reps', type=int, default=7, help='repetitions per measurement (default 7)')
     ap.add_argument('--device', default='cpu', help="where the models run: cpu (default) or cuda")
@@ -165,12 +184,13 @@ def main(argv=None):
     print(env)
     rows_g, rows_c = [], []
     for kind in (('zoo', 'wide', 'large') if gpu and not q else ('zoo', 'wide')):
-        label, model, dirs = setup(kind, tmp)
+        label, model, dirs, update = setup(kind, tmp)
         print(f'\n== {label}: {len(dirs)} directions')
         mon = calibrate(model, dirs, prompts(64, seed=1), holdout=0.25)
-        g = bench_generation(model, mon, prompts(n_gen, seed=2, lo=6, hi=16), n_new, batch_size=16, reps=reps)
+        g = bench_generation(model, mon, prompts(n_gen, seed=2, lo=6, hi=16), n_new, batch_size=16, reps=reps, update=update)
         print(f"generation of {g['tokens']} tokens, CPU s: plain {g['cpu']['plain']:.2f}, monitored {g['cpu']['monitored']:.2f} (x{g['ratio']:.3f}; "
-              f"wall paired x{g['paired']:.3f}), monitored+clip {g['cpu']['clip']:.2f} (x{g['ratio_clip']:.3f}; wall paired x{g['paired_clip']:.3f})")
+              f"wall paired x{g['paired']:.3f}), monitored+clip {g['cpu']['clip']:.2f} (x{g['ratio_clip']:.3f}; wall paired x{g['paired_clip']:.3f}), "
+              f"monitored+clip (weights) {g['cpu']['clip_weights']:.2f} (x{g['ratio_clip_w']:.3f}; wall paired x{g['paired_clip_w']:.3f})")
         for th in ([torch.get_num_threads()] if gpu else sorted({args.threads, os.cpu_count() or 1})):    # one thread, and every core (what a user gets by default)
             torch.set_num_threads(th)
             c = bench_calibration(model, dirs, prompts(n_cal if kind == 'zoo' else n_cal // 2, seed=3), batch_size=32, reps=max(1, reps // 2))
@@ -183,7 +203,8 @@ def main(argv=None):
                           f"{c['wall_per_example']:.1f}× ({c['speedup_per_example']:.1f}×) | {c['ceiling_wall']:.1f}× ({c['ceiling']:.1f}×) |")
         torch.set_num_threads(args.threads)
         rows_g.append(f"| {label} | {g['n_dirs']} | {g['tokens']} | {g['cpu']['plain']:.2f} | {g['cpu']['monitored']:.2f} | **{g['ratio']:.3f}** "
-                      f"| {g['paired']:.3f} | {g['cpu']['clip']:.2f} | {g['ratio_clip']:.3f} | {g['paired_clip']:.3f} |")
+                      f"| {g['paired']:.3f} | {g['cpu']['clip']:.2f} | {g['ratio_clip']:.3f} | {g['paired_clip']:.3f} "
+                      f"| {g['cpu']['clip_weights']:.2f} | {g['ratio_clip_w']:.3f} | {g['paired_clip_w']:.3f} |")
     gpu_note = ('''
 **On the GPU** every column headed "CPU s" holds wall-clock seconds between `torch.cuda.synchronize()` calls (the GPU's
 work included), so the bracketed and unbracketed ratios are the same measurement; "threads" is torch's default.
@@ -199,10 +220,9 @@ repetitions. Times are CPU seconds of the benchmark process (one torch thread), 
 the shared machine do not inflate them the way they inflate wall-clock time. The wall-clock column is the median ratio of
 adjacent runs, for comparison. Plain: `bridge.original_model.generate`, no hooks. Monitored: `scan(..., generate=N)`: cosines
 with every direction at every layer in the generation's own forward passes, plus the reports. Clip: the same with clip
-steering.
+steering. Clip (weights): the same with `ClipWeights` (a rank-16 update at each of the blocks' matrices).
 
-| model | directions | new tokens | plain CPU s | monitored CPU s | monitored / plain | (wall) | clip CPU s | clip / plain | (wall) |
-|---|---|---|---|---|---|---|---|---|---|
+{GEN_HEADER}
 {chr(10).join(rows_g)}
 
 ## Batched calibration vs a per-example loop (goal ≥ 5×)
@@ -215,11 +235,15 @@ stops at the last monitored layer). Reference design: one prompt at a time throu
 `output_hidden_states=True`. Per-example: `collect_stats(batch_size=1)`. Ceiling: the bare Hugging Face forward pass
 batched (same batches) over one prompt at a time, nothing monitored: what batching the model itself gains here.
 
-| model | threads | prompts / tokens | batched tok/s | reference loop tok/s | batched / reference | per-example tok/s | batched / per-example | ceiling |
-|---|---|---|---|---|---|---|---|---|
+{CAL_HEADER}
 {chr(10).join(rows_c)}
 """
     if args.out: Path(args.out).write_text(md); print(f'\nwrote {args.out}')
+    if args.append:
+        with open(args.append, 'a') as f:
+            f.write(f"\n\n## Run of {datetime.datetime.now():%Y-%m-%d %H:%M}{' (--quick)' if q else ''}, with clip (weights)\n\n{env}.\n\n"
+                    f"{GEN_HEADER}\n{chr(10).join(rows_g)}\n\n{CAL_HEADER}\n{chr(10).join(rows_c)}\n")
+        print(f'\nappended to {args.append}')
     return md
 
 if __name__ == '__main__': main()
