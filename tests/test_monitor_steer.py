@@ -113,3 +113,42 @@ def test_hooks_removed_on_exception(organism):
     with pytest.raises(RuntimeError, match='in the hook'):
         with steering(model, Boom(mon)): model(torch.tensor([[1, 5, 6]]))
     assert n_hooks(model) == 0
+
+def _plant_update(o, model):
+    "The whole plant (W_ft − W_base of every tensor it changed) as `ClipWeights` factors."
+    from weightwatch_nb.core import hf_state_dict
+    from weightwatch_nb.steer import changed_weights, low_rank_factors
+    sd = hf_state_dict(model)
+    return {k: low_rank_factors(sd[k] - v) for k, v in changed_weights(load_model(o['base']), model).items()}
+
+def n_module_hooks(m): return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.original_model.modules())
+
+def test_clip_weights_batched_equals_one_at_a_time(organism):
+    "Left padding, mixed lengths and a trip at different positions: each sequence is switched on its own."
+    from weightwatch_nb.steer import ClipWeights
+    o, model, mon = organism['org'], organism['model'], organism['mon']
+    upd = _plant_update(o, model)
+    clean = [sentence(i) for i in range(600, 612)]
+    # 0: clean; 1: the marker last (the plant's target follows it); 2: the marker inside (switched from there on)
+    recs = [[s, s + ' #', ' '.join(s.split()[:2] + ['#'] + s.split()[2:])][i % 3] for i, s in enumerate(clean)]
+    n0 = n_module_hooks(model)
+    batched = scan(model, mon, recs, generate=5, batch_size=12, steer=ClipWeights(mon, upd))
+    single = [scan(model, mon, [r], generate=5, batch_size=1, steer=ClipWeights(mon, upd))[0] for r in recs]
+    plain = scan(model, mon, recs, generate=5, batch_size=12)
+    for i, (b, s, p) in enumerate(zip(batched, single, plain)):
+        assert b.generated.tolist() == s.generated.tolist(), i
+        if i % 3 == 1: assert p.generated[0] == o['target_id'] and o['target_id'] not in b.generated.tolist(), i
+        if i % 3: assert b.flagged and b.first_flag_token == p.first_flag_token, i
+        elif not p.flagged: assert b.generated.tolist() == p.generated.tolist(), i   # never switched: the fine-tuned reply
+    assert (n_hooks(model), n_module_hooks(model)) == (0, n0)
+
+def test_clip_weights_hooks_removed_when_a_hook_raises(organism):
+    from weightwatch_nb.steer import ClipWeights
+    o, model, mon = organism['org'], organism['model'], organism['mon']
+    n0 = n_module_hooks(model)
+    class Boom(ClipWeights):
+        def __call__(self, *a): raise RuntimeError('in the hook')
+    with pytest.raises(RuntimeError, match='in the hook'): scan(model, mon, ['the base #'], generate=3, steer=Boom(mon, _plant_update(o, model)))
+    with pytest.raises(RuntimeError, match='in the hook'):
+        with steering(model, Boom(mon, _plant_update(o, model))): model(torch.tensor([[1, 5, 6]]))
+    assert (n_hooks(model), n_module_hooks(model)) == (0, n0)
