@@ -201,18 +201,25 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
     _check_tied(info, matrices)
     plan = find_keys(ft.keys(), info, matrices, layers)
     if pairs is not None: plan = {lm: v for lm, v in plan.items() if lm in pairs}
-    names = _held_names(plan, hf_state_dict(like) if like is not None else None, info, matrices, layers)
-    E, rank = {}, Counter()
+    held = hf_state_dict(like) if like is not None else None
+    names = _held_names(plan, held, info, matrices, layers)
+    E, rank, out, left = {}, Counter(), {}, Counter(key for key, _ in plan.values())   # GPT-2: q, k and v land in one tensor
     with torch.no_grad():
         for l, m, D in tqdm(_deltas(base, finetuned, matrices, layers, plan, pairs), total=len(plan), desc='update to remove',
                             disable=not progress, leave=False):
             key, spec = plan[(l, m)]
-            U = _basis(dirs_or_k, (l, m), D)
-            if not U.shape[1] or not D.abs().max() > 0: continue     # nothing removed from this matrix
-            if key not in E: E[key] = torch.zeros(ft.get(key).shape)
-            orient(E[key], spec, info, key).copy_(U @ (U.T @ D.float()))
-            rank[key] += U.shape[1]
-    return {names[k]: low_rank_factors(v, rank[k]) for k, v in E.items()}
+            U, left[key] = _basis(dirs_or_k, (l, m), D), left[key] - 1
+            if U.shape[1] and D.abs().max() > 0:                      # something is removed from this matrix
+                if key not in E:
+                    W = ft.get(key)
+                    if held is not None and not torch.equal(W.to(held[names[key]]), held[names[key]]):
+                        raise WeightwatchError(f"`like` does not hold the fine-tuned model's weights: its `{names[key]}` differs from the fine-tuned "
+                                               "checkpoint's; pass the loaded fine-tuned model (at any precision), or leave `like` out")
+                    E[key] = torch.zeros(W.shape)
+                orient(E[key], spec, info, key).copy_(U @ (U.T @ D.float()))
+                rank[key] += U.shape[1]
+            if not left[key] and key in E: out[names[key]] = low_rank_factors(E.pop(key), rank[key])   # complete: one dense matrix at a time
+    return out
 
 # %% ../nbs/12_edit.ipynb #dfe94aaf
 def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge

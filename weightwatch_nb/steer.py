@@ -406,10 +406,10 @@ class ClipWeights(Steerer):
         bad = [k for k, v in (update or {}).items() if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) and t.ndim == 2 for t in v)
                                                            and v[0].shape[1] == v[1].shape[0])]
         if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]), as `removed_update` makes them; "
-                                                     f"got {'nothing' if not update else f'something else for {bad[:3]}'}")
+                                                     f"got {'nothing (no update to remove: is ΔW zero in the chosen matrices, or k 0?)' if not update else f'something else for {bad[:3]}'}")
         self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
         self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
-        self.update, self.label, self._fac = update, label, {}
+        self.update, self.label, self._fac, self._on_models = update, label, {}, set()
         self.reset()
 
     def reset(self):
@@ -417,9 +417,15 @@ class ClipWeights(Steerer):
         self.gate, self.live = None, False   # [b, t] tokens of the running pass that go without the update; whether any does
 
 # %% ../nbs/07_steer.ipynb #d6d9696c
+class _Detach:
+    "A handle whose removal marks a steerer as no longer attached to a model."
+    def __init__(self, steerer, key): self.steerer, self.key = steerer, key
+    def remove(self): self.steerer._on_models.discard(self.key)
+
 @patch
 def attach(self:ClipWeights, model)->list:
-    "A hook on each module that computes with an updated matrix, and one that starts each pass's mask (all checked before any is attached)."
+    "A hook on each module that computes with an updated matrix, and one that starts each pass's mask (all checked before any is attached; nothing if already attached)."
+    if id(model) in self._on_models: return []              # e.g. `scan(..., steer=cw)` inside `with clip_weights(...)`: subtract once, not twice
     sd, users, plan = hf_state_dict(model), weight_users(model), []
     for k, (A, B) in self.update.items():
         W = sd.get(k)
@@ -433,20 +439,21 @@ def attach(self:ClipWeights, model)->list:
                 raise WeightwatchError(f"`{k}` is used by {type(m).__name__ if m is not None else 'no module'}, not by a linear layer: "
                                        "only linear layers can be clipped in weight space; make the update without it")
             plan.append((k, m, conv))
-    self._held, hs = {k: sd[k] for k in self.update}, []
+    self._held, self._ran, self._checked, hs = {k: sd[k] for k in self.update}, set(), False, []
     try:
         for k, m, conv in plan: hs.append(m.register_forward_hook(self._remove(k, conv)))
         hs.append(model.original_model.base_model.register_forward_pre_hook(self._begin, with_kwargs=True))
     except BaseException:
         for h in hs: h.remove()
         raise
-    return hs
+    self._on_models.add(id(model))
+    return hs + [_Detach(self, id(model))]
 
 # %% ../nbs/07_steer.ipynb #08e64cbb
 @patch
 def _factors(self:ClipWeights, k:str, w:Tensor, conv:bool)->tuple[Tensor, Tensor]:
     "(L, R) with x @ L @ R the update's share of a module's output (its weight `w`: the matrix `k` or a view of it), on `w`'s device and dtype, made once."
-    key = (k, w.data_ptr(), tuple(w.shape), str(w.device), w.dtype)
+    key = (k, w.data_ptr(), tuple(w.shape), w.stride(), str(w.device), w.dtype)
     if key not in self._fac:
         (A, B), W = self.update[k], self._held[k]
         if (w.shape, w.stride(), w.storage_offset()) != (W.shape, W.stride(), W.storage_offset()):   # a view: the same view of A @ B
@@ -461,6 +468,7 @@ def _remove(self:ClipWeights, k:str, conv:bool):
     "Forward hook of one matrix: its output minus the update's share, at the tokens whose sequence is switched."
     def fn(mod, args, out):
         x, g = args[0], self.gate
+        self._ran.add(k)
         if not self.live or g is None: return out
         if x.ndim != 3 or x.shape[0] != g.shape[0] or x.shape[1] > g.shape[1]:
             raise WeightwatchError(f"`{k}` ran on a {list(x.shape)} input, which does not line up with the pass's {list(g.shape)} tokens "
@@ -477,7 +485,14 @@ def _begin(self:ClipWeights, module, args, kwargs):
     x = x if x is not None else kwargs.get('inputs_embeds')
     if x is None: return
     b, t = x.shape[:2]
-    if _cached(kwargs.get('past_key_values')) and self.gate is not None and self.gate.shape[0] == b:
+    if _cached(kwargs.get('past_key_values')) and self.gate is not None:   # a decoding step: the previous pass ran the whole model
+        if self.gate.shape[0] != b: raise WeightwatchError(f"the batch went from {self.gate.shape[0]} to {b} sequences during generation, so the switches "
+                                                           "cannot follow them (beam search and several sequences per prompt are not supported)")
+        if not self._checked and (idle := sorted(set(self.update) - self._ran)):
+            raise WeightwatchError(f"the model never ran the modules that hold {idle[:3]}{' ...' if len(idle) > 3 else ''}, so their update cannot be "
+                                   "removed (a bridge moved or cast with `.to()` after loading copies GPT-2's q, k, v off `c_attn`); load the model "
+                                   "with the device and dtype it should run in (`load_model(..., device=, dtype=)`)")
+        self._checked = True
         self.gate = self.gate[:, -1:].expand(b, t)
     else: self.gate, self.live = torch.zeros(b, t, dtype=torch.bool, device=x.device), False
 
@@ -523,9 +538,10 @@ class SteerView:
         self.model, self.mon, self.plain, self.steered, self.rewind, self.clip_weights = model, mon, None, None, rewind, clip_weights
         self.text = W.Textarea(placeholder='a prompt', layout=W.Layout(width='100%', height='60px'))
         self.chat = W.Checkbox(value=bool(getattr(model.tokenizer, 'chat_template', None)), description='as a user message')
-        self.rewind_label = None if rewind is None else rewind.label if rewind.label not in ('', 'rewind') else 'rewind (given)'
+        builtin = ('', 'clip', 'rewind', 'clamp', 'project out', 'add', 'off')   # a given mode never shadows a built-in one
+        self.rewind_label = None if rewind is None else rewind.label if rewind.label not in builtin else 'rewind (given)'
         extra = [self.rewind_label] if rewind is not None else []
-        self.cw_label = None if clip_weights is None else clip_weights.label if clip_weights.label not in ('', 'clip') else 'clip (given)'
+        self.cw_label = None if clip_weights is None else clip_weights.label if clip_weights.label not in builtin else 'clip (given)'
         cw = [self.cw_label] if clip_weights is not None else []
         self.mode = W.Dropdown(options=['clip', *cw, 'rewind', *extra, 'clamp', 'project out', 'add', 'off'], value='clip', description='steer')
         self.names = W.SelectMultiple(options=mon.names, rows=4, description='directions')
