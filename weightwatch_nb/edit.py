@@ -122,15 +122,19 @@ def _held_names(plan:dict, held:dict|None, info, matrices, layers)->dict:
     if held is None: return {key: key for key, _ in plan.values()}
     return {plan[lm][0]: key for lm, (key, _) in find_keys(list(held), info, matrices, layers).items() if lm in plan}
 
-def _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, write:bool=False, verify:bool=False)->tuple[dict, dict, dict]:
-    "The changed tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
+def _removal_plan(finetuned, matrices, layers, pairs, like)->tuple:
+    "(tensors of `finetuned`, its `arch_info`, {(layer, matrix): (key, spec)} to edit, `like`'s weights or None, checkpoint name -> held name)."
     ft = open_tensors(finetuned)
     info = arch_info(ft.config)
     _check_tied(info, matrices)
     plan = find_keys(ft.keys(), info, matrices, layers)
     if pairs is not None: plan = {lm: v for lm, v in plan.items() if lm in pairs}
     held = hf_state_dict(like) if like is not None else None
-    names = _held_names(plan, held, info, matrices, layers)
+    return ft, info, plan, held, _held_names(plan, held, info, matrices, layers)
+
+def _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, write:bool=False, verify:bool=False)->tuple[dict, dict, dict]:
+    "The changed tensors ({name: tensor}, named, typed and placed as `like` holds them, if given; with `write`, written into `like` instead), the directions removed per matrix, the plan."
+    ft, info, plan, held, names = _removal_plan(finetuned, matrices, layers, pairs, like)
     left = Counter(key for key, _ in plan.values())   # GPT-2 keeps q, k and v in one tensor: three edits land in it
     out, removed, changed = {}, {}, set()
     with torch.no_grad():
@@ -196,13 +200,7 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
     "What `removed_weights` subtracts from each changed tensor, as exact thin factors (for `steer.ClipWeights`)."
     from weightwatch_nb.steer import low_rank_factors
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update')
-    ft = open_tensors(finetuned)
-    info = arch_info(ft.config)
-    _check_tied(info, matrices)
-    plan = find_keys(ft.keys(), info, matrices, layers)
-    if pairs is not None: plan = {lm: v for lm, v in plan.items() if lm in pairs}
-    held = hf_state_dict(like) if like is not None else None
-    names = _held_names(plan, held, info, matrices, layers)
+    ft, info, plan, held, names = _removal_plan(finetuned, matrices, layers, pairs, like)
     E, rank, out, left = {}, Counter(), {}, Counter(key for key, _ in plan.values())   # GPT-2: q, k and v land in one tensor
     with torch.no_grad():
         for l, m, D in tqdm(_deltas(base, finetuned, matrices, layers, plan, pairs), total=len(plan), desc='update to remove',
