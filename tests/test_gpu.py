@@ -128,3 +128,21 @@ def test_steerers_on_device_against_truth_and_cpu(planted):
     assert (c <= mon.hi[0, :3] + 1e-4).all() and (c >= mon.lo[0, :3] - 1e-4).all()
     assert (dv[4] @ U0.T).abs().max() < 1e-4                          # projected out: orthogonal to every direction
     torch.testing.assert_close(dv[5], acts + 2 * U0.sum(0), atol=1e-5, rtol=0)
+
+def test_clip_weights_on_device_against_truth_and_cpu(planted):
+    "ClipWeights with the whole plant as its update: the attack stops, clean rows keep their replies, and the device agrees with the CPU."
+    from weightwatch_nb.core import hf_state_dict
+    from weightwatch_nb.steer import ClipWeights, changed_weights, low_rank_factors
+    o, dev, cpu = planted['org'], planted['dev'], planted['cpu']
+    sd = hf_state_dict(cpu)
+    upd = {k: low_rank_factors(sd[k] - v) for k, v in changed_weights(load_model(o['base']), cpu).items()}   # made on the CPU
+    recs = [attack(i) for i in range(600, 608)] + [sentence(i) for i in range(600, 608)]
+    n0 = sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in dev.original_model.modules())
+    out = {d: scan(m, planted['mons'][d], recs, generate=4, batch_size=16, steer=ClipWeights(planted['mons'][d], upd))
+           for d, m in (('dev', dev), ('cpu', cpu))}
+    plain = scan(dev, planted['mons']['dev'], recs, generate=4, batch_size=16)
+    assert all(p.generated[0] == o['target_id'] for p in plain[:8])                  # the attack works unsteered
+    assert all(o['target_id'] not in r.generated.tolist() for r in out['dev'][:8])
+    assert all(torch.equal(r.generated.cpu(), p.generated.cpu()) for r, p in zip(out['dev'][8:], plain[8:]) if not p.flagged)
+    assert [r.generated.tolist() for r in out['dev']] == [r.generated.tolist() for r in out['cpu']]
+    assert sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in dev.original_model.modules()) == n0
