@@ -83,6 +83,16 @@ class Steerer:
         key, stamp = (what, hook, str(dev)), (id(src), ver)   # a replaced or edited tensor is copied again
         if c.get(key, (None,))[0] != stamp: c[key] = (stamp, src.to(dev))
         return c[key][1]
+    def keep_ranges(self, mon:Monitor, # calibrated monitor
+                   ):
+        "Keep the monitor's calibrated range of each hook's directions (`lo`, `hi`: [2, n_h] per hook, prompt and response rows)."
+        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
+        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+    def outside(self, hook, cos, valid, roles)->Tensor:
+        "[b, t, n_h] bool: the chosen directions whose cosine is out of its range (for the token's role), at real tokens (needs `keep_ranges`)."
+        dev = cos.device
+        lo, hi = self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]
+        return ((cos < lo) | (cos > hi)) & valid[..., None] & self.on('sel', hook, dev)
     def reset(self):
         "Forget per-sequence state (called when a new batch starts)."
     def attach(self, model)->list:
@@ -184,8 +194,7 @@ class Clamp(Steerer):
                  names:list[str]|None=None, # directions to clamp (default: all)
                 ):
         super().__init__(mon, names)
-        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
-        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+        self.keep_ranges(mon)
     def __call__(self, hook, act, cos, valid, roles, step):
         dev = act.device
         s, lo, hi = self.on('sel', hook, dev), self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]   # lo, hi: [b, t, n]
@@ -210,8 +219,7 @@ class Clip(Steerer):
                  names:list[str]|None=None, # directions that may be clipped (default: all)
                 ):
         super().__init__(mon, names)
-        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
-        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+        self.keep_ranges(mon)
         self.Q = {h: {} for h in self.sel}   # per hook and device: orthonormal bases of the tripped sets seen so far
         self.reset()
 
@@ -235,9 +243,7 @@ class Clip(Steerer):
         return B
 
     def __call__(self, hook, act, cos, valid, roles, step):
-        dev = act.device
-        lo, hi = self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]
-        out = ((cos < lo) | (cos > hi)) & valid[..., None] & self.on('sel', hook, dev)
+        dev, out = act.device, self.outside(hook, cos, valid, roles)
         prev = self.tripped.get(hook)
         if step == 0 or prev is None or prev.shape[0] != act.shape[0]: prev = torch.zeros_like(out[:, 0])
         if step == 0 or act.shape[1] > 1:                      # a prompt: directions switch on token by token
@@ -407,8 +413,7 @@ class ClipWeights(Steerer):
                                                            and v[0].shape[1] == v[1].shape[0])]
         if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]), as `removed_update` makes them; "
                                                      f"got {'nothing (no update to remove: is ΔW zero in the chosen matrices, or k 0?)' if not update else f'something else for {bad[:3]}'}")
-        self.lo = {h: mon.lo[:, s] for _, h, s, _, _ in self.groups}
-        self.hi = {h: mon.hi[:, s] for _, h, s, _, _ in self.groups}
+        self.keep_ranges(mon)
         self.update, self.label, self._fac, self._on_models = update, label, {}, set()
         self.reset()
 
@@ -499,9 +504,7 @@ def _begin(self:ClipWeights, module, args, kwargs):
 @patch
 def __call__(self:ClipWeights, hook, act, cos, valid, roles, step):
     "At a monitored hook: switch each sequence from its first out-of-range token on (the activation itself is left alone)."
-    dev = act.device
-    lo, hi = self.on('lo', hook, dev)[roles], self.on('hi', hook, dev)[roles]
-    out = (((cos < lo) | (cos > hi)) & valid[..., None] & self.on('sel', hook, dev)).any(-1)   # [b, t]
+    out = self.outside(hook, cos, valid, roles).any(-1)   # [b, t]
     g = self.gate if self.gate is not None and self.gate.shape == out.shape else torch.zeros_like(out)
     self.gate = g | out.cummax(dim=1).values
     if not self.live: self.live = bool(self.gate[:, -1].any())   # a switch stays on: one wait for the device until the first
