@@ -110,6 +110,11 @@ def check_steerer(model, # the model (`TransformerBridge`)
     if isinstance(d, Monitor): d.check(model, where="the steerer's monitor")
     else: check_directions(model, d)
 
+def _pass_input(args, kwargs)->Tensor|None:
+    "The token ids (or embeddings) a pass of the decoder stack was called with, [b, t, ...]."
+    x = kwargs.get('input_ids', args[0] if args else None)
+    return x if x is not None else kwargs.get('inputs_embeds')
+
 def _cached(pkv)->int:
     "Tokens already in a key/value cache (0: none, so a pass starts a new sequence)."
     if pkv is None: return 0
@@ -127,8 +132,7 @@ def steering(model, # the model (`TransformerBridge`)
     steerer.reset()
     def begin(module, args, kwargs):   # before each pass of the decoder stack: nothing cached means a new sequence, with this padding
         if _cached(kwargs.get('past_key_values')): return
-        x = kwargs.get('input_ids', args[0] if args else None)
-        x, m = (x if x is not None else kwargs.get('inputs_embeds')), kwargs.get('attention_mask')
+        x, m = _pass_input(args, kwargs), kwargs.get('attention_mask')
         tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None)
     handles = [model.original_model.base_model.register_forward_pre_hook(begin, with_kwargs=True)]
     try:
@@ -486,8 +490,7 @@ def _remove(self:ClipWeights, k:str, conv:bool):
 @patch
 def _begin(self:ClipWeights, module, args, kwargs):
     "Before each pass of the decoder stack: a new sequence starts switched off; a decoding step carries its sequence's switch."
-    x = kwargs.get('input_ids', args[0] if args else None)
-    x = x if x is not None else kwargs.get('inputs_embeds')
+    x = _pass_input(args, kwargs)
     if x is None: return
     b, t = x.shape[:2]
     if _cached(kwargs.get('past_key_values')) and self.gate is not None:   # a decoding step: the previous pass ran the whole model
