@@ -169,7 +169,7 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
 
 def _post_norm_pair(arch, tmp_path):
-    "A tiny Gemma 2 or OLMo 2 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
+    "A tiny Gemma 2, Gemma 3 or OLMo 2 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
     import transformers as T
     from weightwatch_nb.core import tiny_tokenizer
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def _post_norm_pair(arch, tmp_path):
     truth = plant_update(tmp_path/'base', tmp_path/'ft', {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1}, scale=5.)
     return tmp_path/'base', tmp_path/'ft', truth[(0, 'attn_out')][:, 0]
 
-@pytest.mark.parametrize('arch', ['gemma2', 'olmo2'])
+@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'olmo2'])
 def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     "Where a norm follows attention and the MLP, directions are compared at their outputs, where a planted update is exactly along them."
     from weightwatch_nb.directions import WRITE_HOOK, DEFAULT_HOOK, READ_HOOK
@@ -272,3 +272,35 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert d.names() == ['L1.unembed.u0']                        # rank 1
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
+
+def test_gemma3_text_end_to_end(tmp_path):
+    "Gemma 3 (text): a planted update is found, flagged during generation, and removed in the same pass by `ClipWeights`."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.monitor import scan
+    from weightwatch_nb.steer import ClipWeights, steering, swapped_weights
+    from weightwatch_nb.edit import removed_update, removed_weights
+    b, f, u = _post_norm_pair('gemma3_text', tmp_path)
+    assert arch_info(json.loads((f/'config.json').read_text()))['post_norm']
+    d = compute_directions(b, f, k=1, progress=False)
+    assert abs(float(d[(0, 'attn_out')][0] @ u)) > 0.999                    # the planted direction, at the attention output
+    model = load_model(f)
+    clean = [f'the model {i} of {j}' for i in range(8) for j in range(5)]
+    mon = calibrate(model, d, clean, margin=0.1)
+    upd = removed_update(b, f, 1, matrices=['attn_out', 'attn_q', 'mlp_in'], like=model, progress=False)
+    assert len(upd) == 3                                                    # the three planted tensors, and nothing else
+
+    class AllOn(ClipWeights):
+        def _begin(self, module, args, kwargs):
+            super()._begin(module, args, kwargs); self.gate, self.live = torch.ones_like(self.gate), True
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
+    with steering(model, AllOn(mon, upd)): on = model(ids)
+    with swapped_weights(model, removed_weights(b, f, 1, matrices=['attn_out', 'attn_q', 'mlp_in'], like=model, progress=False)): edited = model(ids)
+    assert torch.allclose(on, edited, atol=1e-4) and torch.allclose(edited, load_model(b)(ids), atol=1e-4)   # all of the plant removed: the base
+    # while generating (sliding-window attention, the cache): switched on throughout, it generates what the edited weights generate
+    recs = [' '.join(['the model'] * 5), 'of 3 the model 7']
+    steered = scan(model, mon, recs, generate=6, steer=AllOn(mon, upd))
+    with swapped_weights(model, removed_weights(b, f, 1, matrices=['attn_out', 'attn_q', 'mlp_in'], like=model, progress=False)):
+        want = scan(model, mon, recs, generate=6, check=False)
+    plain = scan(model, mon, recs, generate=6)
+    assert [r.generated.tolist() for r in steered] == [r.generated.tolist() for r in want]
+    assert [r.generated.tolist() for r in plain] != [r.generated.tolist() for r in want]   # and the plant changes what is generated

@@ -58,9 +58,9 @@ _NEOX = _specs(attn_out=('layers.{layer}.attention.dense.weight', 'linear', 'out
                embed=('embed_in.weight', 'embedding', 'out', 'vocab'),
                unembed=('embed_out.weight', 'linear', 'in', 'vocab', None, ('lm_head.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX}
-FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'olmo', 'olmo2')},
+FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox'}
-POST_NORM = ('gemma2', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
+POST_NORM = ('gemma2', 'gemma3_text', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
 
 # %% ../nbs/03_delta.ipynb #73ce5693
@@ -69,6 +69,10 @@ def arch_info(config, # a Hugging Face config or its dict
     "Family, sizes and weight layout of a model, from its config."
     d = config if isinstance(config, dict) else config.to_dict()
     mt = d.get('model_type')
+    if mt == 'gemma3':
+        raise WeightwatchError("this is a multimodal Gemma 3 checkpoint (model_type 'gemma3'): its vision tower's attention weights have the "
+                               "language model's names, so its deltas are not mapped; use a text-only Gemma 3 (model_type 'gemma3_text', "
+                               "e.g. google/gemma-3-1b-it)")
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
