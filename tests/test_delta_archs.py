@@ -12,11 +12,12 @@ def tiny(arch, path, seed=0):
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
     cfg = {'mistral': lambda: T.MistralConfig(num_key_value_heads=2, **common),
            'qwen2': lambda: T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common),
-           'gpt_neox': lambda: T.GPTNeoXConfig(**common)}[arch]()
+           'gpt_neox': lambda: T.GPTNeoXConfig(**common),
+           'phi3': lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common)}[arch]()
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
-@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox'])
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3'])
 def test_planted_update_recovered(arch, tmp_path):
     b = tiny(arch, tmp_path/'base')
     truth = plant_update(b, tmp_path/'ft', {(0, 'mlp_out'): 3, (1, 'attn_out'): 2}, noise=1e-4)
@@ -25,7 +26,7 @@ def test_planted_update_recovered(arch, tmp_path):
         assert subspace_cosines(d[(l, m)][:U0.shape[1]].T, U0).min() >= 0.999
     assert Directions.load(d.save(tmp_path/'d.safetensors'), model=tmp_path/'ft').names() == d.names()
 
-@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox'])
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3'])
 def test_every_matrix_oriented(arch, tmp_path):
     b = tiny(arch, tmp_path/'base')
     info = arch_info(json.loads((b/'config.json').read_text()))
@@ -34,7 +35,7 @@ def test_every_matrix_oriented(arch, tmp_path):
     other = {'attn_out': info['q'], 'attn_q': info['q'], 'attn_k': info['kv'], 'attn_v': info['kv'], 'mlp_out': 160, 'mlp_in': 160,
              'mlp_gate': 160, 'embed': 300, 'unembed': 300}
     assert shapes == {m: (64, other[m]) for m in ms}
-    if arch == 'mistral': assert info['kv'] == 32   # grouped-query attention: k and v are narrower than q
+    if arch in ('mistral', 'phi3'): assert info['kv'] == 32   # grouped-query attention: k and v are narrower than q
 
 def test_sharded_bf16_streaming_equals_loaded(tmp_path):
     b = make_tiny_checkpoint(tmp_path/'base', 'llama')
@@ -168,8 +169,8 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
     w = removed_weights(b, tmp_path/'ft', 2, matrices=['unembed', 'mlp_out'], like=load_model(tmp_path/'ft'), progress=False)
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
 
-def _post_norm_pair(arch, tmp_path):
-    "A tiny Gemma 2, Gemma 3 or OLMo 2 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
+def _plain_pair(arch, tmp_path, plant):
+    "A tiny pair of a Hugging Face architecture (norm gains randomised) with `plant` rank-1 updates; returns base, fine-tuned, truth."
     import transformers as T
     from weightwatch_nb.core import tiny_tokenizer
     torch.manual_seed(0)
@@ -180,8 +181,12 @@ def _post_norm_pair(arch, tmp_path):
         for n, p in m.named_parameters():
             if 'norm' in n: p.add_(0.5 * torch.randn_like(p))
     m.save_pretrained(tmp_path/'base'); tiny_tokenizer(300).save_pretrained(tmp_path/'base')
-    truth = plant_update(tmp_path/'base', tmp_path/'ft', {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1}, scale=5.)
-    return tmp_path/'base', tmp_path/'ft', truth[(0, 'attn_out')][:, 0]
+    return tmp_path/'base', tmp_path/'ft', plant_update(tmp_path/'base', tmp_path/'ft', plant, scale=5.)
+
+def _post_norm_pair(arch, tmp_path):
+    "A tiny Gemma 2, Gemma 3 or OLMo 2 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1})
+    return b, f, truth[(0, 'attn_out')][:, 0]
 
 @pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'olmo2'])
 def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
@@ -273,34 +278,55 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-def test_gemma3_text_end_to_end(tmp_path):
-    "Gemma 3 (text): a planted update is found, flagged during generation, and removed in the same pass by `ClipWeights`."
+@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3'])
+def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
+    "Gemma 3 (norms after attention and the MLP) and Phi-3 (q, k, v fused with narrower k and v; gate and up fused): planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.monitor import scan
     from weightwatch_nb.steer import ClipWeights, steering, swapped_weights
     from weightwatch_nb.edit import removed_update, removed_weights
-    b, f, u = _post_norm_pair('gemma3_text', tmp_path)
-    assert arch_info(json.loads((f/'config.json').read_text()))['post_norm']
-    d = compute_directions(b, f, k=1, progress=False)
-    assert abs(float(d[(0, 'attn_out')][0] @ u)) > 0.999                    # the planted direction, at the attention output
+    ms = ['attn_out', 'attn_k', 'mlp_gate']
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (1, 'mlp_gate'): 1})
+    dw = compute_directions(b, f, k=1, matrices=['attn_out'], progress=False)
+    dr = compute_directions(b, f, k=1, matrices=['attn_k', 'mlp_gate'], progress=False)   # read side: each compared with its matrix's input
+    assert set(truth) == set(dw.vectors) | set(dr.vectors)
+    for d in (dw, dr):
+        for (l, m), U0 in truth.items():
+            if (l, m) in d.vectors: assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
     model = load_model(f)
     clean = [f'the model {i} of {j}' for i in range(8) for j in range(5)]
-    mon = calibrate(model, d, clean, margin=0.1)
-    upd = removed_update(b, f, 1, matrices=['attn_out', 'attn_q', 'mlp_in'], like=model, progress=False)
+    mon = calibrate(model, Directions.load(dr.save(tmp_path/'d.safetensors'), model=model), clean, margin=0.1)   # the fingerprints match
+    upd = removed_update(b, f, 1, matrices=ms, like=model, progress=False)
     assert len(upd) == 3                                                    # the three planted tensors, and nothing else
 
     class AllOn(ClipWeights):
         def _begin(self, module, args, kwargs):
             super()._begin(module, args, kwargs); self.gate, self.live = torch.ones_like(self.gate), True
-    ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
+    ids, edit = torch.tensor([[1, 5, 9, 13, 200, 7]]), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
     with steering(model, AllOn(mon, upd)): on = model(ids)
-    with swapped_weights(model, removed_weights(b, f, 1, matrices=['attn_out', 'attn_q', 'mlp_in'], like=model, progress=False)): edited = model(ids)
+    with swapped_weights(model, edit): edited = model(ids)
     assert torch.allclose(on, edited, atol=1e-4) and torch.allclose(edited, load_model(b)(ids), atol=1e-4)   # all of the plant removed: the base
     # while generating (sliding-window attention, the cache): switched on throughout, it generates what the edited weights generate
     recs = [' '.join(['the model'] * 5), 'of 3 the model 7']
     steered = scan(model, mon, recs, generate=6, steer=AllOn(mon, upd))
-    with swapped_weights(model, removed_weights(b, f, 1, matrices=['attn_out', 'attn_q', 'mlp_in'], like=model, progress=False)):
-        want = scan(model, mon, recs, generate=6, check=False)
+    with swapped_weights(model, edit): want = scan(model, mon, recs, generate=6, check=False)
     plain = scan(model, mon, recs, generate=6)
     assert [r.generated.tolist() for r in steered] == [r.generated.tolist() for r in want]
     assert [r.generated.tolist() for r in plain] != [r.generated.tolist() for r in want]   # and the plant changes what is generated
+
+def test_phi3_lora_on_fused_matrices_equals_merged(tmp_path):
+    "A LoRA adapter on Phi-3's fused qkv_proj and gate_up_proj: each of q, k, v, gate and up gets its own rows of the update."
+    from peft import LoraConfig, get_peft_model
+    b, _, _ = _plain_pair('phi3', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=['qkv_proj', 'gate_up_proj', 'o_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    for ms in (['attn_out'], ['attn_q', 'attn_k', 'attn_v', 'mlp_gate', 'mlp_in']):
+        dlo = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
+        dme = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
+        assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
+        for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4), key

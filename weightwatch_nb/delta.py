@@ -29,7 +29,7 @@ class MatrixSpec:
     stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2) or 'embedding' ([vocab, d_model])
     residual:str         # side that touches the residual stream: 'out' (writes to it) or 'in' (reads from it)
     other:str            # size of the other side: 'q', 'kv', 'd_mlp' or 'vocab' (see `arch_info`)
-    part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn)
+    part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv'))
     alt:tuple=()         # other names of it, tried in turn (a loaded GPT-NeoX calls the stored `embed_out` `lm_head`)
 
 # %% ../nbs/03_delta.ipynb #10239f4c
@@ -57,9 +57,16 @@ _NEOX = _specs(attn_out=('layers.{layer}.attention.dense.weight', 'linear', 'out
                mlp_in=('layers.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
                embed=('embed_in.weight', 'embedding', 'out', 'vocab'),
                unembed=('embed_out.weight', 'linear', 'in', 'vocab', None, ('lm_head.weight',)))
-ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX}
+_QKV = ('q', 'kv', 'kv')   # Phi-3 fuses q, k and v in one matrix, k and v narrower under grouped-query attention
+_PHI3 = _LLAMA | _specs(
+               attn_q=('layers.{layer}.self_attn.qkv_proj.weight', 'linear', 'in', 'q', (0, _QKV)),
+               attn_k=('layers.{layer}.self_attn.qkv_proj.weight', 'linear', 'in', 'kv', (1, _QKV)),
+               attn_v=('layers.{layer}.self_attn.qkv_proj.weight', 'linear', 'in', 'kv', (2, _QKV)),
+               mlp_gate=('layers.{layer}.mlp.gate_up_proj.weight', 'linear', 'in', 'd_mlp', (0, 2)),
+               mlp_in=('layers.{layer}.mlp.gate_up_proj.weight', 'linear', 'in', 'd_mlp', (1, 2)))
+ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3}
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2')},
-            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox'}
+            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3'}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
 
@@ -89,9 +96,16 @@ def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     return {'embed': 0, 'unembed': info['n_layers']-1}.get(matrix, layer)
 
 # %% ../nbs/03_delta.ipynb #b5fc669c
+def _part_rows(spec:MatrixSpec, info:dict)->tuple[int, int, int]:
+    "(start, stop, total): the rows of a fused weight's [out, in] layout that belong to `spec` (all of them if it is not fused)."
+    if not spec.part: return 0, info[spec.other], info[spec.other]
+    i, n = spec.part
+    sizes = [info[s] for s in n] if isinstance(n, tuple) else [info[spec.other]] * n
+    return sum(sizes[:i]), sum(sizes[:i+1]), sum(sizes)
+
 def _logical_shape(spec:MatrixSpec, info:dict)->tuple:
     "Expected [out, in] shape of the (possibly fused) weight, as an `nn.Linear` would store it."
-    other = info[spec.other] * (spec.part[1] if spec.part else 1)
+    other = _part_rows(spec, info)[2]
     return (info['d_model'], other) if spec.residual == 'out' else (other, info['d_model'])
 
 def orient(W:Tensor,        # the weight as stored in the checkpoint
@@ -106,7 +120,7 @@ def orient(W:Tensor,        # the weight as stored in the checkpoint
         raise WeightwatchError(f"`{name}` has shape {list(W.shape)}, but a {info['model_type']} {spec.stored} weight with "
                                f"d_model={info['d_model']} should be stored as {list(exp)}: the checkpoint does not match its config.json")
     L = W if spec.stored == 'linear' else W.T
-    if spec.part: L = L.chunk(spec.part[1], 0)[spec.part[0]]
+    a, b, _ = _part_rows(spec, info); L = L[a:b]
     return L if spec.residual == 'out' else L.T
 
 # %% ../nbs/03_delta.ipynb #4cfd7ff6
@@ -299,7 +313,7 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
             raise WeightwatchError(f"adapter factors of `{mod}` are A {list(A.shape)}, B {list(B.shape)}, but its weight is {list(lo)} "
                                    "([out, in]): the adapter was trained on a different base model")
         B = B * _lora_scale(mod, A.shape[0], cfg)
-        if spec.part: B = B.chunk(spec.part[1], 0)[spec.part[0]]
+        a, b, _ = _part_rows(spec, info); B = B[a:b]
         yield (l, m, B, A) if spec.residual == 'out' else (l, m, A.T, B.T)
 
 # %% ../nbs/03_delta.ipynb #d4eaf2cd
