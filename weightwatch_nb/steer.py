@@ -17,10 +17,10 @@ from .calibrate import (Monitor, Tracer, direction_groups, direction_names, enco
 from .monitor import scan, Report, _mismatch, _error_html
 
 # %% auto #0
-__all__ = ['orthonormalize', 'remove_span', 'remove_masked', 'Steerer', 'check_steerer', 'steering', 'ProjectOut', 'Add',
-           'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip', 'Rewind', 'steered_generate',
-           'rewind_generate', 'swapped_weights', 'changed_weights', 'low_rank_factors', 'weight_users', 'ClipWeights',
-           'clip_weights', 'make_steerer', 'SteerView', 'register_cli']
+__all__ = ['REORDERING', 'orthonormalize', 'remove_span', 'remove_masked', 'one_sequence_per_row', 'Steerer', 'check_steerer',
+           'steering', 'ProjectOut', 'Add', 'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip',
+           'Rewind', 'steered_generate', 'rewind_generate', 'swapped_weights', 'changed_weights', 'low_rank_factors',
+           'weight_users', 'ClipWeights', 'clip_weights', 'make_steerer', 'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -57,6 +57,28 @@ def remove_masked(x:Tensor, # [b, t, d] activations
         rows = inv == k
         flat[rows] = remove_span(flat[rows].float(), Q).to(flat.dtype)
     return flat.view_as(x)
+
+# %% ../nbs/07_steer.ipynb #5000d72f
+REORDERING = {'num_beams': 1, 'num_beam_groups': 1, 'assistant_model': None, 'prompt_lookup_num_tokens': None}   # generation arguments and the values that keep one sequence per row
+
+@contextmanager
+def one_sequence_per_row(hf, # a Hugging Face model (`model.original_model` of a bridge)
+                        ):
+    "Within the block, `hf.generate` refuses decoding that moves sequences between rows (beam search, assisted decoding)."
+    own, prev = 'generate' in vars(hf), vars(hf).get('generate')
+    inner = hf.generate
+    def generate(*args, **kw):
+        gc = kw.get('generation_config') or hf.generation_config
+        bad = {k: v for k, ok in REORDERING.items() if (v := kw.get(k, getattr(gc, k, ok))) not in (ok, None)}
+        if bad: raise WeightwatchError(f"generation with {bad} moves sequences between the batch's rows (beam search reorders them at every step, "
+                                       "assisted decoding drafts and rolls back tokens), which the steering hooks cannot follow: they keep one state "
+                                       "per row. Generate greedily or by sampling inside the block (num_beams=1), or steer with `rewind_generate`")
+        return inner(*args, **kw)
+    hf.generate = generate
+    try: yield hf
+    finally:
+        if own: hf.generate = prev
+        else: del hf.generate
 
 # %% ../nbs/07_steer.ipynb #6a228255
 class Steerer:
@@ -137,7 +159,7 @@ def steering(model, # the model (`TransformerBridge`)
     handles = [model.original_model.base_model.register_forward_pre_hook(begin, with_kwargs=True)]
     try:
         handles += steerer.attach(model)
-        with model.hooks(fwd_hooks=tr.hooks(model)): yield steerer
+        with model.hooks(fwd_hooks=tr.hooks(model)), one_sequence_per_row(model.original_model): yield steerer
     finally:
         for h in handles: h.remove()
 
