@@ -283,7 +283,7 @@ def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     "Gemma 3 (norms after attention and the MLP) and Phi-3 (q, k, v fused with narrower k and v; gate and up fused): planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import ClipWeights, steering, swapped_weights
+    from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
     from weightwatch_nb.edit import removed_update, removed_weights
     ms = ['attn_out', 'attn_k', 'mlp_gate']
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (1, 'mlp_gate'): 1})
@@ -298,10 +298,6 @@ def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     mon = calibrate(model, Directions.load(dr.save(tmp_path/'d.safetensors'), model=model), clean, margin=0.1)   # the fingerprints match
     upd = removed_update(b, f, 1, matrices=ms, like=model, progress=False)
     assert len(upd) == 3                                                    # the three planted tensors, and nothing else
-
-    class AllOn(ClipWeights):
-        def _begin(self, module, args, kwargs):
-            super()._begin(module, args, kwargs); self.gate, self.live = torch.ones_like(self.gate), True
     ids, edit = torch.tensor([[1, 5, 9, 13, 200, 7]]), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
     with steering(model, AllOn(mon, upd)): on = model(ids)
     with swapped_weights(model, edit): edited = model(ids)

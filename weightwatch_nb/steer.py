@@ -543,6 +543,12 @@ def clip_weights(model, # the model (`TransformerBridge`)
     "Context manager: clip in weight space (`ClipWeights`) while it is open."
     return steering(model, ClipWeights(mon, update, names))
 
+# %% ../nbs/07_steer.ipynb #34c00b9d
+class _AllOn(ClipWeights):
+    "Every token of every pass switched on, whatever the monitor says: the oracle that `ClipWeights` must equal the edited weights against."
+    def _begin(self, module, args, kwargs):
+        super()._begin(module, args, kwargs); self.gate, self.live = torch.ones_like(self.gate), True
+
 # %% ../nbs/07_steer.ipynb #a94d6a7a
 def make_steerer(mon:Monitor, # the monitor (its directions and ranges)
                  mode:str, # 'clip', 'clamp', 'rewind', 'project out', 'add' or 'off'
