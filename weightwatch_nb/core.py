@@ -443,9 +443,10 @@ def _fingerprint(cfg, # the model's config (object or dict)
     return {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype),
             'rounded': {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n])}}
 
-def fingerprint(model, # HF model, TransformerBridge, or checkpoint source ('zoo:NAME', a directory)
+def fingerprint(model, # HF model, TransformerBridge, checkpoint source ('zoo:NAME', a directory), or a tensor source that computes its own (`delta.LoraTensors`)
                )->dict:
     "Architecture summary, weight hash and weight dtype that identify `model` for artifacts, with the hashes of its lower-precision copies."
+    if callable(getattr(type(model), 'ww_fingerprint', None)): return model.ww_fingerprint()
     if isinstance(model, (str, os.PathLike)):
         cfg = json.loads((Path(resolve_source(model).ref)/'config.json').read_text())
     else: cfg = getattr(model, 'original_model', model).config
@@ -484,8 +485,10 @@ def _config_of(m):
         if s.kind == 'hub':
             from transformers import AutoConfig
             return AutoConfig.from_pretrained(s.ref).to_dict()
-        if s.kind == 'adapter': return _config_of(load_hf(s.ref)[0])
+        if s.kind == 'adapter':   # the base it names (an adapter changes weights, not the architecture): no model is loaded
+            return _config_of(json.loads((Path(s.ref)/'adapter_config.json').read_text())['base_model_name_or_path'])
         return json.loads((Path(s.ref)/'config.json').read_text())
+    if getattr(m, 'tensor_source', False): return dict(m.config)   # `delta.CheckpointTensors`, `LoraTensors`, ...
     return getattr(m, 'original_model', m).config.to_dict()
 
 def _tokenizer_of(m):

@@ -15,8 +15,8 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'READ_MATRICES',
            'BLOCK_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient', 'CheckpointTensors', 'StateDictTensors',
-           'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'sign_fix',
-           'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+           'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'LoraTensors',
+           'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'embed', 'unembed')
@@ -133,7 +133,7 @@ def _safe_open(f:Path, what:str):
 
 class CheckpointTensors:
     "Lazy, read-only access to the tensors of a safetensors checkpoint directory, one tensor at a time."
-    fresh = True  # `get` returns a new tensor that the caller owns
+    fresh, tensor_source = True, True  # `get` returns a new tensor that the caller owns
     def __init__(self, path:str|os.PathLike): # a `save_pretrained` directory
         self.path = d = Path(path)
         self.config = json.loads((d/'config.json').read_text())
@@ -155,7 +155,7 @@ class CheckpointTensors:
 # %% ../nbs/03_delta.ipynb #406756ad
 class StateDictTensors:
     "The same interface over a model in memory (Hugging Face model or `TransformerBridge`); tensors are not copied."
-    fresh = False  # `get` returns the model's own tensor: copy before writing
+    fresh, tensor_source = False, True  # `get` returns the model's own tensor: copy before writing
     def __init__(self, model): # HF model or TransformerBridge
         self.model, self.sd = model, hf_state_dict(model)
         self.config = getattr(model, 'original_model', model).config.to_dict()
@@ -168,11 +168,13 @@ class StateDictTensors:
 def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, TransformerBridge, or a tensor source
                 ):
     "A lazy tensor source over `src`'s weights."
-    if isinstance(src, (CheckpointTensors, StateDictTensors)): return src
+    if getattr(src, 'tensor_source', False): return src   # already one (`CheckpointTensors`, `StateDictTensors`, `LoraTensors`)
     if isinstance(src, torch.nn.Module): return StateDictTensors(src)
     s = resolve_source(src)
-    if s.kind == 'adapter':
-        raise WeightwatchError(f"{str(src)!r} is a LoRA adapter, not a full checkpoint: pass it as `lora=` (CLI: --lora) with its base model")
+    if s.kind == 'adapter':   # the model it makes with the base it names, merged one tensor at a time (`LoraTensors`, below)
+        base = json.loads((Path(s.ref)/'adapter_config.json').read_text()).get('base_model_name_or_path')
+        if not base: raise WeightwatchError(f"adapter {str(src)!r} does not name its base model: pass `LoraTensors(base, adapter)`")
+        return LoraTensors(base, s.ref)
     if s.kind == 'hub':
         from huggingface_hub import snapshot_download
         try: ref = snapshot_download(s.ref, allow_patterns=['*.json', '*.safetensors'])
@@ -231,7 +233,7 @@ def find_keys(keys,            # checkpoint tensor names
     return dict(sorted(out.items(), key=lambda kv: (kv[0][0], MATRICES.index(kv[0][1]))))
 
 # %% ../nbs/03_delta.ipynb #8ec7aff3
-def _origin(t): return str(t.path) if isinstance(t, CheckpointTensors) else t.model
+def _origin(t): return str(t.path) if isinstance(t, CheckpointTensors) else t if hasattr(type(t), 'ww_fingerprint') else t.model   # what `fingerprint` takes
 
 def _check_finite(W:Tensor, key:str, which:str)->Tensor:
     if not torch.isfinite(W).all():
@@ -315,6 +317,41 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
         B = B * _lora_scale(mod, A.shape[0], cfg)
         a, b, _ = _part_rows(spec, info); B = B[a:b]
         yield (l, m, B, A) if spec.residual == 'out' else (l, m, A.T, B.T)
+
+# %% ../nbs/03_delta.ipynb #8a2850bc
+class LoraTensors:
+    "Base model + LoRA adapter as a lazy tensor source: each adapted weight merged (in float32, as PEFT merges it) when it is read."
+    tensor_source = True
+    def __init__(self, base, # the base model: any source `open_tensors` takes
+                 adapter:str|os.PathLike, # PEFT LoRA adapter directory
+                ):
+        from weightwatch_nb.core import _as_loaded
+        self.base, self.path = open_tensors(base), Path(adapter)
+        self.config, self.fresh = self.base.config, self.base.fresh   # an unchanged tensor is the base's own
+        self.lora, self.fac = read_adapter(adapter)
+        info, idx = arch_info(self.config), _suffix_index(self.fac)
+        stored = {key: spec.stored for key, spec in find_keys(self.base.keys(), info, list(info['specs']), required=False).values()}
+        self.loaded = dict(_as_loaded(self.base.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
+        self.changed = {k: (mods[0], stored.get(k)) for n, k in self.loaded.items()
+                        if (mods := idx.get(n.removesuffix('.weight'), []) or idx.get(k.removesuffix('.weight'), []))}
+    def __repr__(self): return f"LoraTensors({self.base!r} + {str(self.path)!r}, {len(self.changed)} tensors changed)"
+    def keys(self)->list[str]: return self.base.keys()
+    def shape(self, k:str)->tuple: return self.base.shape(k)
+    def get(self, k:str)->Tensor:
+        t = self.base.get(k)
+        if k not in self.changed: return t
+        mod, kind = self.changed[k]
+        A, B = self.fac[mod]
+        D = B @ A                                            # [out, in], as PEFT computes it
+        # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
+        kind = kind or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
+                        'conv1d' if D.shape != D.T.shape or self.lora.get('fan_in_fan_out') else 'linear')
+        if kind != 'linear': D = D.T
+        return t.float() + (D * _lora_scale(mod, A.shape[0], self.lora)).float()
+    def ww_fingerprint(self)->dict:
+        "`core.fingerprint` of the merged model, computed one tensor at a time."
+        from weightwatch_nb.core import _fingerprint, _SKIP
+        return _fingerprint(self.config, ((n, self.get(k).float()) for n, k in self.loaded.items() if not _SKIP.search(n)))
 
 # %% ../nbs/03_delta.ipynb #d4eaf2cd
 def sign_fix(U:Tensor, # [d, k] singular vectors as columns

@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
-                                  read_adapter, lora_factors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
+                                  read_adapter, lora_factors, LoraTensors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
@@ -239,9 +239,8 @@ def save(self:Directions,
 _TENSOR = re.compile(r'^L(\d+)\.([a-z_]+)(\.S)?$')
 
 def _check_model(d:Directions, model, where:str):
-    if isinstance(model, (str, os.PathLike)) and resolve_source(model).kind == 'adapter':   # a LoRA adapter: the model it makes with its base
-        from weightwatch_nb.core import load_model
-        model = load_model(model)
+    if isinstance(model, (str, os.PathLike)) and resolve_source(model).kind == 'adapter':   # a LoRA adapter: the model it makes with its base,
+        model = open_tensors(model)                                                        # merged one tensor at a time (`LoraTensors`)
     fp = fingerprint(model)
     a = fp['arch']; width = a.get('hidden_size') or a.get('n_embd') or a.get('d_model')
     if width is not None and width != d.d_model:
@@ -283,31 +282,6 @@ def load(cls:Directions,
     d = cls(V, S, hook, meta, where=w)
     if model is not None: _check_model(d, model, w)
     return d
-
-# %% ../nbs/04_directions.ipynb #801f2df9
-def _lora_fingerprint(bt, # tensor source of the base model
-                      adapter, # LoRA adapter directory
-                     )->dict:
-    "`core.fingerprint` of the merged model base + adapter, computed one tensor at a time."
-    from weightwatch_nb.core import _fingerprint, _SKIP, _as_loaded
-    from weightwatch_nb.delta import _suffix_index, _lora_scale
-    cfg, fac = read_adapter(adapter)
-    info, idx = arch_info(bt.config), _suffix_index(fac)
-    stored = {key: spec.stored for key, spec in find_keys(bt.keys(), info, list(info['specs']), required=False).values()}
-    def merged():
-        for n, k in _as_loaded(bt.keys(), json.dumps(bt.config, sort_keys=True, default=str)):   # named as the loaded model names them
-            if _SKIP.search(n): continue
-            t, mods = bt.get(k), idx.get(n.removesuffix('.weight'), []) or idx.get(k.removesuffix('.weight'), [])
-            if mods:
-                A, B = fac[mods[0]]
-                D = B @ A                                       # [out, in], as PEFT computes it
-                # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
-                kind = stored.get(k) or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
-                                         'conv1d' if D.shape != D.T.shape or cfg.get('fan_in_fan_out') else 'linear')
-                if kind != 'linear': D = D.T
-                t = t.float() + (D * _lora_scale(mods[0], A.shape[0], cfg)).float()   # merged in float32 and rounded once, as PEFT does
-            yield n, t.float()
-    return _fingerprint(bt.config, merged())
 
 # %% ../nbs/04_directions.ipynb #830e75c6
 def _as_matrices(matrices)->tuple:
@@ -383,7 +357,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                 norms[f"L{l}.{m}"] = float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
                 if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous(), s
                 used.add('lowrank'); pb.update()
-        fps = {'base': fingerprint(_origin(bt)), 'finetuned': _lora_fingerprint(bt, lora)}
+        fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(LoraTensors(bt, lora))}
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
         ft = open_tensors(finetuned); bt = open_tensors(base) if mode == 'sub' else None

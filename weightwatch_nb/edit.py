@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
                                  add_quiet, COUNT, check_apart, _weight_files)
-from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, _origin
+from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
@@ -91,9 +91,10 @@ def _basis(dirs_or_k, key, D)->Tensor:
     return top_svd(D, dirs_or_k, 'exact')[0] if dirs_or_k else D.new_zeros(D.shape[0], 0)
 
 # %% ../nbs/12_edit.ipynb #d8f5b8f7
-def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str):
-    "Check a removal request: (finetuned with any adapter merged, matrices, layers, the (layer, matrix) pairs to edit: None for all of matrices × layers)."
-    finetuned, pairs = _merged(base, finetuned), None
+def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str, lazy:bool=False):
+    "Check a removal request: (finetuned with any adapter merged, lazily with `lazy`; matrices; layers; the (layer, matrix) pairs to edit: None for all of matrices × layers)."
+    adapter = isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter'
+    finetuned, pairs = LoraTensors(base, finetuned) if lazy and adapter else _merged(base, finetuned), None
     if isinstance(dirs_or_k, Directions):
         _check_model(dirs_or_k, _origin(open_tensors(finetuned)), where)
         if matrices is None or layers is None:   # the pairs the directions have (within the matrices or the layers given)
@@ -185,7 +186,7 @@ def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub i
                     progress:bool=True, # progress bar over matrices
                    )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
     "Just the tensors `remove_directions` changes, without a copy of the whole model."
-    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights')
+    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights', lazy=True)
     return _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
 
 # %% ../nbs/12_edit.ipynb #8a6fc5c3
@@ -199,7 +200,7 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
                   )->dict[str, tuple[Tensor, Tensor]]: # weight name -> (A, B), float32, A @ B = W_ft − W_edited in the weight's own layout
     "What `removed_weights` subtracts from each changed tensor, as exact thin factors (for `steer.ClipWeights`)."
     from weightwatch_nb.steer import low_rank_factors
-    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update')
+    finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update', lazy=True)
     ft, info, plan, held, names = _removal_plan(finetuned, matrices, layers, pairs, like)
     E, rank, out, left = {}, Counter(), {}, Counter(key for key, _ in plan.values())   # GPT-2: q, k and v land in one tensor
     with torch.no_grad():
