@@ -13,11 +13,13 @@ def tiny(arch, path, seed=0):
     cfg = {'mistral': lambda: T.MistralConfig(num_key_value_heads=2, **common),
            'qwen2': lambda: T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common),
            'gpt_neox': lambda: T.GPTNeoXConfig(**common),
-           'phi3': lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common)}[arch]()
+           'phi3': lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common),
+           'phi': lambda: T.PhiConfig(**common),
+           'gptj': lambda: T.GPTJConfig(vocab_size=300, n_embd=64, n_inner=160, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)}[arch]()
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
-@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3'])
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj'])
 def test_planted_update_recovered(arch, tmp_path):
     b = tiny(arch, tmp_path/'base')
     truth = plant_update(b, tmp_path/'ft', {(0, 'mlp_out'): 3, (1, 'attn_out'): 2}, noise=1e-4)
@@ -26,7 +28,7 @@ def test_planted_update_recovered(arch, tmp_path):
         assert subspace_cosines(d[(l, m)][:U0.shape[1]].T, U0).min() >= 0.999
     assert Directions.load(d.save(tmp_path/'d.safetensors'), model=tmp_path/'ft').names() == d.names()
 
-@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3'])
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj'])
 def test_every_matrix_oriented(arch, tmp_path):
     b = tiny(arch, tmp_path/'base')
     info = arch_info(json.loads((b/'config.json').read_text()))
@@ -169,17 +171,19 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
     w = removed_weights(b, tmp_path/'ft', 2, matrices=['unembed', 'mlp_out'], like=load_model(tmp_path/'ft'), progress=False)
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
 
+ARCH_KW = {'gptj': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, rotary_dim=8)}   # GPT-J's own config names
+
 def _plain_pair(arch, tmp_path, plant):
     "A tiny pair of a Hugging Face architecture (norm gains randomised) with `plant` rank-1 updates; returns base, fine-tuned, truth."
     import transformers as T
     from weightwatch_nb.core import tiny_tokenizer
     torch.manual_seed(0)
-    cfg = T.AutoConfig.for_model(arch, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    m = T.AutoModelForCausalLM.from_config(cfg)
+    kw = ARCH_KW.get(arch) or dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, max_position_embeddings=128)
+    m = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(arch, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw))
     with torch.no_grad():
         for n, p in m.named_parameters():
-            if 'norm' in n: p.add_(0.5 * torch.randn_like(p))
+            if 'norm' in n or 'ln_' in n: p.add_(0.5 * torch.randn_like(p))
     m.save_pretrained(tmp_path/'base'); tiny_tokenizer(300).save_pretrained(tmp_path/'base')
     return tmp_path/'base', tmp_path/'ft', plant_update(tmp_path/'base', tmp_path/'ft', plant, scale=5.)
 
@@ -278,17 +282,18 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3'])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj'])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
-    "Gemma 3 (norms after attention and the MLP) and Phi-3 (q, k, v fused with narrower k and v; gate and up fused): planted updates are found, and `ClipWeights` removes them in the same pass."
+    "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm): planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.monitor import scan
     from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
     from weightwatch_nb.edit import removed_update, removed_weights
-    ms = ['attn_out', 'attn_k', 'mlp_gate']
-    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (1, 'mlp_gate'): 1})
+    mr = 'mlp_in' if arch in ('phi', 'gptj') else 'mlp_gate'                  # (no gated MLP)
+    ms = ['attn_out', 'attn_k', mr]
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (1, mr): 1})
     dw = compute_directions(b, f, k=1, matrices=['attn_out'], progress=False)
-    dr = compute_directions(b, f, k=1, matrices=['attn_k', 'mlp_gate'], progress=False)   # read side: each compared with its matrix's input
+    dr = compute_directions(b, f, k=1, matrices=['attn_k', mr], progress=False)   # read side: each compared with its matrix's input
     assert set(truth) == set(dw.vectors) | set(dr.vectors)
     for d in (dw, dr):
         for (l, m), U0 in truth.items():
@@ -326,3 +331,23 @@ def test_phi3_lora_on_fused_matrices_equals_merged(tmp_path):
         dme = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
         assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
         for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4), key
+
+@pytest.mark.parametrize('arch', ['phi', 'gptj'])
+def test_shared_norm_read_side_compared_with_what_each_matrix_reads(arch, tmp_path):
+    "Phi-2 and GPT-J run attention and the MLP on one norm's output: the MLP's read directions are compared with exactly that."
+    from weightwatch_nb.directions import READ_HOOK, SHARED_READ_HOOK
+    b, f, truth = _plain_pair(arch, tmp_path, {(1, 'attn_q'): 1, (1, 'mlp_in'): 1})
+    rd = compute_directions(b, f, k=1, matrices=['attn_q', 'mlp_in'], layers=[1], hook_point=READ_HOOK, progress=False)
+    assert rd.hook_point == SHARED_READ_HOOK and rd.hook(1, 'mlp_in') == rd.hook(1, 'attn_q') == 'blocks.1.ln1.hook_out'
+    model, seen = load_model(f), {}
+    hf = model.original_model
+    layer = hf.model.layers[1] if arch == 'phi' else hf.transformer.h[1]
+    q, fc = (layer.self_attn.q_proj, layer.mlp.fc1) if arch == 'phi' else (layer.attn.q_proj, layer.mlp.fc_in)
+    hs = [q.register_forward_hook(lambda mod, i, o: seen.__setitem__('attn_q', i[0].detach())),
+          fc.register_forward_hook(lambda mod, i, o: seen.__setitem__('mlp_in', i[0].detach()))]
+    x = model.tokenizer('the model 3 of 2', return_tensors='pt').input_ids
+    try: _, cache = model.run_with_cache(x, names_filter=lambda n: n == 'blocks.1.ln1.hook_out')
+    finally:
+        for hk in hs: hk.remove()
+    for m in ('attn_q', 'mlp_in'): assert torch.equal(cache[rd.hook(1, m)], seen[m]), m
+    for (l, m), U0 in truth.items(): assert subspace_cosines(rd[(l, m)].T, U0).min() >= 0.999

@@ -639,7 +639,7 @@ class Monitor:
         "Sorted layers that have directions."
         return sorted(set(self.layer_of.tolist()))
     def hook(self, layer:int, matrix:str|None=None)->str:
-        "Hook name of `layer` (and `matrix`, for a hook point with '{input}', '{raw_input}' or '{output}')."
+        "Hook name of `layer` (and `matrix`, for a hook point with '{input}', '{raw_input}', '{shared_input}' or '{output}')."
         return hook_name(self.hook_point, layer, matrix)
     def by_layer(self, layer:int)->tuple[list[str], Tensor]:
         "Names and unit vectors [n, d] of the directions at `layer`."

@@ -13,7 +13,7 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'READ_MATRICES',
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'READ_MATRICES',
            'BLOCK_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient', 'CheckpointTensors', 'StateDictTensors',
            'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'LoraTensors',
            'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
@@ -64,11 +64,28 @@ _PHI3 = _LLAMA | _specs(
                attn_v=('layers.{layer}.self_attn.qkv_proj.weight', 'linear', 'in', 'kv', (2, _QKV)),
                mlp_gate=('layers.{layer}.mlp.gate_up_proj.weight', 'linear', 'in', 'd_mlp', (0, 2)),
                mlp_in=('layers.{layer}.mlp.gate_up_proj.weight', 'linear', 'in', 'd_mlp', (1, 2)))
-ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3}
+_PHI = _specs(attn_out=('layers.{layer}.self_attn.dense.weight', 'linear', 'out', 'q'),
+              mlp_out=('layers.{layer}.mlp.fc2.weight', 'linear', 'out', 'd_mlp'),
+              attn_q=('layers.{layer}.self_attn.q_proj.weight', 'linear', 'in', 'q'),
+              attn_k=('layers.{layer}.self_attn.k_proj.weight', 'linear', 'in', 'kv'),
+              attn_v=('layers.{layer}.self_attn.v_proj.weight', 'linear', 'in', 'kv'),
+              mlp_in=('layers.{layer}.mlp.fc1.weight', 'linear', 'in', 'd_mlp'),
+              embed=('embed_tokens.weight', 'embedding', 'out', 'vocab'),
+              unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+_GPTJ = _specs(attn_out=('h.{layer}.attn.out_proj.weight', 'linear', 'out', 'q'),
+               mlp_out=('h.{layer}.mlp.fc_out.weight', 'linear', 'out', 'd_mlp'),
+               attn_q=('h.{layer}.attn.q_proj.weight', 'linear', 'in', 'q'),
+               attn_k=('h.{layer}.attn.k_proj.weight', 'linear', 'in', 'kv'),
+               attn_v=('h.{layer}.attn.v_proj.weight', 'linear', 'in', 'kv'),
+               mlp_in=('h.{layer}.mlp.fc_in.weight', 'linear', 'in', 'd_mlp'),
+               embed=('wte.weight', 'embedding', 'out', 'vocab'),
+               unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ}
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2')},
-            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3'}
+            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj'}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
+SHARED_NORM = ('phi', 'gptj')     # model types whose attention and MLP run side by side on the output of one norm
 
 # %% ../nbs/03_delta.ipynb #73ce5693
 def arch_info(config, # a Hugging Face config or its dict
@@ -89,7 +106,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 d_mlp=d.get('intermediate_size') or d.get('n_inner') or 4*d_model, vocab=d['vocab_size'],
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS[FAMILIES[mt]],
-                post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM)
+                post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM, shared_norm=mt in SHARED_NORM)
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     "The layer a matrix's directions are filed under (embed: 0, unembed: last)."

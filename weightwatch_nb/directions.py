@@ -15,9 +15,9 @@ from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_ke
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
-           'RAW_INPUT_HOOKS', 'RAW_READ_HOOK', 'parse_name', 'Directions', 'hook_name', 'compute_directions',
-           'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap', 'DirectionsBrowser', 'delta_spectra',
-           'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
+           'RAW_INPUT_HOOKS', 'RAW_READ_HOOK', 'SHARED_INPUT_HOOKS', 'SHARED_READ_HOOK', 'parse_name', 'Directions',
+           'hook_name', 'compute_directions', 'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap',
+           'DirectionsBrowser', 'delta_spectra', 'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
 
 # %% ../nbs/04_directions.ipynb #0b48467e
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
@@ -30,7 +30,11 @@ WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction wit
 RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
                    'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
 RAW_READ_HOOK = 'blocks.{layer}.{raw_input}'  # the read side of blocks with no norm in front of attention and the MLP (OLMo 2)
-_FIELDS = (('input', INPUT_HOOKS, 'reads'), ('raw_input', RAW_INPUT_HOOKS, 'reads'), ('output', OUTPUT_HOOKS, 'writes'))
+SHARED_INPUT_HOOKS = {m: 'ln1.hook_out' for m in INPUT_HOOKS}  # what each reading matrix multiplies where attention and the MLP share one norm
+SHARED_READ_HOOK = 'blocks.{layer}.{shared_input}'  # the read side of parallel blocks with one norm (Phi-1/2, GPT-J)
+_FIELDS = (('input', INPUT_HOOKS, 'reads'), ('raw_input', RAW_INPUT_HOOKS, 'reads'), ('shared_input', SHARED_INPUT_HOOKS, 'reads'),
+           ('output', OUTPUT_HOOKS, 'writes'))
+_READS = ('{input}', '{raw_input}', '{shared_input}')   # the read templates: each means "what each matrix reads", on its kind of block
 
 def parse_name(name:str, # 'L3.mlp_out.u0' (one vector) or 'L3.mlp_out' (all vectors of a matrix)
               )->tuple:  # (layer, matrix, index or None)
@@ -153,9 +157,9 @@ def by_layer(self:Directions,
     return ([f"L{l}.{m}.u{i}" for l, m in keys for i in self.index((l, m))],
             torch.cat([self.vectors[lm] for lm in keys]))
 
-def hook_name(template:str, # hook template with '{layer}', and optionally '{input}', '{raw_input}' or '{output}' (`READ_HOOK`, `RAW_READ_HOOK`, `WRITE_HOOK`)
+def hook_name(template:str, # hook template with '{layer}', and optionally '{input}', '{raw_input}', '{shared_input}' or '{output}' (`READ_HOOK`, `RAW_READ_HOOK`, `SHARED_READ_HOOK`, `WRITE_HOOK`)
               layer:int, # block index
-              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}', '{raw_input}' or '{output}')
+              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}', '{raw_input}', '{shared_input}' or '{output}')
              )->str:
     "The hook name `template` gives at `layer` for directions of `matrix`."
     for field, table, does in _FIELDS:
@@ -167,7 +171,7 @@ def hook_name(template:str, # hook template with '{layer}', and optionally '{inp
 @patch
 def hook(self:Directions,
          layer:int, # block index
-         matrix:str|None=None, # the matrix, for a hook template with '{input}', '{raw_input}' or '{output}'
+         matrix:str|None=None, # the matrix, for a hook template with '{input}', '{raw_input}', '{shared_input}' or '{output}'
         )->str:
     "The TransformerLens hook name where directions of `layer` (and `matrix`) are compared with activations."
     return hook_name(self.hook_point, layer, matrix)
@@ -301,13 +305,14 @@ def _hook_for(info:dict, # `arch_info` of the model
     "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
     mt, writes, reads = info['model_type'], set(matrices) & set(OUTPUT_HOOKS), set(matrices) & set(INPUT_HOOKS)
     if hook_point is None and set(matrices) <= set(INPUT_HOOKS): hook_point = READ_HOOK   # the read side alone: each with what it reads
-    if hook_point and set(matrices) <= set(INPUT_HOOKS):   # '{input}' and '{raw_input}' both mean "what each matrix reads": a norm's
-        a, b = ('{raw_input}', '{input}') if info['pre_norm'] else ('{input}', '{raw_input}')   # output, or with no norm first the stream
-        return hook_point.replace(a, b)
+    if hook_point and set(matrices) <= set(INPUT_HOOKS):   # every read template means "what each matrix reads": its own norm's output,
+        want = '{raw_input}' if not info['pre_norm'] else '{shared_input}' if info.get('shared_norm') else '{input}'   # the stream, or the one shared norm
+        for f in _READS: hook_point = hook_point.replace(f, want)
+        return hook_point
     if hook_point is None:
         if info['post_norm'] and writes and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
         hook_point = DEFAULT_HOOK
-    if reads and not any(f in hook_point for f in ('{input}', '{raw_input}')):
+    if reads and not any(f in hook_point for f in _READS):
         warnings.warn(f"directions of {sorted(reads)} are compared at {hook_point!r}, which is not what these matrices read; compute them "
                       f"separately (hook_point=None or {READ_HOOK!r}) to compare each with its matrix's input", stacklevel=3)
     if info['post_norm'] and writes and '{output}' not in hook_point:
