@@ -64,14 +64,10 @@ _PHI3 = _LLAMA | _specs(
                attn_v=('layers.{layer}.self_attn.qkv_proj.weight', 'linear', 'in', 'kv', (2, _QKV)),
                mlp_gate=('layers.{layer}.mlp.gate_up_proj.weight', 'linear', 'in', 'd_mlp', (0, 2)),
                mlp_in=('layers.{layer}.mlp.gate_up_proj.weight', 'linear', 'in', 'd_mlp', (1, 2)))
-_PHI = _specs(attn_out=('layers.{layer}.self_attn.dense.weight', 'linear', 'out', 'q'),
+_PHI = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'} | _specs(   # Phi-1/1.5/2: Llama's q, k, v; no gate
+              attn_out=('layers.{layer}.self_attn.dense.weight', 'linear', 'out', 'q'),
               mlp_out=('layers.{layer}.mlp.fc2.weight', 'linear', 'out', 'd_mlp'),
-              attn_q=('layers.{layer}.self_attn.q_proj.weight', 'linear', 'in', 'q'),
-              attn_k=('layers.{layer}.self_attn.k_proj.weight', 'linear', 'in', 'kv'),
-              attn_v=('layers.{layer}.self_attn.v_proj.weight', 'linear', 'in', 'kv'),
-              mlp_in=('layers.{layer}.mlp.fc1.weight', 'linear', 'in', 'd_mlp'),
-              embed=('embed_tokens.weight', 'embedding', 'out', 'vocab'),
-              unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+              mlp_in=('layers.{layer}.mlp.fc1.weight', 'linear', 'in', 'd_mlp'))
 _GPTJ = _specs(attn_out=('h.{layer}.attn.out_proj.weight', 'linear', 'out', 'q'),
                mlp_out=('h.{layer}.mlp.fc_out.weight', 'linear', 'out', 'd_mlp'),
                attn_q=('h.{layer}.attn.q_proj.weight', 'linear', 'in', 'q'),
