@@ -486,7 +486,9 @@ def _config_of(m):
             from transformers import AutoConfig
             return AutoConfig.from_pretrained(s.ref).to_dict()
         if s.kind == 'adapter':   # the base it names (an adapter changes weights, not the architecture): no model is loaded
-            return _config_of(json.loads((Path(s.ref)/'adapter_config.json').read_text())['base_model_name_or_path'])
+            b = json.loads((Path(s.ref)/'adapter_config.json').read_text()).get('base_model_name_or_path')
+            if not b: raise WeightwatchError(f"adapter {s.ref!r} does not name its base model (base_model_name_or_path); pass the base model itself")
+            return _config_of(b)
         return json.loads((Path(s.ref)/'config.json').read_text())
     if getattr(m, 'tensor_source', False): return dict(m.config)   # `delta.CheckpointTensors`, `LoraTensors`, ...
     return getattr(m, 'original_model', m).config.to_dict()

@@ -72,7 +72,7 @@ def one_sequence_per_row(hf, # a Hugging Face model (`model.original_model` of a
         bad = {k: v for k, ok in REORDERING.items() if (v := kw.get(k, getattr(gc, k, ok))) not in (ok, None)}
         if bad: raise WeightwatchError(f"generation with {bad} moves sequences between the batch's rows (beam search reorders them at every step, "
                                        "assisted decoding drafts and rolls back tokens), which the steering hooks cannot follow: they keep one state "
-                                       "per row. Generate greedily or by sampling inside the block (num_beams=1), or steer with `rewind_generate`")
+                                       "per row. Generate greedily or by sampling inside the block (num_beams=1, no assistant model or prompt lookup)")
         return inner(*args, **kw)
     hf.generate = generate
     try: yield hf
