@@ -68,7 +68,7 @@ def one_sequence_per_row(hf, # a Hugging Face model (`model.original_model` of a
     own, prev = 'generate' in vars(hf), vars(hf).get('generate')
     inner = hf.generate
     def generate(*args, **kw):
-        gc = kw.get('generation_config') or hf.generation_config
+        gc = kw.get('generation_config') or (args[1] if len(args) > 1 else None) or hf.generation_config   # generate(inputs, generation_config, ...)
         bad = {k: v for k, ok in REORDERING.items() if (v := kw.get(k, getattr(gc, k, ok))) not in (ok, None)}
         if bad: raise WeightwatchError(f"generation with {bad} moves sequences between the batch's rows (beam search reorders them at every step, "
                                        "assisted decoding drafts and rolls back tokens), which the steering hooks cannot follow: they keep one state "
