@@ -9,9 +9,9 @@ subprocess, and reports its peak RSS (VmHWM) above its RSS after imports. Both m
 Usage: python benchmarks/bench_lora.py [--quick] [--out benchmarks/RESULTS_lora.md]
 """
 from __future__ import annotations
-import argparse, datetime, json, os, platform, shutil, subprocess, sys, tempfile, time
+import argparse, datetime, json, platform, shutil, sys, tempfile, time
 from pathlib import Path
-from bench_svd import rss_mb, peak_mb
+from bench_svd import rss_mb, peak_mb, run_child, memory_table
 
 K = 4   # directions removed per matrix
 
@@ -45,10 +45,7 @@ def run(quick:bool)->dict:
         res = {'sizes': sizes, 'model_mb': sum(f.stat().st_size for f in b.glob('*.safetensors')) / 2**20,
                'adapter_mb': (tmp/'lora'/'adapter_model.safetensors').stat().st_size / 2**20}
         for mode in ('lazy', 'merged'):
-            r = subprocess.run([sys.executable, __file__, '--child', mode, str(b), str(tmp/'lora')], capture_output=True, text=True,
-                               env={**os.environ, 'TOKENIZERS_PARALLELISM': 'false'})
-            if r.returncode: sys.exit(f"child {mode} failed:\n{r.stderr}")
-            res[mode] = json.loads(r.stdout.strip().splitlines()[-1]); print(json.dumps(res[mode]), flush=True)
+            res[mode] = run_child(__file__, mode, str(b), str(tmp/'lora')); print(json.dumps(res[mode]), flush=True)
         return res
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
@@ -65,10 +62,8 @@ def report(res:dict, quick:bool, wall:float)->str:
          f"float32, {mb:.0f} MiB of safetensors) with a rank-16 LoRA adapter on every linear layer ({res['adapter_mb']:.1f} MiB), and "
          f"`removed_update(base, finetuned, {K})` over the attention and MLP output matrices. Each mode runs in a fresh process; "
          "*above baseline* is the peak RSS minus the RSS after imports.", "",
-         "| fine-tuned weights read as | peak RSS (MiB) | baseline after imports (MiB) | above baseline (MiB) | above baseline / one model | time (s) |",
-         "|---|---|---|---|---|---|"]
-    for name, r in (('the adapter, merged tensor by tensor (`LoraTensors`)', lz), ('a merged copy of the whole model', mg)):
-        L.append(f"| {name} | {r['peak_mb']:.0f} | {r['baseline_mb']:.0f} | {inc(r):.0f} | {inc(r)/mb:.2f}x | {r['seconds']:.1f} |")
+         *memory_table('fine-tuned weights read as', [('the adapter, merged tensor by tensor (`LoraTensors`)', lz),
+                                                      ('a merged copy of the whole model', mg)], mb)]
     L += ["", f"Merging tensor by tensor needs {inc(lz)/inc(mg):.2f}x the extra memory of a merged copy ({inc(lz)/mb:.2f}x one model's "
           f"size, against {inc(mg)/mb:.2f}x). Both give the same update: {lz['tensors']} tensors, "
           f"{'equal' if same else 'DIFFERENT'} sums of ‖A·B‖ ({lz['update_norm_sum']:.6g} and {mg['update_norm_sum']:.6g}).", ""]

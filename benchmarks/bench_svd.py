@@ -24,6 +24,19 @@ def peak_mb()->float:
     "Peak resident set size of this process image in MiB (VmHWM; `getrusage`'s ru_maxrss survives fork + exec, so a child would report its parent's peak)."
     return _status_mb('VmHWM')
 
+def run_child(script:str, *args:str)->dict:
+    "Run `script --child ARGS` in a fresh process and return the JSON line it prints last."
+    r = subprocess.run([sys.executable, script, '--child', *args], capture_output=True, text=True, env={**os.environ, 'TOKENIZERS_PARALLELISM': 'false'})
+    if r.returncode: sys.exit(f"child {args[0]} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+def memory_table(first:str, rows:list, model_mb:float)->list[str]:
+    "Markdown rows of peak RSS per mode: `first` heads the mode column; `rows` are (name, child result); ratios are to one model's size."
+    inc = lambda r: r['peak_mb'] - r['baseline_mb']
+    return ([f"| {first} | peak RSS (MiB) | baseline after imports (MiB) | above baseline (MiB) | above baseline / one model | time (s) |",
+             "|---|---|---|---|---|---|"] +
+            [f"| {n} | {r['peak_mb']:.0f} | {r['baseline_mb']:.0f} | {inc(r):.0f} | {inc(r)/model_mb:.2f}x | {r['seconds']:.1f} |" for n, r in rows])
+
 # ---------------------------------------------------------------- memory: one child process per mode
 def child(mode:str, base:str, ft:str):
     import torch
@@ -52,11 +65,7 @@ def memory_bench(quick:bool)->dict:
         plant_update(b, tmp/'ft', {(1, 'mlp_out'): 8}, noise=1e-3)      # dense change everywhere, like a full fine-tune
         size_mb = sum(f.stat().st_size for f in b.glob('*.safetensors')) / 2**20
         res = {}
-        for mode in ('stream', 'loaded'):
-            r = subprocess.run([sys.executable, __file__, '--child', mode, str(b), str(tmp/'ft')], capture_output=True, text=True,
-                               env={**os.environ, 'TOKENIZERS_PARALLELISM': 'false'})
-            if r.returncode: sys.exit(f"child {mode} failed:\n{r.stderr}")
-            res[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        for mode in ('stream', 'loaded'): res[mode] = run_child(__file__, mode, str(b), str(tmp/'ft'))
         return {'sizes': sizes, 'model_mb': size_mb, **res}
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
@@ -135,10 +144,7 @@ def report(svd:list[dict], mem:dict, quick:bool, wall:float)->str:
           f"float32, {mb:.0f} MiB of safetensors per model; the fine-tune changes every matrix) and "
           "`compute_directions(base, finetuned, k=20, matrices=MATRICES)` (all nine matrix kinds, fingerprints included). "
           "Each mode runs in a fresh process; *above baseline* is the peak RSS minus the RSS after imports (Python, torch, transformers).", "",
-          "| mode | peak RSS (MiB) | baseline after imports (MiB) | above baseline (MiB) | above baseline / one model | time (s) |",
-          "|---|---|---|---|---|---|"]
-    for name, r in (('streaming two folders', st), ('loading both models first', lo)):
-        L.append(f"| {name} | {r['peak_mb']:.0f} | {r['baseline_mb']:.0f} | {inc(r):.0f} | {inc(r)/mb:.2f}x | {r['seconds']:.1f} |")
+          *memory_table('mode', [('streaming two folders', st), ('loading both models first', lo)], mb)]
     L += ["", f"Streaming needs {inc(st)/inc(lo):.2f}x the extra memory of loading both models "
           f"({inc(st)/mb:.2f}x one model's size; goal <= 1.3x).", ""]
     return '\n'.join(L)
