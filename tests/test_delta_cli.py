@@ -20,7 +20,7 @@ def pair(tmp_path_factory):
 def test_help():
     r = run('directions', '--help')
     assert r.returncode == 0
-    for opt in ('BASE', 'FINETUNED', '--k', '--matrices', '--exact', '--randomized', '--mode', '--lora'): assert opt in r.stdout
+    for opt in ('BASE', 'FINETUNED', '--k', '--matrices', '--exact', '--randomized', '--mode', '--lora', '--device'): assert opt in r.stdout
 
 def test_writes_interchange_format(pair, tmp_path):
     out = tmp_path/'d.safetensors'
@@ -46,9 +46,20 @@ def test_writes_interchange_format(pair, tmp_path):
     (lambda b, f: (b, f, '--matrices', 'mlp_gate'), 'gpt2 has no `mlp_gate`'),
     (lambda b, f: (b, str(f) + '_missing'), 'no such checkpoint directory'),
     (lambda b, f: (b, 'zoo:no_such_organism'), 'unknown zoo organism'),
+    (lambda b, f: (b, f, '--device', 'gpu'), "'gpu' is not a torch device"),
+    (lambda b, f: (b, f, '--device', 'meta'), "the 'meta' device holds no weights"),
 ])
 def test_errors_are_one_clear_line(pair, tmp_path, args, msg):
     r = run('directions', *args(*pair), '-o', tmp_path/'x.safetensors', '--quiet')
     assert r.returncode == 2, r.stderr
     assert 'Traceback' not in r.stderr and msg in r.stderr
     assert not (tmp_path/'x.safetensors').exists()
+
+def test_device_option_gives_the_same_file(pair, tmp_path):
+    a, b = tmp_path/'a.safetensors', tmp_path/'b.safetensors'
+    assert run('directions', *pair, '-o', a, '--k', 3, '--quiet').returncode == 0
+    r = run('directions', *pair, '-o', b, '--k', 3, '--quiet', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    with safe_open(str(a), 'pt') as fa, safe_open(str(b), 'pt') as fb:
+        assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
+        for k in fa.keys(): assert torch.equal(fa.get_tensor(k), fb.get_tensor(k))

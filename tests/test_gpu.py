@@ -146,3 +146,17 @@ def test_clip_weights_on_device_against_truth_and_cpu(planted):
     assert all(torch.equal(r.generated.cpu(), p.generated.cpu()) for r, p in zip(out['dev'][8:], plain[8:]) if not p.flagged)
     assert [r.generated.tolist() for r in out['dev']] == [r.generated.tolist() for r in out['cpu']]
     assert sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in dev.original_model.modules()) == n0
+
+def test_directions_on_device_match_cpu(planted, tmp_path):
+    org = planted['org']
+    for meth in ('exact', 'randomized'):
+        c = compute_directions(org['base'], org['finetuned'], k=4, method=meth, progress=False)
+        g = compute_directions(org['base'], org['finetuned'], k=4, method=meth, device=DEV, progress=False)
+        assert g.names() == c.names() and g.meta['fingerprints'] == c.meta['fingerprints']
+        for key, v in g.vectors.items():
+            assert v.device.type == 'cpu'
+            torch.testing.assert_close(g.S[key], c.S[key], atol=1e-4, rtol=1e-4)
+            # the same subspace (signs are fixed; a randomized start differs between devices, so compare spans)
+            cos = torch.linalg.svdvals(v.double() @ c.vectors[key].double().T)
+            assert cos.min() > 0.999, (meth, key, cos)
+    assert main(['directions', org['base'], org['finetuned'], '-o', str(tmp_path/'d.safetensors'), '--k', '2', '--device', DEV, '--quiet']) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
+from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, LoraTensors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -335,12 +335,13 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                        lora=None,       # LoRA adapter dir: ΔW = B·A·scale on top of `base`, read without merging
                        layers=None,     # block indices, or one index (default: all)
                        hook_point:str|None=None, # where the directions will be compared with activations (None: the residual stream, `DEFAULT_HOOK`; each matrix's input, `READ_HOOK`, for read-side matrices alone; the sub-layer outputs, `WRITE_HOOK`, where a norm follows them)
+                       device:str|None=None, # where each delta's SVD runs, e.g. 'cuda' for a large pair (None: where the weights are; the CPU for checkpoints)
                        progress:bool=True, # show a progress bar
                       )->Directions:
     "Top-`k` singular directions of every requested weight delta of a model pair."
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1: raise WeightwatchError(f"k must be a positive integer, got {k!r}")
     k, layers = int(k), ([int(layers)] if isinstance(layers, numbers.Integral) else layers)
-    matrices, _ = _as_matrices(matrices), svd_method((1, 1), 1, method)
+    matrices, _, dev = _as_matrices(matrices), svd_method((1, 1), 1, method), None if device is None else check_device(device)
     if isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter':
         if lora is not None and Path(lora) != Path(finetuned): raise WeightwatchError("pass the LoRA adapter once: as `finetuned` or as `lora=`, not both")
         finetuned, lora = None, finetuned
@@ -358,9 +359,10 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                           "their update is not in these directions", stacklevel=2)
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:
             for l, m, L, R in lora_factors(lora, bt.config, matrices, layers):
+                if dev: L, R = L.to(dev), R.to(dev)
                 U, s = lowrank_svd(L, R, k)
                 norms[f"L{l}.{m}"] = float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
-                if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous(), s
+                if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
                 used.add('lowrank'); pb.update()
         fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(LoraTensors(bt, lora))}
     else:
@@ -370,9 +372,10 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         plan = find_keys(ft.keys(), info, matrices, layers)
         with _pbar(len(plan), progress, 'directions') as pb:
             for l, m, D in iter_deltas(bt, ft, matrices, mode, layers):
+                if dev: D = D.to(dev)
                 U, s, meth = top_svd(D, k, method)
                 norms[f"L{l}.{m}"] = float(D.norm())
-                if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous(), s
+                if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
                 used.add(meth); pb.update()
                 del D
         fps = {'base': fingerprint(_origin(bt)) if bt is not None else None, 'finetuned': fingerprint(_origin(ft))}
@@ -524,10 +527,10 @@ def stable_rank(S:Tensor, # singular values
 def _directions_cmd(args):
     fin, base = args.finetuned, args.base
     if fin is None and args.lora is None and args.mode == 'raw': base, fin = None, base
-    method = 'exact' if args.exact else 'randomized' if args.randomized else 'auto'
+    method, device = 'exact' if args.exact else 'randomized' if args.randomized else 'auto', check_device(args.device)
     check_output(args.output, [], 'directions file', models=[base, fin, args.lora])
     d = compute_directions(base, fin, k=args.k, matrices=args.matrices, method=method, mode=args.mode, lora=args.lora,
-                           layers=args.layers, hook_point=args.hook_point, progress=not args.quiet)
+                           layers=args.layers, hook_point=args.hook_point, device=device, progress=not args.quiet)
     p = d.save(args.output)
     print(f"wrote {p}: {len(d)} directions over layers {d.layers[0]}..{d.layers[-1]} x {','.join(d.matrices)} "
           f"(k={args.k}, mode={args.mode}, svd={d.meta['svd']}, fine-tuned {d.meta['fingerprints']['finetuned']['id']})"
@@ -553,6 +556,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--hook-point', default=None, help=f"hook template recorded in the file (default {DEFAULT_HOOK}, the residual stream; "
                    f"{READ_HOOK}, what each matrix reads, when only read-side matrices are asked for; {WRITE_HOOK} for models that normalise "
                    "each attention and MLP output, Gemma 2 and OLMo 2)")
+    p.add_argument('--device', default='cpu', help='where the SVDs run: cpu, cuda, cuda:1, mps (default cpu); the weights are read from disk either way')
     add_quiet(p)
     p.set_defaults(func=_directions_cmd)
     return p
