@@ -341,7 +341,8 @@ def cache_as_hub_model(ckpt:str|os.PathLike, # checkpoint directory written by `
 # %% ../nbs/00_core.ipynb #2c699960
 _ARCH_KEYS = ('model_type', 'hidden_size', 'num_hidden_layers', 'intermediate_size', 'num_attention_heads',
               'num_key_value_heads', 'vocab_size', 'n_embd', 'n_layer', 'n_head', 'n_inner', 'd_model')
-_SKIP = re.compile(r'(embed|wte|wpe|lm_head|embed_out|unembed)')
+_SKIP = re.compile(r'(embed|wte|wpe|lm_head|embed_out|unembed)')   # not a block weight: embeddings (hashed apart) and the unembedding
+_UNEMBED = re.compile(r'(lm_head|embed_out|unembed)')              # not fingerprinted: a tied checkpoint does not store it
 
 def arch_summary(config, # a Hugging Face `PretrainedConfig` or its dict
                 )->dict:
@@ -410,8 +411,8 @@ def _weight_files(d:Path)->list[Path]:
     if idx.is_file(): return sorted({d/f for f in json.loads(idx.read_text())['weight_map'].values()})
     return sorted(f for f in d.glob('*.safetensors') if 'adapter' not in f.name)
 
-def _named_block_tensors(model):
-    "Yield (name, tensor) for the block weights of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them."
+def _named_tensors(model):
+    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them."
     if isinstance(model, (str, os.PathLike)):
         from safetensors import safe_open
         d = Path(resolve_source(model).ref)
@@ -421,27 +422,35 @@ def _named_block_tensors(model):
         for f in files:
             with safe_open(str(f), 'pt') as fh: names.update({k: f for k in fh.keys()})
         for n, k in _as_loaded(names, (d/'config.json').read_text()):
-            if _SKIP.search(n): continue
+            if _UNEMBED.search(n): continue
             with safe_open(str(names[k]), 'pt') as fh: yield n, fh.get_tensor(k)
     else:
         for k, v in sorted(hf_state_dict(model).items()):
-            if not _SKIP.search(k): yield k, v
+            if not _UNEMBED.search(k): yield k, v
 
 def _fingerprint(cfg, # the model's config (object or dict)
-                 tensors, # (name, tensor) pairs of its block weights, in name order
+                 tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order
                 )->dict:
     head = json.dumps(arch_summary(cfg), sort_keys=True).encode()
-    h, seen, low = hashlib.sha256(head), [], {n: hashlib.sha256(head) for n in _PRECISIONS}
+    hashes = lambda start: (hashlib.sha256(start), {n: hashlib.sha256(start) for n in _PRECISIONS})
+    (h, low), (he, lowe), seen, n_embed = hashes(head), hashes(b'embeddings'), [], 0
     for k, t in tensors:
-        if t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
-        h.update(k.encode()); h.update(_sample(t))
-        for n, g in low.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n] if t.is_floating_point() else None))
-    # the model's precision is its narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
+        emb = bool(_SKIP.search(k))   # the embeddings get a hash of their own: the block hash stays what it was before they were hashed
+        if emb: n_embed += 1
+        elif t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
+        hk, lk = (he, lowe) if emb else (h, low)
+        hk.update(k.encode()); hk.update(_sample(t))
+        for n, g in lk.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n] if t.is_floating_point() else None))
+    # the model's precision is its blocks' narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
     # then the hash at its own precision (those modules rounded too) is kept, to match the checkpoint's rounded hash
     dtype = min(seen, key=lambda d: d.itemsize) if seen else None
     keep = lambda p: dtype is not None and ((p != dtype and p.itemsize <= dtype.itemsize) or (p == dtype and len(seen) > 1))
-    return {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype),
-            'rounded': {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n])}}
+    rounded = lambda low: {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n])}
+    out = {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype), 'rounded': rounded(low)}
+    if n_embed:
+        out['embed'] = {'sha256': he.hexdigest(), 'rounded': rounded(lowe)}
+        out['id'] = hashlib.sha256((out['sha256'] + he.hexdigest()).encode()).hexdigest()[:16]   # shown in messages: it tells models apart
+    return out
 
 def fingerprint(model, # HF model, TransformerBridge, checkpoint source ('zoo:NAME', a directory), or a tensor source that computes its own (`delta.LoraTensors`)
                )->dict:
@@ -450,15 +459,23 @@ def fingerprint(model, # HF model, TransformerBridge, checkpoint source ('zoo:NA
     if isinstance(model, (str, os.PathLike)):
         cfg = json.loads((Path(resolve_source(model).ref)/'config.json').read_text())
     else: cfg = getattr(model, 'original_model', model).config
-    return _fingerprint(cfg, _named_block_tensors(model))
+    return _fingerprint(cfg, _named_tensors(model))
 
 def same_weights(want:dict|None, # the fingerprint an artifact recorded
                  have:dict|None, # the fingerprint of the model at hand
                 )->str|None: # 'exact', 'precision' (the same weights held at another precision) or None
     "Whether two fingerprints are the same model's weights at the same precision, at another precision, or not the same model."
-    a, b = (want or {}).get('sha256'), (have or {}).get('sha256')
-    if not a or not b: return None
+    want, have = want or {}, have or {}
     da, db = want.get('dtype'), have.get('dtype')
+    blocks = _same_hashes(want, have, da, db)
+    if blocks is None or not (want.get('embed') and have.get('embed')): return blocks   # an artifact from before embeddings were hashed: its blocks
+    embed = _same_hashes(want['embed'], have['embed'], da, db)
+    return None if embed is None else 'exact' if blocks == embed == 'exact' else 'precision'
+
+def _same_hashes(want:dict, have:dict, da:str|None, db:str|None)->str|None:
+    "`same_weights` for one hash (the blocks', or the embeddings'), the models' precisions `da` and `db`."
+    a, b = want.get('sha256'), have.get('sha256')
+    if not a or not b: return None
     if a == b: return 'exact' if not da or not db or da == db else 'precision'   # e.g. bfloat16 weights upcast to float32
     ra, rb = want.get('rounded') or {}, have.get('rounded') or {}
     if b == ra.get(db) or a == rb.get(da): return 'precision'
@@ -471,6 +488,8 @@ def precision_hint(want:dict|None, # the fingerprint an artifact recorded
     "A sentence for a mismatch message when loading at another precision might explain it."
     a, b = (want or {}).get('dtype'), (have or {}).get('dtype')
     if not want or not b: return ''
+    if want.get('embed') and have.get('embed') and _same_hashes(want, have, a, b) and not _same_hashes(want['embed'], have['embed'], a, b):
+        return " (its transformer blocks are the artifact's model's, but its input embeddings differ: retrained or resized embeddings make another model)"
     if not a:   # an artifact from before precisions were recorded: it was made at float32 unless its maker said otherwise
         return '' if b == 'float32' else " (the artifact records no precision: if it is the same model, load it in float32, `--dtype float32` / `dtype=torch.float32`)"
     size = lambda n: getattr(getattr(torch, n, None), 'itemsize', 0)

@@ -12,7 +12,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
-                                 add_quiet, COUNT, check_apart, _weight_files)
+                                 add_quiet, COUNT, check_apart, same_weights, _weight_files)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
@@ -283,7 +283,7 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
         model.save_pretrained(work, safe_serialization=True); tok.save_pretrained(work)
         rec = dict(format='weightwatch-edit', schema_version=EDIT_SCHEMA, **getattr(model, 'ww_edit', {'kind': 'unknown'}))
         rec['fingerprints'] = {**rec.get('fingerprints', {}), 'edited': fingerprint(model)}
-        if fingerprint(work)['sha256'] != rec['fingerprints']['edited']['sha256']:   # read back before it replaces anything
+        if same_weights(rec['fingerprints']['edited'], fingerprint(work)) != 'exact':   # read back before it replaces anything
             raise WeightwatchError(f"cannot verify the saved checkpoint, so nothing was written to {str(out)!r}: this {model.config.model_type} "
                                    "model stores its weights under other names than the loaded model has (e.g. fused mixture-of-experts "
                                    "weights), which weightwatch_nb cannot fingerprint yet")
@@ -322,7 +322,7 @@ def read_edit(path:str|os.PathLike, # checkpoint directory written by `save_edit
         if name not in files: raise changed(f"it holds weights in `{name}`, which the record does not list")
         if name not in have or not have[name].is_file(): raise changed(f"the weights file `{name}` is missing")
         if _sha256(have[name]) != files[name]: raise changed(f"the weights file `{name}` has other bytes (its sha256 differs)")
-    if fingerprint(path)['sha256'] != want: raise changed("its fingerprint differs")
+    if same_weights(rec['fingerprints']['edited'], fingerprint(path)) != 'exact': raise changed("its fingerprint differs")
     return rec
 
 # %% ../nbs/12_edit.ipynb #3e82e7fc
