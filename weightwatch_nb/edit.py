@@ -237,16 +237,16 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
     check_comparable(base, finetuned)
     hf = _hf_copy(finetuned)
     sd, bsd = hf_state_dict(hf), hf_state_dict(base if isinstance(base, torch.nn.Module) else load_hf(base)[0])
-    if matrices is None: names = {n: None for n, p in hf.named_parameters() if p.is_floating_point()}
+    if matrices is None: names = [(n, None) for n, p in hf.named_parameters() if p.is_floating_point()]
     else:
         matrices, info = _as_matrices(matrices), arch_info(hf.config)
         _check_tied(info, matrices)
-        names = {k: s for k, s in find_keys(list(sd), info, matrices, layers).values()}
-    for n in names:   # before any arithmetic: torch.lerp's own error names no tensor
+        names = list(find_keys(list(sd), info, matrices, layers).values())   # (name, spec): a fused tensor once per matrix in it
+    for n, _ in names:   # before any arithmetic: torch.lerp's own error names no tensor
         if n not in bsd or bsd[n].shape != sd[n].shape:
             raise WeightwatchError(f"base and fine-tuned models differ in `{n}`: {list(bsd[n].shape) if n in bsd else 'missing'} vs {list(sd[n].shape)}; "
                                    "interpolation needs the same architecture and sizes: pass the base model this fine-tune started from")
-    pairs = [(sd[n], bsd[n]) if s is None else (orient(sd[n], s, info, n), orient(bsd[n], s, info, n)) for n, s in names.items()]
+    pairs = [(sd[n], bsd[n]) if s is None else (orient(sd[n], s, info, n), orient(bsd[n], s, info, n)) for n, s in names]
     with torch.no_grad():
         for W, Wb in tqdm(pairs, desc=f'interpolating (α={alpha:g})', disable=not progress, leave=False):
             W.copy_(torch.lerp(Wb.to(W), W, float(alpha)))
