@@ -2,7 +2,7 @@
 import json
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
-from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors
+from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented
 from weightwatch_nb.directions import Directions, compute_directions
 
 def tiny(arch, path, seed=0):
@@ -171,7 +171,8 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
     w = removed_weights(b, tmp_path/'ft', 2, matrices=['unembed', 'mlp_out'], like=load_model(tmp_path/'ft'), progress=False)
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
 
-ARCH_KW = {'gptj': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, rotary_dim=8)}   # GPT-J's own config names
+ARCH_KW = {'gptj': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, rotary_dim=8),   # GPT-J's own config names
+           'gpt_neox': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)}   # no grouped-query attention
 
 def _plain_pair(arch, tmp_path, plant):
     "A tiny pair of a Hugging Face architecture (norm gains randomised) with `plant` rank-1 updates; returns base, fine-tuned, truth."
@@ -250,19 +251,58 @@ def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
     assert not (tmp_path/'out').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['moe']
 
 def test_lora_on_modules_no_matrix_maps_warns(tmp_path):
-    "GPT-NeoX fuses q, k and v per head, so no matrix maps to `query_key_value`: a LoRA update there is named in a warning, not dropped silently."
+    "A LoRA update on a module no matrix maps to is named in a warning, not dropped silently."
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
     b = tiny('gpt_neox', tmp_path/'base')
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM        # (this tiny checkpoint has no tokenizer, which `load_hf` would load)
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['query_key_value', 'dense_4h_to_h']))
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['dense_h_to_4h', 'dense_4h_to_h']))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path/'lora')
-    with pytest.warns(UserWarning, match=r"changes 2 module\(s\) that no gpt_neox matrix maps to \(e.g. \['base_model.model.gpt_neox.layers.0.attention.query_key_value"):
+    f = tmp_path/'lora'/'adapter_model.safetensors'       # as an adapter on a module this architecture has no matrix for would store it
+    save_file({k.replace('dense_h_to_4h', 'extra_proj'): v for k, v in load_file(f).items()}, f)
+    with pytest.warns(UserWarning, match=r"changes 2 module\(s\) that no gpt_neox matrix maps to \(e.g. \['base_model.model.gpt_neox.layers.0.mlp.extra_proj"):
         d = compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
     assert d.matrices == ['mlp_out']                      # the mapped update is still there
+
+def test_neox_qkv_rows_are_what_attention_computes(tmp_path):
+    "GPT-NeoX keeps q, k and v in one matrix, interleaved head by head: `orient` picks exactly the rows its attention uses as each."
+    from transformers import AutoModelForCausalLM
+    b = tiny('gpt_neox', tmp_path/'base')
+    hf = AutoModelForCausalLM.from_pretrained(b)
+    info = arch_info(json.loads((b/'config.json').read_text()))
+    att = hf.gpt_neox.layers[0].attention
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():   # as GPTNeoXAttention.forward splits its output: view as [head, 3 * head_size], then q | k | v in each head
+        qkv = att.query_key_value(x).view(2, 5, -1, 3 * att.head_size).chunk(3, dim=-1)
+        for i, m in enumerate(('attn_q', 'attn_k', 'attn_v')):
+            W = orient(att.query_key_value.weight, info['specs'][m], info, m)        # [d_model, d_in]
+            bias = att.query_key_value.bias.view(-1, 3 * att.head_size).chunk(3, dim=-1)[i].reshape(-1)
+            assert torch.allclose((x @ W + bias).view(2, 5, -1, att.head_size), qkv[i], atol=1e-5), m
+        W, spec = att.query_key_value.weight.clone(), info['specs']['attn_k']
+        put_oriented(W, spec, info, torch.zeros(64, 64))                             # writing one part: only its rows change
+        assert torch.equal(orient(W, spec, info), torch.zeros(64, 64))
+        for m in ('attn_q', 'attn_v'): assert torch.equal(orient(W, info['specs'][m], info), orient(att.query_key_value.weight, info['specs'][m], info))
+
+def test_neox_lora_on_fused_qkv_equals_merged(tmp_path):
+    "A LoRA adapter on GPT-NeoX's query_key_value: q, k and v each get their own interleaved rows of the update."
+    from peft import LoraConfig, get_peft_model
+    b, _, _ = _plain_pair('gpt_neox', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=['query_key_value']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    ms = ['attn_q', 'attn_k', 'attn_v']
+    dlo = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
+    dme = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
+    assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
+    for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4), key
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
@@ -282,14 +322,14 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj'])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox'])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
-    "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm): planted updates are found, and `ClipWeights` removes them in the same pass."
+    "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head): planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.monitor import scan
     from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
     from weightwatch_nb.edit import removed_update, removed_weights
-    mr = 'mlp_in' if arch in ('phi', 'gptj') else 'mlp_gate'                  # (no gated MLP)
+    mr = 'mlp_in' if arch in ('phi', 'gptj', 'gpt_neox') else 'mlp_gate'      # (no gated MLP)
     ms = ['attn_out', 'attn_k', mr]
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (1, mr): 1})
     dw = compute_directions(b, f, k=1, matrices=['attn_out'], progress=False)

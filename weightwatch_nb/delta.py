@@ -13,10 +13,11 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'READ_MATRICES',
-           'BLOCK_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient', 'CheckpointTensors', 'StateDictTensors',
-           'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'lora_factors', 'LoraTensors',
-           'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM',
+           'READ_MATRICES', 'BLOCK_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient', 'put_oriented',
+           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas',
+           'read_adapter', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
+           'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'embed', 'unembed')
@@ -29,7 +30,7 @@ class MatrixSpec:
     stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2) or 'embedding' ([vocab, d_model])
     residual:str         # side that touches the residual stream: 'out' (writes to it) or 'in' (reads from it)
     other:str            # size of the other side: 'q', 'kv', 'd_mlp' or 'vocab' (see `arch_info`)
-    part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv'))
+    part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv')); (i, HEADS): the i-th of q, k, v interleaved per head (GPT-NeoX)
     alt:tuple=()         # other names of it, tried in turn (a loaded GPT-NeoX calls the stored `embed_out` `lm_head`)
 
 # %% ../nbs/03_delta.ipynb #10239f4c
@@ -52,7 +53,11 @@ _GPT2 = _specs(attn_out=('h.{layer}.attn.c_proj.weight', 'conv1d', 'out', 'q'),
                mlp_in=('h.{layer}.mlp.c_fc.weight', 'conv1d', 'in', 'd_mlp'),
                embed=('wte.weight', 'embedding', 'out', 'vocab'),
                unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+HEADS = 'heads'   # GPT-NeoX fuses q, k and v head by head: rows [head 0: q k v, head 1: q k v, ...], no block of rows per matrix
 _NEOX = _specs(attn_out=('layers.{layer}.attention.dense.weight', 'linear', 'out', 'q'),
+               attn_q=('layers.{layer}.attention.query_key_value.weight', 'linear', 'in', 'q', (0, HEADS)),
+               attn_k=('layers.{layer}.attention.query_key_value.weight', 'linear', 'in', 'q', (1, HEADS)),
+               attn_v=('layers.{layer}.attention.query_key_value.weight', 'linear', 'in', 'q', (2, HEADS)),
                mlp_out=('layers.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'),
                mlp_in=('layers.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
                embed=('embed_in.weight', 'embedding', 'out', 'vocab'),
@@ -100,7 +105,7 @@ def arch_info(config, # a Hugging Face config or its dict
     head_dim = d.get('head_dim') or d_model // n_heads
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=d.get('num_hidden_layers') or d.get('n_layer'),
                 d_mlp=d.get('intermediate_size') or d.get('n_inner') or 4*d_model, vocab=d['vocab_size'],
-                q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim,
+                q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS[FAMILIES[mt]],
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM, shared_norm=mt in SHARED_NORM)
 
@@ -109,12 +114,20 @@ def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     return {'embed': 0, 'unembed': info['n_layers']-1}.get(matrix, layer)
 
 # %% ../nbs/03_delta.ipynb #b5fc669c
-def _part_rows(spec:MatrixSpec, info:dict)->tuple[int, int, int]:
-    "(start, stop, total): the rows of a fused weight's [out, in] layout that belong to `spec` (all of them if it is not fused)."
+def _part_rows(spec:MatrixSpec, info:dict)->tuple[int|None, int|None, int]:
+    "(start, stop, total): the rows of a fused weight's [out, in] layout that belong to `spec` (all of them if it is not fused; no start and stop if they are interleaved per head)."
     if not spec.part: return 0, info[spec.other], info[spec.other]
     i, n = spec.part
+    if n == HEADS: return None, None, 3 * info['q']
     sizes = [info[s] for s in n] if isinstance(n, tuple) else [info[spec.other]] * n
     return sum(sizes[:i]), sum(sizes[:i+1]), sum(sizes)
+
+def _rows(spec:MatrixSpec, info:dict)->slice|Tensor:
+    "The rows of the fused [out, in] layout that belong to `spec`: a slice, or (interleaved per head) an index."
+    a, b, _ = _part_rows(spec, info)
+    if a is not None: return slice(a, b)
+    hd = info['q'] // info['n_heads']   # GPT-NeoX: rows go head by head, each head's q, then its k, then its v
+    return (torch.arange(info['n_heads'])[:, None] * 3 * hd + spec.part[0] * hd + torch.arange(hd)).reshape(-1)
 
 def _logical_shape(spec:MatrixSpec, info:dict)->tuple:
     "Expected [out, in] shape of the (possibly fused) weight, as an `nn.Linear` would store it."
@@ -125,16 +138,30 @@ def orient(W:Tensor,        # the weight as stored in the checkpoint
            spec:MatrixSpec, # how it is stored (from `arch_info(cfg)['specs']`)
            info:dict,       # sizes from `arch_info`
            name:str='weight', # checkpoint name, for error messages
-          )->Tensor:        # view of `W` as [d_model, d_in]
+          )->Tensor:        # view of `W` as [d_model, d_in] (a copy for parts interleaved per head: write with `put_oriented`)
     "View a stored weight as [d_model (residual side), d_in], checking its shape against the config."
     lo = _logical_shape(spec, info)
     exp = lo if spec.stored == 'linear' else lo[::-1]
     if tuple(W.shape) != exp:
         raise WeightwatchError(f"`{name}` has shape {list(W.shape)}, but a {info['model_type']} {spec.stored} weight with "
                                f"d_model={info['d_model']} should be stored as {list(exp)}: the checkpoint does not match its config.json")
-    L = W if spec.stored == 'linear' else W.T
-    a, b, _ = _part_rows(spec, info); L = L[a:b]
+    L = (W if spec.stored == 'linear' else W.T)[_rows(spec, info)]
     return L if spec.residual == 'out' else L.T
+
+def put_oriented(W:Tensor,        # the weight as stored in the checkpoint (written in place)
+                 spec:MatrixSpec, # how it is stored
+                 info:dict,       # sizes from `arch_info`
+                 value:Tensor,    # the new [d_model, d_in] matrix, as `orient` shows it
+                 name:str='weight', # checkpoint name, for error messages
+                )->Tensor:        # `W`
+    "Write `value` into the rows of `W` that `orient` shows, also where it could only show a copy."
+    O = orient(W, spec, info, name)
+    if tuple(value.shape) != tuple(O.shape):
+        raise WeightwatchError(f"cannot write a {list(value.shape)} matrix into `{name}`, whose {info['model_type']} weight is {list(O.shape)} as [d_model, d_in]")
+    rows = _rows(spec, info)
+    if isinstance(rows, slice): O.copy_(value)   # a view: through it
+    else: (W if spec.stored == 'linear' else W.T)[rows] = (value if spec.residual == 'out' else value.T).to(W.dtype)
+    return W
 
 # %% ../nbs/03_delta.ipynb #4cfd7ff6
 def _safe_open(f:Path, what:str):
@@ -328,7 +355,7 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
             raise WeightwatchError(f"adapter factors of `{mod}` are A {list(A.shape)}, B {list(B.shape)}, but its weight is {list(lo)} "
                                    "([out, in]): the adapter was trained on a different base model")
         B = B * _lora_scale(mod, A.shape[0], cfg)
-        a, b, _ = _part_rows(spec, info); B = B[a:b]
+        B = B[_rows(spec, info)]
         yield (l, m, B, A) if spec.residual == 'out' else (l, m, A.T, B.T)
 
 # %% ../nbs/03_delta.ipynb #8a2850bc
@@ -451,13 +478,13 @@ def plant_update(base:str|os.PathLike, # checkpoint directory to copy
         sd = load_file(f)
         if noise:
             for (l, m), (key, spec) in find_keys(sd.keys(), info, list(info['specs']), required=False).items():
-                W = orient(sd[key], spec, info, key); W.add_(noise * torch.randn(W.shape, generator=g))
+                W = orient(sd[key], spec, info, key); put_oriented(sd[key], spec, info, W + noise * torch.randn(W.shape, generator=g), key)
         for (l, m), (key, spec) in find_keys(sd.keys(), info, sorted({m for _, m in ranks}), required=False).items():
             if (l, m) not in ranks: continue
             r, W = ranks[(l, m)], orient(sd[key], spec, info, key)
             U = torch.linalg.qr(torch.randn(W.shape[0], r, generator=g))[0]
             V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g))[0]
-            W.add_(U @ torch.diag(torch.linspace(scale, scale/2, r)) @ V.T)
+            put_oriented(sd[key], spec, info, W + U @ torch.diag(torch.linspace(scale, scale/2, r)) @ V.T, key)
             planted[(l, m)] = U
         save_file(sd, out/f.name, metadata={'format': 'pt'})
     missing = set(ranks) - set(planted)

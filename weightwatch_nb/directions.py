@@ -354,7 +354,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         plan = find_keys(bt.keys(), info, matrices, layers)
         mods = list(read_adapter(lora)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
-        if other := sorted(set(mods) - mapped):   # e.g. GPT-NeoX's fused query_key_value
+        if other := sorted(set(mods) - mapped):   # e.g. a module of an architecture's own that no matrix stands for
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
                           "their update is not in these directions", stacklevel=2)
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
                                  add_quiet, COUNT, check_apart, same_weights, _weight_files)
-from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
+from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, put_oriented, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model
 from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
@@ -150,8 +150,7 @@ def _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress
             U = _basis(dirs_or_k, (l, m), D)
             n = U.shape[1] if D.abs().max() > 0 else 0   # directions removed from a zero ΔW change nothing
             if n: changed.add(key)
-            W = orient(out[key], spec, info, key)
-            W.copy_(strip_update(W, D, U))
+            put_oriented(out[key], spec, info, strip_update(orient(out[key], spec, info, key), D, U), key)
             removed[f"L{l}.{m}"] = n
             left[key] -= 1
             if not left[key] and held is not None:   # finished: keep it as the model holds its own (e.g. bfloat16 on a GPU)
@@ -215,7 +214,7 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
                         raise WeightwatchError(f"`like` does not hold the fine-tuned model's weights: its `{names[key]}` differs from the fine-tuned "
                                                "checkpoint's; pass the loaded fine-tuned model (at any precision), or leave `like` out")
                     E[key] = torch.zeros(W.shape)
-                orient(E[key], spec, info, key).copy_(U @ (U.T @ D.float()))
+                put_oriented(E[key], spec, info, U @ (U.T @ D.float()), key)
                 rank[key] += U.shape[1]
             if not left[key] and key in E: out[names[key]] = low_rank_factors(E.pop(key), rank[key])   # complete: one dense matrix at a time
     return out
@@ -246,10 +245,11 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
         if n not in bsd or bsd[n].shape != sd[n].shape:
             raise WeightwatchError(f"base and fine-tuned models differ in `{n}`: {list(bsd[n].shape) if n in bsd else 'missing'} vs {list(sd[n].shape)}; "
                                    "interpolation needs the same architecture and sizes: pass the base model this fine-tune started from")
-    pairs = [(sd[n], bsd[n]) if s is None else (orient(sd[n], s, info, n), orient(bsd[n], s, info, n)) for n, s in names]
+    lerp = lambda W, Wb: torch.lerp(Wb.to(W), W, float(alpha))
     with torch.no_grad():
-        for W, Wb in tqdm(pairs, desc=f'interpolating (α={alpha:g})', disable=not progress, leave=False):
-            W.copy_(torch.lerp(Wb.to(W), W, float(alpha)))
+        for n, s in tqdm(names, desc=f'interpolating (α={alpha:g})', disable=not progress, leave=False):
+            if s is None: sd[n].copy_(lerp(sd[n], bsd[n]))
+            else: put_oriented(sd[n], s, info, lerp(orient(sd[n], s, info, n), orient(bsd[n], s, info, n)), n)   # GPT-NeoX's q, k, v: rows, not a view
     hf.ww_edit = _record('interpolate', base, finetuned, alpha=float(alpha),
                          matrices='all' if matrices is None else list(matrices), layers=layers)
     return hf

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from .core import (WeightwatchError, load_model, hf_state_dict, POSITIVE_INT, add_model_options, model_options,
                                  same_weights, precision_hint)
+from .delta import arch_info, find_keys, _rows
 from .calibrate import (Monitor, Tracer, direction_groups, direction_names, encode, as_record, quiet_hf,
                                       context_window, check_directions, check_generation, _pad_id, PROMPT, RESPONSE)
 from .monitor import scan, Report, _mismatch, _error_html
@@ -19,8 +20,9 @@ from .monitor import scan, Report, _mismatch, _error_html
 # %% auto #0
 __all__ = ['REORDERING', 'orthonormalize', 'remove_span', 'remove_masked', 'one_sequence_per_row', 'Steerer', 'check_steerer',
            'steering', 'ProjectOut', 'Add', 'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip',
-           'Rewind', 'steered_generate', 'rewind_generate', 'swapped_weights', 'changed_weights', 'low_rank_factors',
-           'weight_users', 'ClipWeights', 'clip_weights', 'make_steerer', 'SteerView', 'register_cli']
+           'Rewind', 'steered_generate', 'rewind_generate', 'weight_copies', 'swapped_weights', 'changed_weights',
+           'low_rank_factors', 'weight_users', 'ClipWeights', 'clip_weights', 'make_steerer', 'SteerView',
+           'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -366,13 +368,39 @@ def rewind_generate(model, # fine-tuned model (bridge)
         for i, r in zip(redo, again): r.index, r.rewound_at, out[i] = i, out[i].first_flag_token, r
     return out
 
+# %% ../nbs/07_steer.ipynb #da543ff9
+def weight_copies(model, # the model (bridge or HF model)
+                 )->dict: # weight name -> [(module, rows)]: a module whose weight is a copy of those rows of it
+    "Where a bridge computes with copies of a fused weight's rows, made when it loaded: GPT-NeoX's q, k and v, split off `query_key_value`."
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
+    if not hasattr(model, 'original_model'): return {}
+    sd = hf_state_dict(model)
+    try: info = arch_info(model.original_model.config)
+    except WeightwatchError: return {}   # an architecture with no mapped matrices: nothing to follow
+    key_of = {W.untyped_storage().data_ptr(): k for k, W in sd.items() if W.ndim == 2}
+    parts = {(key, m): spec for (_, m), (key, spec) in find_keys(list(sd), info, ['attn_q', 'attn_k', 'attn_v'], required=False).items()}
+    out, comp = {}, lambda b: getattr(b, 'original_component', None)
+    for att in model.modules():
+        fused = comp(getattr(att, 'qkv', None)) if isinstance(att, JointQKVAttentionBridge) else None
+        if getattr(fused, 'weight', None) is None: continue
+        W = fused.weight
+        key = key_of.get(W.untyped_storage().data_ptr())
+        for name, m in (('q', 'attn_q'), ('k', 'attn_k'), ('v', 'attn_v')):
+            sub, spec = comp(getattr(att, name, None)), parts.get((key, m))
+            if spec is None or spec.stored != 'linear' or not isinstance(sub, torch.nn.Linear) or sub.weight.untyped_storage().data_ptr() == W.untyped_storage().data_ptr(): continue
+            rows = _rows(spec, info)
+            rows = torch.arange(W.shape[0])[rows] if isinstance(rows, slice) else rows
+            if tuple(sub.weight.shape) == (len(rows), W.shape[1]) and torch.equal(sub.weight, W[rows.to(W.device)]):   # what it holds, checked
+                out.setdefault(key, []).append((sub, rows))
+    return out
+
 # %% ../nbs/07_steer.ipynb #02a9c736
 @contextmanager
 def swapped_weights(model, # the model (bridge or HF model): its weights change in place while the block runs
                     weights:dict, # checkpoint name -> tensor to use instead (only the ones that differ)
                    ):
     "Run a `with` block with `weights` in place of the model's own; they are put back on exit, also on error."
-    sd = hf_state_dict(model)
+    sd, copies = hf_state_dict(model), weight_copies(model)
     bad = [k for k in weights if k not in sd]
     if bad: raise WeightwatchError(f"weights {bad[:3]} are not in this model (its names look like {list(sd)[:2]}); pass tensors under its checkpoint names")
     bad = [f"{k}: {list(v.shape)}, the model's {list(sd[k].shape)}" for k, v in weights.items() if v.shape != sd[k].shape]
@@ -380,11 +408,15 @@ def swapped_weights(model, # the model (bridge or HF model): its weights change 
     saved = {k: sd[k].detach().clone() for k in weights}
     try:
         with torch.no_grad():
-            for k, v in weights.items(): sd[k].copy_(v)
+            for k, v in weights.items():
+                sd[k].copy_(v)
+                for m, rows in copies.get(k, []): m.weight.copy_(sd[k][rows.to(sd[k].device)])   # and the copies it computes with
         yield model
     finally:
         with torch.no_grad():
-            for k, v in saved.items(): sd[k].copy_(v)
+            for k, v in saved.items():
+                sd[k].copy_(v)
+                for m, rows in copies.get(k, []): m.weight.copy_(v[rows.to(v.device)])
 
 def changed_weights(edited, # the edited model (HF model or bridge), e.g. from `remove_directions`
                     model, # the model it was made from
@@ -457,7 +489,7 @@ class _Detach:
 def attach(self:ClipWeights, model)->list:
     "A hook on each module that computes with an updated matrix, and one that starts each pass's mask (all checked before any is attached; nothing if already attached)."
     if id(model) in self._on_models: return []              # e.g. `scan(..., steer=cw)` inside `with clip_weights(...)`: subtract once, not twice
-    sd, users, plan = hf_state_dict(model), weight_users(model), []
+    sd, users, copies, plan = hf_state_dict(model), weight_users(model), weight_copies(model), []
     for k, (A, B) in self.update.items():
         W = sd.get(k)
         if W is None or W.ndim != 2: raise WeightwatchError(f"the update names `{k}`, which is not a matrix of this model (its weights look like {list(sd)[:2]}); "
@@ -469,10 +501,11 @@ def attach(self:ClipWeights, model)->list:
             if not conv and not isinstance(m, torch.nn.Linear):
                 raise WeightwatchError(f"`{k}` is used by {type(m).__name__ if m is not None else 'no module'}, not by a linear layer: "
                                        "only linear layers can be clipped in weight space; make the update without it")
-            plan.append((k, m, conv))
+            plan.append((k, m, conv, None))
+        plan += [(k, m, False, rows) for m, rows in copies.get(k, [])]   # a bridge's copies of some rows (GPT-NeoX's q, k, v)
     self._held, self._ran, self._checked, hs = {k: sd[k] for k in self.update}, set(), False, []
     try:
-        for k, m, conv in plan: hs.append(m.register_forward_hook(self._remove(k, conv)))
+        for k, m, conv, rows in plan: hs.append(m.register_forward_hook(self._remove(k, conv, rows)))
         hs.append(model.original_model.base_model.register_forward_pre_hook(self._begin, with_kwargs=True))
     except BaseException:
         for h in hs: h.remove()
@@ -482,12 +515,13 @@ def attach(self:ClipWeights, model)->list:
 
 # %% ../nbs/07_steer.ipynb #08e64cbb
 @patch
-def _factors(self:ClipWeights, k:str, w:Tensor, conv:bool)->tuple[Tensor, Tensor]:
-    "(L, R) with x @ L @ R the update's share of a module's output (its weight `w`: the matrix `k` or a view of it), on `w`'s device and dtype, made once."
+def _factors(self:ClipWeights, k:str, w:Tensor, conv:bool, rows:Tensor|None=None)->tuple[Tensor, Tensor]:
+    "(L, R) with x @ L @ R the update's share of a module's output (its weight `w`: the matrix `k`, a view of it, or a copy of its `rows`), on `w`'s device and dtype, made once."
     key = (k, w.data_ptr(), tuple(w.shape), w.stride(), str(w.device), w.dtype)
     if key not in self._fac:
         (A, B), W = self.update[k], self._held[k]
-        if (w.shape, w.stride(), w.storage_offset()) != (W.shape, W.stride(), W.storage_offset()):   # a view: the same view of A @ B
+        if rows is not None: A = A[rows]   # a copy of those rows of `k` ([out, in]): those rows of A @ B
+        elif (w.shape, w.stride(), w.storage_offset()) != (W.shape, W.stride(), W.storage_offset()):   # a view: the same view of A @ B
             if not W.is_contiguous(): raise WeightwatchError(f"`{k}` is not contiguous, so the view a module takes of it cannot be followed")
             A, B = low_rank_factors((A @ B).as_strided(w.shape, w.stride(), w.storage_offset() - W.storage_offset()), A.shape[1])
         A, B = A.to(w.device, w.dtype), B.to(w.device, w.dtype)
@@ -495,7 +529,7 @@ def _factors(self:ClipWeights, k:str, w:Tensor, conv:bool)->tuple[Tensor, Tensor
     return self._fac[key]
 
 @patch
-def _remove(self:ClipWeights, k:str, conv:bool):
+def _remove(self:ClipWeights, k:str, conv:bool, rows:Tensor|None=None):
     "Forward hook of one matrix: its output minus the update's share, at the tokens whose sequence is switched."
     def fn(mod, args, out):
         x, g = args[0], self.gate
@@ -505,7 +539,7 @@ def _remove(self:ClipWeights, k:str, conv:bool):
             raise WeightwatchError(f"`{k}` ran on a {list(x.shape)} input, which does not line up with the pass's {list(g.shape)} tokens "
                                    "(e.g. experts of a mixture-of-experts layer see a subset of tokens): ClipWeights cannot follow it; "
                                    "make the update without that matrix, or use `rewind_generate(..., weights=...)`")
-        L, R = self._factors(k, mod.weight, conv)
+        L, R = self._factors(k, mod.weight, conv, rows)
         return out - ((x @ L) @ R) * g[:, -x.shape[1]:, None].to(out.dtype)   # the last tokens: the LM head may see only those
     return fn
 
