@@ -95,9 +95,16 @@ def discover()->list[Page]:
 # --------------------------------------------------------------------------------------------------
 # Execute + process (runs in a fresh spawned process per notebook)
 
-def _flags(cfg)->set:
-    "`tst_flags` from settings.ini, accepting space, comma or | separators"
-    return set(o for o in re.split(r'[\s,|]+', cfg.get('tst_flags', '') or '') if o)
+def _flags(cfg, key:str='tst_flags')->set:
+    "Flags listed under `key` in settings.ini (`tst_flags`, `docs_flags`), accepting space, comma or | separators"
+    return set(o for o in re.split(r'[\s,|]+', cfg.get(key, '') or '') if o)
+
+def _flagged(src:Path, flags:set)->int:
+    "How many code cells of notebook `src` carry one of `flags`"
+    if not flags: return 0
+    from execnb.nbio import read_nb
+    from nbdev.process import extract_directives
+    return sum(1 for c in read_nb(src).cells if c.cell_type=='code' and flags & extract_directives(c, remove=False).keys())
 
 def _make_procs(nb, k):
     "nbdev's docs processors, with show_doc cells executed in the notebook's warm kernel `k`"
@@ -155,8 +162,8 @@ def _mixed_import_cells(nb)->list[int]:
         if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes): res.append(i)
     return res
 
-def execute_and_process(src:str, dst:str)->dict:
-    "Execute notebook `src` like `nbdev_test`, run nbdev's docs processors on it, write it to `dst`"
+def execute_and_process(src:str, dst:str, run_flags=())->dict:
+    "Execute notebook `src` like `nbdev_test --flags run_flags`, run nbdev's docs processors on it, write it to `dst`"
     os.chdir(ROOT)
     os.environ['IN_TEST'] = '1'
     os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -173,7 +180,7 @@ def execute_and_process(src:str, dst:str)->dict:
         res['warnings'].append(f"cells {mixed} mix imports with other code: `nbdev_docs` (Quarto) would execute them "
                                "without the rest of the notebook; put imports in cells of their own")
     fm = getattr(NBProcessor(src, procs=FrontmatterProc, process=True).nb, 'frontmatter_', {})
-    flags = _flags(cfg)
+    flags = _flags(cfg) - set(run_flags)
     def skip(cell):
         if cell.cell_type!='code': return True
         if 'nbdev_export'+'(' in cell.source: return True
@@ -450,6 +457,8 @@ def main(argv=None):
     ap.add_argument('--out', default=str(SITE), help='output folder (default: _site/)')
     ap.add_argument('--render-only', action='store_true',
                     help='reuse the notebooks executed by the last build (_proc/_docs_build/): for work on the templates')
+    ap.add_argument('--flags', default=None,
+                    help="tst_flags whose cells run anyway, like `nbdev_test --flags` (default: settings.ini docs_flags; '' for none)")
     args = ap.parse_args(argv)
     t0 = time.time()
     os.chdir(ROOT)
@@ -466,10 +475,19 @@ def main(argv=None):
         if PROC.exists(): shutil.rmtree(PROC)
         PROC.mkdir(parents=True)
         jobs = max(1, min(args.jobs, len(pages)))
+        # torch's threads per notebook: together no more than the cores (oversubscribed, small models spin-wait for
+        # each other's threads, up to 10x slower here); spawned workers inherit the environment
+        os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // jobs)))
         ctx = multiprocessing.get_context('spawn')
         kw = dict(max_tasks_per_child=1) if sys.version_info >= (3, 11) else {}
+        run_flags = _flags(_cfg(), 'docs_flags') if args.flags is None else set(re.split(r'[\s,|]+', args.flags)) - {''}
+        if unknown := run_flags - _flags(_cfg()): sys.exit(f"docs: --flags {' '.join(sorted(unknown))}: not in settings.ini tst_flags ({_cfg().get('tst_flags', '')})")
+        if run_flags: print(f"docs: cells flagged {' '.join(sorted(run_flags))} are executed too", flush=True)
+        # the notebooks with such cells are the long ones (that is why they are flagged): start them first, so the
+        # others fill the remaining workers instead of one long notebook running alone at the end
+        order = sorted(pages, key=lambda p: -_flagged(p.src, run_flags))
         with ProcessPoolExecutor(jobs, mp_context=ctx, **kw) as ex:
-            futs = {ex.submit(execute_and_process, str(p.src), str(p.proc)): p for p in pages}
+            futs = {ex.submit(execute_and_process, str(p.src), str(p.proc), sorted(run_flags)): p for p in order}
             for f in as_completed(futs):
                 p = futs[f]
                 try: r = f.result()
