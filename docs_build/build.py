@@ -466,6 +466,8 @@ def main(argv=None):
     pages = discover()
     print(f"docs: {len(pages)} notebooks: " + ', '.join(p.src.relative_to(ROOT).as_posix() for p in pages), flush=True)
     manifest = PROC/'manifest.json'
+    run_flags = _flags(_cfg(), 'docs_flags') if args.flags is None else set(re.split(r'[\s,|]+', args.flags)) - {''}
+    if unknown := run_flags - _flags(_cfg()): sys.exit(f"docs: --flags {' '.join(sorted(unknown))}: not in settings.ini tst_flags ({_cfg().get('tst_flags', '')})")
     if args.render_only:
         if not manifest.exists(): sys.exit("docs: --render-only needs a previous full build (no _proc/_docs_build/manifest.json)")
         done = json.loads(manifest.read_text())
@@ -480,8 +482,6 @@ def main(argv=None):
         os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // jobs)))
         ctx = multiprocessing.get_context('spawn')
         kw = dict(max_tasks_per_child=1) if sys.version_info >= (3, 11) else {}
-        run_flags = _flags(_cfg(), 'docs_flags') if args.flags is None else set(re.split(r'[\s,|]+', args.flags)) - {''}
-        if unknown := run_flags - _flags(_cfg()): sys.exit(f"docs: --flags {' '.join(sorted(unknown))}: not in settings.ini tst_flags ({_cfg().get('tst_flags', '')})")
         if run_flags: print(f"docs: cells flagged {' '.join(sorted(run_flags))} are executed too", flush=True)
         # the notebooks with such cells are the long ones (that is why they are flagged): start them first, so the
         # others fill the remaining workers instead of one long notebook running alone at the end
