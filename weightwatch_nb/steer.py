@@ -7,6 +7,7 @@ from __future__ import annotations
 import html, numbers, sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 from fastcore.basics import patch
 import torch
 from torch import Tensor
@@ -20,9 +21,9 @@ from .monitor import scan, Report, _mismatch, _error_html
 # %% auto #0
 __all__ = ['REORDERING', 'orthonormalize', 'remove_span', 'remove_masked', 'one_sequence_per_row', 'Steerer', 'check_steerer',
            'steering', 'ProjectOut', 'Add', 'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip',
-           'Rewind', 'steered_generate', 'rewind_generate', 'weight_copies', 'swapped_weights', 'changed_weights',
-           'low_rank_factors', 'weight_users', 'ClipWeights', 'clip_weights', 'make_steerer', 'SteerView',
-           'register_cli']
+           'Rewind', 'steered_generate', 'rewind_generate', 'WeightCopy', 'weight_copies', 'swapped_weights',
+           'changed_weights', 'low_rank_factors', 'weight_users', 'ClipWeights', 'clip_weights', 'make_steerer',
+           'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -369,9 +370,21 @@ def rewind_generate(model, # fine-tuned model (bridge)
     return out
 
 # %% ../nbs/07_steer.ipynb #da543ff9
+class WeightCopy(NamedTuple):
+    "A module's weight or bias that is a copy of some rows of a checkpoint tensor, in `nn.Linear`'s [out, in] layout."
+    module: torch.nn.Module # the module that computes with the copy
+    rows: Tensor # which rows of the matrix as [out, in] (for a GPT-2 `Conv1D` matrix, stored [in, out]: its columns); of a bias, its entries
+    conv: bool # the matrix is stored [in, out] (GPT-2), so the copy is the transpose of those columns
+    attr: str = 'weight' # the module's parameter that holds the copy: 'weight' or 'bias'
+
+    def of(self, W:Tensor)->Tensor:
+        "What the copy holds of the stored tensor `W` (or of anything in `W`'s layout, e.g. an update)."
+        r = self.rows.to(W.device)
+        return W[:, r].T if self.conv and W.ndim == 2 else W[r]
+
 def weight_copies(model, # the model (bridge or HF model)
-                 )->dict: # weight name -> [(module, rows)]: a module whose weight is a copy of those rows of it
-    "Where a bridge computes with copies of a fused weight's rows, made when it loaded: GPT-NeoX's q, k and v, split off `query_key_value`."
+                 )->dict: # tensor name -> [WeightCopy]: modules whose weight (or bias) is a copy of those rows of it
+    "Where a bridge computes with copies of a fused tensor's rows: GPT-NeoX's q, k and v split off `query_key_value`, and GPT-2's off `c_attn` after `.to()`."
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
     if not hasattr(model, 'original_model'): return {}
     sd = hf_state_dict(model)
@@ -380,19 +393,22 @@ def weight_copies(model, # the model (bridge or HF model)
     key_of = {W.untyped_storage().data_ptr(): k for k, W in sd.items() if W.ndim == 2}
     parts = {(key, m): spec for (_, m), (key, spec) in find_keys(list(sd), info, ['attn_q', 'attn_k', 'attn_v'], required=False).items()}
     out, comp = {}, lambda b: getattr(b, 'original_component', None)
+    ptr = lambda t: t.untyped_storage().data_ptr()
     for att in model.modules():
         fused = comp(getattr(att, 'qkv', None)) if isinstance(att, JointQKVAttentionBridge) else None
         if getattr(fused, 'weight', None) is None: continue
-        W = fused.weight
-        key = key_of.get(W.untyped_storage().data_ptr())
+        key = key_of.get(ptr(fused.weight))
         for name, m in (('q', 'attn_q'), ('k', 'attn_k'), ('v', 'attn_v')):
             sub, spec = comp(getattr(att, name, None)), parts.get((key, m))
-            if spec is None or spec.stored != 'linear' or not isinstance(sub, torch.nn.Linear) or sub.weight.untyped_storage().data_ptr() == W.untyped_storage().data_ptr(): continue
+            if spec is None or spec.stored not in ('linear', 'conv1d') or not isinstance(sub, torch.nn.Linear): continue
             rows = _rows(spec, info)
-            rows = torch.arange(W.shape[0])[rows] if isinstance(rows, slice) else rows
-            if tuple(sub.weight.shape) == (len(rows), W.shape[1]) and torch.equal(sub.weight, W[rows.to(W.device)]):   # what it holds, checked
-                out.setdefault(key, []).append((sub, rows))
+            rows = torch.arange(fused.weight.shape[0 if spec.stored == 'linear' else 1])[rows] if isinstance(rows, slice) else rows
+            for attr, k in (('weight', key), ('bias', key.removesuffix('weight') + 'bias')):
+                mine, whole, cp = getattr(sub, attr, None), getattr(fused, attr, None), WeightCopy(sub, rows, spec.stored == 'conv1d', attr)
+                if mine is None or whole is None or ptr(mine) == ptr(whole) or k not in sd: continue   # none, or a view (GPT-2 as loaded)
+                if mine.shape == cp.of(whole).shape and torch.equal(mine, cp.of(whole)): out.setdefault(k, []).append(cp)   # what it holds, checked
     return out
+
 
 # %% ../nbs/07_steer.ipynb #02a9c736
 @contextmanager
@@ -410,13 +426,13 @@ def swapped_weights(model, # the model (bridge or HF model): its weights change 
         with torch.no_grad():
             for k, v in weights.items():
                 sd[k].copy_(v)
-                for m, rows in copies.get(k, []): m.weight.copy_(sd[k][rows.to(sd[k].device)])   # and the copies it computes with
+                for c in copies.get(k, []): getattr(c.module, c.attr).copy_(c.of(sd[k]))   # and the copies it computes with
         yield model
     finally:
         with torch.no_grad():
             for k, v in saved.items():
                 sd[k].copy_(v)
-                for m, rows in copies.get(k, []): m.weight.copy_(v[rows.to(v.device)])
+                for c in copies.get(k, []): getattr(c.module, c.attr).copy_(c.of(v))
 
 def changed_weights(edited, # the edited model (HF model or bridge), e.g. from `remove_directions`
                     model, # the model it was made from
@@ -502,7 +518,7 @@ def attach(self:ClipWeights, model)->list:
                 raise WeightwatchError(f"`{k}` is used by {type(m).__name__ if m is not None else 'no module'}, not by a linear layer: "
                                        "only linear layers can be clipped in weight space; make the update without it")
             plan.append((k, m, conv, None))
-        plan += [(k, m, False, rows) for m, rows in copies.get(k, [])]   # a bridge's copies of some rows (GPT-NeoX's q, k, v)
+        plan += [(k, c.module, c.conv, c.rows) for c in copies.get(k, []) if c.attr == 'weight']   # a bridge's copies of some rows (GPT-NeoX's q, k, v; GPT-2's after `.to()`)
     self._held, self._ran, self._checked, hs = {k: sd[k] for k in self.update}, set(), False, []
     try:
         for k, m, conv, rows in plan: hs.append(m.register_forward_hook(self._remove(k, conv, rows)))
@@ -520,7 +536,8 @@ def _factors(self:ClipWeights, k:str, w:Tensor, conv:bool, rows:Tensor|None=None
     key = (k, w.data_ptr(), tuple(w.shape), w.stride(), str(w.device), w.dtype)
     if key not in self._fac:
         (A, B), W = self.update[k], self._held[k]
-        if rows is not None: A = A[rows]   # a copy of those rows of `k` ([out, in]): those rows of A @ B
+        if rows is not None and conv: B = B[:, rows]   # a copy of those columns of a [in, out] `k`: x @ (A B)[:, rows]
+        elif rows is not None: A = A[rows]   # a copy of those rows of `k` ([out, in]): those rows of A @ B
         elif (w.shape, w.stride(), w.storage_offset()) != (W.shape, W.stride(), W.storage_offset()):   # a view: the same view of A @ B
             if not W.is_contiguous(): raise WeightwatchError(f"`{k}` is not contiguous, so the view a module takes of it cannot be followed")
             A, B = low_rank_factors((A @ B).as_strided(w.shape, w.stride(), w.storage_offset() - W.storage_offset()), A.shape[1])
@@ -554,8 +571,8 @@ def _begin(self:ClipWeights, module, args, kwargs):
                                                            "cannot follow them (beam search and several sequences per prompt are not supported)")
         if not self._checked and (idle := sorted(set(self.update) - self._ran)):
             raise WeightwatchError(f"the model never ran the modules that hold {idle[:3]}{' ...' if len(idle) > 3 else ''}, so their update cannot be "
-                                   "removed (a bridge moved or cast with `.to()` after loading copies GPT-2's q, k, v off `c_attn`); load the model "
-                                   "with the device and dtype it should run in (`load_model(..., device=, dtype=)`)")
+                                   "removed: the bridge computes with copies of them that `weight_copies` does not know; load the model with the "
+                                   "device and dtype it should run in (`load_model(..., device=, dtype=)`) instead of moving it afterwards")
         self._checked = True
         self.gate = self.gate[:, -1:].expand(b, t)
     else: self.gate, self.live = torch.zeros(b, t, dtype=torch.bool, device=x.device), False
