@@ -152,3 +152,24 @@ def test_clip_weights_hooks_removed_when_a_hook_raises(organism):
     with pytest.raises(RuntimeError, match='in the hook'):
         with steering(model, Boom(mon, _plant_update(o, model))): model(torch.tensor([[1, 5, 6]]))
     assert (n_hooks(model), n_module_hooks(model)) == (0, n0)
+
+def test_embedding_directions_monitored_and_steered_at_the_embedding(tmp_path):
+    "Directions of a planted embedding update: the monitor's cosines are those of the embedding rows, and projecting them out is the model with those rows projected."
+    from weightwatch_nb.core import make_tiny_checkpoint, hf_state_dict, load_hf
+    from weightwatch_nb.delta import plant_update
+    from weightwatch_nb.directions import compute_directions
+    b = make_tiny_checkpoint(tmp_path/'b', 'llama', d_model=64, n_layers=2)
+    plant_update(b, tmp_path/'f', {(0, 'embed'): 1}, scale=5.)
+    d = compute_directions(b, tmp_path/'f', k=1, matrices='embed', progress=False)
+    model = load_model(tmp_path/'f')
+    mon = calibrate(model, d, [sentence(i) for i in range(40)], holdout=0.)
+    E, u = hf_state_dict(model)['model.embed_tokens.weight'], d['L0.embed.u0']
+    for r in scan(model, mon, [sentence(i) for i in range(300, 304)]):
+        assert torch.allclose(r.cos[:, 0], F.cosine_similarity(E[r.ids], u[None], dim=-1), atol=1e-5)   # the truth: the rows themselves
+    hf = load_hf(tmp_path/'f')[0]
+    with torch.no_grad(): hf.model.embed_tokens.weight.sub_(torch.outer(hf.model.embed_tokens.weight @ u, u))
+    ids = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        with steering(model, ProjectOut(mon)): got = model(ids)
+        assert torch.allclose(got, hf(ids).logits, atol=1e-4) and not torch.allclose(model(ids), got, atol=1e-2)
+    assert n_hooks(model) == 0

@@ -25,7 +25,8 @@ _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
 INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
                'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
-OUTPUT_HOOKS = {m: HOOK_SITES[m].removeprefix('blocks.{layer}.') for m in ('attn_out', 'mlp_out')}  # each writing matrix's sub-layer output, before any norm
+OUTPUT_HOOKS = {**{m: HOOK_SITES[m].removeprefix('blocks.{layer}.') for m in ('attn_out', 'mlp_out')},   # each writing matrix's sub-layer output, before any norm
+                'embed': 'hook_in'}   # and the embedding's: the stream entering block 0 (its directions are filed under layer 0)
 WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
 RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
                    'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
@@ -303,15 +304,20 @@ def _hook_for(info:dict, # `arch_info` of the model
               hook_point:str|None, # the caller's template (None: choose)
              )->str:
     "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
-    mt, writes, reads = info['model_type'], set(matrices) & set(OUTPUT_HOOKS), set(matrices) & set(INPUT_HOOKS)
+    mt, reads = info['model_type'], set(matrices) & set(INPUT_HOOKS)
+    writes, embed = set(matrices) & {'attn_out', 'mlp_out'}, 'embed' in matrices
     if hook_point is None and set(matrices) <= set(INPUT_HOOKS): hook_point = READ_HOOK   # the read side alone: each with what it reads
     if hook_point and set(matrices) <= set(INPUT_HOOKS):   # every read template means "what each matrix reads": its own norm's output,
         want = '{raw_input}' if not info['pre_norm'] else '{shared_input}' if info.get('shared_norm') else '{input}'   # the stream, or the one shared norm
         for f in _READS: hook_point = hook_point.replace(f, want)
         return hook_point
     if hook_point is None:
-        if info['post_norm'] and writes and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
+        if (info['post_norm'] and writes or set(matrices) == {'embed'}) and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
         hook_point = DEFAULT_HOOK
+    if embed and '{output}' not in hook_point:
+        warnings.warn(f"directions of `embed` are compared at {hook_point.format(layer=0)!r}, where block 0 has already added to the "
+                      f"embedding; they are exact at the embedding itself (blocks.0.hook_in, with hook_point={WRITE_HOOK!r}): compute "
+                      "them separately (matrices=['embed']) to compare them there", stacklevel=3)
     if reads and not any(f in hook_point for f in _READS):
         warnings.warn(f"directions of {sorted(reads)} are compared at {hook_point!r}, which is not what these matrices read; compute them "
                       f"separately (hook_point=None or {READ_HOOK!r}) to compare each with its matrix's input", stacklevel=3)
