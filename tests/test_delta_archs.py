@@ -391,3 +391,30 @@ def test_shared_norm_read_side_compared_with_what_each_matrix_reads(arch, tmp_pa
         for hk in hs: hk.remove()
     for m in ('attn_q', 'mlp_in'): assert torch.equal(cache[rd.hook(1, m)], seen[m]), m
     for (l, m), U0 in truth.items(): assert subspace_cosines(rd[(l, m)].T, U0).min() >= 0.999
+
+@pytest.mark.parametrize('arch', ['gpt2', 'llama', 'gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox'])
+def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
+    "A bridge cast with `.to()` after loading computes with copies of fused tensors (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj): ClipWeights and swapped weights still reach them, giving the base model."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.steer import steering, swapped_weights, weight_copies, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_update, removed_weights
+    mr = 'mlp_in' if arch in ('phi', 'gptj', 'gpt_neox', 'gpt2') else 'mlp_gate'
+    ms, plant = ['attn_out', 'attn_k', 'attn_v', mr], {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (0, 'attn_v'): 1, (1, mr): 1}
+    if arch in ('gpt2', 'llama'):
+        b, f = make_tiny_checkpoint(tmp_path/'base', arch, n_layers=2), tmp_path/'ft'; plant_update(b, f, plant, scale=5.)
+    else: b, f, _ = _plain_pair(arch, tmp_path, plant)
+    model = load_model(f); model.to(torch.float64)
+    fused = {'gpt2': ['attn.c_attn.bias', 'attn.c_attn.weight'], 'phi3': ['mlp.gate_up_proj.weight', 'self_attn.qkv_proj.weight'],
+             'gpt_neox': ['attention.query_key_value.bias', 'attention.query_key_value.weight']}.get(arch, [])
+    assert sorted(k.split('.0.', 1)[1] for k in weight_copies(model) if '.0.' in k) == fused
+    mon = calibrate(model, compute_directions(b, f, k=1, matrices=['attn_k', mr], progress=False),
+                    [f'the model {i} of {j}' for i in range(4) for j in range(5)], margin=0.1, holdout=0.)
+    upd, edit = (fn(b, f, 1, matrices=ms, like=model, progress=False) for fn in (removed_update, removed_weights))
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
+    with torch.no_grad():
+        plain, want = model(ids), load_model(b)(ids)                   # the truth: the base model (all of the plant removed)
+        with steering(model, AllOn(mon, upd)): on = model(ids)
+        with swapped_weights(model, edit): edited = model(ids)
+        assert torch.equal(model(ids), plain)                          # put back
+    assert (plain.float() - want).abs().max() > 0.1
+    assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)

@@ -384,22 +384,26 @@ class WeightCopy(NamedTuple):
 
 def weight_copies(model, # the model (bridge or HF model)
                  )->dict: # tensor name -> [WeightCopy]: modules whose weight (or bias) is a copy of those rows of it
-    "Where a bridge computes with copies of a fused tensor's rows: GPT-NeoX's q, k and v split off `query_key_value`, and GPT-2's off `c_attn` after `.to()`."
+    "Where a bridge computes with copies of a fused tensor's rows: GPT-NeoX's q, k and v split off `query_key_value`; after `.to()`, GPT-2's off `c_attn`, Phi-3's off `qkv_proj` and `gate_up_proj`."
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
+    from transformer_lens.model_bridge.generalized_components.joint_gate_up_mlp import JointGateUpMLPBridge
     if not hasattr(model, 'original_model'): return {}
     sd = hf_state_dict(model)
     try: info = arch_info(model.original_model.config)
     except WeightwatchError: return {}   # an architecture with no mapped matrices: nothing to follow
     key_of = {W.untyped_storage().data_ptr(): k for k, W in sd.items() if W.ndim == 2}
-    parts = {(key, m): spec for (_, m), (key, spec) in find_keys(list(sd), info, ['attn_q', 'attn_k', 'attn_v'], required=False).items()}
+    parts = {(key, m): spec for (_, m), (key, spec) in find_keys(list(sd), info, [m for m in ('attn_q', 'attn_k', 'attn_v', 'mlp_gate', 'mlp_in') if m in info['specs']], required=False).items()}
     out, comp = {}, lambda b: getattr(b, 'original_component', None)
     ptr = lambda t: t.untyped_storage().data_ptr()
-    for att in model.modules():
-        fused = comp(getattr(att, 'qkv', None)) if isinstance(att, JointQKVAttentionBridge) else None
+    splits = ((JointQKVAttentionBridge, lambda b: comp(getattr(b, 'qkv', None)), (('q', 'attn_q'), ('k', 'attn_k'), ('v', 'attn_v'))),   # bridge, its fused module, its parts
+              (JointGateUpMLPBridge, lambda b: getattr(comp(b), getattr(b, 'fused_attr', 'gate_up_proj'), None), (('gate', 'mlp_gate'), ('in', 'mlp_in'))))
+    for bm in model.modules():
+        kind = next((s for s in splits if isinstance(bm, s[0])), None)
+        fused = kind[1](bm) if kind else None
         if getattr(fused, 'weight', None) is None: continue
         key = key_of.get(ptr(fused.weight))
-        for name, m in (('q', 'attn_q'), ('k', 'attn_k'), ('v', 'attn_v')):
-            sub, spec = comp(getattr(att, name, None)), parts.get((key, m))
+        for name, m in kind[2]:
+            sub, spec = comp(getattr(bm, name, None)), parts.get((key, m))
             if spec is None or spec.stored not in ('linear', 'conv1d') or not isinstance(sub, torch.nn.Linear): continue
             rows = _rows(spec, info)
             rows = torch.arange(fused.weight.shape[0 if spec.stored == 'linear' else 1])[rows] if isinstance(rows, slice) else rows
