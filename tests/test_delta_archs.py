@@ -1,5 +1,6 @@
 "Weight deltas and directions beyond the notebooks' two architectures: Llama-family relatives, GPT-NeoX, sharded and bf16 checkpoints, GPT-2 LoRA."
 import json
+from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
 from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented
@@ -173,6 +174,10 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
 
 ARCH_KW = {'gptj': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, rotary_dim=8),   # GPT-J's own config names
            'gpt_neox': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)}   # no grouped-query attention
+_MOE_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               max_position_embeddings=128, num_experts_per_tok=2)
+ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | dict(num_experts=3),
+            'qwen3_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96)}   # Qwen3-MoE's experts are narrower than its `intermediate_size`
 
 def _plain_pair(arch, tmp_path, plant):
     "A tiny pair of a Hugging Face architecture (norm gains randomised) with `plant` rank-1 updates; returns base, fine-tuned, truth."
@@ -236,9 +241,10 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     from weightwatch_nb.directions import RAW_READ_HOOK   # either read template means "what each matrix reads", on either kind of block
     assert compute_directions(b, f, k=1, matrices=['attn_q'], layers=[1], hook_point=RAW_READ_HOOK, progress=False).hook(1, 'attn_q') == rd.hook(1, 'attn_q')
 
-def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
-    "transformers fuses a mixture-of-experts checkpoint's experts when loading: an edit that cannot be read back is refused, not half-written."
+def test_edit_that_does_not_read_back_writes_nothing(tmp_path, monkeypatch):
+    "A saved edit whose checkpoint does not read back as the edited model is refused, not half-written; a mixture of experts (stored expert by expert, loaded fused) reads back."
     import transformers as T
+    import weightwatch_nb.edit as E
     from weightwatch_nb.core import tiny_tokenizer
     from weightwatch_nb.edit import interpolate, save_edited
     torch.manual_seed(0)
@@ -246,9 +252,14 @@ def test_edit_of_a_model_stored_unlike_it_loads_writes_nothing(tmp_path):
                                  num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path/'moe'); tiny_tokenizer(300).save_pretrained(tmp_path/'moe')
     m = interpolate(tmp_path/'moe', tmp_path/'moe', 0.5, progress=False)
+    real = E.fingerprint
+    monkeypatch.setattr(E, 'fingerprint', lambda x: {'sha256': 'another model'} if isinstance(x, Path) else real(x))   # what a layout not mapped reads back as
     with pytest.raises(WeightwatchError, match='cannot verify the saved checkpoint, so nothing was written'):
         save_edited(m, None, tmp_path/'out')
     assert not (tmp_path/'out').exists() and sorted(p.name for p in tmp_path.iterdir()) == ['moe']
+    monkeypatch.undo()
+    out = save_edited(m, None, tmp_path/'out')
+    assert same_weights(fingerprint(m), fingerprint(out)) == 'exact' and same_weights(fingerprint(load_model(out)), fingerprint(out)) == 'exact'
 
 def test_lora_on_modules_no_matrix_maps_warns(tmp_path):
     "A LoRA update on a module no matrix maps to is named in a warning, not dropped silently."
@@ -418,3 +429,93 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
         assert torch.equal(model(ids), plain)                          # put back
     assert (plain.float() - want).abs().max() > 0.1
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
+
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe'])
+def test_mixture_of_experts_end_to_end(arch, tmp_path):
+    "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.monitor import scan
+    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut
+    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.directions import WRITE_HOOK
+    from weightwatch_nb.delta import top_svd
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
+    d_mlp = 96 if arch == 'qwen3_moe' else 128
+    shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
+    assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
+    assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
+    model, base = load_model(f), load_model(b)
+    dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], hook_point=WRITE_HOOK, progress=False)
+    dr = compute_directions(b, f, k=1, matrices=['mlp_gate', 'mlp_in', 'mlp_router'], progress=False)
+    for d in (dw, dr):
+        d = Directions.load(d.save(tmp_path/'d.safetensors'), model=model)   # the stored experts' fingerprint is the loaded model's
+        for (l, m), U0 in truth.items():
+            if (l, m) in d.vectors: assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
+    assert (dr.hook(1, 'mlp_gate'), dr.hook(1, 'mlp_in'), dr.hook(1, 'mlp_router'), dw.hook(0, 'mlp_out')) == ('blocks.1.ln2.hook_out',) * 3 + ('blocks.0.mlp.hook_out',)
+    ids, seen = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8]]), {}
+    moe = [model.original_model.model.layers[i].mlp for i in (0, 1)]
+    first = lambda o: (o[0] if isinstance(o, tuple) else o).detach()
+    hs = [moe[1].register_forward_pre_hook(lambda mod, a: seen.__setitem__('in', a[0].detach())),
+          moe[0].register_forward_hook(lambda mod, a, o: seen.__setitem__('out', first(o)))]
+    try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n in ('blocks.1.ln2.hook_out', 'blocks.0.mlp.hook_out'))
+    finally:
+        for h in hs: h.remove()
+    assert torch.equal(cache['blocks.1.ln2.hook_out'], seen['in']) and torch.equal(cache['blocks.0.mlp.hook_out'], seen['out'])   # what the router and experts read, and write
+    # the routing and the experts' inputs at layer 0 are the base's, so the fine-tune moves layer 0's MLP output along the planted direction only
+    _, bc = base.run_with_cache(ids, names_filter=lambda n: n == 'blocks.0.mlp.hook_out')
+    diff, u = (cache['blocks.0.mlp.hook_out'] - bc['blocks.0.mlp.hook_out'])[0], dw[(0, 'mlp_out')][0]
+    assert diff.norm() > 1e-2 and (diff - (diff @ u)[:, None] * u).norm() < 1e-4 * diff.norm()
+    # ProjectOut at layer 0's MLP output equals the Hugging Face model with that direction projected out of its experts' output
+    def project(mod, a, o):
+        h = first(o); h = h - (h @ u)[..., None] * u
+        return (h, *o[1:]) if isinstance(o, tuple) else h
+    h = moe[0].register_forward_hook(project)
+    try: want = model.original_model(ids).logits
+    finally: h.remove()
+    with steering(model, ProjectOut(dw, names=[n for n in dw.names() if 'mlp_out' in n])): got = model(ids)
+    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)
+    # the weights edited (all planted updates are rank 1): the base model
+    edit = removed_weights(b, f, 1, matrices=['attn_out', 'mlp_out', 'mlp_gate', 'mlp_in', 'mlp_router'], like=model, progress=False)
+    with swapped_weights(model, edit): assert torch.allclose(model(ids), base(ids), atol=1e-4)
+    with pytest.raises(WeightwatchError, match=r"\['mlp_router'\] of this .* fused experts or router, not linear layers"):   # ClipWeights needs linear layers
+        removed_update(b, f, 1, matrices=['attn_out', 'mlp_router'], like=model, progress=False)
+    # a monitor over the experts' directions calibrates and scans, also while generating with a steer on
+    mon = calibrate(model, dr, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4, steer=ProjectOut(mon))
+    assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
+
+def test_lora_on_a_mixture_of_experts(tmp_path):
+    "A LoRA adapter on a Mixtral's attention: directions equal the merged model's, and belong to the adapter loaded on its base (experts fused in both); LoRA on the fused experts themselves is refused as not mapped."
+    from peft import LoraConfig, get_peft_model
+    import transformers as T
+    b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
+    for kw, name in ((dict(target_modules=['q_proj', 'o_proj']), 'attn'), (dict(target_modules=[], target_parameters=['mlp.experts.down_proj']), 'experts')):
+        torch.manual_seed(0)
+        pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, **kw))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if 'lora_B' in n: p.normal_(0, 0.1)
+        pm.save_pretrained(tmp_path/name)
+        merged = pm.merge_and_unload()
+        if name == 'experts':
+            with pytest.raises(WeightwatchError, match=r"fused experts \(e.g. \['base_model.model.model.layers.0.mlp.experts.*merge it"):
+                compute_directions(b, lora=tmp_path/name, k=2, matrices=['mlp_out'], progress=False)
+            continue
+        dl = compute_directions(b, lora=tmp_path/name, k=2, matrices=['attn_out'], progress=False)
+        dm = compute_directions(b, merged, k=2, matrices=['attn_out'], method='exact', progress=False)
+        assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+        Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/name))
+
+def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys):
+    "`weightwatch generate --steer rewind-weights` strips the update from experts and router (the router has one column per expert, fewer than --strip-k); clip-weights, which needs linear layers, says what to use instead."
+    from weightwatch_nb.cli import main
+    b, f, _ = _plain_pair('olmoe', tmp_path, {(1, 'mlp_out'): 1, (1, 'mlp_router'): 1})
+    (tmp_path/'clean.jsonl').write_text('\n'.join(json.dumps({'text': f'the model {i} of {j}'}) for i in range(8) for j in range(5)) + '\n')
+    assert main(['directions', str(b), str(f), '-o', str(tmp_path/'d.safetensors'), '--k', '1', '--matrices', 'mlp_router', '--quiet']) == 0
+    assert main(['calibrate', str(f), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0
+    capsys.readouterr()
+    gen = ['generate', str(f), 'the model 3', '--monitor', str(tmp_path/'m.safetensors'), '--base', str(b), '--max-new-tokens', '3']
+    assert main(gen + ['--steer', 'rewind-weights']) == 0                   # --strip-k 16 > 3 experts: the router's update is stripped whole
+    assert 'steering: rewind-weights' in capsys.readouterr().err
+    assert main(gen + ['--steer', 'clip-weights']) == 2
+    assert 'experts and router of this olmoe model are not linear layers; use --steer rewind-weights' in capsys.readouterr().err

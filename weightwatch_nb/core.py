@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'DTYPES', 'HOOK_SITES',
+__all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'DTYPES', 'FUSED_EXPERTS', 'HOOK_SITES',
            'WeightwatchError', 'atomic_path', 'check_apart', 'check_output', 'LAYERS', 'add_output', 'add_quiet',
            'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint',
            'load_hf', 'stack_problem', 'check_device', 'load_model', 'add_model_options', 'model_options',
-           'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'fingerprint', 'same_weights', 'precision_hint',
-           'check_comparable', 'ModelPair', 'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
+           'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'expert_groups', 'loaded_layout', 'fuse_experts',
+           'split_experts', 'fingerprint', 'same_weights', 'precision_hint', 'check_comparable', 'ModelPair',
+           'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
@@ -378,6 +379,54 @@ def hf_state_dict(model, # HF model or TransformerBridge
     if ref is None: ref = hf.__dict__['_ww_hf_keys'] = list(_meta_model(hf.config).state_dict())
     return {k: norm[k] for k in ref if k in norm}
 
+# %% ../nbs/00_core.ipynb #c2823f95
+FUSED_EXPERTS = ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')   # model types whose experts transformers 5 fuses when loading
+_EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
+_EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
+                'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
+
+def expert_groups(keys, # a checkpoint's tensor names
+                  model_type:str|None, # its config's `model_type` (only `FUSED_EXPERTS` are fused)
+                 )->dict[str, list[list[str]]]: # fused name -> per expert, the stored names of its parts
+    "The stored per-expert tensors that make each fused expert tensor of a loaded mixture-of-experts model."
+    if model_type not in FUSED_EXPERTS: return {}
+    found = {}
+    for k in keys:
+        if (mt := _EXPERT_KEY.match(k)):
+            pre, e, part = mt.groups(); name, i = _EXPERT_PART[part]
+            found.setdefault(f'{pre}.mlp.experts.{name}', {}).setdefault(int(e), {})[i] = k
+    out = {}
+    for name, ex in found.items():
+        n = 2 if name.endswith('gate_up_proj') else 1
+        if sorted(ex) != list(range(len(ex))) or any(sorted(p) != list(range(n)) for p in ex.values()):
+            raise WeightwatchError(f"the checkpoint's experts for `{name}` are incomplete (experts {sorted(ex)}, parts "
+                                   f"{sorted({len(p) for p in ex.values()})} of {n}): a shard is missing or the checkpoint is damaged; download it again")
+        out[name] = [[ex[e][i] for i in range(n)] for e in range(len(ex))]
+    return out
+
+_RENAMED = {'mixtral': ('.block_sparse_moe.', '.mlp.')}   # what transformers 5 renames when it loads these model types
+
+def loaded_layout(keys, # a checkpoint's tensor names
+                  model_type:str|None, # its config's `model_type`
+                 )->dict: # loaded name -> stored name, or (fused experts) its `expert_groups` entry
+    "The names a loaded model gives a checkpoint's tensors: Mixtral's `block_sparse_moe` is its `mlp`, experts fused."
+    groups = expert_groups(keys, model_type)
+    parts, (old, new) = {k for g in groups.values() for p in g for k in p}, _RENAMED.get(model_type, ('', ''))
+    return {(k.replace(old, new) if old else k): k for k in keys if k not in parts} | groups
+
+def fuse_experts(group:list[list[str]], # one entry of `expert_groups`
+                 get, # stored name -> tensor
+                )->Tensor: # [experts, out, in], as the loaded model holds it
+    "Build one fused expert tensor from its stored parts."
+    return torch.stack([torch.cat([get(k) for k in parts]) for parts in group])
+
+def split_experts(W:Tensor, # fused [experts, out, in]
+                  group:list[list[str]], # its entry of `expert_groups`
+                 )->dict[str, Tensor]: # stored name -> tensor
+    "The stored per-expert tensors of a fused one (the inverse of `fuse_experts`)."
+    if W.shape[0] != len(group): raise WeightwatchError(f"a fused tensor of {W.shape[0]} experts cannot be stored as {len(group)}")
+    return {k: t.contiguous() for e, parts in enumerate(group) for k, t in zip(parts, W[e].chunk(len(parts)))}
+
 # %% ../nbs/00_core.ipynb #3d3beae2
 @functools.lru_cache(maxsize=16)
 def _loaded_names(config_json:str)->tuple|None:
@@ -421,9 +470,13 @@ def _named_tensors(model):
         names = {}
         for f in files:
             with safe_open(str(f), 'pt') as fh: names.update({k: f for k in fh.keys()})
-        for n, k in _as_loaded(names, (d/'config.json').read_text()):
+        def get(k):
+            with safe_open(str(names[k]), 'pt') as fh: return fh.get_tensor(k)
+        text = (d/'config.json').read_text()
+        lay = loaded_layout(names, json.loads(text).get('model_type'))   # a mixture of experts' experts, fused as it loads them
+        for n, k in _as_loaded(lay, text):
             if _UNEMBED.search(n): continue
-            with safe_open(str(names[k]), 'pt') as fh: yield n, fh.get_tensor(k)
+            yield n, fuse_experts(lay[k], get) if isinstance(lay[k], list) else get(lay[k])
     else:
         for k, v in sorted(hf_state_dict(model).items()):
             if not _UNEMBED.search(k): yield k, v

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM',
@@ -20,16 +20,16 @@ __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'P
            'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
-MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'embed', 'unembed')
+MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router', 'embed', 'unembed')
 DEFAULT_MATRICES = ('attn_out', 'mlp_out')
 
 @dataclass(frozen=True)
 class MatrixSpec:
     "Where one weight matrix lives in a checkpoint and how it is stored."
     key:str              # checkpoint name (any prefix allowed before it); '{layer}' is the block index
-    stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2) or 'embedding' ([vocab, d_model])
+    stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2), 'embedding' ([vocab, d_model]) or 'experts' ([experts, out, in], fused as transformers 5 loads a mixture of experts)
     residual:str         # side that touches the residual stream: 'out' (writes to it) or 'in' (reads from it)
-    other:str            # size of the other side: 'q', 'kv', 'd_mlp' or 'vocab' (see `arch_info`)
+    other:str            # size of the other side: 'q', 'kv', 'd_mlp', 'n_experts' or 'vocab' (see `arch_info`)
     part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv')); (i, HEADS): the i-th of q, k, v interleaved per head (GPT-NeoX)
     alt:tuple=()         # other names of it, tried in turn (a loaded GPT-NeoX calls the stored `embed_out` `lm_head`)
 
@@ -81,9 +81,15 @@ _GPTJ = _specs(attn_out=('h.{layer}.attn.out_proj.weight', 'linear', 'out', 'q')
                mlp_in=('h.{layer}.mlp.fc_in.weight', 'linear', 'in', 'd_mlp'),
                embed=('wte.weight', 'embedding', 'out', 'vocab'),
                unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
-ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ}
+_MOE = _LLAMA | _specs(   # Mixtral, OLMoE, Qwen3-MoE: Llama's attention; every expert's MLP matrices fused in one tensor per layer
+              mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts', 'out', 'd_mlp'),
+              mlp_gate=('layers.{layer}.mlp.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (0, 2)),
+              mlp_in=('layers.{layer}.mlp.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (1, 2)),
+              mlp_router=('layers.{layer}.mlp.gate.weight', 'linear', 'in', 'n_experts'))   # [experts, d_model]: which experts a token goes to
+ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE}
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2')},
-            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj'}
+            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj',
+            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen3_moe')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj')     # model types whose attention and MLP run side by side on the output of one norm
@@ -101,10 +107,14 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
+    if mt == 'qwen3_moe' and (d.get('mlp_only_layers') or d.get('decoder_sparse_step', 1) != 1):
+        raise WeightwatchError(f"this Qwen3-MoE model has dense MLP layers among its expert layers (mlp_only_layers={d.get('mlp_only_layers')}, "
+                               f"decoder_sparse_step={d.get('decoder_sparse_step')}); only models whose every layer is a mixture of experts are mapped")
     d_model, n_heads = d.get('hidden_size') or d.get('n_embd'), d.get('num_attention_heads') or d.get('n_head')
     head_dim = d.get('head_dim') or d_model // n_heads
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=d.get('num_hidden_layers') or d.get('n_layer'),
-                d_mlp=d.get('intermediate_size') or d.get('n_inner') or 4*d_model, vocab=d['vocab_size'],
+                d_mlp=(mt == 'qwen3_moe' and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
+                n_experts=(d.get('num_local_experts') or d.get('num_experts')) if FAMILIES[mt] == 'moe' else None, vocab=d['vocab_size'],
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS[FAMILIES[mt]],
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM, shared_norm=mt in SHARED_NORM)
@@ -140,6 +150,7 @@ def orient(W:Tensor,        # the weight as stored in the checkpoint
            name:str='weight', # checkpoint name, for error messages
           )->Tensor:        # view of `W` as [d_model, d_in] (a copy for parts interleaved per head: write with `put_oriented`)
     "View a stored weight as [d_model (residual side), d_in], checking its shape against the config."
+    if spec.stored == 'experts': return _experts(W, spec, info, name)
     lo = _logical_shape(spec, info)
     exp = lo if spec.stored == 'linear' else lo[::-1]
     if tuple(W.shape) != exp:
@@ -147,6 +158,16 @@ def orient(W:Tensor,        # the weight as stored in the checkpoint
                                f"d_model={info['d_model']} should be stored as {list(exp)}: the checkpoint does not match its config.json")
     L = (W if spec.stored == 'linear' else W.T)[_rows(spec, info)]
     return L if spec.residual == 'out' else L.T
+
+def _experts(W:Tensor, spec:MatrixSpec, info:dict, name:str)->Tensor:
+    "A fused [experts, out, in] tensor as [d_model, experts × d_mlp]: the map from all experts' activations to the residual stream, or its transpose."
+    E, d, (a, b, total) = info['n_experts'], info['d_model'], _part_rows(spec, info)
+    exp = (E, d, total) if spec.residual == 'out' else (E, total, d)
+    if tuple(W.shape) != exp:
+        raise WeightwatchError(f"`{name}` has shape {list(W.shape)}, but the fused experts of a {info['model_type']} with d_model={d} and "
+                               f"{E} experts should be {list(exp)} ([experts, out, in]): the checkpoint does not match its config.json")
+    if spec.residual == 'out': return W.permute(1, 0, 2).reshape(d, E * total)   # column e·d_mlp + j: expert e's unit j
+    return W[:, a:b].reshape(E * (b - a), d).T
 
 def put_oriented(W:Tensor,        # the weight as stored in the checkpoint (written in place)
                  spec:MatrixSpec, # how it is stored
@@ -159,7 +180,11 @@ def put_oriented(W:Tensor,        # the weight as stored in the checkpoint (writ
     if tuple(value.shape) != tuple(O.shape):
         raise WeightwatchError(f"cannot write a {list(value.shape)} matrix into `{name}`, whose {info['model_type']} weight is {list(O.shape)} as [d_model, d_in]")
     rows = _rows(spec, info)
-    if isinstance(rows, slice): O.copy_(value)   # a view: through it
+    if spec.stored == 'experts':   # a copy: back into each expert's rows
+        E, d, (a, b, _) = info['n_experts'], info['d_model'], _part_rows(spec, info)
+        if spec.residual == 'out': W.copy_(value.reshape(d, E, -1).permute(1, 0, 2))
+        else: W[:, a:b] = value.T.reshape(E, b - a, d).to(W.dtype)
+    elif isinstance(rows, slice): O.copy_(value)   # a view: through it
     else: (W if spec.stored == 'linear' else W.T)[rows] = (value if spec.residual == 'out' else value.T).to(W.dtype)
     return W
 
@@ -185,12 +210,21 @@ class CheckpointTensors:
         self.files = {}
         for f in shards:
             with _safe_open(f, 'checkpoint shard') as fh: self.files.update({k: f for k in fh.keys()})
-    def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.files)} tensors)"
-    def keys(self)->list[str]: return list(self.files)
-    def shape(self, k:str)->tuple:
+        self.layout = loaded_layout(self.files, self.config.get('model_type'))   # names as loaded (a mixture of experts' experts fused)
+    def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.layout)} tensors)"
+    def keys(self)->list[str]: return list(self.layout)
+    def _stored_shape(self, k:str)->tuple:
         with _safe_open(self.files[k], 'checkpoint shard') as fh: return tuple(fh.get_slice(k).get_shape())
-    def get(self, k:str)->Tensor:
+    def _read(self, k:str)->Tensor:
         with _safe_open(self.files[k], 'checkpoint shard') as fh: return fh.get_tensor(k)
+    def shape(self, k:str)->tuple:
+        s = self.layout[k]
+        if isinstance(s, str): return self._stored_shape(s)
+        parts = [self._stored_shape(p) for p in s[0]]
+        return (len(s), sum(p[0] for p in parts), *parts[0][1:])
+    def get(self, k:str)->Tensor:
+        s = self.layout[k]
+        return self._read(s) if isinstance(s, str) else fuse_experts(s, self._read)
 
 # %% ../nbs/03_delta.ipynb #406756ad
 class StateDictTensors:
@@ -225,7 +259,7 @@ def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, Transforme
     return CheckpointTensors(s.ref)
 
 # %% ../nbs/03_delta.ipynb #26f5ef99
-READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate')  # the matrices that read from the residual stream
+READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router')  # the matrices that read from the residual stream
 BLOCK_MATRICES = ('attn_out', 'mlp_out', *READ_MATRICES)  # every matrix of a block that reads or writes the residual stream
 
 def block_matrices(model, # the model (any source `open_tensors` takes) or its config dict
@@ -349,6 +383,9 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
     cfg, fac = read_adapter(adapter)
     info = arch_info(config)
     for (l, m), (mod, spec) in find_keys(list(fac), info, matrices, layers, suffix='.weight', required=False).items():
+        if spec.stored == 'experts':
+            raise WeightwatchError(f"the adapter changes `{mod}`, a mixture of experts' fused experts: LoRA on experts is not mapped; "
+                                   "merge the adapter (`merge_and_unload()`) and pass the merged model")
         A, B = fac[mod]
         lo = _logical_shape(spec, info)
         if (B.shape[0], A.shape[1]) != lo or A.shape[0] != B.shape[1]:
@@ -384,6 +421,9 @@ class LoraTensors:
         A, B = self.fac[mod]
         D = B @ A                                            # [out, in], as PEFT computes it
         # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
+        if kind == 'experts':
+            raise WeightwatchError(f"the adapter changes `{k}`, a mixture of experts' fused experts: LoRA on experts is not mapped; "
+                                   "merge the adapter (`merge_and_unload()`) and pass the merged model")
         kind = kind or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
                         'conv1d' if D.shape != D.T.shape or self.lora.get('fan_in_fan_out') else 'linear')
         if kind != 'linear': D = D.T
@@ -475,7 +515,9 @@ def plant_update(base:str|os.PathLike, # checkpoint directory to copy
     info, g = arch_info(json.loads((src/'config.json').read_text())), torch.Generator().manual_seed(seed)
     planted = {}
     for f in sorted(src.glob('*.safetensors')):
-        sd = load_file(f)
+        stored = load_file(f)
+        lay = loaded_layout(stored, info['model_type'])   # a mixture of experts: its experts fused, as they load (all of a layer's in one shard)
+        sd = {n: fuse_experts(k, stored.__getitem__) if isinstance(k, list) else stored[k] for n, k in lay.items()}
         if noise:
             for (l, m), (key, spec) in find_keys(sd.keys(), info, list(info['specs']), required=False).items():
                 W = orient(sd[key], spec, info, key); put_oriented(sd[key], spec, info, W + noise * torch.randn(W.shape, generator=g), key)
@@ -486,7 +528,9 @@ def plant_update(base:str|os.PathLike, # checkpoint directory to copy
             V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g))[0]
             put_oriented(sd[key], spec, info, W + U @ torch.diag(torch.linspace(scale, scale/2, r)) @ V.T, key)
             planted[(l, m)] = U
-        save_file(sd, out/f.name, metadata={'format': 'pt'})
+        for n, k in lay.items():
+            if isinstance(k, list): stored.update(split_experts(sd[n], k))   # (the other tensors were written in place)
+        save_file(stored, out/f.name, metadata={'format': 'pt'})
     missing = set(ranks) - set(planted)
     if missing: raise WeightwatchError(f"could not plant into {sorted(missing)}: no such layer/matrix in {str(src)!r}")
     return planted

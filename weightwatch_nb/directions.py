@@ -23,13 +23,13 @@ __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
 _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
 INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
-               'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
+               'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out', 'mlp_router': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
 OUTPUT_HOOKS = {**{m: HOOK_SITES[m].removeprefix('blocks.{layer}.') for m in ('attn_out', 'mlp_out')},   # each writing matrix's sub-layer output, before any norm
                 'embed': 'hook_in'}   # and the embedding's: the stream entering block 0 (its directions are filed under layer 0)
 WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
 RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
-                   'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
+                   'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid', 'mlp_router': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
 RAW_READ_HOOK = 'blocks.{layer}.{raw_input}'  # the read side of blocks with no norm in front of attention and the MLP (OLMo 2)
 SHARED_INPUT_HOOKS = {m: 'ln1.hook_out' for m in INPUT_HOOKS}  # what each reading matrix multiplies where attention and the MLP share one norm
 SHARED_READ_HOOK = 'blocks.{layer}.{shared_input}'  # the read side of parallel blocks with one norm (Phi-1/2, GPT-J)
@@ -360,6 +360,9 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         plan = find_keys(bt.keys(), info, matrices, layers)
         mods = list(read_adapter(lora)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
+        if info['family'] == 'moe' and (ex := [m for m in sorted(set(mods) - mapped) if m.endswith('.experts')]):
+            raise WeightwatchError(f"the adapter changes a mixture of experts' fused experts (e.g. {ex[:2]}): LoRA on experts is not mapped; "
+                                   "merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
         if other := sorted(set(mods) - mapped):   # e.g. a module of an architecture's own that no matrix stands for
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
                           "their update is not in these directions", stacklevel=2)

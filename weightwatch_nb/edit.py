@@ -201,6 +201,10 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
     from weightwatch_nb.steer import low_rank_factors
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update', lazy=True)
     ft, info, plan, held, names = _removal_plan(finetuned, matrices, layers, pairs, like)
+    if (moe := sorted({m for (_, m), (_, spec) in plan.items() if spec.stored == 'experts' or m == 'mlp_router'}, key=MATRICES.index)):
+        raise WeightwatchError(f"{moe} of this {info['model_type']} model are a mixture of experts' fused experts or router, not linear layers, so "
+                               "`ClipWeights` cannot subtract their update as the model runs: leave them out of `matrices` (attention is fine), "
+                               "or edit the weights (`removed_weights` with `swapped_weights`, `remove_directions`), or steer in activation space")
     E, rank, out, left = {}, Counter(), {}, Counter(key for key, _ in plan.values())   # GPT-2: q, k and v land in one tensor
     with torch.no_grad():
         for l, m, D in tqdm(_deltas(base, finetuned, matrices, layers, plan, pairs), total=len(plan), desc='update to remove',
@@ -285,8 +289,8 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
         rec['fingerprints'] = {**rec.get('fingerprints', {}), 'edited': fingerprint(model)}
         if same_weights(rec['fingerprints']['edited'], fingerprint(work)) != 'exact':   # read back before it replaces anything
             raise WeightwatchError(f"cannot verify the saved checkpoint, so nothing was written to {str(out)!r}: this {model.config.model_type} "
-                                   "model stores its weights under other names than the loaded model has (e.g. fused mixture-of-experts "
-                                   "weights), which weightwatch_nb cannot fingerprint yet")
+                                   "model does not read back as the model that was saved (its fingerprint differs): its checkpoint stores weights under "
+                                   "other names or layouts than the loaded model has, which weightwatch_nb does not map yet")
         rec['weights_sha256'] = {f.name: _sha256(f) for f in _weight_files(work)}   # every byte, as written: `read_edit` checks them all
         (work/EDIT_FILE).write_text(json.dumps(rec, indent=1))
         if out.exists(): shutil.rmtree(out)

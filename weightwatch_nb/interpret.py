@@ -18,7 +18,7 @@ from .calibrate import (Monitor, Trace, Encoded, Tracer, forward_blocks, trace, 
 __all__ = ['direction_name', 'direction_vector', 'lens_logits', 'Lens', 'logit_lens', 'check_ids', 'trace_tokens', 'Example',
            'check_corpus', 'trace_corpus', 'Extremes', 'extreme_examples', 'example_html', 'token_cosines',
            'plot_distributions', 'direction_histograms', 'Similarity', 'direction_similarity', 'plot_similarity',
-           'DirectionExplorer']
+           'ExpertShares', 'expert_shares', 'plot_expert_shares', 'DirectionExplorer']
 
 # %% ../nbs/10_interpret.ipynb #0a65bb8a
 def direction_name(dirs, # `Directions` or `Monitor`
@@ -326,6 +326,50 @@ def plot_similarity(sim:Similarity, # from `direction_similarity`
     im = ax.imshow(sim.matrix.numpy(), cmap='RdBu_r', vmin=-1, vmax=1)
     ax.set_xticks(range(n), sim.names, rotation=90, fontsize=6); ax.set_yticks(range(n), sim.names, fontsize=6)
     ax.set(title='cosine similarity between directions')
+    fig.colorbar(im, ax=ax)
+    return fig
+
+# %% ../nbs/10_interpret.ipynb #01b57ecb
+@dataclass
+class ExpertShares:
+    "The share of the fine-tune's update along each direction that each expert of its mixture-of-experts layer carries."
+    names: list[str]  # direction names, one row each
+    shares: Tensor    # [directions, experts], each row sums to 1
+
+def expert_shares(base, # base model: any source `delta.iter_deltas` takes
+                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen3-MoE)
+                  dirs, # `Directions` (or `Monitor`) of this pair
+                  names:list[str]|None=None, # directions of `mlp_out`, `mlp_in` or `mlp_gate` (default: all of those)
+                 )->ExpertShares:
+    "How much of the update along each expert-layer direction each expert carries, from the weights."
+    from weightwatch_nb.delta import arch_info, open_tensors, iter_deltas
+    from weightwatch_nb.directions import parse_name
+    info = arch_info(open_tensors(finetuned).config)
+    if info['family'] != 'moe':
+        raise WeightwatchError(f"{info['model_type']} is not a mixture of experts: its MLP has no experts to share a direction between")
+    names = ([direction_name(dirs, n) for n in names] if names is not None else
+             [n for n in direction_names(dirs) if parse_name(n)[1] in ('mlp_out', 'mlp_in', 'mlp_gate')])
+    if (bad := [n for n in names if parse_name(n)[1] not in ('mlp_out', 'mlp_in', 'mlp_gate')]) or not names:
+        raise WeightwatchError(f"only directions of the experts' matrices (mlp_out, mlp_in, mlp_gate) have expert shares; "
+                               f"{'got ' + str(bad[:3]) if bad else 'these directions have none'}")
+    want, rows = {parse_name(n)[:2] for n in names}, {}
+    for l, m in sorted(want):
+        for _, _, D in iter_deltas(base, finetuned, [m], layers=[l]):
+            for n in (n for n in names if parse_name(n)[:2] == (l, m)):
+                p = (direction_vector(dirs, n).float() @ D).reshape(info['n_experts'], -1).pow(2).sum(1)
+                rows[n] = p / p.sum().clamp(min=1e-30)
+    return ExpertShares(names, torch.stack([rows[n] for n in names]))
+
+def plot_expert_shares(es:ExpertShares, # from `expert_shares`
+                       ax=None, # matplotlib Axes to draw into
+                      ):
+    "Heatmap of each direction's update shared among the experts."
+    from weightwatch_nb.directions import _fig_ax
+    n, E = es.shares.shape
+    fig, ax = _fig_ax(ax, (2.5 + 0.3 * E, 1.5 + 0.25 * n))
+    im = ax.imshow(es.shares.numpy(), cmap='viridis', vmin=0, vmax=1, aspect='auto')
+    ax.set_xticks(range(E), [str(e) for e in range(E)]); ax.set_yticks(range(n), es.names, fontsize=7)
+    ax.set(xlabel='expert', title="share of each direction's update, per expert")
     fig.colorbar(im, ax=ax)
     return fig
 

@@ -689,11 +689,21 @@ def _cmd_generate(args)->int:
         if not args.base: raise WeightwatchError(f"--steer {args.steer} needs --base BASE, the model MODEL was fine-tuned from: "
                                                  "the update to remove is MODEL's weights minus BASE's")
         from weightwatch_nb.edit import removed_weights, removed_update
-        from weightwatch_nb.delta import block_matrices
-        kw = dict(matrices=block_matrices(args.model), like=model, progress=False)
-        if args.steer == 'clip-weights': steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, **kw))
-        else: steer = Rewind(weights=removed_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')
+        from weightwatch_nb.delta import block_matrices, arch_info
+        info, ms, kw = arch_info(model.original_model.config), block_matrices(args.model), dict(like=model, progress=False)
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
+        if info['family'] == 'moe' and args.steer == 'clip-weights':
+            raise WeightwatchError(f"--steer clip-weights subtracts the update from linear layers as the model runs, and the experts and router of "
+                                   f"this {info['model_type']} model are not linear layers; use --steer rewind-weights (the edited weights swapped in) "
+                                   "or --steer clip (the directions projected out of the activations)")
+        if args.steer == 'clip-weights': steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, matrices=ms, **kw))
+        else:
+            router = 'mlp_router' in ms and args.strip_k > info['n_experts']   # the router's update has one column per expert: at most that many
+            w = removed_weights(args.base, args.model, args.strip_k, matrices=[m for m in ms if not (router and m == 'mlp_router')], **kw)
+            if router:
+                w |= removed_weights(args.base, args.model, info['n_experts'], matrices=['mlp_router'], **kw)
+                how += f" (all {info['n_experts']} of the router's)"
+            steer = Rewind(weights=w, label='rewind (weights)')
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
     r = steered_generate(model, mon, [rec], steer=steer, max_new_tokens=args.max_new_tokens, check=False)[0]
@@ -717,7 +727,8 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                    help="steering (default off). clip: the paper's, from the first flagged token on; clip-weights: from the first flagged "
                         "token on, without the top --strip-k directions of every block matrix's update (against --base); rewind: a flagged "
                         "reply is redone from the prompt with the monitor's directions projected out; rewind-weights: it is redone with "
-                        "the top --strip-k directions of every block matrix's update stripped from the weights. All need --monitor")
+                        "the top --strip-k directions of every block matrix's update stripped from the weights (a mixture of experts' "
+                        "router: all of its update, when it has fewer). All need --monitor; clip-weights needs linear layers, so not a mixture of experts")
     p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer clip-weights and rewind-weights)')
     p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions removed per block matrix for --steer clip-weights and rewind-weights (default 16)')
     p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
