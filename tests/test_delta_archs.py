@@ -177,7 +177,8 @@ ARCH_KW = {'gptj': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions
 _MOE_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                max_position_embeddings=128, num_experts_per_tok=2)
 ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | dict(num_experts=3),
-            'qwen3_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96)}   # Qwen3-MoE's experts are narrower than its `intermediate_size`
+            'qwen3_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96),   # Qwen3-MoE's experts are narrower than its `intermediate_size`
+            'qwen2_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80)}   # and a shared expert
 
 def _plain_pair(arch, tmp_path, plant):
     "A tiny pair of a Hugging Face architecture (norm gains randomised) with `plant` rank-1 updates; returns base, fine-tuned, truth."
@@ -430,7 +431,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe'])
+@pytest.mark.filterwarnings("ignore:this qwen2_moe model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -440,7 +442,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 96 if arch == 'qwen3_moe' else 128
+    d_mlp = 96 if arch in ('qwen2_moe', 'qwen3_moe') else 128
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
@@ -483,6 +485,83 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     mon = calibrate(model, dr, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
     reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4, steer=ProjectOut(mon))
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
+
+def test_qwen2_moe_shared_expert(tmp_path):
+    "Qwen2-MoE's shared expert (a gated MLP every token goes through): its planted updates are found as their own matrices, compared where it reads and writes, left out with a warning when only the routed experts are asked for, and removed in place by `ClipWeights` (it is made of linear layers)."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.steer import steering, swapped_weights, ClipWeights, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.directions import WRITE_HOOK
+    from weightwatch_nb.delta import block_matrices
+    shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate']
+    b, f, truth = _plain_pair('qwen2_moe', tmp_path, {(0, 'mlp_shared_out'): 1, (1, 'mlp_shared_in'): 1, (1, 'mlp_shared_gate'): 1,
+                                                       (1, 'attn_out'): 1, (1, 'mlp_out'): 1})
+    assert {m: tuple(D.shape) for _, m, D in iter_deltas(b, f, shared, layers=[1])} == {'mlp_shared_out': (64, 80), 'mlp_shared_in': (64, 80), 'mlp_shared_gate': (64, 80)}
+    assert block_matrices(b)[-4:] == ('mlp_router', *shared)                       # a sweep over every block matrix includes it
+    with pytest.warns(UserWarning, match=r"shared expert beside its routed ones, and \['mlp_shared_out'\] are not among the matrices"):
+        compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], progress=False)
+    dw = compute_directions(b, f, k=1, matrices=['mlp_out', 'mlp_shared_out'], hook_point=WRITE_HOOK, progress=False)
+    dr = compute_directions(b, f, k=1, matrices=['mlp_shared_in', 'mlp_shared_gate'], progress=False)
+    for d in (dw, dr):
+        for (l, m), U0 in truth.items():
+            if (l, m) in d.vectors: assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
+    assert set(dw.vectors) | set(dr.vectors) == {k for k in truth if k[1] != 'attn_out'}
+    assert (dw.hook(0, 'mlp_shared_out'), dr.hook(1, 'mlp_shared_in'), dr.hook(1, 'mlp_shared_gate')) == ('blocks.0.mlp.hook_out',) + ('blocks.1.ln2.hook_out',) * 2
+    model, base, seen = load_model(f), load_model(b), {}
+    se = model.original_model.model.layers[1].mlp.shared_expert
+    h = se.gate_proj.register_forward_pre_hook(lambda mod, a: seen.__setitem__('in', a[0].detach()))
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8]])
+    try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n in ('blocks.1.ln2.hook_out', 'blocks.0.mlp.hook_out'))
+    finally: h.remove()
+    assert torch.equal(cache['blocks.1.ln2.hook_out'].reshape(seen['in'].shape), seen['in'])      # what the shared expert reads
+    # only the shared expert's down projection changed at layer 0: the MLP's output moves along the planted direction alone
+    _, bc = base.run_with_cache(ids, names_filter=lambda n: n == 'blocks.0.mlp.hook_out')
+    diff, u = (cache['blocks.0.mlp.hook_out'] - bc['blocks.0.mlp.hook_out'])[0], dw[(0, 'mlp_shared_out')][0]
+    assert diff.norm() > 1e-2 and (diff - (diff @ u)[:, None] * u).norm() < 1e-4 * diff.norm()
+    # ClipWeights reaches the shared expert's linear layers in place: the same as the weights edited, and with the rest edited too, the base
+    lin = ['attn_out', *shared]
+    mon = calibrate(model, dr, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1, holdout=0.)
+    upd = removed_update(b, f, 1, matrices=lin, like=model, progress=False)
+    assert len(upd) == 4
+    with torch.no_grad():
+        plain = model(ids)
+        with steering(model, AllOn(mon, upd)): on = model(ids)
+        with swapped_weights(model, removed_weights(b, f, 1, matrices=lin, like=model, progress=False)): edited = model(ids)
+        with swapped_weights(model, removed_weights(b, f, 1, matrices=[*lin, 'mlp_out'], like=model, progress=False)): all_off = model(ids)
+        assert torch.equal(model(ids), plain)
+    assert (on - plain).abs().max() > 1e-2 and torch.allclose(on, edited, atol=1e-5)
+    assert torch.allclose(all_off, base(ids), atol=1e-4)
+    # the shared expert sees the batch's tokens flattened, [b·t, d]: each token's switch still lands on its own row. Layer 1 is the
+    # last, so its update acts token by token: switched from token 3 of sequence 0 on, those tokens are the edited model's, the rest the plain one's
+    class From3(ClipWeights):
+        def _begin(self, module, args, kwargs):
+            super()._begin(module, args, kwargs); self.gate = torch.zeros_like(self.gate); self.gate[0, 3:] = True; self.live = True
+        def __call__(self, hook, act, *rest): return act   # (the switches stay as set, whatever the monitor reads)
+    ids2, last = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8], [3, 8, 8, 120, 6, 77, 5, 1]]), dict(matrices=lin, layers=[1], like=model, progress=False)
+    with torch.no_grad():
+        plain = model(ids2)
+        with steering(model, From3(mon, removed_update(b, f, 1, **last))): part = model(ids2)
+        with swapped_weights(model, removed_weights(b, f, 1, **last)): edited = model(ids2)
+    assert (edited[0, 3:] - plain[0, 3:]).abs().max() > 1e-2
+    assert torch.allclose(part[0, 3:], edited[0, 3:], atol=1e-5) and torch.allclose(part[0, :3], plain[0, :3], atol=1e-5) and torch.allclose(part[1], plain[1], atol=1e-5)
+
+def test_lora_on_a_qwen2_moe_shared_expert(tmp_path):
+    "A LoRA adapter on Qwen2-MoE's shared expert (its gate_proj, up_proj and down_proj are the model's only such linear layers): directions equal the merged model's."
+    from peft import LoraConfig, get_peft_model
+    import transformers as T
+    b, _, _ = _plain_pair('qwen2_moe', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['gate_proj', 'up_proj', 'down_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    ms = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate']
+    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
+    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
+    assert dl.names() == dm.names() and len(dl) == 2 * 3 * 2
+    for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
 
 def test_lora_on_a_mixture_of_experts(tmp_path):
     "A LoRA adapter on a Mixtral's attention: directions equal the merged model's, and belong to the adapter loaded on its base (experts fused in both); LoRA on the fused experts themselves is refused as not mapped."

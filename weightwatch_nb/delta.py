@@ -20,7 +20,8 @@ __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'P
            'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
-MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router', 'embed', 'unembed')
+MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router',
+            'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate', 'embed', 'unembed')
 DEFAULT_MATRICES = ('attn_out', 'mlp_out')
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class MatrixSpec:
     key:str              # checkpoint name (any prefix allowed before it); '{layer}' is the block index
     stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2), 'embedding' ([vocab, d_model]) or 'experts' ([experts, out, in], fused as transformers 5 loads a mixture of experts)
     residual:str         # side that touches the residual stream: 'out' (writes to it) or 'in' (reads from it)
-    other:str            # size of the other side: 'q', 'kv', 'd_mlp', 'n_experts' or 'vocab' (see `arch_info`)
+    other:str            # size of the other side: 'q', 'kv', 'd_mlp', 'd_shared', 'n_experts' or 'vocab' (see `arch_info`)
     part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv')); (i, HEADS): the i-th of q, k, v interleaved per head (GPT-NeoX)
     alt:tuple=()         # other names of it, tried in turn (a loaded GPT-NeoX calls the stored `embed_out` `lm_head`)
 
@@ -81,15 +82,20 @@ _GPTJ = _specs(attn_out=('h.{layer}.attn.out_proj.weight', 'linear', 'out', 'q')
                mlp_in=('h.{layer}.mlp.fc_in.weight', 'linear', 'in', 'd_mlp'),
                embed=('wte.weight', 'embedding', 'out', 'vocab'),
                unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
-_MOE = _LLAMA | _specs(   # Mixtral, OLMoE, Qwen3-MoE: Llama's attention; every expert's MLP matrices fused in one tensor per layer
+_MOE = _LLAMA | _specs(   # Mixtral, OLMoE, Qwen2/3-MoE: Llama's attention; every expert's MLP matrices fused in one tensor per layer
               mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts', 'out', 'd_mlp'),
               mlp_gate=('layers.{layer}.mlp.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (0, 2)),
               mlp_in=('layers.{layer}.mlp.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (1, 2)),
               mlp_router=('layers.{layer}.mlp.gate.weight', 'linear', 'in', 'n_experts'))   # [experts, d_model]: which experts a token goes to
-ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE}
+_QWEN2_MOE = _MOE | _specs(   # and a shared expert beside the routed ones: a gated MLP of its own
+              mlp_shared_out=('layers.{layer}.mlp.shared_expert.down_proj.weight', 'linear', 'out', 'd_shared'),
+              mlp_shared_in=('layers.{layer}.mlp.shared_expert.up_proj.weight', 'linear', 'in', 'd_shared'),
+              mlp_shared_gate=('layers.{layer}.mlp.shared_expert.gate_proj.weight', 'linear', 'in', 'd_shared'))
+ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE,
+              'qwen2_moe': _QWEN2_MOE}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj',
-            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen3_moe')}}
+            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj')     # model types whose attention and MLP run side by side on the output of one norm
@@ -107,16 +113,17 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    if mt == 'qwen3_moe' and (d.get('mlp_only_layers') or d.get('decoder_sparse_step', 1) != 1):
-        raise WeightwatchError(f"this Qwen3-MoE model has dense MLP layers among its expert layers (mlp_only_layers={d.get('mlp_only_layers')}, "
+    if mt in ('qwen2_moe', 'qwen3_moe') and (d.get('mlp_only_layers') or d.get('decoder_sparse_step', 1) != 1):
+        raise WeightwatchError(f"this {mt} model has dense MLP layers among its expert layers (mlp_only_layers={d.get('mlp_only_layers')}, "
                                f"decoder_sparse_step={d.get('decoder_sparse_step')}); only models whose every layer is a mixture of experts are mapped")
     d_model, n_heads = d.get('hidden_size') or d.get('n_embd'), d.get('num_attention_heads') or d.get('n_head')
     head_dim = d.get('head_dim') or d_model // n_heads
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=d.get('num_hidden_layers') or d.get('n_layer'),
-                d_mlp=(mt == 'qwen3_moe' and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
+                d_mlp=(mt in ('qwen2_moe', 'qwen3_moe') and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
                 n_experts=(d.get('num_local_experts') or d.get('num_experts')) if FAMILIES[mt] == 'moe' else None, vocab=d['vocab_size'],
+                d_shared=d.get('shared_expert_intermediate_size') if mt == 'qwen2_moe' else None,
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
-                tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS[FAMILIES[mt]],
+                tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM, shared_norm=mt in SHARED_NORM)
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
@@ -259,8 +266,8 @@ def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, Transforme
     return CheckpointTensors(s.ref)
 
 # %% ../nbs/03_delta.ipynb #26f5ef99
-READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router')  # the matrices that read from the residual stream
-BLOCK_MATRICES = ('attn_out', 'mlp_out', *READ_MATRICES)  # every matrix of a block that reads or writes the residual stream
+READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router', 'mlp_shared_in', 'mlp_shared_gate')  # the matrices that read from the residual stream
+BLOCK_MATRICES = tuple(m for m in MATRICES if m not in ('embed', 'unembed'))  # every matrix of a block that reads or writes the residual stream
 
 def block_matrices(model, # the model (any source `open_tensors` takes) or its config dict
                    wanted=BLOCK_MATRICES, # the matrices asked for, from `MATRICES`

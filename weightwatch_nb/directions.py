@@ -23,13 +23,16 @@ __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
 _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
 INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
-               'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out', 'mlp_router': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
+               'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out', 'mlp_router': 'ln2.hook_out',
+               'mlp_shared_in': 'ln2.hook_out', 'mlp_shared_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
 OUTPUT_HOOKS = {**{m: HOOK_SITES[m].removeprefix('blocks.{layer}.') for m in ('attn_out', 'mlp_out')},   # each writing matrix's sub-layer output, before any norm
+                'mlp_shared_out': HOOK_SITES['mlp_out'].removeprefix('blocks.{layer}.'),   # (a shared expert's output is part of the MLP's)
                 'embed': 'hook_in'}   # and the embedding's: the stream entering block 0 (its directions are filed under layer 0)
 WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
 RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
-                   'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid', 'mlp_router': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
+                   'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid', 'mlp_router': 'hook_resid_mid',
+                   'mlp_shared_in': 'hook_resid_mid', 'mlp_shared_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
 RAW_READ_HOOK = 'blocks.{layer}.{raw_input}'  # the read side of blocks with no norm in front of attention and the MLP (OLMo 2)
 SHARED_INPUT_HOOKS = {m: 'ln1.hook_out' for m in INPUT_HOOKS}  # what each reading matrix multiplies where attention and the MLP share one norm
 SHARED_READ_HOOK = 'blocks.{layer}.{shared_input}'  # the read side of parallel blocks with one norm (Phi-1/2, GPT-J)
@@ -299,13 +302,21 @@ def _label(x):
     if x is None or isinstance(x, (str, os.PathLike)): return None if x is None else str(x)
     return getattr(x, 'ww_source', None) or type(x).__name__
 
+_SHARED = {'mlp_out': 'mlp_shared_out', 'mlp_in': 'mlp_shared_in', 'mlp_gate': 'mlp_shared_gate'}   # the experts' matrix -> the shared expert's
+
+def _warn_shared(info:dict, matrices:tuple):
+    "Warn when the experts' matrices are asked for without the shared expert's beside them (Qwen2-MoE): its update would be left out."
+    if (left := [s for m, s in _SHARED.items() if m in matrices and s in info['specs'] and s not in matrices]):
+        warnings.warn(f"this {info['model_type']} model has a shared expert beside its routed ones, and {left} are not among the matrices, "
+                      f"so the shared expert's update is not in these directions; add them (matrices={[*matrices, *left]})", stacklevel=3)
+
 def _hook_for(info:dict, # `arch_info` of the model
               matrices:tuple, # the matrices whose directions are compared there
               hook_point:str|None, # the caller's template (None: choose)
              )->str:
     "The hook template where directions of `matrices` match the model's activations: the residual stream, unless a norm is in the way."
     mt, reads = info['model_type'], set(matrices) & set(INPUT_HOOKS)
-    writes, embed = set(matrices) & {'attn_out', 'mlp_out'}, 'embed' in matrices
+    writes, embed = set(matrices) & {'attn_out', 'mlp_out', 'mlp_shared_out'}, 'embed' in matrices
     if hook_point is None and set(matrices) <= set(INPUT_HOOKS): hook_point = READ_HOOK   # the read side alone: each with what it reads
     if hook_point and set(matrices) <= set(INPUT_HOOKS):   # every read template means "what each matrix reads": its own norm's output,
         want = '{raw_input}' if not info['pre_norm'] else '{shared_input}' if info.get('shared_norm') else '{input}'   # the stream, or the one shared norm
@@ -356,7 +367,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if mode != 'sub': raise WeightwatchError("mode 'raw' needs the full fine-tuned weights; a LoRA adapter only has the delta: use mode 'sub'")
         if finetuned is not None: raise WeightwatchError("with `lora=` the fine-tuned model is base + adapter: leave `finetuned` empty")
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
-        bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point)
+        bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(bt.keys(), info, matrices, layers)
         mods = list(read_adapter(lora)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
@@ -377,7 +388,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
         ft = open_tensors(finetuned); bt = open_tensors(base) if mode == 'sub' else None
-        info = arch_info(ft.config); hook_point = _hook_for(info, matrices, hook_point)
+        info = arch_info(ft.config); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(ft.keys(), info, matrices, layers)
         with _pbar(len(plan), progress, 'directions') as pb:
             for l, m, D in iter_deltas(bt, ft, matrices, mode, layers):

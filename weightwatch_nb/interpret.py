@@ -335,11 +335,12 @@ class ExpertShares:
     "The share of the fine-tune's update along each direction that each expert of its mixture-of-experts layer carries."
     names: list[str]  # direction names, one row each
     shares: Tensor    # [directions, experts], each row sums to 1
+    experts: list[str]|None=None  # column labels: '0', '1', ... and 'shared' for a shared expert (None: numbered)
 
 def expert_shares(base, # base model: any source `delta.iter_deltas` takes
-                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen3-MoE)
+                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)
                   dirs, # `Directions` (or `Monitor`) of this pair
-                  names:list[str]|None=None, # directions of `mlp_out`, `mlp_in` or `mlp_gate` (default: all of those)
+                  names:list[str]|None=None, # directions of `mlp_out`, `mlp_in`, `mlp_gate` or a shared expert's matrices (default: all of those)
                  )->ExpertShares:
     "How much of the update along each expert-layer direction each expert carries, from the weights."
     from weightwatch_nb.delta import arch_info, open_tensors, iter_deltas
@@ -347,18 +348,23 @@ def expert_shares(base, # base model: any source `delta.iter_deltas` takes
     info = arch_info(open_tensors(finetuned).config)
     if info['family'] != 'moe':
         raise WeightwatchError(f"{info['model_type']} is not a mixture of experts: its MLP has no experts to share a direction between")
+    shared = 'mlp_shared_out' in info['specs']   # Qwen2-MoE: a shared expert beside the routed ones, one more column
+    own = ('mlp_out', 'mlp_in', 'mlp_gate') + (('mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate') if shared else ())
     names = ([direction_name(dirs, n) for n in names] if names is not None else
-             [n for n in direction_names(dirs) if parse_name(n)[1] in ('mlp_out', 'mlp_in', 'mlp_gate')])
-    if (bad := [n for n in names if parse_name(n)[1] not in ('mlp_out', 'mlp_in', 'mlp_gate')]) or not names:
-        raise WeightwatchError(f"only directions of the experts' matrices (mlp_out, mlp_in, mlp_gate) have expert shares; "
+             [n for n in direction_names(dirs) if parse_name(n)[1] in own])
+    if (bad := [n for n in names if parse_name(n)[1] not in own]) or not names:
+        raise WeightwatchError(f"only directions of the experts' matrices ({', '.join(own)}) have expert shares; "
                                f"{'got ' + str(bad[:3]) if bad else 'these directions have none'}")
     want, rows = {parse_name(n)[:2] for n in names}, {}
     for l, m in sorted(want):
-        for _, _, D in iter_deltas(base, finetuned, [m], layers=[l]):
-            for n in (n for n in names if parse_name(n)[:2] == (l, m)):
-                p = (direction_vector(dirs, n).float() @ D).reshape(info['n_experts'], -1).pow(2).sum(1)
-                rows[n] = p / p.sum().clamp(min=1e-30)
-    return ExpertShares(names, torch.stack([rows[n] for n in names]))
+        routed = m.replace('mlp_shared_', 'mlp_')   # the routed experts' matrix on this side (read or write)
+        mats = [routed] + ([routed.replace('mlp_', 'mlp_shared_')] if shared else [])
+        D = [D for _, _, D in iter_deltas(base, finetuned, mats, layers=[l])]
+        for n in (n for n in names if parse_name(n)[:2] == (l, m)):
+            v = direction_vector(dirs, n).float()
+            p = torch.cat([(v @ D[0]).reshape(info['n_experts'], -1).pow(2).sum(1), *[(v @ S).pow(2).sum()[None] for S in D[1:]]])
+            rows[n] = p / p.sum().clamp(min=1e-30)
+    return ExpertShares(names, torch.stack([rows[n] for n in names]), [str(e) for e in range(info['n_experts'])] + ['shared'] * shared)
 
 def plot_expert_shares(es:ExpertShares, # from `expert_shares`
                        ax=None, # matplotlib Axes to draw into
@@ -368,7 +374,7 @@ def plot_expert_shares(es:ExpertShares, # from `expert_shares`
     n, E = es.shares.shape
     fig, ax = _fig_ax(ax, (2.5 + 0.3 * E, 1.5 + 0.25 * n))
     im = ax.imshow(es.shares.numpy(), cmap='viridis', vmin=0, vmax=1, aspect='auto')
-    ax.set_xticks(range(E), [str(e) for e in range(E)]); ax.set_yticks(range(n), es.names, fontsize=7)
+    ax.set_xticks(range(E), es.experts or [str(e) for e in range(E)]); ax.set_yticks(range(n), es.names, fontsize=7)
     ax.set(xlabel='expert', title="share of each direction's update, per expert")
     fig.colorbar(im, ax=ax)
     return fig

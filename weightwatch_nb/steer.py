@@ -556,6 +556,9 @@ def _remove(self:ClipWeights, k:str, conv:bool, rows:Tensor|None=None):
         x, g = args[0], self.gate
         self._ran.add(k)
         if not self.live or g is None: return out
+        if x.ndim == 2 and x.shape[0] == g.numel():   # the pass's tokens flattened row by row, [b·t, d] (Qwen2-MoE's shared expert)
+            L, R = self._factors(k, mod.weight, conv, rows)
+            return out - ((x @ L) @ R) * g.reshape(-1, 1).to(out.dtype)
         if x.ndim != 3 or x.shape[0] != g.shape[0] or x.shape[1] > g.shape[1]:
             raise WeightwatchError(f"`{k}` ran on a {list(x.shape)} input, which does not line up with the pass's {list(g.shape)} tokens "
                                    "(e.g. experts of a mixture-of-experts layer see a subset of tokens): ClipWeights cannot follow it; "
