@@ -18,7 +18,8 @@ from .calibrate import (Monitor, Trace, Encoded, Tracer, forward_blocks, trace, 
 __all__ = ['direction_name', 'direction_vector', 'lens_logits', 'Lens', 'logit_lens', 'check_ids', 'trace_tokens', 'Example',
            'check_corpus', 'trace_corpus', 'Extremes', 'extreme_examples', 'example_html', 'token_cosines',
            'plot_distributions', 'direction_histograms', 'Similarity', 'direction_similarity', 'plot_similarity',
-           'ExpertShares', 'expert_shares', 'plot_expert_shares', 'DirectionExplorer']
+           'ExpertShares', 'expert_shares', 'plot_expert_shares', 'ExpertRouting', 'routed_experts', 'expert_routing',
+           'plot_expert_routing', 'DirectionExplorer']
 
 # %% ../nbs/10_interpret.ipynb #0a65bb8a
 def direction_name(dirs, # `Directions` or `Monitor`
@@ -376,6 +377,96 @@ def plot_expert_shares(es:ExpertShares, # from `expert_shares`
     im = ax.imshow(es.shares.numpy(), cmap='viridis', vmin=0, vmax=1, aspect='auto')
     ax.set_xticks(range(E), es.experts or [str(e) for e in range(E)]); ax.set_yticks(range(n), es.names, fontsize=7)
     ax.set(xlabel='expert', title="share of each direction's update, per expert")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+# %% ../nbs/10_interpret.ipynb #823943cc
+@dataclass
+class ExpertRouting:
+    "Which experts the router sends the tokens at either end of each direction to, against every token of the corpus."
+    names: list[str]   # direction names, one per row
+    high: Tensor       # [directions, experts]: share of the routing slots of the `top` tokens with the highest cosine
+    low: Tensor        # [directions, experts]: the same for the lowest cosine
+    overall: Tensor    # [directions, experts]: the same for every token of the corpus, at the direction's layer
+    n_end: int         # tokens at each end
+
+def routed_experts(model, # mixture-of-experts model (bridge or source)
+                   traces:list[Trace], # traces whose tokens to replay (`trace_corpus`)
+                   layers, # block indices whose routing to record
+                   batch_size:int=32, # sequences per forward pass
+                   progress:bool=False, # show a progress bar
+                  )->list[Tensor]: # per trace, [T, len(layers), top-k] expert indices, layers in ascending order
+    "The experts the router picks for every traced token at each of `layers`."
+    from tqdm.auto import tqdm
+    from weightwatch_nb.delta import arch_info
+    model = load_model(model)
+    info = arch_info(model.original_model.config)
+    if info['family'] != 'moe': raise WeightwatchError(f"{info['model_type']} is not a mixture of experts: its tokens are not routed")
+    layers = sorted({int(l) for l in layers})
+    if not layers or not all(0 <= l < info['n_layers'] for l in layers):
+        raise WeightwatchError(f"layers must be block indices 0..{info['n_layers']-1} of this model, got {layers}")
+    hooks = {l: f'blocks.{l}.mlp.gate.hook_expert_indices' for l in layers}
+    if (missing := [h for h in hooks.values() if h not in model.hook_dict]):
+        raise WeightwatchError(f"this bridge has no routing hook {missing[0]!r}, so the router's choices cannot be read; is TransformerLens 4 installed?")
+    check_ids(model, [t.ids for t in traces])
+    encs, out, dev = [Encoded(t.ids.tolist(), t.roles.tolist()) for t in traces], [None] * len(traces), model.cfg.device
+    for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='routing'):
+        got = {}
+        def keep(l):
+            def fn(act, hook): got[l] = act.detach(); return act
+            return fn
+        with torch.no_grad(), model.hooks(fwd_hooks=[(h, keep(l)) for l, h in hooks.items()]):
+            forward_blocks(model, b.ids.to(dev), b.mask.to(dev), max(layers))
+        idx = torch.stack([got[l].reshape(*b.ids.shape, -1) for l in layers], 2).cpu()   # [b, t, layers, top-k] (the router sees the tokens flattened)
+        for r, i in enumerate(b.index): out[i] = idx[r][b.mask[r].bool()]
+    return out
+
+def _slot_shares(idx:Tensor, n_experts:int)->Tensor:
+    "Share of routing slots per expert among [tokens, top-k] indices."
+    return torch.bincount(idx.reshape(-1), minlength=n_experts).float() / max(1, idx.numel())
+
+def expert_routing(model, # the mixture-of-experts model the traces come from
+                   traces:list[Trace], # traces of a corpus (`trace_corpus`)
+                   dirs, # the `Directions` or `Monitor` they were traced with
+                   names:list[str]|None=None, # directions (default: all)
+                   top:float=0.05, # fraction of the corpus's tokens at each end of a direction
+                   role:int|None=None, # only this role's tokens: 0 prompt, 1 response (default: both)
+                   batch_size:int=32, # sequences per forward pass of the replay
+                  )->ExpertRouting:
+    "Routing shares of the tokens with the highest and the lowest cosine along each direction, and of all tokens."
+    from weightwatch_nb.directions import parse_name
+    if not traces: raise WeightwatchError("no traces: trace a non-empty corpus first")
+    if not (isinstance(top, float) and 0 < top <= 0.5): raise WeightwatchError(f"top must be a fraction in (0, 0.5] (each end takes that share of the tokens), got {top!r}")
+    if role not in (None, PROMPT, RESPONSE): raise WeightwatchError(f"role must be {PROMPT} (prompt), {RESPONSE} (response) or None (both), got {role!r}")
+    model = load_model(model)
+    all_names = direction_names(dirs)
+    names = [direction_name(dirs, n) for n in names] if names is not None else all_names
+    layers = sorted({parse_name(n)[0] for n in names})
+    routes = routed_experts(model, traces, layers, batch_size)
+    keep = [t.roles == role if role is not None else torch.ones(len(t.ids), dtype=torch.bool) for t in traces]
+    cos = torch.cat([t.cos[m] for t, m in zip(traces, keep)])                      # [N, directions]
+    idx = torch.cat([r[m] for r, m in zip(routes, keep)])                          # [N, layers, top-k]
+    if len(cos) < 2: raise WeightwatchError(f"the traces have {len(cos)} {'' if role is None else ROLES[role] + ' '}token(s): trace a larger corpus")
+    E, n = model.original_model.config.to_dict(), max(1, round(top * len(cos)))
+    E = E.get('num_local_experts') or E.get('num_experts')
+    high, low, overall = [], [], []
+    for name in names:
+        j, li = all_names.index(name), layers.index(parse_name(name)[0])
+        order = cos[:, j].argsort(descending=True)
+        high.append(_slot_shares(idx[order[:n], li], E)); low.append(_slot_shares(idx[order[-n:], li], E)); overall.append(_slot_shares(idx[:, li], E))
+    return ExpertRouting(names, torch.stack(high), torch.stack(low), torch.stack(overall), n)
+
+def plot_expert_routing(er:ExpertRouting, # from `expert_routing`
+                        ax=None, # matplotlib Axes to draw into
+                       ):
+    "Heatmap of the routing shares at each direction's two ends and over the whole corpus."
+    from weightwatch_nb.directions import _fig_ax
+    rows = torch.stack([torch.stack([er.high[i], er.low[i], er.overall[i]]) for i in range(len(er.names))]).reshape(-1, er.high.shape[1])
+    labels = [f"{n} {end}" for n in er.names for end in ('high', 'low', 'all')]
+    fig, ax = _fig_ax(ax, (2.5 + 0.3 * rows.shape[1], 1.5 + 0.22 * len(labels)))
+    im = ax.imshow(rows.numpy(), cmap='viridis', vmin=0, aspect='auto')
+    ax.set_xticks(range(rows.shape[1]), [str(e) for e in range(rows.shape[1])]); ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel='expert', title=f"routing shares: {er.n_end} tokens at each end, and all tokens")
     fig.colorbar(im, ax=ax)
     return fig
 
