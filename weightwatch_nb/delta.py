@@ -518,26 +518,26 @@ def plant_update(base:str|os.PathLike, # checkpoint directory to copy
     import shutil
     from safetensors.torch import load_file, save_file
     src, out = Path(base), Path(out)
-    shutil.copytree(src, out, dirs_exist_ok=True)
     info, g = arch_info(json.loads((src/'config.json').read_text())), torch.Generator().manual_seed(seed)
-    planted = {}
-    for f in sorted(src.glob('*.safetensors')):
-        stored = load_file(f)
-        lay = loaded_layout(stored, info['model_type'])   # a mixture of experts: its experts fused, as they load (all of a layer's in one shard)
-        sd = {n: fuse_experts(k, stored.__getitem__) if isinstance(k, list) else stored[k] for n, k in lay.items()}
-        if noise:
-            for (l, m), (key, spec) in find_keys(sd.keys(), info, list(info['specs']), required=False).items():
-                W = orient(sd[key], spec, info, key); put_oriented(sd[key], spec, info, W + noise * torch.randn(W.shape, generator=g), key)
-        for (l, m), (key, spec) in find_keys(sd.keys(), info, sorted({m for _, m in ranks}), required=False).items():
-            if (l, m) not in ranks: continue
-            r, W = ranks[(l, m)], orient(sd[key], spec, info, key)
-            U = torch.linalg.qr(torch.randn(W.shape[0], r, generator=g))[0]
-            V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g))[0]
-            put_oriented(sd[key], spec, info, W + U @ torch.diag(torch.linspace(scale, scale/2, r)) @ V.T, key)
-            planted[(l, m)] = U
-        for n, k in lay.items():
-            if isinstance(k, list): stored.update(split_experts(sd[n], k))   # (the other tensors were written in place)
-        save_file(stored, out/f.name, metadata={'format': 'pt'})
-    missing = set(ranks) - set(planted)
-    if missing: raise WeightwatchError(f"could not plant into {sorted(missing)}: no such layer/matrix in {str(src)!r}")
+    planted, files, stored, shard = {}, sorted(src.glob('*.safetensors')), {}, {}
+    for f in files:                                      # every shard at once: a layer's experts may be spread over several
+        t = load_file(f); stored.update(t); shard.update(dict.fromkeys(t, f.name))
+    lay = loaded_layout(stored, info['model_type'])      # a mixture of experts: its experts fused, as they load
+    sd = {n: fuse_experts(k, stored.__getitem__) if isinstance(k, list) else stored[k] for n, k in lay.items()}
+    if noise:
+        for (l, m), (key, spec) in find_keys(sd.keys(), info, list(info['specs']), required=False).items():
+            W = orient(sd[key], spec, info, key); put_oriented(sd[key], spec, info, W + noise * torch.randn(W.shape, generator=g), key)
+    for (l, m), (key, spec) in find_keys(sd.keys(), info, sorted({m for _, m in ranks}), required=False).items():
+        if (l, m) not in ranks: continue
+        r, W = ranks[(l, m)], orient(sd[key], spec, info, key)
+        U = torch.linalg.qr(torch.randn(W.shape[0], r, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g))[0]
+        put_oriented(sd[key], spec, info, W + U @ torch.diag(torch.linspace(scale, scale/2, r)) @ V.T, key)
+        planted[(l, m)] = U
+    for n, k in lay.items():
+        if isinstance(k, list): stored.update(split_experts(sd[n], k))   # (the other tensors were written in place)
+    if (missing := set(ranks) - set(planted)):   # (before anything is written)
+        raise WeightwatchError(f"could not plant into {sorted(missing)}: no such layer/matrix in {str(src)!r}")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    for f in files: save_file({k: t for k, t in stored.items() if shard[k] == f.name}, out/f.name, metadata={'format': 'pt'})
     return planted

@@ -410,7 +410,7 @@ def weight_copies(model, # the model (bridge or HF model)
             for attr, k in (('weight', key), ('bias', key.removesuffix('weight') + 'bias')):
                 mine, whole, cp = getattr(sub, attr, None), getattr(fused, attr, None), WeightCopy(sub, rows, spec.stored == 'conv1d', attr)
                 if mine is None or whole is None or ptr(mine) == ptr(whole) or k not in sd: continue   # none, or a view (GPT-2 as loaded)
-                if mine.shape == cp.of(whole).shape and torch.equal(mine, cp.of(whole)): out.setdefault(k, []).append(cp)   # what it holds, checked
+                if mine.shape == (held := cp.of(whole)).shape and torch.equal(mine, held): out.setdefault(k, []).append(cp)   # what it holds, checked
     return out
 
 
