@@ -576,16 +576,22 @@ def test_lora_on_a_mixture_of_experts(tmp_path):
                 if 'lora_B' in n: p.normal_(0, 0.1)
         pm.save_pretrained(tmp_path/name)
         merged = pm.merge_and_unload()
-        if name == 'experts':
-            with pytest.raises(WeightwatchError, match=r"fused experts \(e.g. \['base_model.model.model.layers.0.mlp.experts.*merge it"):
-                compute_directions(b, lora=tmp_path/name, k=2, matrices=['mlp_out'], progress=False)
+        if name == 'experts':   # every way of reading the adapter refuses it: none may read it as no change at all
+            from weightwatch_nb.delta import LoraTensors, lora_factors
+            from weightwatch_nb.edit import removed_weights
+            from weightwatch_nb.core import fingerprint
+            for read in (lambda: compute_directions(b, lora=tmp_path/name, k=2, matrices=['mlp_out'], progress=False),
+                         lambda: LoraTensors(b, tmp_path/name), lambda: fingerprint(LoraTensors(b, tmp_path/name)),
+                         lambda: list(lora_factors(tmp_path/name, json.loads((b/'config.json').read_text()), ['mlp_out'])),
+                         lambda: removed_weights(b, tmp_path/name, 1, matrices=['mlp_out'], progress=False)):
+                with pytest.raises(WeightwatchError, match=r"experts' experts \(e.g. \['base_model.model.model.layers.0.mlp.experts.*merge it"): read()
             continue
         dl = compute_directions(b, lora=tmp_path/name, k=2, matrices=['attn_out'], progress=False)
         dm = compute_directions(b, merged, k=2, matrices=['attn_out'], method='exact', progress=False)
         assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
         Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/name))
 
-def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys):
+def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, monkeypatch):
     "`weightwatch generate --steer rewind-weights` strips the update from experts and router (the router has one column per expert, fewer than --strip-k); clip-weights, which needs linear layers, says what to use instead."
     from weightwatch_nb.cli import main
     b, f, _ = _plain_pair('olmoe', tmp_path, {(1, 'mlp_out'): 1, (1, 'mlp_router'): 1})
@@ -594,7 +600,11 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys):
     assert main(['calibrate', str(f), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0
     capsys.readouterr()
     gen = ['generate', str(f), 'the model 3', '--monitor', str(tmp_path/'m.safetensors'), '--base', str(b), '--max-new-tokens', '3']
+    import weightwatch_nb.edit as E
+    calls, rw = [], E.removed_weights
+    monkeypatch.setattr(E, 'removed_weights', lambda b_, f_, k, matrices, **kw: calls.append((k, list(matrices))) or rw(b_, f_, k, matrices=matrices, **kw))
     assert main(gen + ['--steer', 'rewind-weights']) == 0                   # --strip-k 16 > 3 experts: the router's update is stripped whole
+    assert calls == [(16, ['attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate']), (3, ['mlp_router'])]
     assert 'steering: rewind-weights' in capsys.readouterr().err
     assert main(gen + ['--steer', 'clip-weights']) == 2
     assert 'experts and router of this olmoe model are not linear layers; use --steer rewind-weights' in capsys.readouterr().err

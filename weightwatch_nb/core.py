@@ -385,8 +385,13 @@ _EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
 
+def _n_experts(config:dict)->int|None:
+    "Experts per layer of a mixture of experts, from its config dict (None: not one)."
+    return config.get('num_local_experts') or config.get('num_experts') if config.get('model_type') in FUSED_EXPERTS else None
+
 def expert_groups(keys, # a checkpoint's tensor names
                   model_type:str|None, # its config's `model_type` (only `FUSED_EXPERTS` are fused)
+                  n_experts:int|None=None, # experts per layer, from the config (checked when given)
                  )->dict[str, list[list[str]]]: # fused name -> per expert, the stored names of its parts
     "The stored per-expert tensors that make each fused expert tensor of a loaded mixture-of-experts model."
     if model_type not in FUSED_EXPERTS: return {}
@@ -398,8 +403,8 @@ def expert_groups(keys, # a checkpoint's tensor names
     out = {}
     for name, ex in found.items():
         n = 2 if name.endswith('gate_up_proj') else 1
-        if sorted(ex) != list(range(len(ex))) or any(sorted(p) != list(range(n)) for p in ex.values()):
-            raise WeightwatchError(f"the checkpoint's experts for `{name}` are incomplete (experts {sorted(ex)}, parts "
+        if sorted(ex) != list(range(n_experts or len(ex))) or any(sorted(p) != list(range(n)) for p in ex.values()):
+            raise WeightwatchError(f"the checkpoint's experts for `{name}` are incomplete (experts {sorted(ex)}{f' of {n_experts}' if n_experts else ''}, parts "
                                    f"{sorted({len(p) for p in ex.values()})} of {n}): a shard is missing or the checkpoint is damaged; download it again")
         out[name] = [[ex[e][i] for i in range(n)] for e in range(len(ex))]
     return out
@@ -408,9 +413,10 @@ _RENAMED = {'mixtral': ('.block_sparse_moe.', '.mlp.')}   # what transformers 5 
 
 def loaded_layout(keys, # a checkpoint's tensor names
                   model_type:str|None, # its config's `model_type`
+                  n_experts:int|None=None, # experts per layer, from the config (checked when given)
                  )->dict: # loaded name -> stored name, or (fused experts) its `expert_groups` entry
     "The names a loaded model gives a checkpoint's tensors: Mixtral's `block_sparse_moe` is its `mlp`, experts fused."
-    groups = expert_groups(keys, model_type)
+    groups = expert_groups(keys, model_type, n_experts)
     parts, (old, new) = {k for g in groups.values() for p in g for k in p}, _RENAMED.get(model_type, ('', ''))
     return {(k.replace(old, new) if old else k): k for k in keys if k not in parts} | groups
 
@@ -473,7 +479,7 @@ def _named_tensors(model):
         def get(k):
             with safe_open(str(names[k]), 'pt') as fh: return fh.get_tensor(k)
         text = (d/'config.json').read_text()
-        lay = loaded_layout(names, json.loads(text).get('model_type'))   # a mixture of experts' experts, fused as it loads them
+        lay = loaded_layout(names, json.loads(text).get('model_type'), _n_experts(json.loads(text)))   # a mixture of experts' experts, fused as it loads them
         for n, k in _as_loaded(lay, text):
             if _UNEMBED.search(n): continue
             yield n, fuse_experts(lay[k], get) if isinstance(lay[k], list) else get(lay[k])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM',
@@ -217,7 +217,7 @@ class CheckpointTensors:
         self.files = {}
         for f in shards:
             with _safe_open(f, 'checkpoint shard') as fh: self.files.update({k: f for k in fh.keys()})
-        self.layout = loaded_layout(self.files, self.config.get('model_type'))   # names as loaded (a mixture of experts' experts fused)
+        self.layout = loaded_layout(self.files, self.config.get('model_type'), _n_experts(self.config))   # names as loaded (a mixture of experts' experts fused)
     def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.layout)} tensors)"
     def keys(self)->list[str]: return list(self.layout)
     def _stored_shape(self, k:str)->tuple:
@@ -378,6 +378,9 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
             mt = re.match(r'^(.*)\.lora_(?:embedding_)?([AB])(?:\.weight)?$', k)
             if mt: fac.setdefault(mt[1], {})[mt[2]] = fh.get_tensor(k).to(torch.float32)
     if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
+    if (ex := sorted(m for m in fac if re.search(r'\.experts(\.|$)', m))):   # PEFT's `target_parameters` on fused experts, or per-expert modules
+        raise WeightwatchError(f"the adapter changes a mixture of experts' experts (e.g. {ex[:2]}): LoRA on experts is not mapped; "
+                               "merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
     return cfg, {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
 
 # %% ../nbs/03_delta.ipynb #0cf03bfd
@@ -390,9 +393,6 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
     cfg, fac = read_adapter(adapter)
     info = arch_info(config)
     for (l, m), (mod, spec) in find_keys(list(fac), info, matrices, layers, suffix='.weight', required=False).items():
-        if spec.stored == 'experts':
-            raise WeightwatchError(f"the adapter changes `{mod}`, a mixture of experts' fused experts: LoRA on experts is not mapped; "
-                                   "merge the adapter (`merge_and_unload()`) and pass the merged model")
         A, B = fac[mod]
         lo = _logical_shape(spec, info)
         if (B.shape[0], A.shape[1]) != lo or A.shape[0] != B.shape[1]:
@@ -428,9 +428,6 @@ class LoraTensors:
         A, B = self.fac[mod]
         D = B @ A                                            # [out, in], as PEFT computes it
         # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
-        if kind == 'experts':
-            raise WeightwatchError(f"the adapter changes `{k}`, a mixture of experts' fused experts: LoRA on experts is not mapped; "
-                                   "merge the adapter (`merge_and_unload()`) and pass the merged model")
         kind = kind or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
                         'conv1d' if D.shape != D.T.shape or self.lora.get('fan_in_fan_out') else 'linear')
         if kind != 'linear': D = D.T
@@ -522,7 +519,7 @@ def plant_update(base:str|os.PathLike, # checkpoint directory to copy
     planted, files, stored, shard = {}, sorted(src.glob('*.safetensors')), {}, {}
     for f in files:                                      # every shard at once: a layer's experts may be spread over several
         t = load_file(f); stored.update(t); shard.update(dict.fromkeys(t, f.name))
-    lay = loaded_layout(stored, info['model_type'])      # a mixture of experts: its experts fused, as they load
+    lay = loaded_layout(stored, info['model_type'], info['n_experts'])   # a mixture of experts: its experts fused, as they load
     sd = {n: fuse_experts(k, stored.__getitem__) if isinstance(k, list) else stored[k] for n, k in lay.items()}
     if noise:
         for (l, m), (key, spec) in find_keys(sd.keys(), info, list(info['specs']), required=False).items():

@@ -371,9 +371,6 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         plan = find_keys(bt.keys(), info, matrices, layers)
         mods = list(read_adapter(lora)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
-        if info['family'] == 'moe' and (ex := [m for m in sorted(set(mods) - mapped) if m.endswith('.experts')]):
-            raise WeightwatchError(f"the adapter changes a mixture of experts' fused experts (e.g. {ex[:2]}): LoRA on experts is not mapped; "
-                                   "merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
         if other := sorted(set(mods) - mapped):   # e.g. a module of an architecture's own that no matrix stands for
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
                           "their update is not in these directions", stacklevel=2)

@@ -364,7 +364,8 @@ def expert_shares(base, # base model: any source `delta.iter_deltas` takes
         for n in (n for n in names if parse_name(n)[:2] == (l, m)):
             v = direction_vector(dirs, n).float()
             p = torch.cat([(v @ D[0]).reshape(info['n_experts'], -1).pow(2).sum(1), *[(v @ S).pow(2).sum()[None] for S in D[1:]]])
-            rows[n] = p / p.sum().clamp(min=1e-30)
+            if not p.sum() > 0: raise WeightwatchError(f"the update along {n} is zero, so it has no shares: are these directions of this pair (and not `mode='raw'`)?")
+            rows[n] = p / p.sum()
     return ExpertShares(names, torch.stack([rows[n] for n in names]), [str(e) for e in range(info['n_experts'])] + ['shared'] * shared)
 
 def plot_expert_shares(es:ExpertShares, # from `expert_shares`
@@ -447,7 +448,7 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
     cos = torch.cat([t.cos[m] for t, m in zip(traces, keep)])                      # [N, directions]
     idx = torch.cat([r[m] for r, m in zip(routes, keep)])                          # [N, layers, top-k]
     if len(cos) < 2: raise WeightwatchError(f"the traces have {len(cos)} {'' if role is None else ROLES[role] + ' '}token(s): trace a larger corpus")
-    E, n = model.original_model.config.to_dict(), max(1, round(top * len(cos)))
+    E, n = model.original_model.config.to_dict(), max(1, min(round(top * len(cos)), len(cos) // 2))   # the two ends never share a token
     E = E.get('num_local_experts') or E.get('num_experts')
     high, low, overall = [], [], []
     for name in names:
