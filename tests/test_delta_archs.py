@@ -544,6 +544,12 @@ def test_qwen2_moe_shared_expert(tmp_path):
         with swapped_weights(model, removed_weights(b, f, 1, **last)): edited = model(ids2)
     assert (edited[0, 3:] - plain[0, 3:]).abs().max() > 1e-2
     assert torch.allclose(part[0, 3:], edited[0, 3:], atol=1e-5) and torch.allclose(part[0, :3], plain[0, :3], atol=1e-5) and torch.allclose(part[1], plain[1], atol=1e-5)
+    # the harness judges weight-space steering on it: 'rewind (weights)' with the router's whole update stripped; 'clip (weights)' is left out, saying why
+    from weightwatch_nb.demo import judge_steering
+    with pytest.warns(UserWarning, match="'clip \\(weights\\)' is not judged on this qwen2_moe model"):
+        t = judge_steering(b, f, model, {'read': mon}, {'x': ['the model 3 of 2', 'of the 7']}, {'replied': ('x', lambda r, it: len(r) > 0)},
+                           steer=(), strip_k=16, batch_size=2)
+    assert [(r['monitor'], r['steering']) for r in t] == [('read', 'rewind (weights)')]
 
 def test_lora_on_a_qwen2_moe_shared_expert(tmp_path):
     "A LoRA adapter on Qwen2-MoE's shared expert (its gate_proj, up_proj and down_proj are the model's only such linear layers): directions equal the merged model's."

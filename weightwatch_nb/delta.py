@@ -14,10 +14,10 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM',
-           'READ_MATRICES', 'BLOCK_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient', 'put_oriented',
-           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas',
-           'read_adapter', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
-           'subspace_cosines', 'plant_update']
+           'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient',
+           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
+           'iter_deltas', 'read_adapter', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd',
+           'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -267,7 +267,8 @@ def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, Transforme
 
 # %% ../nbs/03_delta.ipynb #26f5ef99
 READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router', 'mlp_shared_in', 'mlp_shared_gate')  # the matrices that read from the residual stream
-BLOCK_MATRICES = tuple(m for m in MATRICES if m not in ('embed', 'unembed'))  # every matrix of a block that reads or writes the residual stream
+BLOCK_MATRICES = tuple(m for m in MATRICES if m not in ('embed', 'unembed'))
+WRITE_MATRICES = ('attn_out', 'mlp_out', 'mlp_shared_out')   # the block matrices that write to the residual stream (the paper's, and a shared expert's)  # every matrix of a block that reads or writes the residual stream
 
 def block_matrices(model, # the model (any source `open_tensors` takes) or its config dict
                    wanted=BLOCK_MATRICES, # the matrices asked for, from `MATRICES`

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from .core import (WeightwatchError, load_model, fingerprint, add_model_options, model_options, POSITIVE_INT, add_output,
                                  atomic_path, check_apart)
 from .directions import Directions, compute_directions, READ_HOOK
-from .delta import READ_MATRICES, block_matrices
+from .delta import READ_MATRICES, WRITE_MATRICES, block_matrices
 from .calibrate import Monitor, calibrate, read_jsonl, prompts_needed, encode_many, as_record, in_file
 from .evaluate import (Detection, Table, detect, detection_table, plot_roc, activation_baselines,
                                      steering_table, tpr_at_fpr)
@@ -93,7 +93,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     t0, model = time.time(), load_model(finetuned, dtype=dtype, device=device)
     check_sets(model, sets, generate)
     scan_sets = {s: v for s, v in sets.items() if s != 'calibration'}
-    dirs = compute_directions(base, finetuned, k=k, progress=progress)
+    dirs = compute_directions(base, finetuned, k=k, matrices=block_matrices(finetuned, WRITE_MATRICES), progress=progress)
     mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
     rmon = None
@@ -103,7 +103,7 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
         dets.append(detect(model, rmon, scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
     if baselines:
         layer = model.cfg.n_layers//2 if baseline_layer is None else baseline_layer
-        for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, mode='raw', progress=False), 'weights (raw W)')):
+        for dd, nm in ((random_directions(dirs), 'random directions'), (compute_directions(None, finetuned, k=k, matrices=block_matrices(finetuned, WRITE_MATRICES), mode='raw', progress=False), 'weights (raw W)')):
             dets.append(detect(model, calibrate_monitor(model, dd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr), scan_sets,
                                name=nm, batch_size=batch_size, generate=generate, progress=progress))
         dets += activation_baselines(model, sets['calibration'], scan_sets, layer, batch_size=batch_size, generate=generate)   # the tokens the monitor saw
@@ -126,10 +126,16 @@ def judge_steering(base, finetuned, # the model pair (for the weight-space modes
     from weightwatch_nb.steer import Rewind, ClipWeights
     extra = lambda m: []
     if strip_k:
-        from weightwatch_nb.edit import removed_weights, removed_update
-        how = dict(matrices=block_matrices(finetuned), like=model, progress=False)
-        w, upd = removed_weights(base, finetuned, strip_k, **how), removed_update(base, finetuned, strip_k, **how)
-        extra = lambda m: [ClipWeights(m, upd), Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
+        from weightwatch_nb.edit import stripped_weights, removed_update
+        from weightwatch_nb.delta import arch_info
+        info, w = arch_info(model.original_model.config), stripped_weights(base, finetuned, strip_k, like=model, progress=False)
+        if info['family'] == 'moe':   # ClipWeights needs linear layers: a mixture of experts' experts and router are not
+            warnings.warn(f"'clip (weights)' is not judged on this {info['model_type']} model: its experts and router are not linear layers, "
+                          "so their update cannot be subtracted as the model runs; 'rewind (weights)' is", stacklevel=2)
+            extra = lambda m: [Rewind(weights=w, label='rewind (weights)')]
+        else:
+            upd = removed_update(base, finetuned, strip_k, matrices=block_matrices(finetuned), like=model, progress=False)
+            extra = lambda m: [ClipWeights(m, upd), Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None
                  for row in steering_table(model, m, sets, judges, steer=[*steer, *extra(m)], batch_size=batch_size))
 
@@ -210,7 +216,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
     for s, recs in (('test', test), ('positive', positive)):
         if not recs: raise WeightwatchError(f"calibration_study needs a non-empty {s} set")
     model = load_model(finetuned)
-    sides = [('write', dict())] + ([('read', dict(matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK))] if read_side else [])
+    sides = [('write', dict(matrices=block_matrices(finetuned, WRITE_MATRICES)))] + ([('read', dict(matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK))] if read_side else [])
     rows, rows.monitors, rows.skipped = Table(), {}, []
     for side, kw in tqdm(sides, desc=f'calibration study ({name})', disable=not progress):
         d = compute_directions(base, finetuned, k=k, progress=False, **kw)

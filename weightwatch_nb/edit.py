@@ -19,8 +19,9 @@ from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
 
 # %% auto #0
-__all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'removed_weights', 'removed_update',
-           'interpolate', 'save_edited', 'read_edit', 'measure', 'sweep', 'plot_sweep', 'register_cli']
+__all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'removed_weights', 'stripped_weights',
+           'removed_update', 'interpolate', 'save_edited', 'read_edit', 'measure', 'sweep', 'plot_sweep',
+           'register_cli']
 
 # %% ../nbs/12_edit.ipynb #4fc78eeb
 def strip_update(W_ft:Tensor, # fine-tuned weight, oriented [d_model, d_in]
@@ -187,6 +188,28 @@ def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub i
     "Just the tensors `remove_directions` changes, without a copy of the whole model."
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_weights', lazy=True)
     return _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
+
+# %% ../nbs/12_edit.ipynb #3c415dc7
+def stripped_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
+                     finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
+                     k:int,       # directions stripped from every block matrix's update (all of them where it has fewer)
+                     like=None,   # the loaded fine-tuned model they are for (see `removed_weights`)
+                     progress:bool=True, # progress bar over matrices
+                    )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
+    "`removed_weights` of the top `k` directions of every block matrix's update; the whole update of a matrix with fewer."
+    from weightwatch_nb.delta import block_matrices
+    src = open_tensors(finetuned) if not (isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter') else open_tensors(base)
+    info, ms = arch_info(src.config), block_matrices(src.config)
+    cap = lambda s: min(info['d_model'], info[s.other] * (info['n_experts'] if s.stored == 'experts' else 1))
+    groups, ks = {}, {}
+    for m in ms:
+        kk = min(k, cap(info['specs'][m])); groups.setdefault(kk, []).append(m); ks.setdefault(info['specs'][m].key, set()).add(kk)
+    if (clash := sorted(key for key, v in ks.items() if len(v) > 1)):
+        raise WeightwatchError(f"k={k} is more than some of the matrices fused in `{clash[0]}` have ({sorted(ks[clash[0]])}), and they are edited "
+                               f"together; pass k <= {min(ks[clash[0]])}")
+    out = {}
+    for kk, g in sorted(groups.items(), reverse=True): out |= removed_weights(base, finetuned, kk, matrices=g, like=like, progress=progress)
+    return out
 
 # %% ../nbs/12_edit.ipynb #8a6fc5c3
 def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge

@@ -691,7 +691,7 @@ def _cmd_generate(args)->int:
     if weights:
         if not args.base: raise WeightwatchError(f"--steer {args.steer} needs --base BASE, the model MODEL was fine-tuned from: "
                                                  "the update to remove is MODEL's weights minus BASE's")
-        from weightwatch_nb.edit import removed_weights, removed_update
+        from weightwatch_nb.edit import stripped_weights, removed_update
         from weightwatch_nb.delta import block_matrices, arch_info
         info, ms, kw = arch_info(model.original_model.config), block_matrices(args.model), dict(like=model, progress=False)
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
@@ -700,13 +700,9 @@ def _cmd_generate(args)->int:
                                    f"this {info['model_type']} model are not linear layers; use --steer rewind-weights (the edited weights swapped in) "
                                    "or --steer clip (the directions projected out of the activations)")
         if args.steer == 'clip-weights': steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, matrices=ms, **kw))
-        else:
-            router = 'mlp_router' in ms and args.strip_k > info['n_experts']   # the router's update has one column per expert: at most that many
-            w = removed_weights(args.base, args.model, args.strip_k, matrices=[m for m in ms if not (router and m == 'mlp_router')], **kw)
-            if router:
-                w |= removed_weights(args.base, args.model, info['n_experts'], matrices=['mlp_router'], **kw)
-                how += f" (all {info['n_experts']} of the router's)"
-            steer = Rewind(weights=w, label='rewind (weights)')
+        else:   # (a router has one direction per expert: with fewer experts than --strip-k, all of its update goes)
+            steer = Rewind(weights=stripped_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')
+            if 'mlp_router' in ms and args.strip_k > info['n_experts']: how += f" (all {info['n_experts']} of the router's)"
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
     r = steered_generate(model, mon, [rec], steer=steer, max_new_tokens=args.max_new_tokens, check=False)[0]
