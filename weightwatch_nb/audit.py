@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet, add_model_options, model_options
 from .calibrate import (Trace, direction_names, check_directions, read_jsonl, quiet_hf, PROMPT, RESPONSE, ROLES)
 from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str)
+from .delta import arch_info, block_matrices, WRITE_MATRICES
 
 # %% auto #0
 __all__ = ['AUDIT_FORMAT', 'AUDIT_SCHEMA', 'Shifts', 'direction_shifts', 'DirectionAudit', 'Audit', 'audit', 'audit_table_html',
@@ -55,6 +56,8 @@ class DirectionAudit:
     sigma: float           # singular value of the direction in ΔW
     lens: Lens             # logit lens of sign(shift) * direction
     examples: list[Example] # records with the largest per-record shift; values are per-token signed shifts
+    experts: dict|None = None  # a mixture of experts' expert matrix: each expert's share of the update along it ('0', '1', ..., 'shared'), from the weights
+    routing: dict|None = None  # a mixture of experts: routing-slot shares per expert at its layer, 'along' (the tokens furthest along sign(shift)·direction) and 'all'
 
 @dataclass
 class Audit:
@@ -72,6 +75,18 @@ def _ranks(x:Tensor)->list[int]:
 def _audit_example(i:int, ft:Trace, base:Trace, j:int, sign:float, tok)->Example:
     d = (ft.cos[:, j] - base.cos[:, j]) * sign
     return Example(i, int(d.argmax()), float(d.mean()), [_tok_str(tok, t) for t in ft.ids.tolist()], d.tolist(), ft.roles.tolist())
+
+def _read_experts(out:list, base, finetuned, fm, ft:list, dirs, sh, batch_size:int):
+    "Fill in the top directions' expert shares (from the weights) and routing (from the traces) of a mixture of experts."
+    from weightwatch_nb.interpret import expert_shares, expert_routing
+    from weightwatch_nb.directions import parse_name
+    own = [d.name for d in out if parse_name(d.name)[1] in ('mlp_out', 'mlp_in', 'mlp_gate', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')]
+    es = expert_shares(base, finetuned, dirs, own) if own else None
+    er = expert_routing(fm, ft, dirs, [d.name for d in out], batch_size=batch_size)
+    lab = lambda row, names=None: {n: round(float(x), 4) for n, x in zip(names or map(str, range(len(row))), row)}
+    for i, d in enumerate(out):
+        if es is not None and d.name in es.names: d.experts = lab(es.shares[es.names.index(d.name)], es.experts)
+        d.routing = {'along': lab(er.high[i] if d.shift >= 0 else er.low[i]), 'all': lab(er.overall[i])}
 
 def audit(base, # base model: 'zoo:NAME', dir, hub id or bridge
           finetuned, # fine-tuned model (same kinds)
@@ -94,7 +109,7 @@ def audit(base, # base model: 'zoo:NAME', dir, hub id or bridge
     check_comparable(base, finetuned)
     bm, fm = load_model(base, dtype=dtype, device=device), load_model(finetuned, dtype=dtype, device=device)
     k_used = k if dirs is None else getattr(dirs, 'meta', {}).get('k')
-    dirs = dirs if dirs is not None else compute_directions(base, finetuned, k=k, progress=progress)
+    dirs = dirs if dirs is not None else compute_directions(base, finetuned, k=k, matrices=block_matrices(finetuned, WRITE_MATRICES), progress=progress)
     check_directions(fm, dirs)
     names, tok = direction_names(dirs), fm.tokenizer
     ft = trace_corpus(fm, dirs, records, generate=generate, batch_size=batch_size, progress=progress)
@@ -112,6 +127,7 @@ def audit(base, # base model: 'zoo:NAME', dir, hub id or bridge
         lens = logit_lens(fm, None, sign * dirs[names[j]] if hasattr(dirs, 'vectors') else sign * dirs.U[j], k=10); lens.name = ('' if sign > 0 else '−') + names[j]
         best = sh.records[:, j].argsort(descending=True)[:examples].tolist()
         out.append(DirectionAudit(names[j], r, float(sh.shift[j]), float(sigma[j]), lens, [_audit_example(i, ft[i], bt[i], j, sign, tok) for i in best]))
+    if arch_info(fm.original_model.config)['family'] == 'moe': _read_experts(out, base, finetuned, fm, ft, dirs, sh, batch_size)
     meta = dict(fingerprints={'base': fingerprint(bm), 'finetuned': fingerprint(fm), 'directions': (getattr(dirs, 'meta', {}) or {}).get('fingerprints')},
                 sources={'base': str(getattr(bm, 'ww_source', base)), 'finetuned': str(getattr(fm, 'ww_source', finetuned))},
                 params=dict(k=k_used, top=top, examples=examples, generate=generate, rank_by=rank_by),
@@ -131,6 +147,15 @@ def audit_table_html(report:Audit, # an audit
     return ("<table><tr><th>rank</th><th>direction</th><th>shift</th><th>prompt</th><th>response</th><th>σ</th><th>σ rank</th></tr>"
             f"{body}</table>")
 
+def _experts_html(d:DirectionAudit)->str:
+    "One line on a mixture of experts' direction: which experts carry its update, where its tokens are routed."
+    top3 = lambda m: [kv for kv in sorted(m.items(), key=lambda kv: -kv[1])[:3] if kv[1] >= 0.005]   # the three largest, of those above 0
+    parts = []
+    if d.experts: parts.append("update carried by " + ', '.join(f"expert {e} {s:.0%}" for e, s in top3(d.experts)))
+    if d.routing: parts.append(f"tokens furthest along it routed to " + ', '.join(f"expert {e} {s:.0%} (corpus {d.routing['all'][e]:.0%})"
+                                                                               for e, s in top3(d.routing['along'])) + " of routing slots")
+    return f"<div><i>experts</i>: {html.escape('; '.join(parts))}</div>"
+
 def audit_html(report:Audit, # an audit
                plots:bool=False, # embed PNG plots (for files)
               )->str:
@@ -146,6 +171,7 @@ def audit_html(report:Audit, # an audit
         scale = max([abs(x) for e in d.examples for x in e.values] + [1e-6])
         parts.append(f"<h3>#{d.rank}: {html.escape(d.name)} (shift {d.shift:+.4f}, σ {d.sigma:.3g})</h3>")
         parts.append(d.lens._repr_html_())
+        if d.experts or d.routing: parts.append(_experts_html(d))
         parts.append(f"<div><i>records with the largest shift along {html.escape(d.lens.name)}</i></div>")
         parts += [example_html(e, scale, 'shift') for e in d.examples]
         if plots: parts.append(_png(plot_record_scores(report, d.name)))
@@ -215,7 +241,8 @@ def to_json(self:Audit)->dict:
     return dict(format=AUDIT_FORMAT, schema_version=AUDIT_SCHEMA, **self.meta,
                 directions=[{k: nan(v) for k, v in r.items()} for r in self.table],
                 top=[dict(name=d.name, rank=d.rank, shift=d.shift, sigma=nan(d.sigma), lens_direction=d.lens.name,
-                          lens_pos=d.lens.pos, lens_neg=d.lens.neg, examples=[ex(e) for e in d.examples]) for d in self.top])
+                          lens_pos=d.lens.pos, lens_neg=d.lens.neg, examples=[ex(e) for e in d.examples],
+                          **({'experts': d.experts, 'routing': d.routing} if d.routing else {})) for d in self.top])
 
 def _write_atomic(path:Path, text:str):
     with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
