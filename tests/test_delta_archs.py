@@ -299,22 +299,25 @@ def test_neox_qkv_rows_are_what_attention_computes(tmp_path):
         assert torch.equal(orient(W, spec, info), torch.zeros(64, 64))
         for m in ('attn_q', 'attn_v'): assert torch.equal(orient(W, info['specs'][m], info), orient(att.query_key_value.weight, info['specs'][m], info))
 
-def test_neox_lora_on_fused_qkv_equals_merged(tmp_path):
-    "A LoRA adapter on GPT-NeoX's query_key_value: q, k and v each get their own interleaved rows of the update."
+def _lora_matches_merged(b, hf, tmp_path, ms, k, **cfg):
+    "A LoRA adapter (`cfg`, random B so that ΔW ≠ 0) on `hf`, the model of `b`: its directions of `ms`, read without merging, equal the merged model's."
     from peft import LoraConfig, get_peft_model
-    b, _, _ = _plain_pair('gpt_neox', tmp_path, {(0, 'attn_out'): 1})
     torch.manual_seed(0)
-    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=['query_key_value']))
+    pm = get_peft_model(hf, LoraConfig(**cfg))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path/'lora')
     merged = pm.merge_and_unload()
-    ms = ['attn_q', 'attn_k', 'attn_v']
-    dlo = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
-    dme = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
-    assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
-    for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4), key
+    dl = compute_directions(b, lora=tmp_path/'lora', k=k, matrices=ms, progress=False)
+    dm = compute_directions(b, merged, k=k, matrices=ms, method='exact', progress=False)
+    assert dl.names() == dm.names() and len(dl) == k * len(ms) * 2              # (two blocks)
+    for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
+
+def test_neox_lora_on_fused_qkv_equals_merged(tmp_path):
+    "A LoRA adapter on GPT-NeoX's query_key_value: q, k and v each get their own interleaved rows of the update."
+    b, _, _ = _plain_pair('gpt_neox', tmp_path, {(0, 'attn_out'): 1})
+    _lora_matches_merged(b, load_hf(b)[0], tmp_path, ['attn_q', 'attn_k', 'attn_v'], 3, r=3, lora_alpha=6, target_modules=['query_key_value'])
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
@@ -551,23 +554,13 @@ def test_qwen2_moe_shared_expert(tmp_path):
                            steer=(), strip_k=16, batch_size=2)
     assert [(r['monitor'], r['steering']) for r in t] == [('read', 'rewind (weights)')]
 
+@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
 def test_lora_on_a_qwen2_moe_shared_expert(tmp_path):
     "A LoRA adapter on Qwen2-MoE's shared expert (its gate_proj, up_proj and down_proj are the model's only such linear layers): directions equal the merged model's."
-    from peft import LoraConfig, get_peft_model
     import transformers as T
     b, _, _ = _plain_pair('qwen2_moe', tmp_path, {(0, 'attn_out'): 1})
-    torch.manual_seed(0)
-    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['gate_proj', 'up_proj', 'down_proj']))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if 'lora_B' in n: p.normal_(0, 0.1)
-    pm.save_pretrained(tmp_path/'lora')
-    merged = pm.merge_and_unload()
-    ms = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate']
-    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
-    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
-    assert dl.names() == dm.names() and len(dl) == 2 * 3 * 2
-    for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
+    _lora_matches_merged(b, T.AutoModelForCausalLM.from_pretrained(b), tmp_path, ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'], 2,
+                         r=2, lora_alpha=4, target_modules=['gate_proj', 'up_proj', 'down_proj'])
 
 def test_lora_on_a_mixture_of_experts(tmp_path):
     "A LoRA adapter on a Mixtral's attention: directions equal the merged model's, and belong to the adapter loaded on its base (experts fused in both); LoRA on the fused experts themselves is refused as not mapped."

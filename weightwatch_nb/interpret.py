@@ -368,18 +368,23 @@ def expert_shares(base, # base model: any source `delta.iter_deltas` takes
             rows[n] = p / p.sum()
     return ExpertShares(names, torch.stack([rows[n] for n in names]), [str(e) for e in range(info['n_experts'])] + ['shared'] * shared)
 
+def _expert_heatmap(rows:Tensor, experts:list[str], labels:list[str], title:str, ax=None):
+    "Rows of shares per expert, one labelled row each, as a heatmap (0 to the largest share)."
+    from weightwatch_nb.directions import _fig_ax
+    fig, ax = _fig_ax(ax, (2.5 + 0.3 * len(experts), 1.5 + 0.22 * len(labels)))
+    im = ax.imshow(rows.numpy(), cmap='viridis', vmin=0, aspect='auto')
+    ax.set_xticks(range(len(experts)), experts); ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel='expert', title=title)
+    fig.colorbar(im, ax=ax)
+    return fig
+
 def plot_expert_shares(es:ExpertShares, # from `expert_shares`
                        ax=None, # matplotlib Axes to draw into
                       ):
     "Heatmap of each direction's update shared among the experts."
-    from weightwatch_nb.directions import _fig_ax
-    n, E = es.shares.shape
-    fig, ax = _fig_ax(ax, (2.5 + 0.3 * E, 1.5 + 0.25 * n))
-    im = ax.imshow(es.shares.numpy(), cmap='viridis', vmin=0, vmax=1, aspect='auto')
-    ax.set_xticks(range(E), es.experts or [str(e) for e in range(E)]); ax.set_yticks(range(n), es.names, fontsize=7)
-    ax.set(xlabel='expert', title="share of each direction's update, per expert")
-    fig.colorbar(im, ax=ax)
-    return fig
+    return _expert_heatmap(es.shares, es.experts or [str(e) for e in range(es.shares.shape[1])], es.names,
+                           "share of each direction's update, per expert", ax)
+
 
 # %% ../nbs/10_interpret.ipynb #823943cc
 @dataclass
@@ -461,15 +466,9 @@ def plot_expert_routing(er:ExpertRouting, # from `expert_routing`
                         ax=None, # matplotlib Axes to draw into
                        ):
     "Heatmap of the routing shares at each direction's two ends and over the whole corpus."
-    from weightwatch_nb.directions import _fig_ax
     rows = torch.stack([torch.stack([er.high[i], er.low[i], er.overall[i]]) for i in range(len(er.names))]).reshape(-1, er.high.shape[1])
-    labels = [f"{n} {end}" for n in er.names for end in ('high', 'low', 'all')]
-    fig, ax = _fig_ax(ax, (2.5 + 0.3 * rows.shape[1], 1.5 + 0.22 * len(labels)))
-    im = ax.imshow(rows.numpy(), cmap='viridis', vmin=0, aspect='auto')
-    ax.set_xticks(range(rows.shape[1]), [str(e) for e in range(rows.shape[1])]); ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set(xlabel='expert', title=f"routing shares: {er.n_end} tokens at each end, and all tokens")
-    fig.colorbar(im, ax=ax)
-    return fig
+    return _expert_heatmap(rows, [str(e) for e in range(rows.shape[1])], [f"{n} {end}" for n in er.names for end in ('high', 'low', 'all')],
+                           f"routing shares: {er.n_end} tokens at each end, and all tokens", ax)
 
 # %% ../nbs/10_interpret.ipynb #8f26a705
 from .monitor import _error_html   # the widgets' shared way of showing an error
