@@ -438,6 +438,7 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
                    top:float=0.05, # fraction of the corpus's tokens at each end of a direction
                    role:int|None=None, # only this role's tokens: 0 prompt, 1 response (default: both)
                    batch_size:int=32, # sequences per forward pass of the replay
+                   routes:list[Tensor]|None=None, # `routed_experts(model, traces, layers)` over every layer of `dirs`, to reuse (default: replayed here)
                   )->ExpertRouting:
     "Routing shares of the tokens with the highest and the lowest cosine along each direction, and of all tokens."
     from weightwatch_nb.directions import parse_name
@@ -447,8 +448,10 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
     model = load_model(model)
     all_names = direction_names(dirs)
     names = [direction_name(dirs, n) for n in names] if names is not None else all_names
-    layers = sorted({parse_name(n)[0] for n in names})
-    routes = routed_experts(model, traces, layers, batch_size)
+    layers = sorted({parse_name(n)[0] for n in (all_names if routes is not None else names)})
+    if routes is None: routes = routed_experts(model, traces, layers, batch_size)
+    elif len(routes) != len(traces) or any(r.shape[:2] != (len(t.ids), len(layers)) for r, t in zip(routes, traces)):
+        raise WeightwatchError(f"`routes` do not match the traces: pass `routed_experts(model, traces, {layers})`")
     keep = [t.roles == role if role is not None else torch.ones(len(t.ids), dtype=torch.bool) for t in traces]
     cos = torch.cat([t.cos[m] for t, m in zip(traces, keep)])                      # [N, directions]
     idx = torch.cat([r[m] for r, m in zip(routes, keep)])                          # [N, layers, top-k]
@@ -477,6 +480,18 @@ def _png(fig)->str:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80, bbox_inches='tight')
     return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
 
+def _is_moe(model)->bool:
+    "Whether a loaded model is a mixture of experts that weightwatch maps."
+    from weightwatch_nb.delta import arch_info
+    try: return arch_info(model.original_model.config)['family'] == 'moe'
+    except WeightwatchError: return False
+
+def _routing_html(er:ExpertRouting)->str:
+    "One line per end of a direction: the experts its tokens are routed to most, against the corpus."
+    top = lambda row: ', '.join(f"{e} {float(row[e]):.0%} (all {float(er.overall[0, e]):.0%})" for e in row.argsort(descending=True)[:3].tolist())
+    return (f"<div><i>routing of the {er.n_end} tokens at each end (experts, share of routing slots)</i>: "
+            f"high: {top(er.high[0])}; low: {top(er.low[0])}</div>")
+
 class DirectionExplorer:
     "Pick a direction by layer, matrix and index; see its logit lens, extreme examples and histogram."
     def __init__(self, model, # fine-tuned model (bridge or source)
@@ -490,8 +505,9 @@ class DirectionExplorer:
                 ):
         import ipywidgets as W
         self.model, self.dirs, self.mon, self.k = load_model(model), dirs, mon, k
-        self.name = self.lens = self.extremes = self.fig = self.error = None
-        self.traces = self.flagged = self.base = None
+        self.name = self.lens = self.extremes = self.fig = self.error = self.routing = None
+        self.traces = self.flagged = self.base = self.routes = None
+        self._layers = sorted({int(n[1:].split('.')[0]) for n in direction_names(dirs)})
         lay = dict(continuous_update=False)
         self.layer = W.Dropdown(options=list(dirs.layers), description='layer')
         self.matrix = W.Dropdown(options=[], description='matrix')
@@ -505,6 +521,7 @@ class DirectionExplorer:
             self.traces = trace_corpus(self.model, dirs, records, generate=generate)
             self.flagged = trace_corpus(self.model, dirs, flagged, generate=generate) if flagged else []
             if base is not None: self.base = trace_tokens(load_model(base), dirs, self.traces + self.flagged)
+            self.routes = routed_experts(self.model, self.traces, self._layers) if _is_moe(self.model) else None   # replayed once, read per direction
         except WeightwatchError as e: self._fail(str(e)); return
         self._busy = False
         self._set_matrices()
@@ -534,7 +551,7 @@ class DirectionExplorer:
 def update(self:DirectionExplorer):
     "Read the chosen direction from the cached traces and show it (errors are shown, not raised)."
     if self.traces is None: return
-    self.name = self.lens = self.extremes = self.fig = None    # an error leaves nothing of the previous direction
+    self.name = self.lens = self.extremes = self.fig = self.routing = None    # an error leaves nothing of the previous direction
     try:
         name = direction_name(self.dirs, layer=self.layer.value, matrix=self.matrix.value, index=self.index.value)
         role = self.role.value if any((t.roles == self.role.value).any() for t in self.traces) else PROMPT
@@ -542,8 +559,9 @@ def update(self:DirectionExplorer):
         lens = logit_lens(self.model, self.dirs, name)
         extremes = extreme_examples(self.traces, self.dirs, name, self.model.tokenizer, self.k, role=role)
         fig = direction_histograms(self.dirs, name, self.traces, self.flagged, self.base, self.mon, role)
-        self.name, self.lens, self.extremes, self.fig, self.error = name, lens, extremes, fig, None
-        self.out.value = note + lens._repr_html_() + extremes._repr_html_() + _png(fig)
+        routing = expert_routing(self.model, self.traces, self.dirs, [name], role=role, routes=self.routes) if self.routes is not None else None
+        self.name, self.lens, self.extremes, self.fig, self.routing, self.error = name, lens, extremes, fig, routing, None
+        self.out.value = note + lens._repr_html_() + (_routing_html(routing) if routing else '') + extremes._repr_html_() + _png(fig)
     except WeightwatchError as e: self.error, self.out.value = str(e), _error_html(str(e))
     except Exception as e: self.error, self.out.value = f"{type(e).__name__}: {e}", _error_html(f"{type(e).__name__}: {e}")
 
