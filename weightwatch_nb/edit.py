@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
                                  add_quiet, COUNT, check_apart, same_weights, _weight_files)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, put_oriented, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
-from .directions import Directions, _as_matrices, _label, _check_model
+from .directions import Directions, _as_matrices, _label, _check_model, _warn_shared
 from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
 
@@ -110,6 +110,7 @@ def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str, lazy
         raise WeightwatchError(f"dirs_or_k must be a number of directions (an integer >= 0) or a `Directions`, got {dirs_or_k!r}")
     matrices = _as_matrices(DEFAULT_MATRICES if matrices is None else matrices)
     check_comparable(base, finetuned)
+    if pairs is None: _warn_shared(arch_info(open_tensors(finetuned).config), matrices)   # Qwen2-MoE: the shared expert left out?
     return finetuned, matrices, layers, pairs
 
 def _deltas(base, finetuned, matrices, layers, plan, pairs):
