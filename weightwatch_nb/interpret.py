@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from .core import WeightwatchError, load_model
+from .core import WeightwatchError, load_model, _n_experts
 from .calibrate import (Monitor, Trace, Encoded, Tracer, forward_blocks, trace, batches, direction_groups, direction_names,
                                       as_record, encode, check_directions, _pad_id, PROMPT, RESPONSE, ROLES)
 
@@ -456,8 +456,7 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
     cos = torch.cat([t.cos[m] for t, m in zip(traces, keep)])                      # [N, directions]
     idx = torch.cat([r[m] for r, m in zip(routes, keep)])                          # [N, layers, top-k]
     if len(cos) < 2: raise WeightwatchError(f"the traces have {len(cos)} {'' if role is None else ROLES[role] + ' '}token(s): trace a larger corpus")
-    E, n = model.original_model.config.to_dict(), max(1, min(round(top * len(cos)), len(cos) // 2))   # the two ends never share a token
-    E = E.get('num_local_experts') or E.get('num_experts')
+    E, n = _n_experts(model.original_model.config.to_dict()), max(1, min(round(top * len(cos)), len(cos) // 2))   # the two ends never share a token
     high, low, overall = [], [], []
     for name in names:
         j, li = all_names.index(name), layers.index(parse_name(name)[0])
