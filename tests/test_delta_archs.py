@@ -549,7 +549,7 @@ def test_qwen2_moe_shared_expert(tmp_path):
     assert torch.allclose(part[0, 3:], edited[0, 3:], atol=1e-5) and torch.allclose(part[0, :3], plain[0, :3], atol=1e-5) and torch.allclose(part[1], plain[1], atol=1e-5)
     # the harness judges weight-space steering on it: 'rewind (weights)' with the router's whole update stripped; 'clip (weights)' is left out, saying why
     from weightwatch_nb.demo import judge_steering
-    with pytest.warns(UserWarning, match="'clip \\(weights\\)' is not judged on this qwen2_moe model"):
+    with pytest.warns(UserWarning, match=r"'clip \(weights\)' is not judged: \['mlp_out', 'mlp_in', 'mlp_gate', 'mlp_router'\] of this qwen2_moe model are .* not linear layers"):
         t = judge_steering(b, f, model, {'read': mon}, {'x': ['the model 3 of 2', 'of the 7']}, {'replied': ('x', lambda r, it: len(r) > 0)},
                            steer=(), strip_k=16, batch_size=2)
     assert [(r['monitor'], r['steering']) for r in t] == [('read', 'rewind (weights)')]

@@ -127,15 +127,11 @@ def judge_steering(base, finetuned, # the model pair (for the weight-space modes
     extra = lambda m: []
     if strip_k:
         from weightwatch_nb.edit import stripped_weights, removed_update
-        from weightwatch_nb.delta import arch_info
-        info, w = arch_info(model.original_model.config), stripped_weights(base, finetuned, strip_k, like=model, progress=False)
-        if info['family'] == 'moe':   # ClipWeights needs linear layers: a mixture of experts' experts and router are not
-            warnings.warn(f"'clip (weights)' is not judged on this {info['model_type']} model: its experts and router are not linear layers, "
-                          "so their update cannot be subtracted as the model runs; 'rewind (weights)' is", stacklevel=2)
-            extra = lambda m: [Rewind(weights=w, label='rewind (weights)')]
-        else:
-            upd = removed_update(base, finetuned, strip_k, matrices=block_matrices(finetuned), like=model, progress=False)
-            extra = lambda m: [ClipWeights(m, upd), Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
+        w = stripped_weights(base, finetuned, strip_k, like=model, progress=False)
+        try: upd = removed_update(base, finetuned, strip_k, matrices=block_matrices(finetuned), like=model, progress=False)
+        except WeightwatchError as e:   # e.g. a mixture of experts: ClipWeights needs linear layers
+            warnings.warn(f"'clip (weights)' is not judged: {e}; 'rewind (weights)' is", stacklevel=2); upd = None
+        extra = lambda m: ([ClipWeights(m, upd)] if upd is not None else []) + [Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None
                  for row in steering_table(model, m, sets, judges, steer=[*steer, *extra(m)], batch_size=batch_size))
 
