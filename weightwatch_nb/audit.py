@@ -12,8 +12,8 @@ from torch import Tensor
 from fastcore.basics import patch
 from .core import WeightwatchError, load_model, fingerprint, check_comparable, atomic_path, check_output, POSITIVE_INT, COUNT, add_output, add_quiet, add_model_options, model_options
 from .calibrate import (Trace, direction_names, check_directions, read_jsonl, quiet_hf, PROMPT, RESPONSE, ROLES)
-from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str)
-from .delta import arch_info, block_matrices, WRITE_MATRICES
+from .interpret import (Lens, Example, logit_lens, trace_corpus, trace_tokens, example_html, _png, _tok_str, _is_moe)
+from .delta import block_matrices, WRITE_MATRICES
 
 # %% auto #0
 __all__ = ['AUDIT_FORMAT', 'AUDIT_SCHEMA', 'Shifts', 'direction_shifts', 'DirectionAudit', 'Audit', 'audit', 'audit_table_html',
@@ -127,7 +127,7 @@ def audit(base, # base model: 'zoo:NAME', dir, hub id or bridge
         lens = logit_lens(fm, None, sign * dirs[names[j]] if hasattr(dirs, 'vectors') else sign * dirs.U[j], k=10); lens.name = ('' if sign > 0 else '−') + names[j]
         best = sh.records[:, j].argsort(descending=True)[:examples].tolist()
         out.append(DirectionAudit(names[j], r, float(sh.shift[j]), float(sigma[j]), lens, [_audit_example(i, ft[i], bt[i], j, sign, tok) for i in best]))
-    if arch_info(fm.original_model.config)['family'] == 'moe': _read_experts(out, base, finetuned, fm, ft, dirs, sh, batch_size)
+    if _is_moe(fm): _read_experts(out, base, finetuned, fm, ft, dirs, sh, batch_size)
     meta = dict(fingerprints={'base': fingerprint(bm), 'finetuned': fingerprint(fm), 'directions': (getattr(dirs, 'meta', {}) or {}).get('fingerprints')},
                 sources={'base': str(getattr(bm, 'ww_source', base)), 'finetuned': str(getattr(fm, 'ww_source', finetuned))},
                 params=dict(k=k_used, top=top, examples=examples, generate=generate, rank_by=rank_by),
