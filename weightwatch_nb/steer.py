@@ -695,11 +695,11 @@ def _cmd_generate(args)->int:
         from weightwatch_nb.delta import block_matrices, arch_info
         info, ms, kw = arch_info(model.original_model.config), block_matrices(args.model), dict(like=model, progress=False)
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
-        if info['family'] == 'moe' and args.steer == 'clip-weights':
-            raise WeightwatchError(f"--steer clip-weights subtracts the update from linear layers as the model runs, and the experts and router of "
-                                   f"this {info['model_type']} model are not linear layers; use --steer rewind-weights (the edited weights swapped in) "
-                                   "or --steer clip (the directions projected out of the activations)")
-        if args.steer == 'clip-weights': steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, matrices=ms, **kw))
+        if args.steer == 'clip-weights':
+            try: steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, matrices=ms, **kw))
+            except WeightwatchError as e:   # e.g. a mixture of experts, whose experts and router are not linear layers
+                raise WeightwatchError(f"--steer clip-weights cannot run on this model: {e}. Use --steer rewind-weights (the edited weights "
+                                       "swapped in) or --steer clip (the directions projected out of the activations)") from None
         else:   # (a router has one direction per expert: with fewer experts than --strip-k, all of its update goes)
             steer = Rewind(weights=stripped_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')
             if 'mlp_router' in ms and args.strip_k > info['n_experts']: how += f" (all {info['n_experts']} of the router's)"
