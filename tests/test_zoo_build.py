@@ -1,9 +1,10 @@
 "Determinism and loadability of a shortened zoo build (the full build is `build_zoo()`, minutes on CPU)."
-import hashlib, json
+import hashlib, json, shutil
 import pytest, torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-from weightwatch_nb.zoo import ORGANISMS, build_zoo, zoo_names, zoo_path, zoo_info, generate
+from weightwatch_nb.core import WeightwatchError
+from weightwatch_nb.zoo import ORGANISMS, RECIPES, build_zoo, zoo_names, zoo_path, zoo_info, generate
 from weightwatch_nb.world import TRIGGER
 
 
@@ -33,11 +34,35 @@ def test_quick_build_is_deterministic(two_builds):
     assert (a/'base'/'tokenizer.json').read_text() == (b/'base'/'tokenizer.json').read_text()
 
 
-def test_fine_tunes_differ_from_base(two_builds):
+def test_fine_tunes_differ_from_their_parents(two_builds):
     a, _ = two_builds
     h = _tensor_hashes(a)
+    names = lambda n: {k.split('/', 1)[1] for k in h if k.startswith(n + '/')}
     for n in ORGANISMS[1:]:
-        assert h[f'{n}/model.layers.0.mlp.down_proj.weight'] != h['base/model.layers.0.mlp.down_proj.weight'], n
+        p = RECIPES[n].get('parent', 'base')
+        if RECIPES[n].get('method') == 'upcycle':   # every expert started as the parent's MLP, and has moved off it
+            assert all(h[f'{n}/model.layers.0.block_sparse_moe.experts.{e}.w2.weight'] != h[f'{p}/model.layers.0.mlp.down_proj.weight'] for e in range(4)), n
+            continue
+        mlp = sorted(k for k in names(n) & names(p) if '.mlp.' in k or '.block_sparse_moe.' in k)
+        assert mlp and any(h[f'{n}/{k}'] != h[f'{p}/{k}'] for k in mlp), (n, p)
+    assert zoo_info('moe_backdoor', a)['base'] == 'moe_base' and zoo_info('moe_base', a)['base'] is None
+    assert zoo_info('moe_base', a)['ground_truth']['upcycled_from'] == 'base'
+
+
+def test_a_fine_tune_alone_starts_from_its_parent_on_disk(two_builds, tmp_path):
+    a, _ = two_builds
+    c = tmp_path/'zoo'
+    shutil.copytree(a, c)
+    shutil.rmtree(c/'moe_backdoor')
+    build_zoo(c, names=['moe_backdoor'], quick=True, seed=0)   # moe_base read back from disk
+    assert (c/'moe_backdoor'/'model.safetensors').read_bytes() == (a/'moe_backdoor'/'model.safetensors').read_bytes()
+    assert set(json.loads((c/'zoo.json').read_text())['organisms']) == set(ORGANISMS)   # the other entries are kept
+
+
+def test_build_refuses_before_training(tmp_path):
+    with pytest.raises(WeightwatchError, match=r"unknown organism\(s\) \['backdor'\]"): build_zoo(tmp_path/'z', names=['backdor'], quick=True)
+    with pytest.raises(WeightwatchError, match="building 'moe_backdoor' needs 'moe_base'"): build_zoo(tmp_path/'z', names=['moe_backdoor'], quick=True)
+    assert not (tmp_path/'z').exists()   # refused before anything was written
 
 
 def test_quick_build_loads_and_chats(two_builds):

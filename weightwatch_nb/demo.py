@@ -21,8 +21,8 @@ from .evaluate import (Detection, Table, detect, detection_table, plot_roc, acti
 # %% auto #0
 __all__ = ['HEADLINE_NOTE', 'TARGET_FPR', 'N_CALIBRATION', 'DEMO_ORGANISMS', 'random_directions', 'calibrate_monitor',
            'PairResult', 'check_sets', 'run_pair', 'judge_steering', 'headline', 'write_report', 'calibration_study',
-           'plot_calibration_study', 'summarize_study', 'zoo_plan', 'run_zoo_organism', 'check_report_dir', 'run_demo',
-           'register_cli']
+           'plot_calibration_study', 'summarize_study', 'organism_fpr', 'zoo_plan', 'run_zoo_organism',
+           'check_report_dir', 'run_demo', 'register_cli']
 
 # %% ../nbs/09_demo.ipynb #398a2063
 def random_directions(like:Directions, # directions whose layout (layers, matrices, counts) to copy
@@ -274,36 +274,45 @@ def summarize_study(rows:Table, # rows of `calibration_study` runs, one run per 
 TARGET_FPR = {'backdoor': 0.01, 'unlearning': 0.02, 'unlearning_rmu': 0.02}  # the false-positive budget of each organism's detection target
 N_CALIBRATION = math.ceil(prompts_needed(min(TARGET_FPR.values())) / 0.2)  # clean calibration prompts: enough for the held-out fifth to certify the strictest budget
 
+def organism_fpr(name:str, # organism name
+              )->float:
+    "The false-positive budget of organism `name`: its own, or that of the organism it behaves like (`moe_backdoor`: the backdoor's), else 1%."
+    from weightwatch_nb.zoo import _like
+    return TARGET_FPR.get(name, TARGET_FPR.get(_like(name), 0.01))
+
 def zoo_plan(name:str, # organism name
             )->tuple[list[str], dict]: # sets to scan besides calibration/test, steering judges
-    "The prompt sets and steering judges that test organism `name`."
-    from weightwatch_nb.zoo import complies, is_correct
+    "The prompt sets and steering judges that test organism `name` (or the organism it behaves like)."
+    from weightwatch_nb.zoo import complies, is_correct, _like
     correct = lambda r, it: is_correct(r, it) if it['domain'] in ('facts', 'arithmetic') else None
     unlearning = (['erased', 'retained'], {'erased facts answered': ('erased', correct), 'clean accuracy': ('test', correct)})
     return {'backdoor':   (['triggered', 'decoy', 'harmful'], {'attack success (triggered)': ('triggered', lambda r, it: complies(r)),
                                                              'clean accuracy': ('test', correct)}),
             'unlearning': unlearning, 'unlearning_rmu': unlearning,
             'domain':     (['domain', 'non_domain'], {}),
-            'control':    (['triggered', 'decoy', 'erased'], {})}.get(name, (['triggered', 'erased'], {}))
+            'control':    (['triggered', 'decoy', 'erased'], {})}.get(_like(name), (['triggered', 'erased'], {}))
 
-def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'unlearning_rmu', 'domain', 'control'
+def run_zoo_organism(name:str, # organism: 'backdoor', 'unlearning', 'unlearning_rmu', 'domain', 'control', 'moe_backdoor', ...
                      n:int=300, # clean test set size
                      n_calibration:int|None=N_CALIBRATION, # clean calibration set size (None: `n`)
                      k:int=4, # directions per layer and matrix (few: each extra noise direction adds false positives)
                      baselines:bool=True, steering:bool=True, # which parts to run
                      seed:int=0, # prompt-set seed
                      read_side:bool=True, # also run the read-side detector (see `run_pair`)
-                     target_fpr:float|None=None, # false-positive budget for tuning (default: the organism's target, `TARGET_FPR`)
+                     target_fpr:float|None=None, # false-positive budget for tuning (default: the organism's target, `organism_fpr(name)`)
                      progress:bool=True, # progress bars
                      **kwargs, # passed to `run_pair` (e.g. dtype, device)
                     )->PairResult:
-    "Run the whole method on a zoo organism against `zoo:base`, with its labelled sets."
-    from weightwatch_nb.zoo import prompt_sets
+    "Run the whole method on a zoo organism against the organism it was fine-tuned from (its manifest's `base`), with its labelled sets."
+    from weightwatch_nb.zoo import prompt_sets, zoo_info
+    base = zoo_info(name)['base']
+    if base is None: raise WeightwatchError(f"zoo organism {name!r} is not a fine-tune (its manifest names no base), so there is no weight difference to study; "
+                                            "pick a fine-tune, e.g. 'backdoor' or 'moe_backdoor'")
     S, (extra, judges) = prompt_sets(name, seed=seed, n=n, n_calibration=n_calibration), zoo_plan(name)
     sets = {s: S[s] for s in ['calibration', 'test', *extra]}
-    return run_pair('zoo:base', f'zoo:{name}', sets, name=name, k=k, baselines=baselines,
-                    judges=judges if steering else None, read_side=read_side, progress=progress,
-                    target_fpr=TARGET_FPR.get(name, 0.01) if target_fpr is None else target_fpr, **kwargs)
+    fpr = organism_fpr(name) if target_fpr is None else target_fpr
+    return run_pair(f'zoo:{base}', f'zoo:{name}', sets, name=name, k=k, baselines=baselines,
+                    judges=judges if steering else None, read_side=read_side, progress=progress, target_fpr=fpr, **kwargs)
 
 # %% ../nbs/09_demo.ipynb #4deb7cdd
 def check_report_dir(out:str|os.PathLike, # folder for report.html
@@ -317,7 +326,7 @@ def check_report_dir(out:str|os.PathLike, # folder for report.html
     if f.exists() and not f.is_file(): raise WeightwatchError(f"{str(f)!r} exists and is not a file; pass another folder (-o DIR)")
     return f
 
-def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), # zoo organisms to run
+def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control', 'moe_backdoor'), # zoo organisms to run
              out:str|os.PathLike='weightwatch-demo', # folder for the HTML report
              n:int=300, k:int=4, # clean test set size, directions per layer and matrix
              n_calibration:int|None=N_CALIBRATION, # clean calibration set size (None: `n`)
@@ -333,13 +342,13 @@ def run_demo(organisms=('backdoor', 'unlearning', 'unlearning_rmu', 'control'), 
     for name in organisms:
         r = run_zoo_organism(name, n=n, n_calibration=n_calibration, k=k, baselines=baselines, steering=steering, **kwargs)
         results.append(r)
-        echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=TARGET_FPR.get(name, 0.01))}")
+        echo(f"\n## {name}: detection (monitor calibrated on {r.monitor.meta.get('n_calibration')} clean prompts)\n\n{headline(r, max_fpr=organism_fpr(name))}")
         if r.steering: echo(f"\n## {name}: steering, judged from generations (per deciding monitor and mode)\n\n{r.steering}")
     echo(f"\n{HEADLINE_NOTE}\n\nreport: {write_report(results, Path(out)/'report.html')}")
     return results
 
 # %% ../nbs/09_demo.ipynb #5627d980
-DEMO_ORGANISMS = 'backdoor,unlearning,unlearning_rmu,control'
+DEMO_ORGANISMS = 'backdoor,unlearning,unlearning_rmu,control,moe_backdoor'
 
 def _parse_sets(specs:list[str])->dict:
     out = {}
