@@ -1,5 +1,5 @@
 "Weight deltas and directions beyond the notebooks' two architectures: Llama-family relatives, GPT-NeoX, sharded and bf16 checkpoints, GPT-2 LoRA."
-import json
+import json, warnings
 from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
@@ -440,7 +440,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut
+    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
     from weightwatch_nb.edit import removed_weights, removed_update
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
@@ -482,10 +482,12 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     # the weights edited (all planted updates are rank 1): the base model
     edit = removed_weights(b, f, 1, matrices=['attn_out', 'mlp_out', 'mlp_gate', 'mlp_in', 'mlp_router'], like=model, progress=False)
     with swapped_weights(model, edit): assert torch.allclose(model(ids), base(ids), atol=1e-4)
-    with pytest.raises(WeightwatchError, match=r"\['mlp_router'\] of this .* fused experts or router, not linear layers"):   # ClipWeights needs linear layers
-        removed_update(b, f, 1, matrices=['attn_out', 'mlp_router'], like=model, progress=False)
     # a monitor over the experts' directions calibrates and scans, also while generating with a steer on
     mon = calibrate(model, dr, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    # ClipWeights with every token switched: the experts and the router rerun without their update, the attention subtracts it: the base
+    upd = removed_update(b, f, 1, matrices=['attn_out', 'mlp_out', 'mlp_gate', 'mlp_in', 'mlp_router'], like=model, progress=False)
+    assert any(isinstance(v, torch.Tensor) and v.ndim == 3 for v in upd.values()) and any(isinstance(v, tuple) for v in upd.values())
+    with torch.no_grad(), steering(model, AllOn(mon, upd)): assert torch.allclose(model(ids), base(ids), atol=1e-4)
     reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4, steer=ProjectOut(mon))
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
@@ -547,12 +549,13 @@ def test_qwen2_moe_shared_expert(tmp_path):
         with swapped_weights(model, removed_weights(b, f, 1, **last)): edited = model(ids2)
     assert (edited[0, 3:] - plain[0, 3:]).abs().max() > 1e-2
     assert torch.allclose(part[0, 3:], edited[0, 3:], atol=1e-5) and torch.allclose(part[0, :3], plain[0, :3], atol=1e-5) and torch.allclose(part[1], plain[1], atol=1e-5)
-    # the harness judges weight-space steering on it: 'rewind (weights)' with the router's whole update stripped; 'clip (weights)' is left out, saying why
+    # the harness judges weight-space steering on it, with the router's whole update stripped (3 experts, fewer than strip_k)
     from weightwatch_nb.demo import judge_steering
-    with pytest.warns(UserWarning, match=r"'clip \(weights\)' is not judged: \['mlp_out', 'mlp_in', 'mlp_gate', 'mlp_router'\] of this qwen2_moe model are .* not linear layers"):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)   # nothing is left out
         t = judge_steering(b, f, model, {'read': mon}, {'x': ['the model 3 of 2', 'of the 7']}, {'replied': ('x', lambda r, it: len(r) > 0)},
                            steer=(), strip_k=16, batch_size=2)
-    assert [(r['monitor'], r['steering']) for r in t] == [('read', 'rewind (weights)')]
+    assert [(r['monitor'], r['steering']) for r in t] == [('read', 'clip (weights)'), ('read', 'rewind (weights)')]
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
 def test_lora_on_a_qwen2_moe_shared_expert(tmp_path):
@@ -591,7 +594,7 @@ def test_lora_on_a_mixture_of_experts(tmp_path):
         Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/name))
 
 def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, monkeypatch):
-    "`weightwatch generate --steer rewind-weights` strips the update from experts and router (the router has one column per expert, fewer than --strip-k); clip-weights, which needs linear layers, says what to use instead."
+    "`weightwatch generate --steer rewind-weights` and `--steer clip-weights` strip the update from experts and router (the router has one column per expert, fewer than --strip-k)."
     from weightwatch_nb.cli import main
     b, f, _ = _plain_pair('olmoe', tmp_path, {(1, 'mlp_out'): 1, (1, 'mlp_router'): 1})
     (tmp_path/'clean.jsonl').write_text('\n'.join(json.dumps({'text': f'the model {i} of {j}'}) for i in range(8) for j in range(5)) + '\n')
@@ -605,6 +608,14 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert main(gen + ['--steer', 'rewind-weights']) == 0                   # --strip-k 16 > 3 experts: the router's update is stripped whole
     assert calls == [(16, ['attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate']), (3, ['mlp_router'])]
     assert 'steering: rewind-weights' in capsys.readouterr().err
-    assert main(gen + ['--steer', 'clip-weights']) == 2
-    err = capsys.readouterr().err
-    assert '--steer clip-weights cannot run on this model:' in err and 'of this olmoe model are' in err and 'not linear layers' in err and 'Use --steer rewind-weights' in err
+    calls.clear()
+    import weightwatch_nb.steer as S
+    made, CW = [], S.ClipWeights
+    monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: made.append(upd) or CW(mon, upd, *a, **kw))
+    assert main(gen + ['--steer', 'clip-weights']) == 0                     # the experts and the router rerun without their update
+    assert 'steering: clip-weights' in capsys.readouterr().err
+    from weightwatch_nb.core import hf_state_dict
+    sf, sb = hf_state_dict(load_model(f)), hf_state_dict(load_model(b))
+    assert sorted(made[0]) == ['model.layers.1.mlp.experts.down_proj', 'model.layers.1.mlp.gate.weight']   # the planted tensors
+    A, B = made[0]['model.layers.1.mlp.gate.weight']
+    assert torch.allclose(A @ B, sf['model.layers.1.mlp.gate.weight'] - sb['model.layers.1.mlp.gate.weight'], atol=1e-5)   # the router's whole update

@@ -126,10 +126,10 @@ def judge_steering(base, finetuned, # the model pair (for the weight-space modes
     from weightwatch_nb.steer import Rewind, ClipWeights
     extra = lambda m: []
     if strip_k:
-        from weightwatch_nb.edit import stripped_weights, removed_update
+        from weightwatch_nb.edit import stripped_weights, stripped_update
         w = stripped_weights(base, finetuned, strip_k, like=model, progress=False)
-        try: upd = removed_update(base, finetuned, strip_k, matrices=block_matrices(finetuned), like=model, progress=False)
-        except WeightwatchError as e:   # e.g. a mixture of experts: ClipWeights needs linear layers
+        try: upd = stripped_update(base, finetuned, strip_k, like=model, progress=False)
+        except WeightwatchError as e:   # an update `ClipWeights` cannot follow
             warnings.warn(f"'clip (weights)' is not judged: {e}; 'rewind (weights)' is", stacklevel=2); upd = None
         extra = lambda m: ([ClipWeights(m, upd)] if upd is not None else []) + [Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None

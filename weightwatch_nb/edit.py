@@ -20,8 +20,8 @@ from .zoo import prompt_sets, generate, complies, is_correct
 
 # %% auto #0
 __all__ = ['EDIT_FILE', 'EDIT_SCHEMA', 'EDIT_METRICS', 'strip_update', 'remove_directions', 'removed_weights', 'stripped_weights',
-           'removed_update', 'interpolate', 'save_edited', 'read_edit', 'measure', 'sweep', 'plot_sweep',
-           'register_cli']
+           'removed_update', 'stripped_update', 'interpolate', 'save_edited', 'read_edit', 'measure', 'sweep',
+           'plot_sweep', 'register_cli']
 
 # %% ../nbs/12_edit.ipynb #4fc78eeb
 def strip_update(W_ft:Tensor, # fine-tuned weight, oriented [d_model, d_in]
@@ -191,13 +191,8 @@ def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub i
     return _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, like, progress, verify=like is not None)[0]   # `like` must hold the checkpoint's weights
 
 # %% ../nbs/12_edit.ipynb #3c415dc7
-def stripped_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
-                     finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
-                     k:int,       # directions stripped from every block matrix's update (all of them where it has fewer)
-                     like=None,   # the loaded fine-tuned model they are for (see `removed_weights`)
-                     progress:bool=True, # progress bar over matrices
-                    )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
-    "`removed_weights` of the top `k` directions of every block matrix's update; the whole update of a matrix with fewer."
+def _strip_groups(base, finetuned, k:int)->dict[int, list[str]]:
+    "The block matrices grouped by the number of directions stripped from each: `k`, or all of a matrix's where it has fewer."
     from weightwatch_nb.delta import block_matrices
     src = open_tensors(finetuned) if not (isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter') else open_tensors(base)
     info, ms = arch_info(src.config), block_matrices(src.config)
@@ -208,8 +203,17 @@ def stripped_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub 
     if (clash := sorted(key for key, v in ks.items() if len(v) > 1)):
         raise WeightwatchError(f"k={k} is more than some of the matrices fused in `{clash[0]}` have ({sorted(ks[clash[0]])}), and they are edited "
                                f"together; pass k <= {min(ks[clash[0]])}")
+    return dict(sorted(groups.items(), reverse=True))
+
+def stripped_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
+                     finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
+                     k:int,       # directions stripped from every block matrix's update (all of them where it has fewer)
+                     like=None,   # the loaded fine-tuned model they are for (see `removed_weights`)
+                     progress:bool=True, # progress bar over matrices
+                    )->dict[str, Tensor]: # checkpoint name -> edited tensor, for `steer.swapped_weights`
+    "`removed_weights` of the top `k` directions of every block matrix's update; the whole update of a matrix with fewer."
     out = {}
-    for kk, g in sorted(groups.items(), reverse=True): out |= removed_weights(base, finetuned, kk, matrices=g, like=like, progress=progress)
+    for kk, g in _strip_groups(base, finetuned, k).items(): out |= removed_weights(base, finetuned, kk, matrices=g, like=like, progress=progress)
     return out
 
 # %% ../nbs/12_edit.ipynb #8a6fc5c3
@@ -220,15 +224,11 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
                    layers=None, # block indices to edit (default: all; with `Directions`: the pairs they cover)
                    like=None,   # the loaded fine-tuned model it is for: keyed by the names it holds its weights under
                    progress:bool=True, # progress bar over matrices
-                  )->dict[str, tuple[Tensor, Tensor]]: # weight name -> (A, B), float32, A @ B = W_ft − W_edited in the weight's own layout
+                  )->dict[str, tuple[Tensor, Tensor]|Tensor]: # weight name -> (A, B), float32, A @ B = W_ft − W_edited in the weight's own layout (fused experts: W_ft − W_edited itself)
     "What `removed_weights` subtracts from each changed tensor, as exact thin factors (for `steer.ClipWeights`)."
     from weightwatch_nb.steer import low_rank_factors
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update', lazy=True)
     ft, info, plan, held, names = _removal_plan(finetuned, matrices, layers, pairs, like)
-    if (moe := sorted({m for (_, m), (_, spec) in plan.items() if spec.stored == 'experts' or m == 'mlp_router'}, key=MATRICES.index)):
-        raise WeightwatchError(f"{moe} of this {info['model_type']} model are a mixture of experts' fused experts or router, not linear layers, so "
-                               "`ClipWeights` cannot subtract their update as the model runs: leave them out of `matrices` (attention is fine), "
-                               "or edit the weights (`removed_weights` with `swapped_weights`, `remove_directions`), or steer in activation space")
     E, rank, out, left = {}, Counter(), {}, Counter(key for key, _ in plan.values())   # GPT-2: q, k and v land in one tensor
     with torch.no_grad():
         for l, m, D in tqdm(_deltas(base, finetuned, matrices, layers, plan, pairs), total=len(plan), desc='update to remove',
@@ -244,7 +244,19 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
                     E[key] = torch.zeros(W.shape)
                 put_oriented(E[key], spec, info, U @ (U.T @ D.float()), key)
                 rank[key] += U.shape[1]
-            if not left[key] and key in E: out[names[key]] = low_rank_factors(E.pop(key), rank[key])   # complete: one dense matrix at a time
+            if not left[key] and key in E:   # complete: one dense matrix at a time; a fused experts tensor stays whole
+                out[names[key]] = E.pop(key) if E[key].ndim > 2 else low_rank_factors(E.pop(key), rank[key])
+    return out
+
+def stripped_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge
+                    finetuned,   # fine-tuned model, same kinds or a LoRA adapter dir
+                    k:int,       # directions stripped from every block matrix's update (all of them where it has fewer)
+                    like=None,   # the loaded fine-tuned model it is for (see `removed_update`)
+                    progress:bool=True, # progress bar over matrices
+                   )->dict: # weight name -> what `stripped_weights` subtracts from it, as `removed_update` gives it
+    "`removed_update` of the top `k` directions of every block matrix's update (the whole update of a matrix with fewer): `stripped_weights` for `ClipWeights`."
+    out = {}
+    for kk, g in _strip_groups(base, finetuned, k).items(): out |= removed_update(base, finetuned, kk, matrices=g, like=like, progress=progress)
     return out
 
 # %% ../nbs/12_edit.ipynb #dfe94aaf

@@ -22,8 +22,8 @@ from .monitor import scan, Report, _mismatch, _error_html
 __all__ = ['REORDERING', 'orthonormalize', 'remove_span', 'remove_masked', 'one_sequence_per_row', 'Steerer', 'check_steerer',
            'steering', 'ProjectOut', 'Add', 'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip',
            'Rewind', 'steered_generate', 'rewind_generate', 'WeightCopy', 'weight_copies', 'swapped_weights',
-           'changed_weights', 'low_rank_factors', 'weight_users', 'ClipWeights', 'clip_weights', 'make_steerer',
-           'SteerView', 'register_cli']
+           'changed_weights', 'low_rank_factors', 'weight_users', 'tensor_users', 'ClipWeights', 'clip_weights',
+           'make_steerer', 'SteerView', 'register_cli']
 
 # %% ../nbs/07_steer.ipynb #1886ac29
 def orthonormalize(U:Tensor, # [n, d] directions (any norms, possibly dependent)
@@ -478,21 +478,31 @@ def weight_users(model, # the model (bridge or HF model)
         if w is not None and w.ndim == 2: by_storage.setdefault(w.untyped_storage().data_ptr(), []).append(m)
     return {k: by_storage.get(W.untyped_storage().data_ptr(), []) for k, W in hf_state_dict(model).items() if W.ndim == 2}
 
+def tensor_users(model, # the model (bridge or HF model)
+                )->dict: # weight name (as `hf_state_dict` names it) -> [(module, parameter name)] holding that very tensor
+    "Which modules hold each tensor as one of their own parameters (e.g. a mixture of experts' fused `down_proj`, its router's `weight`)."
+    held = {}
+    for m in getattr(model, 'original_model', model).modules():
+        for a, p in m._parameters.items():
+            if p is not None: held.setdefault((p.data_ptr(), tuple(p.shape)), []).append((m, a))
+    return {k: held.get((W.data_ptr(), tuple(W.shape)), []) for k, W in hf_state_dict(model).items()}
+
 # %% ../nbs/07_steer.ipynb #0cc57114
 class ClipWeights(Steerer):
     "Once a direction leaves its calibrated range in a sequence, run the sequence from there on without the fine-tune's update."
     def __init__(self, mon:Monitor, # calibrated monitor: decides when each sequence is switched
-                 update:dict, # weight name -> (A, B): remove A @ B from that weight (from `removed_update` in the editing notebook)
+                 update:dict, # weight name -> (A, B): remove A @ B from that matrix; or, for a fused experts tensor, the difference itself (`removed_update` in the editing notebook makes both)
                  names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
                  label:str='clip (weights)', # the name of this mode in tables
                 ):
         super().__init__(mon, names)
         bad = [k for k, v in (update or {}).items() if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) and t.ndim == 2 for t in v)
-                                                           and v[0].shape[1] == v[1].shape[0])]
-        if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]), as `removed_update` makes them; "
+                                                           and v[0].shape[1] == v[1].shape[0] or isinstance(v, Tensor) and v.ndim >= 3)]
+        if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]) or, for fused experts, "
+                                                     f"[experts, m, n] differences, as `removed_update` makes them; "
                                                      f"got {'nothing (no update to remove: is ΔW zero in the chosen matrices, or k 0?)' if not update else f'something else for {bad[:3]}'}")
         self.keep_ranges(mon)
-        self.update, self.label, self._fac, self._on_models = update, label, {}, set()
+        self.update, self.label, self._fac, self._on_models, self._rerunning = update, label, {}, set(), False
         self.reset()
 
     def reset(self):
@@ -507,25 +517,29 @@ class _Detach:
 
 @patch
 def attach(self:ClipWeights, model)->list:
-    "A hook on each module that computes with an updated matrix, and one that starts each pass's mask (all checked before any is attached; nothing if already attached)."
+    "A hook on each module that computes with an updated tensor, and one that starts each pass's mask (all checked before any is attached; nothing if already attached)."
     if id(model) in self._on_models: return []              # e.g. `scan(..., steer=cw)` inside `with clip_weights(...)`: subtract once, not twice
-    sd, users, copies, plan = hf_state_dict(model), weight_users(model), weight_copies(model), []
-    for k, (A, B) in self.update.items():
-        W = sd.get(k)
-        if W is None or W.ndim != 2: raise WeightwatchError(f"the update names `{k}`, which is not a matrix of this model (its weights look like {list(sd)[:2]}); "
-                                                            "make the update from this model's checkpoint (`removed_update(..., like=model)`)")
-        if (A.shape[0], B.shape[1]) != tuple(W.shape):
-            raise WeightwatchError(f"the update of `{k}` is {A.shape[0]}×{B.shape[1]}, the weight {list(W.shape)}: was it made from another model?")
-        for m in users[k] or [None]:
-            conv = type(m).__name__ == 'Conv1D'                      # GPT-2 stores [in, out] and computes x @ W
-            if not conv and not isinstance(m, torch.nn.Linear):
-                raise WeightwatchError(f"`{k}` is used by {type(m).__name__ if m is not None else 'no module'}, not by a linear layer: "
-                                       "only linear layers can be clipped in weight space; make the update without it")
-            plan.append((k, m, conv, None))
-        plan += [(k, c.module, c.conv, c.rows) for c in copies.get(k, []) if c.attr == 'weight']   # a bridge's copies of some rows (GPT-NeoX's q, k, v; GPT-2's after `.to()`)
+    sd, users, copies, holders, plan, rerun = hf_state_dict(model), weight_users(model), weight_copies(model), tensor_users(model), [], {}
+    for k, v in self.update.items():
+        W, dense = sd.get(k), isinstance(v, Tensor)
+        if W is None or W.ndim != (v.ndim if dense else 2):
+            raise WeightwatchError(f"the update names `{k}`, which is not a {'matrix' if not dense else f'{v.ndim}-d tensor'} of this model (its weights look like "
+                                   f"{list(sd)[:2]}); make the update from this model's checkpoint (`removed_update(..., like=model)`)")
+        shape = tuple(v.shape) if dense else (v[0].shape[0], v[1].shape[1])
+        if shape != tuple(W.shape):
+            raise WeightwatchError(f"the update of `{k}` is {'×'.join(map(str, shape))}, the weight {list(W.shape)}: was it made from another model?")
+        linear = lambda m: isinstance(m, torch.nn.Linear) or type(m).__name__ == 'Conv1D'   # GPT-2's Conv1D stores [in, out] and computes x @ W
+        if not dense and users.get(k) and all(map(linear, users[k])):
+            plan += [(k, m, type(m).__name__ == 'Conv1D', None) for m in users[k]]
+            plan += [(k, c.module, c.conv, c.rows) for c in copies.get(k, []) if c.attr == 'weight']   # a bridge's copies of some rows (GPT-NeoX's q, k, v; GPT-2's after `.to()`)
+        elif holders.get(k):   # fused experts, a router: rerun the module that holds it, without the update, at the switched tokens
+            for m, a in holders[k]: rerun.setdefault(m, {})[a] = k
+        else: raise WeightwatchError(f"`{k}` is held by no module of this model, so its update cannot be removed as the model runs; "
+                                     "make the update without it")
     self._held, self._ran, self._checked, hs = {k: sd[k] for k in self.update}, set(), False, []
     try:
         for k, m, conv, rows in plan: hs.append(m.register_forward_hook(self._remove(k, conv, rows)))
+        for m, parts in rerun.items(): hs.append(m.register_forward_hook(self._rerun(parts), with_kwargs=True))
         hs.append(model.original_model.base_model.register_forward_pre_hook(self._begin, with_kwargs=True))
     except BaseException:
         for h in hs: h.remove()
@@ -561,7 +575,7 @@ def _remove(self:ClipWeights, k:str, conv:bool, rows:Tensor|None=None):
             return out - ((x @ L) @ R) * g.reshape(-1, 1).to(out.dtype)
         if x.ndim != 3 or x.shape[0] != g.shape[0] or x.shape[1] > g.shape[1]:
             raise WeightwatchError(f"`{k}` ran on a {list(x.shape)} input, which does not line up with the pass's {list(g.shape)} tokens "
-                                   "(e.g. experts of a mixture-of-experts layer see a subset of tokens): ClipWeights cannot follow it; "
+                                   "(e.g. a layer that sees only some of the tokens): ClipWeights cannot follow it; "
                                    "make the update without that matrix, or use `rewind_generate(..., weights=...)`")
         L, R = self._factors(k, mod.weight, conv, rows)
         return out - ((x @ L) @ R) * g[:, -x.shape[1]:, None].to(out.dtype)   # the last tokens: the LM head may see only those
@@ -600,6 +614,40 @@ def clip_weights(model, # the model (`TransformerBridge`)
                 ):
     "Context manager: clip in weight space (`ClipWeights`) while it is open."
     return steering(model, ClipWeights(mon, update, names))
+
+@patch
+def _dense(self:ClipWeights, k:str, w:Tensor)->Tensor:
+    "The update of tensor `k` as a whole tensor, on `w`'s device and dtype, made once."
+    key = (k, 'dense', str(w.device), w.dtype)
+    if key not in self._fac:
+        v = self.update[k]
+        self._fac[key] = (v if isinstance(v, Tensor) else v[0] @ v[1]).to(w.device, w.dtype)
+    return self._fac[key]
+
+@patch
+def _rerun(self:ClipWeights, parts:dict):
+    "Forward hook of a module that holds updated tensors (`parts`: parameter name -> weight name) but is no linear layer: at the switched tokens, its output rerun without the update."
+    def fn(mod, args, kwargs, out):
+        self._ran.update(parts.values())
+        g = self.gate
+        if self._rerunning or not self.live or g is None: return out
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        if x is None or x.shape[0] != g.numel():
+            raise WeightwatchError(f"{type(mod).__name__} (holding {sorted(parts.values())[:2]}) ran on a {list(getattr(x, 'shape', []))} input, which is not the "
+                                   f"pass's {list(g.shape)} tokens flattened row by row: ClipWeights cannot follow it; make the update without those "
+                                   "tensors, or use `rewind_generate(..., weights=...)`")
+        sel = g.reshape(-1)
+        if not bool(sel.any()): return out
+        rows = lambda a: a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a
+        edited = {a: getattr(mod, a) - self._dense(k, getattr(mod, a)) for a, k in parts.items()}
+        self._rerunning = True   # the rerun calls the module again: this hook must let it through
+        try: new = torch.func.functional_call(mod, edited, tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()})
+        finally: self._rerunning = False
+        def put(o, n):
+            if not (isinstance(o, Tensor) and o.ndim and o.shape[0] == sel.numel()): return o
+            o = o.clone(); o[sel] = n.to(o.dtype); return o
+        return tuple(put(o, n) for o, n in zip(out, new)) if isinstance(out, tuple) else put(out, new)
+    return fn
 
 # %% ../nbs/07_steer.ipynb #34c00b9d
 class _AllOn(ClipWeights):
@@ -691,18 +739,18 @@ def _cmd_generate(args)->int:
     if weights:
         if not args.base: raise WeightwatchError(f"--steer {args.steer} needs --base BASE, the model MODEL was fine-tuned from: "
                                                  "the update to remove is MODEL's weights minus BASE's")
-        from weightwatch_nb.edit import stripped_weights, removed_update
+        from weightwatch_nb.edit import stripped_weights, stripped_update
         from weightwatch_nb.delta import block_matrices, arch_info
         info, ms, kw = arch_info(model.original_model.config), block_matrices(args.model), dict(like=model, progress=False)
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
         if args.steer == 'clip-weights':
-            try: steer = ClipWeights(mon, removed_update(args.base, args.model, args.strip_k, matrices=ms, **kw))
-            except WeightwatchError as e:   # e.g. a mixture of experts, whose experts and router are not linear layers
+            try: steer = ClipWeights(mon, stripped_update(args.base, args.model, args.strip_k, **kw))
+            except WeightwatchError as e:   # an update it cannot follow
                 raise WeightwatchError(f"--steer clip-weights cannot run on this model: {e}. Use --steer rewind-weights (the edited weights "
                                        "swapped in) or --steer clip (the directions projected out of the activations)") from None
-        else:   # (a router has one direction per expert: with fewer experts than --strip-k, all of its update goes)
-            steer = Rewind(weights=stripped_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')
-            if 'mlp_router' in ms and args.strip_k > info['n_experts']: how += f" (all {info['n_experts']} of the router's)"
+        else: steer = Rewind(weights=stripped_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')
+        # (a router has one direction per expert: with fewer experts than --strip-k, all of its update goes)
+        if 'mlp_router' in ms and args.strip_k > info['n_experts']: how += f" (all {info['n_experts']} of the router's)"
     chat = bool(getattr(model.tokenizer, 'chat_template', None)) and not args.raw
     rec = {'messages': [{'role': 'user', 'content': args.prompt}]} if chat else {'text': args.prompt}
     r = steered_generate(model, mon, [rec], steer=steer, max_new_tokens=args.max_new_tokens, check=False)[0]
@@ -727,7 +775,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                         "token on, without the top --strip-k directions of every block matrix's update (against --base); rewind: a flagged "
                         "reply is redone from the prompt with the monitor's directions projected out; rewind-weights: it is redone with "
                         "the top --strip-k directions of every block matrix's update stripped from the weights (a mixture of experts' "
-                        "router: all of its update, when it has fewer). All need --monitor; clip-weights needs linear layers, so not a mixture of experts")
+                        "router: all of its update, when it has fewer). All need --monitor")
     p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer clip-weights and rewind-weights)')
     p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions removed per block matrix for --steer clip-weights and rewind-weights (default 16)')
     p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
