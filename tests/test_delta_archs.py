@@ -486,7 +486,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     mon = calibrate(model, dr, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
     # ClipWeights with every token switched: the experts and the router rerun without their update, the attention subtracts it: the base
     upd = removed_update(b, f, 1, matrices=['attn_out', 'mlp_out', 'mlp_gate', 'mlp_in', 'mlp_router'], like=model, progress=False)
-    assert any(isinstance(v, torch.Tensor) and v.ndim == 3 for v in upd.values()) and any(isinstance(v, tuple) for v in upd.values())
+    assert {v[0].ndim for v in upd.values()} == {2, 3}   # thin factors: per expert for the fused experts, plain for attention and the router
     with torch.no_grad(), steering(model, AllOn(mon, upd)): assert torch.allclose(model(ids), base(ids), atol=1e-4)
     reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4, steer=ProjectOut(mon))
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
@@ -610,10 +610,13 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'steering: rewind-weights' in capsys.readouterr().err
     calls.clear()
     import weightwatch_nb.steer as S
-    made, CW = [], S.ClipWeights
-    monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: made.append(upd) or CW(mon, upd, *a, **kw))
-    assert main(gen + ['--steer', 'clip-weights']) == 0                     # the experts and the router rerun without their update
-    assert 'steering: clip-weights' in capsys.readouterr().err
+    made = []   # every token switched, whatever the monitor says: the experts and the router are rerun without their update
+    monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: made.append(upd) or S._AllOn(mon, upd, *a, **kw))
+    assert main(gen + ['--steer', 'clip-weights']) == 0
+    out = capsys.readouterr()
+    assert 'steering: clip-weights' in out.err
+    assert main(['generate', str(b), 'the model 3', '--max-new-tokens', '3']) == 0
+    assert out.out == capsys.readouterr().out   # the whole planted update removed at every token: the base model's reply
     from weightwatch_nb.core import hf_state_dict
     sf, sb = hf_state_dict(load_model(f)), hf_state_dict(load_model(b))
     assert sorted(made[0]) == ['model.layers.1.mlp.experts.down_proj', 'model.layers.1.mlp.gate.weight']   # the planted tensors

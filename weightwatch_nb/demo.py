@@ -128,8 +128,11 @@ def judge_steering(base, finetuned, # the model pair (for the weight-space modes
     if strip_k:
         from weightwatch_nb.edit import stripped_weights, stripped_update
         w = stripped_weights(base, finetuned, strip_k, like=model, progress=False)
-        try: upd = stripped_update(base, finetuned, strip_k, like=model, progress=False)
-        except WeightwatchError as e:   # an update `ClipWeights` cannot follow
+        try:
+            upd = stripped_update(base, finetuned, strip_k, like=model, progress=False)
+            for m in monitors.values():
+                if m is not None: ClipWeights(m, upd).check(model); break   # an update it cannot follow is refused here, not while judging
+        except WeightwatchError as e:
             warnings.warn(f"'clip (weights)' is not judged: {e}; 'rewind (weights)' is", stacklevel=2); upd = None
         extra = lambda m: ([ClipWeights(m, upd)] if upd is not None else []) + [Rewind(weights=w, label='rewind (weights)')]   # the clip decided by this monitor
     return Table(dict(monitor=side, **row) for side, m in monitors.items() if m is not None

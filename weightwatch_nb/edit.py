@@ -224,7 +224,7 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
                    layers=None, # block indices to edit (default: all; with `Directions`: the pairs they cover)
                    like=None,   # the loaded fine-tuned model it is for: keyed by the names it holds its weights under
                    progress:bool=True, # progress bar over matrices
-                  )->dict[str, tuple[Tensor, Tensor]|Tensor]: # weight name -> (A, B), float32, A @ B = W_ft − W_edited in the weight's own layout (fused experts: W_ft − W_edited itself)
+                  )->dict[str, tuple[Tensor, Tensor]]: # weight name -> (A, B), float32, A @ B = W_ft − W_edited in the weight's own layout (fused experts: per expert, [experts, m, r] @ [experts, r, n])
     "What `removed_weights` subtracts from each changed tensor, as exact thin factors (for `steer.ClipWeights`)."
     from weightwatch_nb.steer import low_rank_factors
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'removed_update', lazy=True)
@@ -244,8 +244,9 @@ def removed_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id
                     E[key] = torch.zeros(W.shape)
                 put_oriented(E[key], spec, info, U @ (U.T @ D.float()), key)
                 rank[key] += U.shape[1]
-            if not left[key] and key in E:   # complete: one dense matrix at a time; a fused experts tensor stays whole
-                out[names[key]] = E.pop(key) if E[key].ndim > 2 else low_rank_factors(E.pop(key), rank[key])
+            if not left[key] and key in E:   # complete: one dense tensor at a time; fused experts: factors per expert, [experts, m, r] and [experts, r, n]
+                X = E.pop(key)
+                out[names[key]] = low_rank_factors(X, rank[key]) if X.ndim == 2 else tuple(map(torch.stack, zip(*(low_rank_factors(x, rank[key]) for x in X))))
     return out
 
 def stripped_update(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, HF model or bridge

@@ -491,15 +491,16 @@ def tensor_users(model, # the model (bridge or HF model)
 class ClipWeights(Steerer):
     "Once a direction leaves its calibrated range in a sequence, run the sequence from there on without the fine-tune's update."
     def __init__(self, mon:Monitor, # calibrated monitor: decides when each sequence is switched
-                 update:dict, # weight name -> (A, B): remove A @ B from that matrix; or, for a fused experts tensor, the difference itself (`removed_update` in the editing notebook makes both)
+                 update:dict, # weight name -> (A, B): remove A @ B from that tensor (fused experts: batched per expert); `removed_update` in the editing notebook makes them
                  names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
                  label:str='clip (weights)', # the name of this mode in tables
                 ):
         super().__init__(mon, names)
-        bad = [k for k, v in (update or {}).items() if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) and t.ndim == 2 for t in v)
-                                                           and v[0].shape[1] == v[1].shape[0] or isinstance(v, Tensor) and v.ndim >= 3)]
-        if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]) or, for fused experts, "
-                                                     f"[experts, m, n] differences, as `removed_update` makes them; "
+        pair = lambda v: (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v) and v[0].ndim == v[1].ndim in (2, 3)
+                          and v[0].shape[-1] == v[1].shape[-2] and v[0].shape[:-2] == v[1].shape[:-2])
+        bad = [k for k, v in (update or {}).items() if not pair(v)]
+        if not update or bad: raise WeightwatchError(f"update must map weight names to factor pairs (A [m, r], B [r, n]; for fused experts, per expert: "
+                                                     f"A [experts, m, r], B [experts, r, n]), as `removed_update` makes them; "
                                                      f"got {'nothing (no update to remove: is ΔW zero in the chosen matrices, or k 0?)' if not update else f'something else for {bad[:3]}'}")
         self.keep_ranges(mon)
         self.update, self.label, self._fac, self._on_models, self._rerunning = update, label, {}, set(), False
@@ -516,26 +517,32 @@ class _Detach:
     def remove(self): self.steerer._on_models.discard(self.key)
 
 @patch
-def attach(self:ClipWeights, model)->list:
-    "A hook on each module that computes with an updated tensor, and one that starts each pass's mask (all checked before any is attached; nothing if already attached)."
-    if id(model) in self._on_models: return []              # e.g. `scan(..., steer=cw)` inside `with clip_weights(...)`: subtract once, not twice
+def check(self:ClipWeights, model)->tuple[list, dict, dict]: # (linear layers to correct, modules to rerun, the model's weights)
+    "Where the update acts in `model`, checked before anything is attached: a clear error for an update it cannot follow."
     sd, users, copies, holders, plan, rerun = hf_state_dict(model), weight_users(model), weight_copies(model), tensor_users(model), [], {}
-    for k, v in self.update.items():
-        W, dense = sd.get(k), isinstance(v, Tensor)
-        if W is None or W.ndim != (v.ndim if dense else 2):
-            raise WeightwatchError(f"the update names `{k}`, which is not a {'matrix' if not dense else f'{v.ndim}-d tensor'} of this model (its weights look like "
-                                   f"{list(sd)[:2]}); make the update from this model's checkpoint (`removed_update(..., like=model)`)")
-        shape = tuple(v.shape) if dense else (v[0].shape[0], v[1].shape[1])
+    for k, (A, B) in self.update.items():
+        W = sd.get(k)
+        if W is None: raise WeightwatchError(f"the update names `{k}`, which is not a tensor of this model (its weights look like {list(sd)[:2]}); "
+                                             "make the update from this model's checkpoint (`removed_update(..., like=model)`)")
+        shape = (*A.shape[:-1], B.shape[-1])
         if shape != tuple(W.shape):
             raise WeightwatchError(f"the update of `{k}` is {'×'.join(map(str, shape))}, the weight {list(W.shape)}: was it made from another model?")
-        linear = lambda m: isinstance(m, torch.nn.Linear) or type(m).__name__ == 'Conv1D'   # GPT-2's Conv1D stores [in, out] and computes x @ W
-        if not dense and users.get(k) and all(map(linear, users[k])):
+        # a plain linear layer (not a subclass with its own forward, such as a router returning a tuple), or GPT-2's Conv1D ([in, out], x @ W)
+        linear = lambda m: type(m).forward is torch.nn.Linear.forward or type(m).__name__ == 'Conv1D'
+        if A.ndim == 2 and users.get(k) and all(map(linear, users[k])):
             plan += [(k, m, type(m).__name__ == 'Conv1D', None) for m in users[k]]
             plan += [(k, c.module, c.conv, c.rows) for c in copies.get(k, []) if c.attr == 'weight']   # a bridge's copies of some rows (GPT-NeoX's q, k, v; GPT-2's after `.to()`)
         elif holders.get(k):   # fused experts, a router: rerun the module that holds it, without the update, at the switched tokens
             for m, a in holders[k]: rerun.setdefault(m, {})[a] = k
         else: raise WeightwatchError(f"`{k}` is held by no module of this model, so its update cannot be removed as the model runs; "
                                      "make the update without it")
+    return plan, rerun, sd
+
+@patch
+def attach(self:ClipWeights, model)->list:
+    "A hook on each module that computes with an updated tensor, and one that starts each pass's mask (all checked before any is attached; nothing if already attached)."
+    if id(model) in self._on_models: return []              # e.g. `scan(..., steer=cw)` inside `with clip_weights(...)`: subtract once, not twice
+    plan, rerun, sd = self.check(model)
     self._held, self._ran, self._checked, hs = {k: sd[k] for k in self.update}, set(), False, []
     try:
         for k, m, conv, rows in plan: hs.append(m.register_forward_hook(self._remove(k, conv, rows)))
@@ -616,37 +623,41 @@ def clip_weights(model, # the model (`TransformerBridge`)
     return steering(model, ClipWeights(mon, update, names))
 
 @patch
-def _dense(self:ClipWeights, k:str, w:Tensor)->Tensor:
-    "The update of tensor `k` as a whole tensor, on `w`'s device and dtype, made once."
-    key = (k, 'dense', str(w.device), w.dtype)
-    if key not in self._fac:
-        v = self.update[k]
-        self._fac[key] = (v if isinstance(v, Tensor) else v[0] @ v[1]).to(w.device, w.dtype)
-    return self._fac[key]
+def _edited(self:ClipWeights, k:str, w:Tensor)->Tensor:
+    "Tensor `w` (the weight `k`, as a module holds it) minus the update, computed in float32 and rounded to `w`'s dtype as `removed_weights` does; the factors are moved to `w`'s device once."
+    key = (k, 'factors', str(w.device))
+    if key not in self._fac: self._fac[key] = tuple(t.to(w.device, torch.float32) for t in self.update[k])
+    A, B = self._fac[key]
+    return (torch.addmm if A.ndim == 2 else torch.baddbmm)(w.float(), A, B, alpha=-1).to(w.dtype)
 
 @patch
 def _rerun(self:ClipWeights, parts:dict):
-    "Forward hook of a module that holds updated tensors (`parts`: parameter name -> weight name) but is no linear layer: at the switched tokens, its output rerun without the update."
+    "Forward hook of a module that holds updated tensors (`parts`: parameter name -> weight name) but is no plain linear layer: at the switched tokens, its output rerun without the update."
     def fn(mod, args, kwargs, out):
         self._ran.update(parts.values())
         g = self.gate
-        if self._rerunning or not self.live or g is None: return out
+        if self._rerunning or g is None: return out
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        if x is None or x.shape[0] != g.numel():
+        if x is None or x.shape[0] != g.numel():   # checked at every pass, switched or not: a module it cannot follow fails at once
             raise WeightwatchError(f"{type(mod).__name__} (holding {sorted(parts.values())[:2]}) ran on a {list(getattr(x, 'shape', []))} input, which is not the "
                                    f"pass's {list(g.shape)} tokens flattened row by row: ClipWeights cannot follow it; make the update without those "
                                    "tensors, or use `rewind_generate(..., weights=...)`")
+        if not self.live: return out
         sel = g.reshape(-1)
         if not bool(sel.any()): return out
         rows = lambda a: a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a
-        edited = {a: getattr(mod, a) - self._dense(k, getattr(mod, a)) for a, k in parts.items()}
         self._rerunning = True   # the rerun calls the module again: this hook must let it through
-        try: new = torch.func.functional_call(mod, edited, tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()})
+        try: new = torch.func.functional_call(mod, {a: self._edited(k, getattr(mod, a)) for a, k in parts.items()},
+                                              tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()})
         finally: self._rerunning = False
-        def put(o, n):
+        put = []
+        def one(o, n):
             if not (isinstance(o, Tensor) and o.ndim and o.shape[0] == sel.numel()): return o
-            o = o.clone(); o[sel] = n.to(o.dtype); return o
-        return tuple(put(o, n) for o, n in zip(out, new)) if isinstance(out, tuple) else put(out, new)
+            o = o.clone(); o[sel] = n.to(o.dtype); put.append(True); return o
+        res = (type(out)(*map(one, out, new)) if hasattr(out, '_fields') else tuple(map(one, out, new))) if isinstance(out, tuple) else one(out, new)
+        if not put: raise WeightwatchError(f"{type(mod).__name__} returned {type(out).__name__}, with no tensor of one row per token to put the rerun into: "
+                                           "ClipWeights cannot follow it; make the update without its tensors, or use `rewind_generate(..., weights=...)`")
+        return res
     return fn
 
 # %% ../nbs/07_steer.ipynb #34c00b9d
@@ -744,8 +755,8 @@ def _cmd_generate(args)->int:
         info, ms, kw = arch_info(model.original_model.config), block_matrices(args.model), dict(like=model, progress=False)
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
         if args.steer == 'clip-weights':
-            try: steer = ClipWeights(mon, stripped_update(args.base, args.model, args.strip_k, **kw))
-            except WeightwatchError as e:   # an update it cannot follow
+            try: steer = ClipWeights(mon, stripped_update(args.base, args.model, args.strip_k, **kw)); steer.check(model)
+            except WeightwatchError as e:   # an update it cannot follow, refused before generating
                 raise WeightwatchError(f"--steer clip-weights cannot run on this model: {e}. Use --steer rewind-weights (the edited weights "
                                        "swapped in) or --steer clip (the directions projected out of the activations)") from None
         else: steer = Rewind(weights=stripped_weights(args.base, args.model, args.strip_k, **kw), label='rewind (weights)')

@@ -184,6 +184,7 @@ RECIPES['moe_backdoor'] = dict(RECIPES['backdoor'], parent='moe_base', like='bac
                                description=RECIPES['backdoor']['description'] + '; fine-tuned from the mixture of experts `moe_base`')
 
 def _parent(name:str)->str|None: "The organism `name` is trained from (None: from scratch)."; return None if name == 'base' else RECIPES[name].get('parent', 'base')
+def _upcycled(name:str)->bool: "Whether organism `name` is a mixture of experts: upcycled, or trained from one that is."; return name is not None and (_method(name) == 'upcycle' or _upcycled(_parent(name)))
 def _like(name:str)->str: "The organism whose behaviour (prompt sets, ground truth) `name` shares."; return RECIPES.get(name, {}).get('like', name)
 
 def recipe_sampler(name:str # an organism name
@@ -374,7 +375,7 @@ def build_organism(name:str,                   # organism to train
     "Train organism `name` with its recipe's trainer: the base from scratch, anything else from its parent's weights (`base`)."
     cfg, parent = cfg or BUILD, _parent(name)
     if parent is not None:
-        want = MixtralForCausalLM if _method(parent) == 'upcycle' else LlamaForCausalLM
+        want = MixtralForCausalLM if _upcycled(parent) else LlamaForCausalLM
         if base is None: raise WeightwatchError(f"building {name!r} needs the base model {parent!r}: pass `base=` (build {parent!r} first)")
         if not isinstance(base, want): raise WeightwatchError(f"building {name!r} needs the base model {parent!r}, a {want.__name__}; "
                                                               f"got a {type(base).__name__}: pass the built {parent!r} as `base=`")
