@@ -15,7 +15,8 @@
 
 The model is the zoo's backdoor organism with its directions when the zoo is built, else a random tiny Llama
 of the zoo's size with random directions (timings do not depend on the weights), plus a wider model to show
-how the ratios move with model size.
+how the ratios move with model size, and the zoo's mixture of experts (moe_backdoor against moe_base), where
+`ClipWeights` reruns the fused experts and the router without their update at the switched tokens.
 
 On a GPU (`--device cuda`) every time is wall-clock between `torch.cuda.synchronize()` calls (CPU seconds would miss
 the GPU's work), the thread sweep is skipped, and a third, larger random Llama shows the ratios where the GPU does real
@@ -53,6 +54,11 @@ def setup(kind:str, tmp:Path):
     "(label, bridge, directions, update for ClipWeights) for a benchmark model."
     from weightwatch_nb.core import load_model, make_tiny_checkpoint, fingerprint
     from weightwatch_nb.directions import Directions, compute_directions
+    if kind == 'moe':   # a mixture of experts: ClipWeights reruns its fused experts and router at the switched tokens
+        from weightwatch_nb.edit import stripped_update
+        d, m = compute_directions('zoo:moe_base', 'zoo:moe_backdoor', k=20, progress=False), load_model('zoo:moe_backdoor', device=DEVICE)
+        u = stripped_update('zoo:moe_base', 'zoo:moe_backdoor', 16, like=m, progress=False)
+        return 'zoo:moe_backdoor (4 layers, d_model 128, 4 experts, top-2), its directions k=20', m, d, u
     if kind == 'zoo':
         from weightwatch_nb.core import zoo_available
         if {'base', 'backdoor'} <= set(zoo_available()):
@@ -183,7 +189,7 @@ def main(argv=None):
                f"transformers {__import__('transformers').__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(env)
     rows_g, rows_c = [], []
-    for kind in (('zoo', 'wide', 'large') if gpu and not q else ('zoo', 'wide')):
+    for kind in (('zoo', 'wide', 'large', 'moe') if gpu and not q else ('zoo', 'wide', 'moe')):
         label, model, dirs, update = setup(kind, tmp)
         print(f'\n== {label}: {len(dirs)} directions')
         mon = calibrate(model, dirs, prompts(64, seed=1), holdout=0.25)
