@@ -55,7 +55,9 @@ def setup(kind:str, tmp:Path):
     from weightwatch_nb.core import load_model, make_tiny_checkpoint, fingerprint
     from weightwatch_nb.directions import Directions, compute_directions
     if kind == 'moe':   # a mixture of experts: ClipWeights reruns its fused experts and router at the switched tokens
+        from weightwatch_nb.core import zoo_available
         from weightwatch_nb.edit import stripped_update
+        if not {'moe_base', 'moe_backdoor'} <= set(zoo_available()): return None
         d, m = compute_directions('zoo:moe_base', 'zoo:moe_backdoor', k=20, progress=False), load_model('zoo:moe_backdoor', device=DEVICE)
         u = stripped_update('zoo:moe_base', 'zoo:moe_backdoor', 16, like=m, progress=False)
         return 'zoo:moe_backdoor (4 layers, d_model 128, 4 experts, top-2), its directions k=20', m, d, u
@@ -190,7 +192,8 @@ def main(argv=None):
     print(env)
     rows_g, rows_c = [], []
     for kind in (('zoo', 'wide', 'large', 'moe') if gpu and not q else ('zoo', 'wide', 'moe')):
-        label, model, dirs, update = setup(kind, tmp)
+        if (got := setup(kind, tmp)) is None: print(f'\n== {kind}: skipped (its zoo organisms are not built)'); continue
+        label, model, dirs, update = got
         print(f'\n== {label}: {len(dirs)} directions')
         mon = calibrate(model, dirs, prompts(64, seed=1), holdout=0.25)
         g = bench_generation(model, mon, prompts(n_gen, seed=2, lo=6, hi=16), n_new, batch_size=16, reps=reps, update=update)

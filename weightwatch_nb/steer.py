@@ -529,6 +529,9 @@ def check(self:ClipWeights, model)->tuple[list, dict, dict]: # (linear layers to
             raise WeightwatchError(f"the update of `{k}` is {'×'.join(map(str, shape))}, the weight {list(W.shape)}: was it made from another model?")
         # a plain linear layer (not a subclass with its own forward, such as a router returning a tuple), or GPT-2's Conv1D ([in, out], x @ W)
         linear = lambda m: type(m).forward is torch.nn.Linear.forward or type(m).__name__ == 'Conv1D'
+        if any(isinstance(m, torch.nn.Embedding) for m in [*users.get(k, []), *(m for m, _ in holders.get(k, []))]):
+            raise WeightwatchError(f"`{k}` is an embedding (or tied to one), which looks tokens up rather than computing with their activations: "
+                                   "its update cannot be removed as the model runs; make the update without it, or use `rewind_generate(..., weights=...)`")
         if A.ndim == 2 and users.get(k) and all(map(linear, users[k])):
             plan += [(k, m, type(m).__name__ == 'Conv1D', None) for m in users[k]]
             plan += [(k, c.module, c.conv, c.rows) for c in copies.get(k, []) if c.attr == 'weight']   # a bridge's copies of some rows (GPT-NeoX's q, k, v; GPT-2's after `.to()`)
@@ -624,7 +627,7 @@ def clip_weights(model, # the model (`TransformerBridge`)
 
 @patch
 def _edited(self:ClipWeights, k:str, w:Tensor)->Tensor:
-    "Tensor `w` (the weight `k`, as a module holds it) minus the update, computed in float32 and rounded to `w`'s dtype as `removed_weights` does; the factors are moved to `w`'s device once."
+    "Tensor `w` (the weight `k`, as a module holds it) minus the update, computed in float32 and rounded to `w`'s dtype (to within one rounding of `removed_weights`, which starts from the stored float32 weight); the factors are moved to `w`'s device once."
     key = (k, 'factors', str(w.device))
     if key not in self._fac: self._fac[key] = tuple(t.to(w.device, torch.float32) for t in self.update[k])
     A, B = self._fac[key]
