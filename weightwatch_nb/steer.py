@@ -494,6 +494,7 @@ class ClipWeights(Steerer):
                  update:dict, # weight name -> (A, B): remove A @ B from that tensor (fused experts: batched per expert); `removed_update` in the editing notebook makes them
                  names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
                  label:str='clip (weights)', # the name of this mode in tables
+                 in_place:bool=True, # rerun a fused experts module with the few experts its switched tokens use edited in place (put back at once); False: always on an edited copy (what grad mode does)
                 ):
         super().__init__(mon, names)
         pair = lambda v: (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v) and v[0].ndim == v[1].ndim in (2, 3)
@@ -503,7 +504,7 @@ class ClipWeights(Steerer):
                                                      f"A [experts, m, r], B [experts, r, n]), as `removed_update` makes them; "
                                                      f"got {'nothing (no update to remove: is ΔW zero in the chosen matrices, or k 0?)' if not update else f'something else for {bad[:3]}'}")
         self.keep_ranges(mon)
-        self.update, self.label, self._fac, self._on_models, self._rerunning = update, label, {}, set(), False
+        self.update, self.label, self.in_place, self._fac, self._on_models, self._rerunning = update, label, in_place, {}, set(), False
         self.reset()
 
     def reset(self):
@@ -539,6 +540,11 @@ def check(self:ClipWeights, model)->tuple[list, dict, dict]: # (linear layers to
             for m, a in holders[k]: rerun.setdefault(m, {})[a] = k
         else: raise WeightwatchError(f"`{k}` is held by no module of this model, so its update cannot be removed as the model runs; "
                                      "make the update without it")
+    for m, parts in rerun.items():   # a rerun runs everything inside its module on the switched rows alone: nothing inside may be corrected too
+        inner = {id(s) for s in m.modules() if s is not m}
+        if (nested := sorted({k for k, s, *_ in plan if id(s) in inner} | {k for s, ps in rerun.items() if id(s) in inner for k in ps.values()})):
+            raise WeightwatchError(f"{type(m).__name__} holds {sorted(parts.values())[:2]} and contains modules that compute with {nested[:2]}, which are updated "
+                                   "too: ClipWeights cannot rerun one inside the other; make the update without one of them, or use `rewind_generate(..., weights=...)`")
     return plan, rerun, sd
 
 @patch
@@ -626,12 +632,51 @@ def clip_weights(model, # the model (`TransformerBridge`)
     return steering(model, ClipWeights(mon, update, names))
 
 @patch
+def _f32(self:ClipWeights, k:str, device)->tuple[Tensor, Tensor]:
+    "The update's factors of weight `k` in float32 on `device`, moved there once."
+    key = (k, 'factors', str(device))
+    if key not in self._fac: self._fac[key] = tuple(t.to(device, torch.float32) for t in self.update[k])
+    return self._fac[key]
+
+_CHUNK = 2**26   # bytes of float32 scratch per step when fused experts are edited
+
+def _minus(w:Tensor, A:Tensor, B:Tensor)->Tensor:
+    "`w` − A @ B, computed in float32 and rounded to `w`'s dtype (fused experts: a few at a time, so the float32 scratch stays small)."
+    if A.ndim == 2: return torch.addmm(w.float(), A, B, alpha=-1).to(w.dtype)
+    out, step = torch.empty_like(w), max(1, _CHUNK // (4 * w[0].numel()))
+    for s in range(0, w.shape[0], step): out[s:s + step] = torch.baddbmm(w[s:s + step].float(), A[s:s + step], B[s:s + step], alpha=-1).to(w.dtype)
+    return out
+
+@patch
 def _edited(self:ClipWeights, k:str, w:Tensor)->Tensor:
-    "Tensor `w` (the weight `k`, as a module holds it) minus the update, computed in float32 and rounded to `w`'s dtype (to within one rounding of `removed_weights`, which starts from the stored float32 weight); the factors are moved to `w`'s device once."
-    key = (k, 'factors', str(w.device))
-    if key not in self._fac: self._fac[key] = tuple(t.to(w.device, torch.float32) for t in self.update[k])
-    A, B = self._fac[key]
-    return (torch.addmm if A.ndim == 2 else torch.baddbmm)(w.float(), A, B, alpha=-1).to(w.dtype)
+    "A copy of tensor `w` (the weight `k`, as a module holds it) minus the update (to within one rounding of `removed_weights`, which starts from the stored float32 weight)."
+    return _minus(w, *self._f32(k, w.device))
+
+def _routed(mod, args:tuple, kwargs:dict, n:int)->Tensor|None:
+    "The experts that a fused experts module's `n` rows are routed to: from its one integer argument of `n` rows, where it declares `num_experts`; else None."
+    E = getattr(mod, 'num_experts', None)
+    idx = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dtype in (torch.int64, torch.int32) and a.ndim and a.shape[0] == n]
+    if not isinstance(E, int) or len(idx) != 1: return None
+    u = idx[0].unique()
+    return u[u < E]   # (Mixtral's experts take E as "no expert here")
+
+@patch
+def _write_edited(self:ClipWeights, mod, parts:dict, used:Tensor):
+    "Write the `used` experts of `mod`'s fused tensors (`parts`) minus the update into them, in place; returns what puts the originals back."
+    saved = []
+    def undo():
+        with torch.no_grad():
+            for w, ix, old in reversed(saved): w[ix] = old
+    try:
+        with torch.no_grad():
+            for a, k in parts.items():
+                w, (A, B) = getattr(mod, a), self._f32(k, getattr(mod, a).device)
+                ix = used.to(w.device)
+                saved.append((w, ix, old := w[ix]))   # (advanced indexing copies)
+                w[ix] = _minus(old, A[ix], B[ix])
+    except BaseException:
+        undo(); raise
+    return undo
 
 @patch
 def _rerun(self:ClipWeights, parts:dict):
@@ -649,9 +694,18 @@ def _rerun(self:ClipWeights, parts:dict):
         sel = g.reshape(-1)
         if not bool(sel.any()): return out
         rows = lambda a: a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a
+        args_, kwargs_ = tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()}
+        # few experts routed to (a decoding step): edit just those in place, and put them back at once. Otherwise, or with
+        # gradients recorded (autograd must find the tensors as it saw them), an edited copy of each tensor.
+        fused = {a: k for a, k in parts.items() if self.update[k][0].ndim == 3}
+        used = _routed(mod, args_, kwargs_, rows(x).shape[0]) if fused and self.in_place and not torch.is_grad_enabled() else None
+        here = fused if used is not None and 4 * len(used) < min(getattr(mod, a).shape[0] for a in fused) else {}
         self._rerunning = True   # the rerun calls the module again: this hook must let it through
-        try: new = torch.func.functional_call(mod, {a: self._edited(k, getattr(mod, a)) for a, k in parts.items()},
-                                              tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()})
+        try:
+            undo = self._write_edited(mod, here, used) if here else None
+            try: new = torch.func.functional_call(mod, {a: self._edited(k, getattr(mod, a)) for a, k in parts.items() if a not in here}, args_, kwargs_)
+            finally:
+                if undo: undo()
         finally: self._rerunning = False
         put = []
         def one(o, n):
