@@ -642,9 +642,12 @@ _CHUNK = 2**26   # bytes of float32 scratch per step when fused experts are edit
 
 def _minus(w:Tensor, A:Tensor, B:Tensor)->Tensor:
     "`w` − A @ B, computed in float32 and rounded to `w`'s dtype (fused experts: a few at a time, so the float32 scratch stays small)."
-    if A.ndim == 2: return torch.addmm(w.float(), A, B, alpha=-1).to(w.dtype)
+    if A.ndim == 2 or (torch.is_grad_enabled() and w.requires_grad): return (torch.addmm if A.ndim == 2 else torch.baddbmm)(w.float(), A, B, alpha=-1).to(w.dtype)
     out, step = torch.empty_like(w), max(1, _CHUNK // (4 * w[0].numel()))
-    for s in range(0, w.shape[0], step): out[s:s + step] = torch.baddbmm(w[s:s + step].float(), A[s:s + step], B[s:s + step], alpha=-1).to(w.dtype)
+    for s in range(0, w.shape[0], step):
+        j = slice(s, s + step)
+        if w.dtype == torch.float32: torch.baddbmm(w[j], A[j], B[j], alpha=-1, out=out[j])   # no scratch at all
+        else: out[j] = torch.baddbmm(w[j].float(), A[j], B[j], alpha=-1)                      # (the copy rounds to w's dtype)
     return out
 
 @patch
