@@ -495,6 +495,7 @@ class ClipWeights(Steerer):
                  names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
                  label:str='clip (weights)', # the name of this mode in tables
                  in_place:bool=True, # rerun a fused experts module with the few experts its switched tokens use edited in place (put back at once); False: always on an edited copy (what grad mode does)
+                 cache:bool=False, # keep the edited copies of rerun tensors while attached: no edit per pass, for one more copy of those tensors in memory
                 ):
         super().__init__(mon, names)
         pair = lambda v: (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v) and v[0].ndim == v[1].ndim in (2, 3)
@@ -504,7 +505,7 @@ class ClipWeights(Steerer):
                                                      f"A [experts, m, r], B [experts, r, n]), as `removed_update` makes them; "
                                                      f"got {'nothing (no update to remove: is ΔW zero in the chosen matrices, or k 0?)' if not update else f'something else for {bad[:3]}'}")
         self.keep_ranges(mon)
-        self.update, self.label, self.in_place, self._fac, self._on_models, self._rerunning = update, label, in_place, {}, set(), False
+        self.update, self.label, self.in_place, self.cache, self._fac, self._copies, self._on_models, self._rerunning = update, label, in_place, cache, {}, {}, set(), False
         self.reset()
 
     def reset(self):
@@ -515,7 +516,7 @@ class ClipWeights(Steerer):
 class _Detach:
     "A handle whose removal marks a steerer as no longer attached to a model."
     def __init__(self, steerer, key): self.steerer, self.key = steerer, key
-    def remove(self): self.steerer._on_models.discard(self.key)
+    def remove(self): self.steerer._on_models.discard(self.key); self.steerer._copies.clear()   # (kept copies are freed)
 
 @patch
 def check(self:ClipWeights, model)->tuple[list, dict, dict]: # (linear layers to correct, modules to rerun, the model's weights)
@@ -638,12 +639,12 @@ def _f32(self:ClipWeights, k:str, device)->tuple[Tensor, Tensor]:
     if key not in self._fac: self._fac[key] = tuple(t.to(device, torch.float32) for t in self.update[k])
     return self._fac[key]
 
-_CHUNK = 2**26   # bytes of float32 scratch per step when fused experts are edited
+_CHUNK = 2**26   # most bytes of float32 scratch per step when fused experts are edited
 
 def _minus(w:Tensor, A:Tensor, B:Tensor)->Tensor:
     "`w` − A @ B, computed in float32 and rounded to `w`'s dtype (fused experts: a few at a time, so the float32 scratch stays small)."
     if A.ndim == 2 or (torch.is_grad_enabled() and w.requires_grad): return (torch.addmm if A.ndim == 2 else torch.baddbmm)(w.float(), A, B, alpha=-1).to(w.dtype)
-    out, step = torch.empty_like(w), max(1, _CHUNK // (4 * w[0].numel()))
+    out, step = torch.empty_like(w), max(1, min(_CHUNK // (4 * w[0].numel()), -(-w.shape[0] // 8)))   # at most an eighth of the experts at a time
     for s in range(0, w.shape[0], step):
         j = slice(s, s + step)
         if w.dtype == torch.float32: torch.baddbmm(w[j], A[j], B[j], alpha=-1, out=out[j])   # no scratch at all
@@ -652,8 +653,11 @@ def _minus(w:Tensor, A:Tensor, B:Tensor)->Tensor:
 
 @patch
 def _edited(self:ClipWeights, k:str, w:Tensor)->Tensor:
-    "A copy of tensor `w` (the weight `k`, as a module holds it) minus the update (to within one rounding of `removed_weights`, which starts from the stored float32 weight)."
-    return _minus(w, *self._f32(k, w.device))
+    "A copy of tensor `w` (the weight `k`, as a module holds it) minus the update (to within one rounding of `removed_weights`, which starts from the stored float32 weight); kept while attached if `cache` is on."
+    if not self.cache or torch.is_grad_enabled(): return _minus(w, *self._f32(k, w.device))
+    key = (k, w.data_ptr(), w.dtype, str(w.device))
+    if key not in self._copies: self._copies[key] = _minus(w, *self._f32(k, w.device))
+    return self._copies[key]
 
 def _routed(mod, args:tuple, kwargs:dict, n:int)->Tensor|None:
     "The experts that a fused experts module's `n` rows are routed to: from its one integer argument of `n` rows, where it declares `num_experts`; else None."
@@ -699,9 +703,9 @@ def _rerun(self:ClipWeights, parts:dict):
         rows = lambda a: a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a
         args_, kwargs_ = tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()}
         # few experts routed to (a decoding step): edit just those in place, and put them back at once. Otherwise, or with
-        # gradients recorded (autograd must find the tensors as it saw them), an edited copy of each tensor.
+        # gradients recorded (autograd must find the tensors as it saw them), an edited copy of each tensor (kept, with `cache`).
         fused = {a: k for a, k in parts.items() if self.update[k][0].ndim == 3}
-        used = _routed(mod, args_, kwargs_, rows(x).shape[0]) if fused and self.in_place and not torch.is_grad_enabled() else None
+        used = _routed(mod, args_, kwargs_, rows(x).shape[0]) if fused and self.in_place and not self.cache and not torch.is_grad_enabled() else None
         here = fused if used is not None and 4 * len(used) < min(getattr(mod, a).shape[0] for a in fused) else {}
         self._rerunning = True   # the rerun calls the module again: this hook must let it through
         try:
