@@ -628,9 +628,10 @@ def clip_weights(model, # the model (`TransformerBridge`)
                  mon:Monitor, # calibrated monitor
                  update:dict, # weight name -> (A, B) factors of what to remove (see `ClipWeights`)
                  names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
+                 **kwargs, # more `ClipWeights` settings: `in_place`, `cache`
                 ):
     "Context manager: clip in weight space (`ClipWeights`) while it is open."
-    return steering(model, ClipWeights(mon, update, names))
+    return steering(model, ClipWeights(mon, update, names, **kwargs))
 
 @patch
 def _f32(self:ClipWeights, k:str, device)->tuple[Tensor, Tensor]:
