@@ -29,7 +29,7 @@ setuptools.setup(
         'Natural Language :: ' + cfg['language'].title(),
     ] + ['Programming Language :: Python :: '+o for o in py_versions[py_versions.index(min_python):]],
     url = cfg['git_url'],
-    packages = setuptools.find_packages(),
+    packages = setuptools.find_namespace_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*'], exclude=['*.__pycache__']),   # the organism folders: packages of data only
     include_package_data = True,
     package_data = {'weightwatch_nb': ['organisms/*/*', 'organisms/*.json']},
     install_requires = requirements,

@@ -22,7 +22,7 @@ On a GPU (`--device cuda`) every time is wall-clock between `torch.cuda.synchron
 the GPU's work), the thread sweep is skipped, and a third, larger random Llama shows the ratios where the GPU does real
 work per step.
 
-Usage: python benchmarks/bench_monitor.py [--quick] [--device cuda] [--out benchmarks/RESULTS_monitor.md]
+Usage: python benchmarks/bench_monitor.py [--quick] [--device cuda] [--kinds zoo wide moe] [--out benchmarks/RESULTS_monitor.md]
 """
 from __future__ import annotations
 import argparse, datetime, os, platform, statistics, sys, tempfile, time, warnings
@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1, help='torch threads (default 1: steadier timings on a shared machine)')
     ap.add_argument('--reps', type=int, default=7, help='repetitions per measurement (default 7)')
     ap.add_argument('--device', default='cpu', help="where the models run: cpu (default) or cuda")
+    ap.add_argument('--kinds', nargs='+', choices=['zoo', 'wide', 'large', 'moe'], default=None,
+                    help='models to measure (default: zoo, wide and moe; on a GPU also large)')
     args = ap.parse_args(argv)
     global DEVICE
     from weightwatch_nb.core import check_device
@@ -191,7 +193,7 @@ def main(argv=None):
                f"transformers {__import__('transformers').__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(env)
     rows_g, rows_c = [], []
-    for kind in (('zoo', 'wide', 'large', 'moe') if gpu and not q else ('zoo', 'wide', 'moe')):
+    for kind in (args.kinds or (('zoo', 'wide', 'large', 'moe') if gpu and not q else ('zoo', 'wide', 'moe'))):
         if (got := setup(kind, tmp)) is None: print(f'\n== {kind}: skipped (its zoo organisms are not built)'); continue
         label, model, dirs, update = got
         print(f'\n== {label}: {len(dirs)} directions')
