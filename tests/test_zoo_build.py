@@ -1,6 +1,6 @@
 "Determinism and loadability of a shortened zoo build (the full build is `build_zoo()`, minutes on CPU)."
 import hashlib, json, shutil
-import pytest, torch
+import pytest, torch, torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from weightwatch_nb.core import WeightwatchError
@@ -46,6 +46,10 @@ def test_fine_tunes_differ_from_their_parents(two_builds):
             continue
         mlp = sorted(k for k in names(n) & names(p) if '.mlp.' in k or '.block_sparse_moe.' in k)
         assert mlp and any(h[f'{n}/{k}'] != h[f'{p}/{k}'] for k in mlp), (n, p)
+        # and not by AdamW's weight decay alone, which only shrinks a tensor (ΔW = -c W): some MLP matrix moved off its own line
+        W, Wp = load_file(a/n/'model.safetensors'), load_file(a/p/'model.safetensors')
+        off = [1 - abs(F.cosine_similarity((W[k] - Wp[k]).flatten(), Wp[k].flatten(), dim=0).item()) for k in mlp if W[k].ndim == 2 and not torch.equal(W[k], Wp[k])]
+        assert off and max(off) > 0.1, (n, p, off)
     assert zoo_info('moe_backdoor', a)['base'] == 'moe_base' and zoo_info('moe_base', a)['base'] is None
     assert zoo_info('moe_base', a)['ground_truth']['upcycled_from'] == 'base'
 
