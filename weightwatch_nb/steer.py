@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_steer.ipynb #89b6af47
 from __future__ import annotations
-import html, numbers, sys
+import html, inspect, numbers, sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -495,7 +495,7 @@ class ClipWeights(Steerer):
                  names:list[str]|None=None, # directions whose trip switches a sequence (default: all)
                  label:str='clip (weights)', # the name of this mode in tables
                  in_place:bool=True, # rerun a fused experts module with the few experts its switched tokens use edited in place (put back at once); False: always on an edited copy (what grad mode does)
-                 cache:bool=False, # keep the edited copies of rerun tensors while attached: no edit per pass, for one more copy of those tensors in memory
+                 cache:bool=False, # keep the edited copies of rerun tensors while attached (`scan` attaches per batch): no edit per pass, for one more copy of those tensors in memory
                 ):
         super().__init__(mon, names)
         pair = lambda v: (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v) and v[0].ndim == v[1].ndim in (2, 3)
@@ -656,35 +656,43 @@ def _minus(w:Tensor, A:Tensor, B:Tensor)->Tensor:
 def _edited(self:ClipWeights, k:str, w:Tensor)->Tensor:
     "A copy of tensor `w` (the weight `k`, as a module holds it) minus the update (to within one rounding of `removed_weights`, which starts from the stored float32 weight); kept while attached if `cache` is on."
     if not self.cache or torch.is_grad_enabled(): return _minus(w, *self._f32(k, w.device))
-    key = (k, w.data_ptr(), w.dtype, str(w.device))
-    if key not in self._copies: self._copies[key] = _minus(w, *self._f32(k, w.device))
-    return self._copies[key]
+    stamp = (id(w), w.data_ptr(), w._version, w.dtype, str(w.device))   # weights replaced, moved or written (`swapped_weights`) since: made again
+    if self._copies.get(k, (None,))[0] != stamp: self._copies[k] = (stamp, _minus(w, *self._f32(k, w.device)))
+    return self._copies[k][1]
+
+_ROUTING_ARGS = ('top_k_index', 'router_indices')   # what transformers' experts modules call the experts each token goes to
 
 def _routed(mod, args:tuple, kwargs:dict, n:int)->Tensor|None:
-    "The experts that a fused experts module's `n` rows are routed to: from its one integer argument of `n` rows, where it declares `num_experts`; else None."
+    "The experts that a fused experts module's `n` rows are routed to, from its routing argument ([n, top_k] expert ids); None where it has none or it is not that."
     E = getattr(mod, 'num_experts', None)
-    idx = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dtype in (torch.int64, torch.int32) and a.ndim and a.shape[0] == n]
+    try: bound = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError): return None
+    idx = [v for a, v in bound.items() if a in _ROUTING_ARGS]
     if not isinstance(E, int) or len(idx) != 1: return None
-    u = idx[0].unique()
+    t = idx[0]
+    if not (isinstance(t, Tensor) and t.dtype in (torch.int64, torch.int32) and t.ndim == 2 and t.shape[0] == n): return None
+    u = t.unique()
+    if u.numel() and (u[0] < 0 or u[-1] > E): return None   # not expert ids: edit them all (a copy)
     return u[u < E]   # (Mixtral's experts take E as "no expert here")
 
 @patch
-def _write_edited(self:ClipWeights, mod, parts:dict, used:Tensor):
-    "Write the `used` experts of `mod`'s fused tensors (`parts`) minus the update into them, in place; returns what puts the originals back."
-    saved = []
-    def undo():
-        with torch.no_grad():
-            for w, ix, old in reversed(saved): w[ix] = old
-    try:
-        with torch.no_grad():
-            for a, k in parts.items():
-                w, (A, B) = getattr(mod, a), self._f32(k, getattr(mod, a).device)
-                ix = used.to(w.device)
-                saved.append((w, ix, old := w[ix]))   # (advanced indexing copies)
-                w[ix] = _minus(old, A[ix], B[ix])
-    except BaseException:
-        undo(); raise
-    return undo
+def _write_edited(self:ClipWeights, mod, parts:dict, used:Tensor, saved:list):
+    "Write the `used` experts of `mod`'s fused tensors (`parts`) minus the update into them, in place, first noting each original in `saved`."
+    with torch.no_grad():
+        for a, k in parts.items():
+            w, (A, B) = getattr(mod, a).data, self._f32(k, getattr(mod, a).device)   # `.data`: a graph that saw the tensor stays valid
+            ix = used.to(w.device)
+            saved.append((w, ix, old := w[ix]))   # (advanced indexing copies)
+            w[ix] = _minus(old, A[ix], B[ix])
+
+def _put_back(saved:list):
+    "Restore what `_write_edited` noted, every tensor even if one fails (the first error raised after)."
+    err = None
+    with torch.no_grad():
+        for w, ix, old in reversed(saved):
+            try: w[ix] = old
+            except BaseException as e: err = err or e
+    if err is not None: raise err
 
 @patch
 def _rerun(self:ClipWeights, parts:dict):
@@ -708,13 +716,13 @@ def _rerun(self:ClipWeights, parts:dict):
         fused = {a: k for a, k in parts.items() if self.update[k][0].ndim == 3}
         used = _routed(mod, args_, kwargs_, rows(x).shape[0]) if fused and self.in_place and not self.cache and not torch.is_grad_enabled() else None
         here = fused if used is not None and 4 * len(used) < min(getattr(mod, a).shape[0] for a in fused) else {}
-        self._rerunning = True   # the rerun calls the module again: this hook must let it through
+        self._rerunning, saved = True, []   # the rerun calls the module again: this hook must let it through
         try:
-            undo = self._write_edited(mod, here, used) if here else None
-            try: new = torch.func.functional_call(mod, {a: self._edited(k, getattr(mod, a)) for a, k in parts.items() if a not in here}, args_, kwargs_)
-            finally:
-                if undo: undo()
-        finally: self._rerunning = False
+            if here: self._write_edited(mod, here, used, saved)
+            new = torch.func.functional_call(mod, {a: self._edited(k, getattr(mod, a)) for a, k in parts.items() if a not in here}, args_, kwargs_)
+        finally:
+            self._rerunning = False
+            _put_back(saved)   # (not thread-safe: another thread running the model meanwhile would see the edited experts)
         put = []
         def one(o, n):
             if not (isinstance(o, Tensor) and o.ndim and o.shape[0] == sel.numel()): return o
