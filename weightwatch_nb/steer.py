@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_steer.ipynb #89b6af47
 from __future__ import annotations
-import html, inspect, numbers, sys
+import functools, html, inspect, numbers, sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -662,10 +662,13 @@ def _edited(self:ClipWeights, k:str, w:Tensor)->Tensor:
 
 _ROUTING_ARGS = ('top_k_index', 'router_indices')   # what transformers' experts modules call the experts each token goes to
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls): return inspect.signature(cls.forward)   # (once per module class: the rerun asks at every step)
+
 def _routed(mod, args:tuple, kwargs:dict, n:int)->Tensor|None:
     "The experts that a fused experts module's `n` rows are routed to, from its routing argument ([n, top_k] expert ids); None where it has none or it is not that."
     E = getattr(mod, 'num_experts', None)
-    try: bound = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+    try: bound = _forward_signature(type(mod)).bind(mod, *args, **kwargs).arguments
     except (TypeError, ValueError): return None
     idx = [v for a, v in bound.items() if a in _ROUTING_ARGS]
     if not isinstance(E, int) or len(idx) != 1: return None
