@@ -622,3 +622,10 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert sorted(made[0]) == ['model.layers.1.mlp.experts.down_proj', 'model.layers.1.mlp.gate.weight']   # the planted tensors
     A, B = made[0]['model.layers.1.mlp.gate.weight']
     assert torch.allclose(A @ B, sf['model.layers.1.mlp.gate.weight'] - sb['model.layers.1.mlp.gate.weight'], atol=1e-5)   # the router's whole update
+    # --keep-edited: the edited copies made once per reply and kept (ClipWeights' cache), the same reply
+    kept = []
+    monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: kept.append(kw) or S._AllOn(mon, upd, *a, **kw))
+    assert main(gen + ['--steer', 'clip-weights', '--keep-edited']) == 0
+    assert kept == [{'cache': True}] and capsys.readouterr().out == out.out
+    assert main(gen + ['--steer', 'rewind-weights', '--keep-edited']) == 2
+    assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err

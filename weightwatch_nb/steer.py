@@ -811,6 +811,8 @@ def _cmd_generate(args)->int:
     if not args.prompt.strip(): raise WeightwatchError("PROMPT is empty: pass the text to reply to")
     if args.steer != 'off' and not args.monitor:
         raise WeightwatchError(f"--steer {args.steer} needs a monitor: pass --monitor MONITOR (from `weightwatch calibrate`)")
+    if args.keep_edited and args.steer != 'clip-weights':
+        raise WeightwatchError(f"--keep-edited is for --steer clip-weights (got --steer {args.steer}): leave it out, or steer with clip-weights")
     opts = model_options(args)
     first = Monitor.load(args.monitor) if args.monitor else None   # a bad file fails before a (possibly large) model loads
     weights = args.steer in ('clip-weights', 'rewind-weights')
@@ -831,7 +833,7 @@ def _cmd_generate(args)->int:
         info, ms, kw = arch_info(model.original_model.config), block_matrices(args.model), dict(like=model, progress=False)
         how = f"the top {args.strip_k} directions of every block matrix's update stripped from the weights"
         if args.steer == 'clip-weights':
-            try: steer = ClipWeights(mon, stripped_update(args.base, args.model, args.strip_k, **kw)); steer.check(model)
+            try: steer = ClipWeights(mon, stripped_update(args.base, args.model, args.strip_k, **kw), cache=args.keep_edited); steer.check(model)
             except WeightwatchError as e:   # an update it cannot follow, refused before generating
                 raise WeightwatchError(f"--steer clip-weights cannot run on this model: {e}. Use --steer rewind-weights (the edited weights "
                                        "swapped in) or --steer clip (the directions projected out of the activations)") from None
@@ -865,6 +867,8 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                         "router: all of its update, when it has fewer). All need --monitor")
     p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer clip-weights and rewind-weights)')
     p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions removed per block matrix for --steer clip-weights and rewind-weights (default 16)')
+    p.add_argument('--keep-edited', action='store_true', help="with --steer clip-weights on a mixture of experts: edit its expert and router tensors "
+                   "once per reply and keep the copies, instead of at every step that needs them (faster; one more copy of them in memory)")
     p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
     p.add_argument('--raw', action='store_true', help='tokenize the prompt as plain text, without the chat template')
     add_model_options(p)
