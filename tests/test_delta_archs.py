@@ -16,11 +16,14 @@ def tiny(arch, path, seed=0):
            'gpt_neox': lambda: T.GPTNeoXConfig(**common),
            'phi3': lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common),
            'phi': lambda: T.PhiConfig(**common),
-           'gptj': lambda: T.GPTJConfig(vocab_size=300, n_embd=64, n_inner=160, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)}[arch]()
+           'gptj': lambda: T.GPTJConfig(vocab_size=300, n_embd=64, n_inner=160, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)
+          }.get(arch, lambda: T.AutoConfig.for_model(arch, num_key_value_heads=2, head_dim=16, pad_token_id=0, **common))()
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
-@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj'])
+NEWER = ['olmo3', 'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2', 'glm', 'glm4', 'arcee', 'nemotron', 'apertus', 'starcoder2']   # Llama's names or nearly (see `ARCH_SPECS`)
+
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj', *NEWER])
 def test_planted_update_recovered(arch, tmp_path):
     b = tiny(arch, tmp_path/'base')
     truth = plant_update(b, tmp_path/'ft', {(0, 'mlp_out'): 3, (1, 'attn_out'): 2}, noise=1e-4)
@@ -29,7 +32,7 @@ def test_planted_update_recovered(arch, tmp_path):
         assert subspace_cosines(d[(l, m)][:U0.shape[1]].T, U0).min() >= 0.999
     assert Directions.load(d.save(tmp_path/'d.safetensors'), model=tmp_path/'ft').names() == d.names()
 
-@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj'])
+@pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj', *NEWER])
 def test_every_matrix_oriented(arch, tmp_path):
     b = tiny(arch, tmp_path/'base')
     info = arch_info(json.loads((b/'config.json').read_text()))
@@ -180,14 +183,20 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
             'qwen3_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96),   # Qwen3-MoE's experts are narrower than its `intermediate_size`
             'qwen2_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80)}   # and a shared expert
 
+def _config(arch):
+    "A tiny config of `arch` ('stablelm_parallel': StableLM with attention and the MLP side by side on one norm)."
+    import transformers as T
+    kw = ARCH_KW.get(arch) or dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, max_position_embeddings=128)
+    if arch == 'stablelm_parallel': arch, kw = 'stablelm', kw | dict(use_parallel_residual=True)
+    return T.AutoConfig.for_model(arch, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+
 def _plain_pair(arch, tmp_path, plant):
     "A tiny pair of a Hugging Face architecture (norm gains randomised) with `plant` rank-1 updates; returns base, fine-tuned, truth."
     import transformers as T
     from weightwatch_nb.core import tiny_tokenizer
     torch.manual_seed(0)
-    kw = ARCH_KW.get(arch) or dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=16, max_position_embeddings=128)
-    m = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(arch, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw))
+    m = T.AutoModelForCausalLM.from_config(_config(arch))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if 'norm' in n or 'ln_' in n: p.add_(0.5 * torch.randn_like(p))
@@ -195,11 +204,11 @@ def _plain_pair(arch, tmp_path, plant):
     return tmp_path/'base', tmp_path/'ft', plant_update(tmp_path/'base', tmp_path/'ft', plant, scale=5.)
 
 def _post_norm_pair(arch, tmp_path):
-    "A tiny Gemma 2, Gemma 3 or OLMo 2 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
+    "A tiny Gemma 2, Gemma 3, OLMo 2 or 3, EXAONE 4 or GLM-4 pair (norm gains randomised, so a norm in the way shows): planted rank-1 updates of `attn_out` at layer 0, reads at layer 1."
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1})
     return b, f, truth[(0, 'attn_out')][:, 0]
 
-@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'olmo2'])
+@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4'])
 def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     "Where a norm follows attention and the MLP, directions are compared at their outputs, where a planted update is exactly along them."
     from weightwatch_nb.directions import WRITE_HOOK, DEFAULT_HOOK, READ_HOOK
@@ -227,16 +236,17 @@ def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     with project_out(model, d):
         _, cache = model.run_with_cache(x, names_filter=lambda n: n == h)
     assert float((cache[h][0] @ d[(0, 'attn_out')].T).abs().max()) < 1e-4   # removed where it was measured
-    # the read side is compared with exactly what each reading matrix multiplies: a norm's output, or on OLMo 2 (no norm in front) the residual stream
+    # the read side is compared with exactly what each reading matrix multiplies: a norm's output, or on OLMo 2 and 3 and EXAONE 4 (no norm in front)
+    # the residual stream (GLM-4: what its MLP reads, since the bridge splits gate_up_proj into copies)
     rd = compute_directions(b, f, k=1, matrices=['attn_q', 'mlp_in'], layers=[1], hook_point=READ_HOOK, progress=False)
     layer, seen = model.original_model.model.layers[1], {}
     hs = [layer.self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__('attn_q', i[0].detach())),
-          layer.mlp.up_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__('mlp_in', i[0].detach()))]
+          getattr(layer.mlp, 'up_proj', layer.mlp).register_forward_hook(lambda mod, i, o: seen.__setitem__('mlp_in', i[0].detach()))]
     try: _, cache = model.run_with_cache(x, names_filter=lambda n: n in (rd.hook(1, 'attn_q'), rd.hook(1, 'mlp_in')))
     finally:
         for hk in hs: hk.remove()
     for m in ('attn_q', 'mlp_in'): assert torch.equal(cache[rd.hook(1, m)], seen[m]), (arch, m, rd.hook(1, m))
-    assert (rd.hook(1, 'attn_q'), rd.hook(1, 'mlp_in')) == (('blocks.1.hook_in', 'blocks.1.hook_resid_mid') if arch == 'olmo2' else
+    assert (rd.hook(1, 'attn_q'), rd.hook(1, 'mlp_in')) == (('blocks.1.hook_in', 'blocks.1.hook_resid_mid') if arch in ('olmo2', 'olmo3', 'exaone4') else
                                                           ('blocks.1.ln1.hook_out', 'blocks.1.ln2.hook_out'))
     assert len(calibrate(model, rd, [f'the model {i} of {j}' for i in range(6) for j in range(4)])) == len(rd)
     from weightwatch_nb.directions import RAW_READ_HOOK   # either read template means "what each matrix reads", on either kind of block
@@ -279,6 +289,27 @@ def test_lora_on_modules_no_matrix_maps_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"changes 2 module\(s\) that no gpt_neox matrix maps to \(e.g. \['base_model.model.gpt_neox.layers.0.mlp.extra_proj"):
         d = compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
     assert d.matrices == ['mlp_out']                      # the mapped update is still there
+
+@pytest.mark.parametrize('arch', ['llama', 'phi3', 'glm', 'glm4', 'arcee', 'nemotron', 'apertus', 'starcoder2', 'cohere', 'gpt_neox'])
+def test_mlp_matrices_are_what_the_mlp_computes(arch, tmp_path):
+    "`mlp_gate`, `mlp_in` and `mlp_out`, as `orient` reads them, rebuild what the model's MLP computes: down(act(gate) * up), or down(act(up)) without a gate."
+    from transformers import AutoModelForCausalLM
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama') if arch == 'llama' else tiny(arch, tmp_path/'base')
+    hf = AutoModelForCausalLM.from_pretrained(b)
+    info = arch_info(json.loads((b/'config.json').read_text()))
+    params, mods = dict(hf.named_parameters()), dict(hf.named_modules())
+    def weight(m):   # the stored weight of matrix m at layer 0, and the bias beside it (if any)
+        key = next(k for k in params if k.endswith(info['specs'][m].key.format(layer=0)))
+        bias = params.get(key.removesuffix('weight') + 'bias') if info['specs'][m].part is None else None
+        return orient(params[key], info['specs'][m], info, m), bias
+    mlp = mods[next(k for k in mods if k.endswith('layers.0.mlp'))]
+    act = next(getattr(mlp, a) for a in ('act_fn', 'activation_fn', 'act') if hasattr(mlp, a))
+    x = torch.randn(2, 5, info['d_model'])
+    with torch.no_grad():
+        (Wi, bi), (Wo, bo) = weight('mlp_in'), weight('mlp_out')   # [d_model, d_mlp] each: read side x @ W, write side h @ W.T
+        up = x @ Wi + (0 if bi is None else bi)
+        h = act(x @ weight('mlp_gate')[0]) * up if 'mlp_gate' in info['specs'] else act(up)
+        assert torch.allclose(h @ Wo.T + (0 if bo is None else bo), mlp(x), atol=1e-5)
 
 def test_neox_qkv_rows_are_what_attention_computes(tmp_path):
     "GPT-NeoX keeps q, k and v in one matrix, interleaved head by head: `orient` picks exactly the rows its attention uses as each."
@@ -337,14 +368,14 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox'])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel'])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
-    "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head): planted updates are found, and `ClipWeights` removes them in the same pass."
+    "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head), and the newer families: planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.monitor import scan
     from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
     from weightwatch_nb.edit import removed_update, removed_weights
-    mr = 'mlp_in' if arch in ('phi', 'gptj', 'gpt_neox') else 'mlp_gate'      # (no gated MLP)
+    mr = 'mlp_gate' if 'mlp_gate' in arch_info(_config(arch))['specs'] else 'mlp_in'    # the gate where there is one (and, on GLM and Phi-3, fused with up)
     ms = ['attn_out', 'attn_k', mr]
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (1, mr): 1})
     dw = compute_directions(b, f, k=1, matrices=['attn_out'], progress=False)
@@ -387,17 +418,18 @@ def test_phi3_lora_on_fused_matrices_equals_merged(tmp_path):
         assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
         for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4), key
 
-@pytest.mark.parametrize('arch', ['phi', 'gptj'])
+@pytest.mark.parametrize('arch', ['phi', 'gptj', 'cohere', 'cohere2', 'stablelm_parallel'])
 def test_shared_norm_read_side_compared_with_what_each_matrix_reads(arch, tmp_path):
-    "Phi-2 and GPT-J run attention and the MLP on one norm's output: the MLP's read directions are compared with exactly that."
+    "Phi-2, GPT-J, Cohere and StableLM with `use_parallel_residual` run attention and the MLP on one norm's output: the MLP's read directions are compared with exactly that."
     from weightwatch_nb.directions import READ_HOOK, SHARED_READ_HOOK
     b, f, truth = _plain_pair(arch, tmp_path, {(1, 'attn_q'): 1, (1, 'mlp_in'): 1})
     rd = compute_directions(b, f, k=1, matrices=['attn_q', 'mlp_in'], layers=[1], hook_point=READ_HOOK, progress=False)
     assert rd.hook_point == SHARED_READ_HOOK and rd.hook(1, 'mlp_in') == rd.hook(1, 'attn_q') == 'blocks.1.ln1.hook_out'
     model, seen = load_model(f), {}
     hf = model.original_model
-    layer = hf.model.layers[1] if arch == 'phi' else hf.transformer.h[1]
-    q, fc = (layer.self_attn.q_proj, layer.mlp.fc1) if arch == 'phi' else (layer.attn.q_proj, layer.mlp.fc_in)
+    layer = hf.transformer.h[1] if arch == 'gptj' else hf.model.layers[1]
+    q, fc = ((layer.self_attn.q_proj, layer.mlp.fc1) if arch == 'phi' else (layer.attn.q_proj, layer.mlp.fc_in) if arch == 'gptj' else
+             (layer.self_attn.q_proj, layer.mlp.up_proj))
     hs = [q.register_forward_hook(lambda mod, i, o: seen.__setitem__('attn_q', i[0].detach())),
           fc.register_forward_hook(lambda mod, i, o: seen.__setitem__('mlp_in', i[0].detach()))]
     x = model.tokenizer('the model 3 of 2', return_tensors='pt').input_ids
@@ -407,20 +439,21 @@ def test_shared_norm_read_side_compared_with_what_each_matrix_reads(arch, tmp_pa
     for m in ('attn_q', 'mlp_in'): assert torch.equal(cache[rd.hook(1, m)], seen[m]), m
     for (l, m), U0 in truth.items(): assert subspace_cosines(rd[(l, m)].T, U0).min() >= 0.999
 
-@pytest.mark.parametrize('arch', ['gpt2', 'llama', 'gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox'])
+@pytest.mark.parametrize('arch', ['gpt2', 'llama', 'gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox', 'glm', 'glm4', 'cohere', 'starcoder2'])
 def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
-    "A bridge cast with `.to()` after loading computes with copies of fused tensors (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj): ClipWeights and swapped weights still reach them, giving the base model."
+    "A bridge cast with `.to()` after loading computes with copies of fused tensors (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj, GLM's gate_up_proj): ClipWeights and swapped weights still reach them, giving the base model."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.steer import steering, swapped_weights, weight_copies, _AllOn as AllOn
     from weightwatch_nb.edit import removed_update, removed_weights
-    mr = 'mlp_in' if arch in ('phi', 'gptj', 'gpt_neox', 'gpt2') else 'mlp_gate'
+    mr = 'mlp_in' if arch in ('phi', 'gptj', 'gpt_neox', 'gpt2', 'starcoder2') else 'mlp_gate'
     ms, plant = ['attn_out', 'attn_k', 'attn_v', mr], {(0, 'attn_out'): 1, (1, 'attn_k'): 1, (0, 'attn_v'): 1, (1, mr): 1}
     if arch in ('gpt2', 'llama'):
         b, f = make_tiny_checkpoint(tmp_path/'base', arch, n_layers=2), tmp_path/'ft'; plant_update(b, f, plant, scale=5.)
     else: b, f, _ = _plain_pair(arch, tmp_path, plant)
     model = load_model(f); model.to(torch.float64)
     fused = {'gpt2': ['attn.c_attn.bias', 'attn.c_attn.weight'], 'phi3': ['mlp.gate_up_proj.weight', 'self_attn.qkv_proj.weight'],
-             'gpt_neox': ['attention.query_key_value.bias', 'attention.query_key_value.weight']}.get(arch, [])
+             'gpt_neox': ['attention.query_key_value.bias', 'attention.query_key_value.weight'],
+             'glm': ['mlp.gate_up_proj.weight'], 'glm4': ['mlp.gate_up_proj.weight']}.get(arch, [])
     assert sorted(k.split('.0.', 1)[1] for k in weight_copies(model) if '.0.' in k) == fused
     mon = calibrate(model, compute_directions(b, f, k=1, matrices=['attn_k', mr], progress=False),
                     [f'the model {i} of {j}' for i in range(4) for j in range(5)], margin=0.1, holdout=0.)
@@ -431,7 +464,7 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
         with steering(model, AllOn(mon, upd)): on = model(ids)
         with swapped_weights(model, edit): edited = model(ids)
         assert torch.equal(model(ids), plain)                          # put back
-    assert (plain.float() - want).abs().max() > 0.1
+    assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:this qwen2_moe model has a shared expert")   # (its shared expert: the next test)

@@ -91,14 +91,20 @@ _QWEN2_MOE = _MOE | _specs(   # and a shared expert beside the routed ones: a ga
               mlp_shared_out=('layers.{layer}.mlp.shared_expert.down_proj.weight', 'linear', 'out', 'd_shared'),
               mlp_shared_in=('layers.{layer}.mlp.shared_expert.up_proj.weight', 'linear', 'in', 'd_shared'),
               mlp_shared_gate=('layers.{layer}.mlp.shared_expert.gate_proj.weight', 'linear', 'in', 'd_shared'))
-ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE,
-              'qwen2_moe': _QWEN2_MOE}   # per family, and per model type where one differs from its family
-FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2')},
-            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj',
+_GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
+_NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemotron, Apertus: Llama's names, an MLP of up and down only
+_STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
+                                mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
+ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
+              'qwen2_moe': _QWEN2_MOE, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
+FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2', 'olmo3',
+                                    'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2',
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2')},
+            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')}}
-POST_NORM = ('gemma2', 'gemma3_text', 'olmo2')   # model types that normalise each attention and MLP output before adding it to the residual stream
-NO_PRE_NORM = ('olmo2',)          # model types whose attention and MLP read the residual stream with no norm first
-SHARED_NORM = ('phi', 'gptj')     # model types whose attention and MLP run side by side on the output of one norm
+POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
+NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
+SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
 
 # %% ../nbs/03_delta.ipynb #73ce5693
 def arch_info(config, # a Hugging Face config or its dict
@@ -124,7 +130,8 @@ def arch_info(config, # a Hugging Face config or its dict
                 d_shared=d.get('shared_expert_intermediate_size') if mt == 'qwen2_moe' else None,
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
-                post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM, shared_norm=mt in SHARED_NORM)
+                post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
+                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     "The layer a matrix's directions are filed under (embed: 0, unembed: last)."
