@@ -401,12 +401,14 @@ def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     assert [r.generated.tolist() for r in steered] == [r.generated.tolist() for r in want]
     assert [r.generated.tolist() for r in plain] != [r.generated.tolist() for r in want]   # and the plant changes what is generated
 
-def test_phi3_lora_on_fused_matrices_equals_merged(tmp_path):
-    "A LoRA adapter on Phi-3's fused qkv_proj and gate_up_proj: each of q, k, v, gate and up gets its own rows of the update."
+@pytest.mark.parametrize('arch', ['phi3', 'glm'])
+def test_lora_on_fused_matrices_equals_merged(arch, tmp_path):
+    "A LoRA adapter on Phi-3's fused qkv_proj and gate_up_proj (GLM: gate_up_proj beside separate q, k, v): each of q, k, v, gate and up gets its own rows of the update."
     from peft import LoraConfig, get_peft_model
-    b, _, _ = _plain_pair('phi3', tmp_path, {(0, 'attn_out'): 1})
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
     torch.manual_seed(0)
-    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=['qkv_proj', 'gate_up_proj', 'o_proj']))
+    attn = ['qkv_proj'] if arch == 'phi3' else ['q_proj', 'k_proj', 'v_proj']
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=[*attn, 'gate_up_proj', 'o_proj']))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
