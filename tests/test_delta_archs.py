@@ -181,14 +181,19 @@ _MOE_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_a
                max_position_embeddings=128, num_experts_per_tok=2)
 ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | dict(num_experts=3),
             'qwen3_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96),   # Qwen3-MoE's experts are narrower than its `intermediate_size`
-            'qwen2_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80)}   # and a shared expert
+            'qwen2_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80),   # and a shared expert
+            'glm4_moe': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1)}
+VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
+            'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
+            'qwen2_moe_dense': ('qwen2_moe', dict(decoder_sparse_step=2)),
+            'glm4_moe_dense': ('glm4_moe', dict(first_k_dense_replace=1))}
 
 def _config(arch):
-    "A tiny config of `arch` ('stablelm_parallel': StableLM with attention and the MLP side by side on one norm)."
+    "A tiny config of `arch`, or of one of the `VARIANTS`."
     import transformers as T
-    kw = ARCH_KW.get(arch) or dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=16, max_position_embeddings=128)
-    if arch == 'stablelm_parallel': arch, kw = 'stablelm', kw | dict(use_parallel_residual=True)
+    arch, extra = VARIANTS.get(arch, (arch, {}))
+    kw = (ARCH_KW.get(arch) or dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, max_position_embeddings=128)) | extra
     return T.AutoConfig.for_model(arch, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
 
 def _plain_pair(arch, tmp_path, plant):
@@ -469,8 +474,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this qwen2_moe model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe'])
+@pytest.mark.filterwarnings("ignore:this (qwen2|glm4)_moe model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -480,7 +485,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 96 if arch in ('qwen2_moe', 'qwen3_moe') else 128
+    d_mlp = 96 if arch in ('qwen2_moe', 'qwen3_moe', 'glm4_moe') else 128
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
@@ -525,6 +530,63 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     with torch.no_grad(), steering(model, AllOn(mon, upd)): assert torch.allclose(model(ids), base(ids), atol=1e-4)
     reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4, steer=ProjectOut(mon))
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
+
+@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense'])
+def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
+    "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.steer import steering, swapped_weights, ClipWeights, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_weights, removed_update, stripped_weights
+    from weightwatch_nb.delta import block_matrices, find_keys
+    from weightwatch_nb.interpret import expert_shares, routed_experts, expert_routing, trace_corpus
+    shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith('qwen3') else []
+    plant = {(0, 'mlp_out'): 1, (0, 'mlp_gate'): 1, (0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1}
+    b, f, truth = _plain_pair(arch, tmp_path, plant | {(1, m): 1 for m in shared})
+    info = arch_info(json.loads((f/'config.json').read_text()))
+    assert info['dense_layers'] == (0,)
+    # as transformers builds it: block 0's MLP is dense, block 1's has experts (and a router, and any shared expert)
+    model, base = load_model(f), load_model(b)
+    hf = model.original_model.model.layers
+    assert hasattr(hf[0].mlp, 'down_proj') and not hasattr(hf[0].mlp, 'experts') and hasattr(hf[1].mlp, 'experts')
+    ms = list(block_matrices(f))
+    keys = find_keys(open_tensors(f).keys(), info, ms)
+    assert {m for l, m in keys if l == 0} == {'attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate'}   # no router, no shared expert there
+    assert {m for l, m in keys if l == 1} == set(ms)
+    shapes = {(l, m): tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_router'])}
+    assert shapes == {(0, 'mlp_out'): (64, 128), (0, 'mlp_gate'): (64, 128), (1, 'mlp_out'): (64, 3 * 96), (1, 'mlp_gate'): (64, 3 * 96), (1, 'mlp_router'): (64, 3)}
+    d = compute_directions(b, f, k=1, matrices=ms, progress=False)
+    for (l, m), U0 in truth.items(): assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
+    # the weights edited: the base model; ClipWeights with every token switched (linear hooks at block 0, a rerun of the experts and router at block 1): the same
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8], [3, 8, 8, 120, 6, 77, 5, 1]])
+    with torch.no_grad():
+        want, plain = base(ids), model(ids)
+        with swapped_weights(model, removed_weights(b, f, 1, matrices=ms, like=model, progress=False)): assert torch.allclose(model(ids), want, atol=1e-4)
+        with swapped_weights(model, stripped_weights(b, f, 200, like=model, progress=False)): assert torch.allclose(model(ids), want, atol=1e-4)
+        mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1, holdout=0.)
+        with steering(model, AllOn(mon, removed_update(b, f, 1, matrices=ms, like=model, progress=False))): on = model(ids)
+    assert (plain - want).abs().max() > 1e-2 and torch.allclose(on, want, atol=1e-4)
+    # switched from token 3 of sequence 0 on, with block 1's update (the last block, so it acts token by token): those tokens are the
+    # edited model's, the rest the plain one's (GLM-4-MoE's router takes [batch, tokens, d_model], the experts those flattened)
+    class From3(ClipWeights):
+        def _begin(self, module, args, kwargs):
+            super()._begin(module, args, kwargs); self.gate = torch.zeros_like(self.gate); self.gate[0, 3:] = True; self.live = True
+        def __call__(self, hook, act, *rest): return act
+    last = dict(matrices=ms, layers=[1], like=model, progress=False)
+    with torch.no_grad():
+        with steering(model, From3(mon, removed_update(b, f, 1, **last))): part = model(ids)
+        with swapped_weights(model, removed_weights(b, f, 1, **last)): edited = model(ids)
+    assert (edited[0, 3:] - plain[0, 3:]).abs().max() > 1e-2
+    assert torch.allclose(part[0, 3:], edited[0, 3:], atol=1e-5) and torch.allclose(part[0, :3], plain[0, :3], atol=1e-5) and torch.allclose(part[1], plain[1], atol=1e-5)
+    # the experts' views: block 1 only; block 0 is refused with a message that says why
+    sh = expert_shares(b, f, d)
+    assert sh.names and all(n.startswith('L1.') for n in sh.names)
+    with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_shares(b, f, d, names=['L0.mlp_out.u0'])
+    trs = trace_corpus(model, d, [f'the model {i} of 2' for i in range(4)])
+    with pytest.raises(WeightwatchError, match=r'layers \[0\] have a dense MLP'): routed_experts(model, trs, [0, 1])
+    er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
+    assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
+    with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
 
 def test_qwen2_moe_shared_expert(tmp_path):
     "Qwen2-MoE's shared expert (a gated MLP every token goes through): its planted updates are found as their own matrices, compared where it reads and writes, left out with a warning when only the routed experts are asked for, and removed in place by `ClipWeights` (it is made of linear layers)."

@@ -380,14 +380,15 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')   # model types whose experts transformers 5 fuses when loading
+FUSED_EXPERTS = ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe')   # model types whose experts transformers 5 fuses when loading
 _EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
 
 def _n_experts(config:dict)->int|None:
     "Experts per layer of a mixture of experts, from its config dict (None: not one)."
-    return config.get('num_local_experts') or config.get('num_experts') if config.get('model_type') in FUSED_EXPERTS else None
+    if config.get('model_type') not in FUSED_EXPERTS: return None
+    return config.get('num_local_experts') or config.get('num_experts') or config.get('n_routed_experts')
 
 def expert_groups(keys, # a checkpoint's tensor names
                   model_type:str|None, # its config's `model_type` (only `FUSED_EXPERTS` are fused)

@@ -5,7 +5,7 @@
 # %% ../nbs/03_delta.ipynb #0551fc8d
 from __future__ import annotations
 import json, os, re, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace, astuple
 from pathlib import Path
 from typing import Iterator
 import torch
@@ -13,11 +13,12 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM',
-           'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info', 'spec_layer', 'orient',
-           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
-           'iter_deltas', 'read_adapter', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd',
-           'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
+           'SHARED_NORM', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info',
+           'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
+           'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter',
+           'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines',
+           'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -91,17 +92,21 @@ _QWEN2_MOE = _MOE | _specs(   # and a shared expert beside the routed ones: a ga
               mlp_shared_out=('layers.{layer}.mlp.shared_expert.down_proj.weight', 'linear', 'out', 'd_shared'),
               mlp_shared_in=('layers.{layer}.mlp.shared_expert.up_proj.weight', 'linear', 'in', 'd_shared'),
               mlp_shared_gate=('layers.{layer}.mlp.shared_expert.gate_proj.weight', 'linear', 'in', 'd_shared'))
+_GLM4_MOE = _MOE | {m: MatrixSpec(s.key.replace('.shared_expert.', '.shared_experts.'), *astuple(s)[1:])   # GLM-4-MoE: shared experts, one
+                     for m, s in _QWEN2_MOE.items() if m.startswith('mlp_shared')}                         # gated MLP as wide as n_shared_experts
+_DENSE_MLP = {m: replace(_LLAMA[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}   # the dense MLP of a mixture of experts' dense layers
+MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
 _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemotron, Apertus: Llama's names, an MLP of up and down only
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
-            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')}}
+            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -119,19 +124,35 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    if mt in ('qwen2_moe', 'qwen3_moe') and (d.get('mlp_only_layers') or d.get('decoder_sparse_step', 1) != 1):
-        raise WeightwatchError(f"this {mt} model has dense MLP layers among its expert layers (mlp_only_layers={d.get('mlp_only_layers')}, "
-                               f"decoder_sparse_step={d.get('decoder_sparse_step')}); only models whose every layer is a mixture of experts are mapped")
     d_model, n_heads = d.get('hidden_size') or d.get('n_embd'), d.get('num_attention_heads') or d.get('n_head')
-    head_dim = d.get('head_dim') or d_model // n_heads
-    return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=d.get('num_hidden_layers') or d.get('n_layer'),
-                d_mlp=(mt in ('qwen2_moe', 'qwen3_moe') and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
-                n_experts=(d.get('num_local_experts') or d.get('num_experts')) if FAMILIES[mt] == 'moe' else None, vocab=d['vocab_size'],
-                d_shared=d.get('shared_expert_intermediate_size') if mt == 'qwen2_moe' else None,
+    head_dim, n_layers = d.get('head_dim') or d_model // n_heads, d.get('num_hidden_layers') or d.get('n_layer')
+    return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
+                d_mlp=(mt in ('qwen2_moe', 'qwen3_moe', 'glm4_moe') and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
+                n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
+                d_shared={'qwen2_moe': d.get('shared_expert_intermediate_size'),
+                          'glm4_moe': (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0)}.get(mt),
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
+
+def dense_layers(config:dict, # a mixture of experts' config dict
+                 n_layers:int, # its number of blocks
+                )->tuple[int, ...]: # the blocks whose MLP is an ordinary dense one
+    "The blocks of a mixture of experts that have a dense MLP instead of experts (as transformers builds them)."
+    mt = config.get('model_type')
+    if mt in ('qwen2_moe', 'qwen3_moe'):
+        step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
+        return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
+    if mt == 'glm4_moe': return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
+    return ()
+
+def layer_specs(info:dict, # from `arch_info`
+                layer:int|None, # block index (None: the embedding and unembedding)
+               )->dict[str, MatrixSpec]: # matrix -> spec, for the matrices this block has
+    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert."
+    if layer is None or layer not in info.get('dense_layers', ()): return info['specs']
+    return {m: s for m, s in info['specs'].items() if m not in MOE_ONLY} | _DENSE_MLP
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     "The layer a matrix's directions are filed under (embed: 0, unembed: last)."
@@ -312,6 +333,7 @@ def find_keys(keys,            # checkpoint tensor names
         spec = info['specs'].get(m)
         if spec is None: raise WeightwatchError(f"{info['model_type']} has no `{m}` matrix; choose from {list(info['specs'])}")
         for l in ([None] if m in ('embed', 'unembed') else layers):
+            if (spec := layer_specs(info, l).get(m)) is None: continue   # a router or shared expert at a dense layer of a mixture of experts
             names = [n.format(layer=l).removesuffix(suffix) for n in (spec.key, *spec.alt)]
             t, hits = next(((n, idx[n]) for n in names if n in idx), (names[0], []))
             if not hits and m == 'unembed' and info['tied']: hits = idx.get(info['specs']['embed'].key.removesuffix(suffix), [])

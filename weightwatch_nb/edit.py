@@ -193,13 +193,15 @@ def removed_weights(base,        # base model: 'zoo:NAME', checkpoint dir, hub i
 # %% ../nbs/12_edit.ipynb #3c415dc7
 def _strip_groups(base, finetuned, k:int)->dict[int, list[str]]:
     "The block matrices grouped by the number of directions stripped from each: `k`, or all of a matrix's where it has fewer."
-    from weightwatch_nb.delta import block_matrices
+    from weightwatch_nb.delta import block_matrices, layer_specs
     src = open_tensors(finetuned) if not (isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter') else open_tensors(base)
     info, ms = arch_info(src.config), block_matrices(src.config)
     cap = lambda s: min(info['d_model'], info[s.other] * (info['n_experts'] if s.stored == 'experts' else 1))
     groups, ks = {}, {}
     for m in ms:
-        kk = min(k, cap(info['specs'][m])); groups.setdefault(kk, []).append(m); ks.setdefault(info['specs'][m].key, set()).add(kk)
+        specs = {s.key: s for l in range(info['n_layers']) if (s := layer_specs(info, l).get(m))}   # (a mixture of experts' dense layers: another MLP)
+        kk = min(k, *map(cap, specs.values())); groups.setdefault(kk, []).append(m)
+        for key in specs: ks.setdefault(key, set()).add(kk)
     if (clash := sorted(key for key, v in ks.items() if len(v) > 1)):
         raise WeightwatchError(f"k={k} is more than some of the matrices fused in `{clash[0]}` have ({sorted(ks[clash[0]])}), and they are edited "
                                f"together; pass k <= {min(ks[clash[0]])}")

@@ -339,7 +339,7 @@ class ExpertShares:
     experts: list[str]|None=None  # column labels: '0', '1', ... and 'shared' for a shared expert (None: numbered)
 
 def expert_shares(base, # base model: any source `delta.iter_deltas` takes
-                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)
+                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4-MoE)
                   dirs, # `Directions` (or `Monitor`) of this pair
                   names:list[str]|None=None, # directions of `mlp_out`, `mlp_in`, `mlp_gate` or a shared expert's matrices (default: all of those)
                  )->ExpertShares:
@@ -351,8 +351,11 @@ def expert_shares(base, # base model: any source `delta.iter_deltas` takes
         raise WeightwatchError(f"{info['model_type']} is not a mixture of experts: its MLP has no experts to share a direction between")
     shared = 'mlp_shared_out' in info['specs']   # Qwen2-MoE: a shared expert beside the routed ones, one more column
     own = ('mlp_out', 'mlp_in', 'mlp_gate') + (('mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate') if shared else ())
+    dense = set(info['dense_layers'])   # blocks with an ordinary MLP instead of experts (Qwen-MoE's mlp_only_layers, GLM-4-MoE's first blocks)
     names = ([direction_name(dirs, n) for n in names] if names is not None else
-             [n for n in direction_names(dirs) if parse_name(n)[1] in own])
+             [n for n in direction_names(dirs) if parse_name(n)[1] in own and parse_name(n)[0] not in dense])
+    if (at := [n for n in names if parse_name(n)[0] in dense]):
+        raise WeightwatchError(f"{at[0]} is at layer {parse_name(at[0])[0]}, whose MLP is dense (this model's dense layers: {sorted(dense)}): it has no experts to share it")
     if (bad := [n for n in names if parse_name(n)[1] not in own]) or not names:
         raise WeightwatchError(f"only directions of the experts' matrices ({', '.join(own)}) have expert shares; "
                                f"{'got ' + str(bad[:3]) if bad else 'these directions have none'}")
@@ -387,6 +390,12 @@ def plot_expert_shares(es:ExpertShares, # from `expert_shares`
 
 
 # %% ../nbs/10_interpret.ipynb #823943cc
+def _dense_layers(model)->set[int]:
+    "The blocks of a mixture of experts whose MLP is dense (none for other models)."
+    from weightwatch_nb.delta import arch_info
+    try: return set(arch_info(model.original_model.config)['dense_layers'])
+    except WeightwatchError: return set()
+
 @dataclass
 class ExpertRouting:
     "Which experts the router sends the tokens at either end of each direction to, against every token of the corpus."
@@ -411,6 +420,9 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
     layers = sorted({int(l) for l in layers})
     if not layers or not all(0 <= l < info['n_layers'] for l in layers):
         raise WeightwatchError(f"layers must be block indices 0..{info['n_layers']-1} of this model, got {layers}")
+    if (dense := sorted(set(layers) & set(info['dense_layers']))):
+        raise WeightwatchError(f"layers {dense} have a dense MLP, so no router picks experts there; choose among the expert layers "
+                               f"{[l for l in range(info['n_layers']) if l not in info['dense_layers']]}")
     hooks = {l: f'blocks.{l}.mlp.gate.hook_expert_indices' for l in layers}
     if (missing := [h for h in hooks.values() if h not in model.hook_dict]):
         raise WeightwatchError(f"this bridge has no routing hook {missing[0]!r}, so the router's choices cannot be read; is TransformerLens 4 installed?")
@@ -446,8 +458,12 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
     if not (isinstance(top, float) and 0 < top <= 0.5): raise WeightwatchError(f"top must be a fraction in (0, 0.5] (each end takes that share of the tokens), got {top!r}")
     if role not in (None, PROMPT, RESPONSE): raise WeightwatchError(f"role must be {PROMPT} (prompt), {RESPONSE} (response) or None (both), got {role!r}")
     model = load_model(model)
-    all_names = direction_names(dirs)
+    dense = _dense_layers(model)   # (a mixture of experts' blocks with an ordinary MLP: nothing is routed there)
+    all_names = [n for n in direction_names(dirs) if parse_name(n)[0] not in dense]
     names = [direction_name(dirs, n) for n in names] if names is not None else all_names
+    if (at := [n for n in names if parse_name(n)[0] in dense]):
+        raise WeightwatchError(f"{at[0]} is at layer {parse_name(at[0])[0]}, whose MLP is dense, so its tokens are not routed; choose directions of the expert layers")
+    if not names: raise WeightwatchError("none of these directions is at an expert layer, so there is no routing to show")
     layers = sorted({parse_name(n)[0] for n in (all_names if routes is not None else names)})
     if routes is None: routes = routed_experts(model, traces, layers, batch_size)
     elif len(routes) != len(traces) or any(r.shape[:2] != (len(t.ids), len(layers)) for r, t in zip(routes, traces)):
@@ -459,7 +475,7 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
     E, n = _n_experts(model.original_model.config.to_dict()), max(1, min(round(top * len(cos)), len(cos) // 2))   # the two ends never share a token
     high, low, overall = [], [], []
     for name in names:
-        j, li = all_names.index(name), layers.index(parse_name(name)[0])
+        j, li = direction_names(dirs).index(name), layers.index(parse_name(name)[0])
         order = cos[:, j].argsort(descending=True)
         high.append(_slot_shares(idx[order[:n], li], E)); low.append(_slot_shares(idx[order[-n:], li], E)); overall.append(_slot_shares(idx[:, li], E))
     return ExpertRouting(names, torch.stack(high), torch.stack(low), torch.stack(overall), n)
@@ -520,7 +536,8 @@ class DirectionExplorer:
             self.traces = trace_corpus(self.model, dirs, records, generate=generate)
             self.flagged = trace_corpus(self.model, dirs, flagged, generate=generate) if flagged else []
             if base is not None: self.base = trace_tokens(load_model(base), dirs, self.traces + self.flagged)
-            self.routes = routed_experts(self.model, self.traces, self._layers) if _is_moe(self.model) else None   # replayed once, read per direction
+            self._layers = [l for l in self._layers if l not in _dense_layers(self.model)]   # where tokens are routed
+            self.routes = routed_experts(self.model, self.traces, self._layers) if _is_moe(self.model) and self._layers else None   # replayed once, read per direction
         except WeightwatchError as e: self._fail(str(e)); return
         self._busy = False
         self._set_matrices()
@@ -558,7 +575,8 @@ def update(self:DirectionExplorer):
         lens = logit_lens(self.model, self.dirs, name)
         extremes = extreme_examples(self.traces, self.dirs, name, self.model.tokenizer, self.k, role=role)
         fig = direction_histograms(self.dirs, name, self.traces, self.flagged, self.base, self.mon, role)
-        routing = expert_routing(self.model, self.traces, self.dirs, [name], role=role, routes=self.routes) if self.routes is not None else None
+        routed = self.routes is not None and self.layer.value in self._layers
+        routing = expert_routing(self.model, self.traces, self.dirs, [name], role=role, routes=self.routes) if routed else None
         self.name, self.lens, self.extremes, self.fig, self.routing, self.error = name, lens, extremes, fig, routing, None
         self.out.value = note + lens._repr_html_() + (_routing_html(routing) if routing else '') + extremes._repr_html_() + _png(fig)
     except WeightwatchError as e: self.error, self.out.value = str(e), _error_html(str(e))

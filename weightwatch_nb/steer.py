@@ -705,14 +705,15 @@ def _rerun(self:ClipWeights, parts:dict):
         g = self.gate
         if self._rerunning or g is None: return out
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        if x is None or x.shape[0] != g.numel():   # checked at every pass, switched or not: a module it cannot follow fails at once
-            raise WeightwatchError(f"{type(mod).__name__} (holding {sorted(parts.values())[:2]}) ran on a {list(getattr(x, 'shape', []))} input, which is not the "
-                                   f"pass's {list(g.shape)} tokens flattened row by row: ClipWeights cannot follow it; make the update without those "
+        batched = lambda a: isinstance(a, Tensor) and a.ndim >= 3 and tuple(a.shape[:2]) == tuple(g.shape)   # [b, t, ...] (GLM-4-MoE's router)
+        if x is None or not (batched(x) or x.shape[0] == g.numel()):   # checked at every pass, switched or not: a module it cannot follow fails at once
+            raise WeightwatchError(f"{type(mod).__name__} (holding {sorted(parts.values())[:2]}) ran on a {list(getattr(x, 'shape', []))} input, which is neither "
+                                   f"the pass's {list(g.shape)} tokens nor those flattened row by row: ClipWeights cannot follow it; make the update without those "
                                    "tensors, or use `rewind_generate(..., weights=...)`")
         if not self.live: return out
         sel = g.reshape(-1)
         if not bool(sel.any()): return out
-        rows = lambda a: a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a
+        rows = lambda a: a[g] if batched(a) else a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a   # the switched tokens' rows
         args_, kwargs_ = tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()}
         # few experts routed to (a decoding step): edit just those in place, and put them back at once. Otherwise, or with
         # gradients recorded (autograd must find the tensors as it saw them), an edited copy of each tensor (kept, with `cache`).
@@ -728,6 +729,7 @@ def _rerun(self:ClipWeights, parts:dict):
             _put_back(saved)   # (not thread-safe: another thread running the model meanwhile would see the edited experts)
         put = []
         def one(o, n):
+            if batched(o): o = o.clone(); o[g] = n.to(o.dtype); put.append(True); return o   # (a [b, t, ...] output)
             if not (isinstance(o, Tensor) and o.ndim and o.shape[0] == sel.numel()): return o
             o = o.clone(); o[sel] = n.to(o.dtype); put.append(True); return o
         res = (type(out)(*map(one, out, new)) if hasattr(out, '_fields') else tuple(map(one, out, new))) if isinstance(out, tuple) else one(out, new)
