@@ -182,11 +182,16 @@ _MOE_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_a
 ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | dict(num_experts=3),
             'qwen3_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96),   # Qwen3-MoE's experts are narrower than its `intermediate_size`
             'qwen2_moe': _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80),   # and a shared expert
-            'glm4_moe': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1)}
+            'glm4_moe': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1),
+            'deepseek_v2': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
+                                          q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
+ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
             'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
             'qwen2_moe_dense': ('qwen2_moe', dict(decoder_sparse_step=2)),
-            'glm4_moe_dense': ('glm4_moe', dict(first_k_dense_replace=1))}
+            'glm4_moe_dense': ('glm4_moe', dict(first_k_dense_replace=1)),
+            'deepseek_v2_dense': ('deepseek_v2', dict(first_k_dense_replace=1, q_lora_rank=32)),   # (and its query through a latent too)
+            'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32))}
 
 def _config(arch):
     "A tiny config of `arch`, or of one of the `VARIANTS`."
@@ -474,8 +479,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2|glm4)_moe model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -485,7 +490,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 96 if arch in ('qwen2_moe', 'qwen3_moe', 'glm4_moe') else 128
+    d_mlp = 128 if arch in ('mixtral', 'olmoe') else 96
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
@@ -532,7 +537,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -542,7 +547,8 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     from weightwatch_nb.interpret import expert_shares, routed_experts, expert_routing, trace_corpus
     shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith('qwen3') else []
     plant = {(0, 'mlp_out'): 1, (0, 'mlp_gate'): 1, (0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1}
-    b, f, truth = _plain_pair(arch, tmp_path, plant | {(1, m): 1 for m in shared})
+    mla = {(0, 'attn_q'): 1, (1, 'attn_kv'): 1} if arch.startswith('deepseek') else {}   # DeepSeek's latent attention: its query and key-value latents
+    b, f, truth = _plain_pair(arch, tmp_path, plant | mla | {(1, m): 1 for m in shared})
     info = arch_info(json.loads((f/'config.json').read_text()))
     assert info['dense_layers'] == (0,)
     # as transformers builds it: block 0's MLP is dense, block 1's has experts (and a router, and any shared expert)
@@ -551,7 +557,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     assert hasattr(hf[0].mlp, 'down_proj') and not hasattr(hf[0].mlp, 'experts') and hasattr(hf[1].mlp, 'experts')
     ms = list(block_matrices(f))
     keys = find_keys(open_tensors(f).keys(), info, ms)
-    assert {m for l, m in keys if l == 0} == {'attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate'}   # no router, no shared expert there
+    assert {m for l, m in keys if l == 0} == {'attn_out', 'mlp_out', 'attn_q', 'mlp_in', 'mlp_gate', *(['attn_kv'] if mla else ['attn_k', 'attn_v'])}   # no router, no shared expert there
     assert {m for l, m in keys if l == 1} == set(ms)
     shapes = {(l, m): tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_router'])}
     assert shapes == {(0, 'mlp_out'): (64, 128), (0, 'mlp_gate'): (64, 128), (1, 'mlp_out'): (64, 3 * 96), (1, 'mlp_gate'): (64, 3 * 96), (1, 'mlp_router'): (64, 3)}
@@ -572,7 +578,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
         def _begin(self, module, args, kwargs):
             super()._begin(module, args, kwargs); self.gate = torch.zeros_like(self.gate); self.gate[0, 3:] = True; self.live = True
         def __call__(self, hook, act, *rest): return act
-    last = dict(matrices=ms, layers=[1], like=model, progress=False)
+    last = dict(matrices=[m for m in ms if m not in ('attn_q', 'attn_k', 'attn_v', 'attn_kv')], layers=[1], like=model, progress=False)   # (token by token: not the keys earlier tokens left)
     with torch.no_grad():
         with steering(model, From3(mon, removed_update(b, f, 1, **last))): part = model(ids)
         with swapped_weights(model, removed_weights(b, f, 1, **last)): edited = model(ids)
@@ -584,6 +590,13 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_shares(b, f, d, names=['L0.mlp_out.u0'])
     trs = trace_corpus(model, d, [f'the model {i} of 2' for i in range(4)])
     with pytest.raises(WeightwatchError, match=r'layers \[0\] have a dense MLP'): routed_experts(model, trs, [0, 1])
+    # the experts recorded are those the router picks from what it reads (through the bridge's routing hook, or, where it has none, DeepSeek, the router's own output)
+    from weightwatch_nb.interpret import _router
+    tr = trs[0]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tr.ids[None], names_filter=lambda n: n == 'blocks.1.ln2.hook_out')
+        picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'])[-1].reshape(len(tr.ids), -1)
+    assert torch.equal(routed_experts(model, [tr], [1])[0][:, 0], picked)
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])

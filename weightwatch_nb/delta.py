@@ -21,7 +21,7 @@ __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MOE_ONLY', 'ARCH_SPECS', 'F
            'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
-MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router',
+MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
             'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate', 'embed', 'unembed')
 DEFAULT_MATRICES = ('attn_out', 'mlp_out')
 
@@ -94,6 +94,10 @@ _QWEN2_MOE = _MOE | _specs(   # and a shared expert beside the routed ones: a ga
               mlp_shared_gate=('layers.{layer}.mlp.shared_expert.gate_proj.weight', 'linear', 'in', 'd_shared'))
 _GLM4_MOE = _MOE | {m: MatrixSpec(s.key.replace('.shared_expert.', '.shared_experts.'), *astuple(s)[1:])   # GLM-4-MoE: shared experts, one
                      for m, s in _QWEN2_MOE.items() if m.startswith('mlp_shared')}                         # gated MLP as wide as n_shared_experts
+_DEEPSEEK_V2 = {m: s for m, s in _GLM4_MOE.items() if m not in ('attn_k', 'attn_v')} | _specs(   # multi-head latent attention
+    attn_out=('layers.{layer}.self_attn.o_proj.weight', 'linear', 'out', 'o'),
+    attn_q=('layers.{layer}.self_attn.q_a_proj.weight', 'linear', 'in', 'q_read', None, ('layers.{layer}.self_attn.q_proj.weight',)),   # (q_proj without q_lora_rank)
+    attn_kv=('layers.{layer}.self_attn.kv_a_proj_with_mqa.weight', 'linear', 'in', 'kv_latent'))   # keys and values, jointly into a latent (and the rotary key)
 _DENSE_MLP = {m: replace(_LLAMA[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}   # the dense MLP of a mixture of experts' dense layers
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
@@ -101,12 +105,12 @@ _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemot
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'deepseek_v2': _DEEPSEEK_V2, 'deepseek_v3': _DEEPSEEK_V2, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
-            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe')}}
+            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -127,14 +131,20 @@ def arch_info(config, # a Hugging Face config or its dict
     d_model, n_heads = d.get('hidden_size') or d.get('n_embd'), d.get('num_attention_heads') or d.get('n_head')
     head_dim, n_layers = d.get('head_dim') or d_model // n_heads, d.get('num_hidden_layers') or d.get('n_layer')
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
-                d_mlp=(mt in ('qwen2_moe', 'qwen3_moe', 'glm4_moe') and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
+                d_mlp=(mt in ('qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3') and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
                 d_shared={'qwen2_moe': d.get('shared_expert_intermediate_size'),
-                          'glm4_moe': (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0)}.get(mt),
+                          **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in ('glm4_moe', 'deepseek_v2', 'deepseek_v3')}}.get(mt),
+                **(_mla_sizes(d) if mt in ('deepseek_v2', 'deepseek_v3') else {}),
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
+
+def _mla_sizes(d:dict)->dict:
+    "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
+    n, rope = d['num_attention_heads'], d.get('qk_rope_head_dim') or 0
+    return dict(o=n * d['v_head_dim'], q_read=d.get('q_lora_rank') or n * (d['qk_nope_head_dim'] + rope), kv_latent=d['kv_lora_rank'] + rope)
 
 def dense_layers(config:dict, # a mixture of experts' config dict
                  n_layers:int, # its number of blocks
@@ -144,7 +154,7 @@ def dense_layers(config:dict, # a mixture of experts' config dict
     if mt in ('qwen2_moe', 'qwen3_moe'):
         step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
         return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
-    if mt == 'glm4_moe': return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
+    if mt in ('glm4_moe', 'deepseek_v2', 'deepseek_v3'): return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
     return ()
 
 def layer_specs(info:dict, # from `arch_info`
@@ -294,7 +304,7 @@ def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, Transforme
     return CheckpointTensors(s.ref)
 
 # %% ../nbs/03_delta.ipynb #26f5ef99
-READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'mlp_in', 'mlp_gate', 'mlp_router', 'mlp_shared_in', 'mlp_shared_gate')  # the matrices that read from the residual stream
+READ_MATRICES = ('attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router', 'mlp_shared_in', 'mlp_shared_gate')  # the matrices that read from the residual stream
 BLOCK_MATRICES = tuple(m for m in MATRICES if m not in ('embed', 'unembed'))
 WRITE_MATRICES = ('attn_out', 'mlp_out', 'mlp_shared_out')   # the block matrices that write to the residual stream (the paper's, and a shared expert's)  # every matrix of a block that reads or writes the residual stream
 

@@ -22,7 +22,7 @@ __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK
 # %% ../nbs/04_directions.ipynb #0b48467e
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
 _NAME = re.compile(r'^L(\d+)\.([a-z_]+)(?:\.u(\d+))?$')
-INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out',
+INPUT_HOOKS = {'attn_q': 'ln1.hook_out', 'attn_k': 'ln1.hook_out', 'attn_v': 'ln1.hook_out', 'attn_kv': 'ln1.hook_out',
                'mlp_in': 'ln2.hook_out', 'mlp_gate': 'ln2.hook_out', 'mlp_router': 'ln2.hook_out',
                'mlp_shared_in': 'ln2.hook_out', 'mlp_shared_gate': 'ln2.hook_out'}  # the normalised activation each reading matrix multiplies
 READ_HOOK = 'blocks.{layer}.{input}'  # '{input}': compare each direction with what its own matrix reads (exact for the read side)
@@ -30,7 +30,7 @@ OUTPUT_HOOKS = {**{m: HOOK_SITES[m].removeprefix('blocks.{layer}.') for m in ('a
                 'mlp_shared_out': HOOK_SITES['mlp_out'].removeprefix('blocks.{layer}.'),   # (a shared expert's output is part of the MLP's)
                 'embed': 'hook_in'}   # and the embedding's: the stream entering block 0 (its directions are filed under layer 0)
 WRITE_HOOK = 'blocks.{layer}.{output}'  # '{output}': compare each direction with its sub-layer's output (exact where a norm follows it)
-RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in',
+RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in', 'attn_kv': 'hook_in',
                    'mlp_in': 'hook_resid_mid', 'mlp_gate': 'hook_resid_mid', 'mlp_router': 'hook_resid_mid',
                    'mlp_shared_in': 'hook_resid_mid', 'mlp_shared_gate': 'hook_resid_mid'}  # what each reading matrix multiplies where no norm comes first
 RAW_READ_HOOK = 'blocks.{layer}.{raw_input}'  # the read side of blocks with no norm in front of attention and the MLP (OLMo 2)

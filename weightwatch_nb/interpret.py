@@ -339,7 +339,7 @@ class ExpertShares:
     experts: list[str]|None=None  # column labels: '0', '1', ... and 'shared' for a shared expert (None: numbered)
 
 def expert_shares(base, # base model: any source `delta.iter_deltas` takes
-                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4-MoE)
+                  finetuned, # its fine-tune (a mixture of experts: Mixtral, OLMoE, Qwen-MoE, GLM-4-MoE, DeepSeek)
                   dirs, # `Directions` (or `Monitor`) of this pair
                   names:list[str]|None=None, # directions of `mlp_out`, `mlp_in`, `mlp_gate` or a shared expert's matrices (default: all of those)
                  )->ExpertShares:
@@ -405,6 +405,13 @@ class ExpertRouting:
     overall: Tensor    # [directions, experts]: the same for every token of the corpus, at the direction's layer
     n_end: int         # tokens at each end
 
+def _router(model, layer:int):
+    "The router module of block `layer` of a loaded mixture of experts (for a forward hook where the bridge has no routing hook)."
+    try: return model.original_model.model.layers[layer].mlp.gate
+    except (AttributeError, IndexError, TypeError):
+        raise WeightwatchError(f"this bridge has no routing hook for block {layer} and its router is not at model.layers[{layer}].mlp.gate, "
+                               "so the router's choices cannot be read") from None
+
 def routed_experts(model, # mixture-of-experts model (bridge or source)
                    traces:list[Trace], # traces whose tokens to replay (`trace_corpus`)
                    layers, # block indices whose routing to record
@@ -424,8 +431,8 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
         raise WeightwatchError(f"layers {dense} have a dense MLP, so no router picks experts there; choose among the expert layers "
                                f"{[l for l in range(info['n_layers']) if l not in info['dense_layers']]}")
     hooks = {l: f'blocks.{l}.mlp.gate.hook_expert_indices' for l in layers}
-    if (missing := [h for h in hooks.values() if h not in model.hook_dict]):
-        raise WeightwatchError(f"this bridge has no routing hook {missing[0]!r}, so the router's choices cannot be read; is TransformerLens 4 installed?")
+    routers = {l: _router(model, l) for l, h in hooks.items() if h not in model.hook_dict}   # no bridge hook (DeepSeek): the router's own output
+    hooks = {l: h for l, h in hooks.items() if l not in routers}
     check_ids(model, [t.ids for t in traces])
     encs, out, dev = [Encoded(t.ids.tolist(), t.roles.tolist()) for t in traces], [None] * len(traces), model.cfg.device
     for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='routing'):
@@ -433,8 +440,20 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
         def keep(l):
             def fn(act, hook): got[l] = act.detach(); return act
             return fn
-        with torch.no_grad(), model.hooks(fwd_hooks=[(h, keep(l)) for l, h in hooks.items()]):
-            forward_blocks(model, b.ids.to(dev), b.mask.to(dev), max(layers))
+        def picked(l):
+            def fn(mod, args, o):
+                idx = o[-1] if isinstance(o, tuple) else None
+                if not (isinstance(idx, Tensor) and idx.dtype in (torch.int32, torch.int64) and idx.ndim == 2):
+                    raise WeightwatchError(f"the router of block {l} ({type(mod).__name__}) does not return the experts it picks, so its choices cannot be read")
+                got[l] = idx.detach()
+            return fn
+        hs = []
+        try:
+            hs = [m.register_forward_hook(picked(l)) for l, m in routers.items()]
+            with torch.no_grad(), model.hooks(fwd_hooks=[(h, keep(l)) for l, h in hooks.items()]):
+                forward_blocks(model, b.ids.to(dev), b.mask.to(dev), max(layers))
+        finally:
+            for h in hs: h.remove()
         idx = torch.stack([got[l].reshape(*b.ids.shape, -1) for l in layers], 2).cpu()   # [b, t, layers, top-k] (the router sees the tokens flattened)
         for r, i in enumerate(b.index): out[i] = idx[r][b.mask[r].bool()]
     return out
