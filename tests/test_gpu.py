@@ -159,4 +159,50 @@ def test_directions_on_device_match_cpu(planted, tmp_path):
             # the same subspace (signs are fixed; a randomized start differs between devices, so compare spans)
             cos = torch.linalg.svdvals(v.double() @ c.vectors[key].double().T)
             assert cos.min() > 0.999, (meth, key, cos)
-    assert main(['directions', org['base'], org['finetuned'], '-o', str(tmp_path/'d.safetensors'), '--k', '2', '--device', DEV, '--quiet']) == 0
+    assert main(['directions', str(org['base']), str(org['finetuned']), '-o', str(tmp_path/'d.safetensors'), '--k', '2', '--device', DEV, '--quiet']) == 0
+
+@pytest.fixture(scope='module')
+def moe(tmp_path_factory):
+    "A 16-expert Mixtral pair (top-2) with updates planted in its experts, on the device and on the CPU."
+    import transformers as T
+    from weightwatch_nb.core import tiny_tokenizer
+    from weightwatch_nb.delta import plant_update
+    t = tmp_path_factory.mktemp('moe_gpu')
+    torch.manual_seed(0)
+    cfg = T.AutoConfig.for_model('mixtral', vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, max_position_embeddings=128, num_local_experts=16, num_experts_per_tok=2,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(t/'base'); tiny_tokenizer(300).save_pretrained(t/'base')
+    plant_update(t/'base', t/'ft', {(1, 'mlp_out'): 2, (1, 'mlp_in'): 1, (0, 'mlp_out'): 1, (1, 'mlp_router'): 1}, scale=3.)
+    dirs = compute_directions(t/'base', t/'ft', k=2, progress=False)
+    models = {'cpu': load_model(t/'ft'), 'dev': load_model(t/'ft', device=DEV)}
+    mons = {d: calibrate(m, dirs, [f'text {i} of the test' for i in range(20)], holdout=0.) for d, m in models.items()}
+    return dict(base=t/'base', ft=t/'ft', models=models, mons=mons)
+
+@pytest.mark.parametrize('how', [dict(), dict(in_place=False), dict(cache=True)])
+def test_clip_weights_moe_on_device(moe, how):
+    "ClipWeights on fused experts and a router, every token switched (in place on decoding steps, on copies, or kept copies): the device generates what the edited weights generate, as the CPU does, and leaves the weights as they were."
+    from weightwatch_nb.core import hf_state_dict
+    from weightwatch_nb.edit import removed_update, removed_weights
+    from weightwatch_nb.steer import swapped_weights, ClipWeights, _AllOn as AllOn
+    recs = ['the text 3 of the test', 'of of the 7', 'text text text']
+    got = {}
+    for d, m in moe['models'].items():
+        upd = removed_update(moe['base'], moe['ft'], 2, like=m, progress=False)
+        assert {str(A.device) for A, _ in upd.values()} == {str(next(m.original_model.parameters()).device)}
+        before = {k: v.clone() for k, v in hf_state_dict(m).items()}
+        wrote, real = [], ClipWeights._write_edited   # (one sequence per pass: a decoding step routes to 2 of 16 experts, so the default edits them in place)
+        ClipWeights._write_edited = lambda self, mod, parts, used, saved: wrote.append(len(used)) or real(self, mod, parts, used, saved)
+        try: steered = scan(m, moe['mons'][d], recs, generate=6, batch_size=1, steer=AllOn(moe['mons'][d], upd, **how))
+        finally: ClipWeights._write_edited = real
+        assert bool(wrote) == (how == {}) and set(wrote) <= {1, 2}, (how, wrote)
+        with swapped_weights(m, removed_weights(moe['base'], moe['ft'], 2, like=m, progress=False)):
+            want = scan(m, moe['mons'][d], recs, generate=6, check=False)
+        assert [r.generated.tolist() for r in steered] == [r.generated.tolist() for r in want], d
+        assert all(torch.equal(v, before[k]) for k, v in hf_state_dict(m).items())        # put back
+        got[d] = [r.generated.tolist() for r in steered]
+    assert got['dev'] == got['cpu']
+    m = moe['models']['dev']
+    ids = m.tokenizer(recs[0], return_tensors='pt').input_ids.to(DEV)
+    with torch.no_grad(), swapped_weights(m, removed_weights(moe['base'], moe['ft'], 2, like=m, progress=False)): edited = m(ids)
+    with torch.no_grad(): assert (m(ids) - edited).abs().max() > 1e-2   # the plant matters: the steered run is not the plain one
