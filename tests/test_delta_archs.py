@@ -185,6 +185,7 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
             'glm4_moe': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1),
             'deepseek_v2': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
+ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
             'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
@@ -480,7 +481,7 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:this (qwen2_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3'])
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -490,7 +491,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 128 if arch in ('mixtral', 'olmoe') else 96
+    d_mlp = 128 if arch in ('mixtral', 'olmoe', 'gpt_oss') else 96
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
@@ -600,6 +601,32 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
+
+def test_gpt_oss_experts_are_what_they_compute(tmp_path):
+    "GPT-OSS stores its experts [experts, in, out] with gate and up interleaved: `orient` reads each expert's gate, up and down as its forward uses them, `put_oriented` writes them back, and a quantised checkpoint is refused with what to do."
+    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file, save_file
+    b, _, _ = _plain_pair('gpt_oss', tmp_path, {(0, 'attn_out'): 1})
+    hf = AutoModelForCausalLM.from_pretrained(b)
+    info = arch_info(json.loads((b/'config.json').read_text()))
+    ex, E, n = hf.model.layers[0].mlp.experts, 3, 128
+    x, h = torch.randn(5, 64), torch.randn(5, n)
+    with torch.no_grad():
+        G, U, D = (orient(w, info['specs'][m], info, m) for w, m in ((ex.gate_up_proj, 'mlp_gate'), (ex.gate_up_proj, 'mlp_in'), (ex.down_proj, 'mlp_out')))
+        assert G.shape == U.shape == D.shape == (64, E * n)
+        for e in range(E):   # as GptOssExperts: gate_up = x @ gate_up_proj[e]; gate, up = gate_up[..., ::2], gate_up[..., 1::2]; out = h @ down_proj[e]
+            gu, cols = x @ ex.gate_up_proj[e], slice(e * n, (e + 1) * n)
+            assert torch.allclose(x @ G[:, cols], gu[:, ::2], atol=1e-5) and torch.allclose(x @ U[:, cols], gu[:, 1::2], atol=1e-5)
+            assert torch.allclose(h @ D[:, cols].T, h @ ex.down_proj[e], atol=1e-5)
+        W = ex.gate_up_proj.detach().clone()
+        put_oriented(W, info['specs']['mlp_in'], info, torch.zeros(64, E * n))   # up only: the gate columns stay
+        assert (W[..., 1::2] == 0).all() and torch.equal(W[..., ::2], ex.gate_up_proj[..., ::2])
+    # the published checkpoints keep the experts in MXFP4 blocks and scales: refused, with the way out
+    sd = load_file(b/'model.safetensors')
+    q = {(k + '_blocks' if k.endswith('experts.gate_up_proj') else k): v for k, v in sd.items()}
+    (tmp_path/'q').mkdir(); save_file(q, tmp_path/'q'/'model.safetensors', metadata={'format': 'pt'}); (tmp_path/'q'/'config.json').write_text((b/'config.json').read_text())
+    with pytest.raises(WeightwatchError, match=r'stored quantised \(MXFP4.*Mxfp4Config\(dequantize=True\)'):
+        list(iter_deltas(None, tmp_path/'q', ['mlp_in'], mode='raw'))
 
 def test_qwen2_moe_shared_expert(tmp_path):
     "Qwen2-MoE's shared expert (a gated MLP every token goes through): its planted updates are found as their own matrices, compared where it reads and writes, left out with a warning when only the routed experts are asked for, and removed in place by `ClipWeights` (it is made of linear layers)."

@@ -13,7 +13,7 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
            'SHARED_NORM', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info',
            'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
            'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter',
@@ -29,10 +29,10 @@ DEFAULT_MATRICES = ('attn_out', 'mlp_out')
 class MatrixSpec:
     "Where one weight matrix lives in a checkpoint and how it is stored."
     key:str              # checkpoint name (any prefix allowed before it); '{layer}' is the block index
-    stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2), 'embedding' ([vocab, d_model]) or 'experts' ([experts, out, in], fused as transformers 5 loads a mixture of experts)
+    stored:str           # 'linear' ([out, in]), 'conv1d' ([in, out], GPT-2), 'embedding' ([vocab, d_model]), 'experts' ([experts, out, in], fused as transformers 5 loads a mixture of experts) or 'experts_t' ([experts, in, out], GPT-OSS)
     residual:str         # side that touches the residual stream: 'out' (writes to it) or 'in' (reads from it)
     other:str            # size of the other side: 'q', 'kv', 'd_mlp', 'd_shared', 'n_experts' or 'vocab' (see `arch_info`)
-    part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv')); (i, HEADS): the i-th of q, k, v interleaved per head (GPT-NeoX)
+    part:tuple|None=None # (i, n): the i-th of n equal chunks of a fused output (GPT-2's c_attn); (i, sizes): chunks sized by `arch_info` keys (Phi-3's ('q', 'kv', 'kv')); (i, HEADS): the i-th of q, k, v interleaved per head (GPT-NeoX); (i, PAIRS): every other output, from the i-th (GPT-OSS's gate and up)
     alt:tuple=()         # other names of it, tried in turn (a loaded GPT-NeoX calls the stored `embed_out` `lm_head`)
 
 # %% ../nbs/03_delta.ipynb #10239f4c
@@ -98,6 +98,12 @@ _DEEPSEEK_V2 = {m: s for m, s in _GLM4_MOE.items() if m not in ('attn_k', 'attn_
     attn_out=('layers.{layer}.self_attn.o_proj.weight', 'linear', 'out', 'o'),
     attn_q=('layers.{layer}.self_attn.q_a_proj.weight', 'linear', 'in', 'q_read', None, ('layers.{layer}.self_attn.q_proj.weight',)),   # (q_proj without q_lora_rank)
     attn_kv=('layers.{layer}.self_attn.kv_a_proj_with_mqa.weight', 'linear', 'in', 'kv_latent'))   # keys and values, jointly into a latent (and the rotary key)
+PAIRS = 'pairs'   # GPT-OSS interleaves its experts' gate and up outputs: gate, up, gate, up, ...
+_GPT_OSS = _LLAMA | _specs(   # experts stored [experts, in, out], gate and up interleaved; the router is `mlp.router`
+    mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts_t', 'out', 'd_mlp'),
+    mlp_gate=('layers.{layer}.mlp.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (0, PAIRS)),
+    mlp_in=('layers.{layer}.mlp.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (1, PAIRS)),
+    mlp_router=('layers.{layer}.mlp.router.weight', 'linear', 'in', 'n_experts'))
 _DENSE_MLP = {m: replace(_LLAMA[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}   # the dense MLP of a mixture of experts' dense layers
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
@@ -105,12 +111,12 @@ _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemot
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'deepseek_v2': _DEEPSEEK_V2, 'deepseek_v3': _DEEPSEEK_V2, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'deepseek_v2': _DEEPSEEK_V2, 'deepseek_v3': _DEEPSEEK_V2, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
-            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3')}}
+            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -174,6 +180,7 @@ def _part_rows(spec:MatrixSpec, info:dict)->tuple[int|None, int|None, int]:
     if not spec.part: return 0, info[spec.other], info[spec.other]
     i, n = spec.part
     if n == HEADS: return None, None, 3 * info['q']
+    if n == PAIRS: return None, None, 2 * info[spec.other]
     sizes = [info[s] for s in n] if isinstance(n, tuple) else [info[spec.other]] * n
     return sum(sizes[:i]), sum(sizes[:i+1]), sum(sizes)
 
@@ -181,6 +188,7 @@ def _rows(spec:MatrixSpec, info:dict)->slice|Tensor:
     "The rows of the fused [out, in] layout that belong to `spec`: a slice, or (interleaved per head) an index."
     a, b, _ = _part_rows(spec, info)
     if a is not None: return slice(a, b)
+    if spec.part[1] == PAIRS: return torch.arange(info[spec.other]) * 2 + spec.part[0]   # GPT-OSS: gate, up, gate, up, ...
     hd = info['q'] // info['n_heads']   # GPT-NeoX: rows go head by head, each head's q, then its k, then its v
     return (torch.arange(info['n_heads'])[:, None] * 3 * hd + spec.part[0] * hd + torch.arange(hd)).reshape(-1)
 
@@ -195,7 +203,7 @@ def orient(W:Tensor,        # the weight as stored in the checkpoint
            name:str='weight', # checkpoint name, for error messages
           )->Tensor:        # view of `W` as [d_model, d_in] (a copy for parts interleaved per head: write with `put_oriented`)
     "View a stored weight as [d_model (residual side), d_in], checking its shape against the config."
-    if spec.stored == 'experts': return _experts(W, spec, info, name)
+    if spec.stored in ('experts', 'experts_t'): return _experts(W, spec, info, name)
     lo = _logical_shape(spec, info)
     exp = lo if spec.stored == 'linear' else lo[::-1]
     if tuple(W.shape) != exp:
@@ -205,14 +213,18 @@ def orient(W:Tensor,        # the weight as stored in the checkpoint
     return L if spec.residual == 'out' else L.T
 
 def _experts(W:Tensor, spec:MatrixSpec, info:dict, name:str)->Tensor:
-    "A fused [experts, out, in] tensor as [d_model, experts × d_mlp]: the map from all experts' activations to the residual stream, or its transpose."
+    "A fused [experts, out, in] (or, 'experts_t', [experts, in, out]) tensor as [d_model, experts × d_mlp]: the map from all experts' activations to the residual stream, or its transpose."
     E, d, (a, b, total) = info['n_experts'], info['d_model'], _part_rows(spec, info)
     exp = (E, d, total) if spec.residual == 'out' else (E, total, d)
+    if spec.stored == 'experts_t': exp = (exp[0], exp[2], exp[1])
     if tuple(W.shape) != exp:
         raise WeightwatchError(f"`{name}` has shape {list(W.shape)}, but the fused experts of a {info['model_type']} with d_model={d} and "
-                               f"{E} experts should be {list(exp)} ([experts, out, in]): the checkpoint does not match its config.json")
+                               f"{E} experts should be {list(exp)} ([experts, {'in, out' if spec.stored == 'experts_t' else 'out, in'}]): "
+                               "the checkpoint does not match its config.json")
+    if spec.stored == 'experts_t': W = W.transpose(1, 2)   # as [experts, out, in] (a view)
     if spec.residual == 'out': return W.permute(1, 0, 2).reshape(d, E * total)   # column e·d_mlp + j: expert e's unit j
-    return W[:, a:b].reshape(E * (b - a), d).T
+    rows = _rows(spec, info)
+    return W[:, rows].reshape(E * info[spec.other], d).T
 
 def put_oriented(W:Tensor,        # the weight as stored in the checkpoint (written in place)
                  spec:MatrixSpec, # how it is stored
@@ -225,10 +237,11 @@ def put_oriented(W:Tensor,        # the weight as stored in the checkpoint (writ
     if tuple(value.shape) != tuple(O.shape):
         raise WeightwatchError(f"cannot write a {list(value.shape)} matrix into `{name}`, whose {info['model_type']} weight is {list(O.shape)} as [d_model, d_in]")
     rows = _rows(spec, info)
-    if spec.stored == 'experts':   # a copy: back into each expert's rows
-        E, d, (a, b, _) = info['n_experts'], info['d_model'], _part_rows(spec, info)
-        if spec.residual == 'out': W.copy_(value.reshape(d, E, -1).permute(1, 0, 2))
-        else: W[:, a:b] = value.T.reshape(E, b - a, d).to(W.dtype)
+    if spec.stored in ('experts', 'experts_t'):   # a copy: back into each expert's rows
+        E, d = info['n_experts'], info['d_model']
+        V = W.transpose(1, 2) if spec.stored == 'experts_t' else W   # as [experts, out, in] (a view: writes reach W)
+        if spec.residual == 'out': V.copy_(value.reshape(d, E, -1).permute(1, 0, 2))
+        else: V[:, rows] = value.T.reshape(E, info[spec.other], d).to(W.dtype)
     elif isinstance(rows, slice): O.copy_(value)   # a view: through it
     else: (W if spec.stored == 'linear' else W.T)[rows] = (value if spec.residual == 'out' else value.T).to(W.dtype)
     return W
@@ -347,6 +360,9 @@ def find_keys(keys,            # checkpoint tensor names
             names = [n.format(layer=l).removesuffix(suffix) for n in (spec.key, *spec.alt)]
             t, hits = next(((n, idx[n]) for n in names if n in idx), (names[0], []))
             if not hits and m == 'unembed' and info['tied']: hits = idx.get(info['specs']['embed'].key.removesuffix(suffix), [])
+            if not hits and (q := idx.get(t + '_blocks')):
+                raise WeightwatchError(f"`{q[0]}` is stored quantised (MXFP4 blocks and scales), so its delta cannot be read from the checkpoint; "
+                                       "save a dequantised copy first (load it with transformers' Mxfp4Config(dequantize=True), then `save_pretrained`)")
             if len(hits) > 1: raise WeightwatchError(f"`{t}` matches several tensors {hits}; pass the language model's own checkpoint")
             if hits: out[(spec_layer(m, l, info), m)] = (hits[0], spec)
             elif required: raise WeightwatchError(f"no tensor named `...{t}` for {m} at layer {l}: the checkpoint is incomplete or not a "

@@ -196,7 +196,7 @@ def _strip_groups(base, finetuned, k:int)->dict[int, list[str]]:
     from weightwatch_nb.delta import block_matrices, layer_specs
     src = open_tensors(finetuned) if not (isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter') else open_tensors(base)
     info, ms = arch_info(src.config), block_matrices(src.config)
-    cap = lambda s: min(info['d_model'], info[s.other] * (info['n_experts'] if s.stored == 'experts' else 1))
+    cap = lambda s: min(info['d_model'], info[s.other] * (info['n_experts'] if s.stored.startswith('experts') else 1))
     groups, ks = {}, {}
     for m in ms:
         specs = {s.key: s for l in range(info['n_layers']) if (s := layer_specs(info, l).get(m))}   # (a mixture of experts' dense layers: another MLP)
