@@ -528,6 +528,19 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     # the weights edited (all planted updates are rank 1): the base model
     edit = removed_weights(b, f, 1, matrices=['attn_out', 'mlp_out', 'mlp_gate', 'mlp_in', 'mlp_router'], like=model, progress=False)
     with swapped_weights(model, edit): assert torch.allclose(model(ids), base(ids), atol=1e-4)
+    # the experts recorded for each token are the top-k of the router's logits on what it reads (computed here from its weight)
+    from weightwatch_nb.interpret import routed_experts, trace_corpus
+    from weightwatch_nb.core import hf_state_dict
+    from weightwatch_nb.delta import find_keys
+    info, sd = arch_info(model.original_model.config), hf_state_dict(model)
+    rkey = find_keys(list(sd), info, ['mlp_router'], layers=[1])[(1, 'mlp_router')][0]
+    Wr, br = sd[rkey].float(), sd.get(rkey.removesuffix('weight') + 'bias')
+    trs = trace_corpus(model, dr, ['the model 3 of 2', 'of of of the 7 model'])
+    for tr, got in zip(trs, routed_experts(model, trs, [1])):
+        with torch.no_grad(): _, c = model.run_with_cache(tr.ids[None], names_filter=lambda n: n == 'blocks.1.ln2.hook_out')
+        logits = c['blocks.1.ln2.hook_out'][0].float() @ Wr.T + (0 if br is None else br.float())
+        want = logits.topk(model.original_model.config.num_experts_per_tok).indices
+        assert torch.equal(got[:, 0].sort(-1).values, want.sort(-1).values), arch
     # a monitor over the experts' directions calibrates and scans, also while generating with a steer on
     mon = calibrate(model, dr, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
     # ClipWeights with every token switched: the experts and the router rerun without their update, the attention subtracts it: the base
@@ -564,6 +577,14 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     assert shapes == {(0, 'mlp_out'): (64, 128), (0, 'mlp_gate'): (64, 128), (1, 'mlp_out'): (64, 3 * 96), (1, 'mlp_gate'): (64, 3 * 96), (1, 'mlp_router'): (64, 3)}
     d = compute_directions(b, f, k=1, matrices=ms, progress=False)
     for (l, m), U0 in truth.items(): assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
+    if mla:   # latent attention's read directions are compared with exactly what q_a_proj and kv_a_proj_with_mqa multiply
+        att, seen, dq = hf[1].self_attn, {}, compute_directions(b, f, k=1, matrices=['attn_q', 'attn_kv'], progress=False)   # (the read side alone)
+        hs = [getattr(att, p).register_forward_hook(lambda mod, a, o, p=p: seen.__setitem__(p, a[0].detach())) for p in ('q_a_proj', 'kv_a_proj_with_mqa')]
+        try: _, cache = model.run_with_cache(torch.tensor([[1, 5, 9, 13, 200]]), names_filter=lambda n: n in (dq.hook(1, 'attn_q'), dq.hook(1, 'attn_kv')))
+        finally:
+            for h in hs: h.remove()
+        assert dq.hook(1, 'attn_q') == dq.hook(1, 'attn_kv') == 'blocks.1.ln1.hook_out'
+        assert torch.equal(cache[dq.hook(1, 'attn_q')], seen['q_a_proj']) and torch.equal(cache[dq.hook(1, 'attn_kv')], seen['kv_a_proj_with_mqa'])
     # the weights edited: the base model; ClipWeights with every token switched (linear hooks at block 0, a rerun of the experts and router at block 1): the same
     ids = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8], [3, 8, 8, 120, 6, 77, 5, 1]])
     with torch.no_grad():
@@ -599,6 +620,10 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
         picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'])[-1].reshape(len(tr.ids), -1)
     assert torch.equal(routed_experts(model, [tr], [1])[0][:, 0], picked)
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
+    from weightwatch_nb.audit import audit
+    au = audit(b, f, [f'the model {i} of {j}' for i in range(4) for j in range(3)], dirs=d, top=len(d), examples=2, generate=0)
+    assert {x.name.split('.')[0] for x in au.top} == {'L0', 'L1'}
+    assert all((x.routing is None) == x.name.startswith('L0.') for x in au.top)   # routing read at the expert block only
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
 
@@ -627,6 +652,11 @@ def test_gpt_oss_experts_are_what_they_compute(tmp_path):
     (tmp_path/'q').mkdir(); save_file(q, tmp_path/'q'/'model.safetensors', metadata={'format': 'pt'}); (tmp_path/'q'/'config.json').write_text((b/'config.json').read_text())
     with pytest.raises(WeightwatchError, match=r'stored quantised \(MXFP4.*Mxfp4Config\(dequantize=True\)'):
         list(iter_deltas(None, tmp_path/'q', ['mlp_in'], mode='raw'))
+    # DeepSeek-V3's releases store float8 weights with block scales: refused too, not read as if they were plain weights
+    f8 = {k: (v.to(torch.float8_e4m3fn) if k.endswith('o_proj.weight') else v) for k, v in sd.items()}
+    (tmp_path/'f8').mkdir(); save_file(f8, tmp_path/'f8'/'model.safetensors', metadata={'format': 'pt'}); (tmp_path/'f8'/'config.json').write_text((b/'config.json').read_text())
+    with pytest.raises(WeightwatchError, match=r'stored quantised \(torch.float8_e4m3fn.*FineGrainedFP8Config\(dequantize=True\)'):
+        list(iter_deltas(None, tmp_path/'f8', ['attn_out'], mode='raw'))
 
 def test_qwen2_moe_shared_expert(tmp_path):
     "Qwen2-MoE's shared expert (a gated MLP every token goes through): its planted updates are found as their own matrices, compared where it reads and writes, left out with a warning when only the routed experts are asked for, and removed in place by `ClipWeights` (it is made of linear layers)."

@@ -80,11 +80,15 @@ def _read_experts(out:list, base, finetuned, fm, ft:list, dirs, sh, batch_size:i
     "Fill in the top directions' expert shares (from the weights) and routing (from the traces) of a mixture of experts."
     from weightwatch_nb.interpret import expert_shares, expert_routing
     from weightwatch_nb.directions import parse_name
-    own = [d.name for d in out if parse_name(d.name)[1] in ('mlp_out', 'mlp_in', 'mlp_gate', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')]
+    from weightwatch_nb.interpret import _dense_layers
+    dense = _dense_layers(fm)   # blocks with an ordinary MLP (GLM-4-MoE's and DeepSeek's first): no experts, nothing routed
+    routed = [d for d in out if parse_name(d.name)[0] not in dense]
+    own = [d.name for d in routed if parse_name(d.name)[1] in ('mlp_out', 'mlp_in', 'mlp_gate', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')]
     es = expert_shares(base, finetuned, dirs, own) if own else None
-    er = expert_routing(fm, ft, dirs, [d.name for d in out], batch_size=batch_size)
+    if not routed: return
+    er = expert_routing(fm, ft, dirs, [d.name for d in routed], batch_size=batch_size)
     lab = lambda row, names=None: {n: round(float(x), 4) for n, x in zip(names or map(str, range(len(row))), row)}
-    for i, d in enumerate(out):
+    for i, d in enumerate(routed):
         if es is not None and d.name in es.names: d.experts = lab(es.shares[es.names.index(d.name)], es.experts)
         d.routing = {'along': lab(er.high[i] if d.shift >= 0 else er.low[i]), 'all': lab(er.overall[i])}
 

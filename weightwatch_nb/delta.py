@@ -373,6 +373,10 @@ def find_keys(keys,            # checkpoint tensor names
 def _origin(t): return str(t.path) if isinstance(t, CheckpointTensors) else t if hasattr(type(t), 'ww_fingerprint') else t.model   # what `fingerprint` takes
 
 def _check_finite(W:Tensor, key:str, which:str)->Tensor:
+    if W.dtype.itemsize == 1 and W.is_floating_point():   # float8: DeepSeek-V3's releases store weights so, each block scaled by another tensor
+        raise WeightwatchError(f"`{key}` of the {which} model is stored quantised ({W.dtype}, with block scales), so its delta cannot be read "
+                               "from the checkpoint; save a dequantised copy first (load it with transformers' FineGrainedFP8Config(dequantize=True), "
+                               "then `save_pretrained`)")
     if not torch.isfinite(W).all():
         raise WeightwatchError(f"`{key}` of the {which} model has NaN or Inf values: the checkpoint is corrupt or the "
                                "fine-tune diverged; no directions can be computed from it")

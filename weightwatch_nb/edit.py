@@ -200,6 +200,7 @@ def _strip_groups(base, finetuned, k:int)->dict[int, list[str]]:
     groups, ks = {}, {}
     for m in ms:
         specs = {s.key: s for l in range(info['n_layers']) if (s := layer_specs(info, l).get(m))}   # (a mixture of experts' dense layers: another MLP)
+        if not specs: continue   # (a router where every block is dense)
         kk = min(k, *map(cap, specs.values())); groups.setdefault(kk, []).append(m)
         for key in specs: ks.setdefault(key, set()).add(kk)
     if (clash := sorted(key for key, v in ks.items() if len(v) > 1)):

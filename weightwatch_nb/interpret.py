@@ -406,11 +406,13 @@ class ExpertRouting:
     n_end: int         # tokens at each end
 
 def _router(model, layer:int):
-    "The router module of block `layer` of a loaded mixture of experts (for a forward hook where the bridge has no routing hook)."
-    try: return model.original_model.model.layers[layer].mlp.gate
-    except (AttributeError, IndexError, TypeError):
-        raise WeightwatchError(f"this bridge has no routing hook for block {layer} and its router is not at model.layers[{layer}].mlp.gate, "
-                               "so the router's choices cannot be read") from None
+    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS: `mlp.router`), for a forward hook where the bridge has no routing hook."
+    try: mlp = model.original_model.model.layers[layer].mlp
+    except (AttributeError, IndexError, TypeError): mlp = None
+    if (r := getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)) is None:
+        raise WeightwatchError(f"this bridge has no routing hook for block {layer} and no router at model.layers[{layer}].mlp.gate or .router, "
+                               "so the router's choices cannot be read")
+    return r
 
 def routed_experts(model, # mixture-of-experts model (bridge or source)
                    traces:list[Trace], # traces whose tokens to replay (`trace_corpus`)
@@ -430,8 +432,9 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
     if (dense := sorted(set(layers) & set(info['dense_layers']))):
         raise WeightwatchError(f"layers {dense} have a dense MLP, so no router picks experts there; choose among the expert layers "
                                f"{[l for l in range(info['n_layers']) if l not in info['dense_layers']]}")
-    hooks = {l: f'blocks.{l}.mlp.gate.hook_expert_indices' for l in layers}
-    routers = {l: _router(model, l) for l, h in hooks.items() if h not in model.hook_dict}   # no bridge hook (DeepSeek): the router's own output
+    hooks = {l: next((h for h in (f'blocks.{l}.mlp.gate.hook_expert_indices', f'blocks.{l}.mlp.hook_expert_indices') if h in model.hook_dict), None)
+             for l in layers}   # (the bridge's name for the router's picks; the second also where the router is `mlp.router`, GPT-OSS)
+    routers = {l: _router(model, l) for l, h in hooks.items() if h is None}   # no bridge hook (DeepSeek): the router's own output
     hooks = {l: h for l, h in hooks.items() if l not in routers}
     check_ids(model, [t.ids for t in traces])
     encs, out, dev = [Encoded(t.ids.tolist(), t.roles.tolist()) for t in traces], [None] * len(traces), model.cfg.device
