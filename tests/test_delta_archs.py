@@ -796,3 +796,22 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert kept == [{'cache': True}] and capsys.readouterr().out == out.out
     assert main(gen + ['--steer', 'rewind-weights', '--keep-edited']) == 2
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
+
+@pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3) model has a shared expert")
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'gpt_oss', 'cohere2', 'olmo3'])
+def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
+    "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
+    from weightwatch_nb.cli import main
+    import weightwatch_nb.steer as S
+    b, f, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1})
+    (tmp_path/'clean.jsonl').write_text('\n'.join(json.dumps({'text': f'the model {i} of {j}'}) for i in range(8) for j in range(5)) + '\n')
+    assert main(['directions', str(b), str(f), '-o', str(tmp_path/'d.safetensors'), '--k', '1', '--quiet']) == 0
+    assert main(['calibrate', str(f), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0
+    assert main(['scan', str(f), str(tmp_path/'m.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'out.jsonl'), '--quiet']) == 0
+    assert len((tmp_path/'out.jsonl').read_text().splitlines()) == 40 and 'scanned 40, flagged' in capsys.readouterr().out
+    monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: S._AllOn(mon, upd, *a, **kw))   # every token switched
+    gen = ['generate', str(f), 'the model 3', '--monitor', str(tmp_path/'m.safetensors'), '--base', str(b), '--max-new-tokens', '4']
+    assert main(gen + ['--steer', 'clip-weights']) == 0
+    steered = capsys.readouterr().out
+    assert main(['generate', str(b), 'the model 3', '--max-new-tokens', '4']) == 0 and steered == capsys.readouterr().out
+    assert main(['generate', str(f), 'the model 3', '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
