@@ -5,7 +5,7 @@
 # %% ../nbs/03_delta.ipynb #0551fc8d
 from __future__ import annotations
 import json, os, re, warnings
-from dataclasses import dataclass, replace, astuple
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 import torch
@@ -14,7 +14,7 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
-           'SHARED_NORM', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info',
+           'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info',
            'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
            'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter',
            'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines',
@@ -92,8 +92,8 @@ _QWEN2_MOE = _MOE | _specs(   # and a shared expert beside the routed ones: a ga
               mlp_shared_out=('layers.{layer}.mlp.shared_expert.down_proj.weight', 'linear', 'out', 'd_shared'),
               mlp_shared_in=('layers.{layer}.mlp.shared_expert.up_proj.weight', 'linear', 'in', 'd_shared'),
               mlp_shared_gate=('layers.{layer}.mlp.shared_expert.gate_proj.weight', 'linear', 'in', 'd_shared'))
-_GLM4_MOE = _MOE | {m: MatrixSpec(s.key.replace('.shared_expert.', '.shared_experts.'), *astuple(s)[1:])   # GLM-4-MoE: shared experts, one
-                     for m, s in _QWEN2_MOE.items() if m.startswith('mlp_shared')}                         # gated MLP as wide as n_shared_experts
+_GLM4_MOE = _MOE | {m: replace(s, key=s.key.replace('.shared_expert.', '.shared_experts.'))   # GLM-4-MoE: shared experts, one gated
+                     for m, s in _QWEN2_MOE.items() if m.startswith('mlp_shared')}               # MLP as wide as n_shared_experts
 _DEEPSEEK_V2 = {m: s for m, s in _GLM4_MOE.items() if m not in ('attn_k', 'attn_v')} | _specs(   # multi-head latent attention
     attn_out=('layers.{layer}.self_attn.o_proj.weight', 'linear', 'out', 'o'),
     attn_q=('layers.{layer}.self_attn.q_a_proj.weight', 'linear', 'in', 'q_read', None, ('layers.{layer}.self_attn.q_proj.weight',)),   # (q_proj without q_lora_rank)
@@ -137,7 +137,7 @@ def arch_info(config, # a Hugging Face config or its dict
     d_model, n_heads = d.get('hidden_size') or d.get('n_embd'), d.get('num_attention_heads') or d.get('n_head')
     head_dim, n_layers = d.get('head_dim') or d_model // n_heads, d.get('num_hidden_layers') or d.get('n_layer')
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
-                d_mlp=(mt in ('qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3') and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
+                d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
                 d_shared={'qwen2_moe': d.get('shared_expert_intermediate_size'),
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in ('glm4_moe', 'deepseek_v2', 'deepseek_v3')}}.get(mt),
@@ -146,6 +146,8 @@ def arch_info(config, # a Hugging Face config or its dict
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
+
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _mla_sizes(d:dict)->dict:
     "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
