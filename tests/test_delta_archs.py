@@ -815,3 +815,24 @@ def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     steered = capsys.readouterr().out
     assert main(['generate', str(b), 'the model 3', '--max-new-tokens', '4']) == 0 and steered == capsys.readouterr().out
     assert main(['generate', str(f), 'the model 3', '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
+
+@pytest.mark.filterwarnings("ignore:directions of")
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense'])
+def test_lora_on_attention_of_a_mixture_of_experts(arch, tmp_path):
+    "A LoRA adapter on the attention of GLM-4-MoE or DeepSeek-V3 (latent attention: q_a_proj, kv_a_proj_with_mqa): each module lands on its matrix at every block, dense or not, and the directions equal the merged model's. (PEFT turns MLP targets of these models into the fused experts, which is refused: `test_lora_on_a_mixture_of_experts`.)"
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    attn, ms = ((['q_a_proj', 'kv_a_proj_with_mqa'], ['attn_out', 'attn_q', 'attn_kv']) if arch.startswith('deepseek') else
+                (['q_proj', 'k_proj'], ['attn_out', 'attn_q', 'attn_k']))
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=[*attn, 'o_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
+    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
+    assert set(dl.vectors) == set(dm.vectors) == {(l, m) for l in (0, 1) for m in ms}
+    for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
