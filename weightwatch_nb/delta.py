@@ -13,12 +13,12 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
-           'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'MatrixSpec', 'arch_info',
-           'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
-           'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter',
-           'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines',
-           'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES',
+           'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES',
+           'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented',
+           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas',
+           'read_adapter', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
+           'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -98,6 +98,8 @@ _DEEPSEEK_V2 = {m: s for m, s in _GLM4_MOE.items() if m not in ('attn_k', 'attn_
     attn_out=('layers.{layer}.self_attn.o_proj.weight', 'linear', 'out', 'o'),
     attn_q=('layers.{layer}.self_attn.q_a_proj.weight', 'linear', 'in', 'q_read', None, ('layers.{layer}.self_attn.q_proj.weight',)),   # (q_proj without q_lora_rank)
     attn_kv=('layers.{layer}.self_attn.kv_a_proj_with_mqa.weight', 'linear', 'in', 'kv_latent'))   # keys and values, jointly into a latent (and the rotary key)
+MLA = ('deepseek_v2', 'deepseek_v3')   # model types with multi-head latent attention
+FIRST_DENSE = ('glm4_moe', *MLA)   # mixtures of experts whose first `first_k_dense_replace` blocks are dense, and whose `n_shared_experts` form one MLP
 PAIRS = 'pairs'   # GPT-OSS interleaves its experts' gate and up outputs: gate, up, gate, up, ...
 _GPT_OSS = _LLAMA | _specs(   # experts stored [experts, in, out], gate and up interleaved; the router is `mlp.router`
     mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts_t', 'out', 'd_mlp'),
@@ -111,12 +113,12 @@ _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemot
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'deepseek_v2': _DEEPSEEK_V2, 'deepseek_v3': _DEEPSEEK_V2, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
-            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss')}}
+            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', *FIRST_DENSE, 'gpt_oss')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -140,14 +142,14 @@ def arch_info(config, # a Hugging Face config or its dict
                 d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
                 d_shared={'qwen2_moe': d.get('shared_expert_intermediate_size'),
-                          **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in ('glm4_moe', 'deepseek_v2', 'deepseek_v3')}}.get(mt),
-                **(_mla_sizes(d) if mt in ('deepseek_v2', 'deepseek_v3') else {}),
+                          **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE}}.get(mt),
+                **(_mla_sizes(d) if mt in MLA else {}),
                 q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
                 tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
 
-MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _mla_sizes(d:dict)->dict:
     "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
@@ -162,7 +164,7 @@ def dense_layers(config:dict, # a mixture of experts' config dict
     if mt in ('qwen2_moe', 'qwen3_moe'):
         step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
         return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
-    if mt in ('glm4_moe', 'deepseek_v2', 'deepseek_v3'): return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
+    if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
     return ()
 
 def layer_specs(info:dict, # from `arch_info`
