@@ -733,32 +733,82 @@ def test_lora_on_a_qwen2_moe_shared_expert(tmp_path):
                          r=2, lora_alpha=4, target_modules=['gate_proj', 'up_proj', 'down_proj'])
 
 def test_lora_on_a_mixture_of_experts(tmp_path):
-    "A LoRA adapter on a Mixtral's attention: directions equal the merged model's, and belong to the adapter loaded on its base (experts fused in both); LoRA on the fused experts themselves is refused as not mapped."
+    "A LoRA adapter on a Mixtral's attention: directions equal the merged model's, and belong to the adapter loaded on its base (experts fused in both)."
     from peft import LoraConfig, get_peft_model
     import transformers as T
     b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
-    for kw, name in ((dict(target_modules=['q_proj', 'o_proj']), 'attn'), (dict(target_modules=[], target_parameters=['mlp.experts.down_proj']), 'experts')):
-        torch.manual_seed(0)
-        pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, **kw))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if 'lora_B' in n: p.normal_(0, 0.1)
-        pm.save_pretrained(tmp_path/name)
-        merged = pm.merge_and_unload()
-        if name == 'experts':   # every way of reading the adapter refuses it: none may read it as no change at all
-            from weightwatch_nb.delta import LoraTensors, lora_factors
-            from weightwatch_nb.edit import removed_weights
-            from weightwatch_nb.core import fingerprint
-            for read in (lambda: compute_directions(b, lora=tmp_path/name, k=2, matrices=['mlp_out'], progress=False),
-                         lambda: LoraTensors(b, tmp_path/name), lambda: fingerprint(LoraTensors(b, tmp_path/name)),
-                         lambda: list(lora_factors(tmp_path/name, json.loads((b/'config.json').read_text()), ['mlp_out'])),
-                         lambda: removed_weights(b, tmp_path/name, 1, matrices=['mlp_out'], progress=False)):
-                with pytest.raises(WeightwatchError, match=r"experts' experts \(e.g. \['base_model.model.model.layers.0.mlp.experts.*merge it"): read()
-            continue
-        dl = compute_directions(b, lora=tmp_path/name, k=2, matrices=['attn_out'], progress=False)
-        dm = compute_directions(b, merged, k=2, matrices=['attn_out'], method='exact', progress=False)
-        assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
-        Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/name))
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'o_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'attn')
+    merged = pm.merge_and_unload()
+    dl = compute_directions(b, lora=tmp_path/'attn', k=2, matrices=['attn_out'], progress=False)
+    dm = compute_directions(b, merged, k=2, matrices=['attn_out'], method='exact', progress=False)
+    assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+    Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'attn'))
+
+EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `target_modules` that PEFT turns into them
+    'mixtral': dict(target_modules=[], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
+    'qwen3_moe': dict(target_modules=['gate_proj', 'up_proj', 'down_proj']),   # (gate and up fused: rank doubled through `rank_pattern`)
+    'gpt_oss': dict(target_modules=['q_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # [experts, in, out], interleaved
+    'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True)}   # (PEFT leaves the dense block's MLP alone)
+
+@pytest.mark.filterwarnings("ignore:this deepseek_v3 model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.parametrize('arch', list(EXPERT_LORA))
+def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
+    "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."
+    from peft import LoraConfig, get_peft_model
+    import transformers as T
+    from weightwatch_nb.delta import lora_factors, LoraTensors, iter_deltas
+    from weightwatch_nb.core import fingerprint, hf_state_dict, tiny_tokenizer
+    from weightwatch_nb.edit import removed_weights
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, **EXPERT_LORA[arch]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload(); merged.save_pretrained(tmp_path/'merged'); tiny_tokenizer(300).save_pretrained(tmp_path/'merged')
+    ms, cfg = ['mlp_out', 'mlp_in', 'mlp_gate'], json.loads((b/'config.json').read_text())
+    full = {(l, m): D for l, m, D in iter_deltas(b, tmp_path/'merged', ms)}
+    fac = {(l, m): (L, R) for l, m, L, R in lora_factors(tmp_path/'lora', cfg, ms)}
+    assert set(fac) == {key for key, D in full.items() if D.abs().max() > 0} and len(fac) == 3 * (1 if arch.endswith('_dense') else 2)
+    for key, (L, R) in fac.items():
+        assert torch.allclose(L @ R, full[key], atol=1e-6), key                      # ΔW = L @ R, as `orient` lays out the experts
+        assert torch.allclose(R @ R.T, torch.eye(R.shape[0]), atol=1e-5)            # R's rows orthonormal (the SVD skips its QR)
+    lt, want = LoraTensors(b, tmp_path/'lora'), hf_state_dict(merged)
+    assert sum('.experts.' in k for k in lt.changed) == len(fac) // 3 * 2           # gate_up_proj and down_proj of every expert block
+    assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want)   # bit for bit PEFT's merge
+    assert fingerprint(lt) == fingerprint(merged)
+    dl = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
+    dm = compute_directions(b, tmp_path/'merged', k=3, matrices=ms, method='exact', progress=False)
+    assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+    assert all(dl.meta['delta_norm'][k] == pytest.approx(v, rel=1e-5) for k, v in dm.meta['delta_norm'].items() if v)
+    Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))   # PEFT loads the adapter: the same model
+    wl = removed_weights(b, tmp_path/'lora', 2, matrices=ms, progress=False)
+    wm = removed_weights(b, tmp_path/'merged', 2, matrices=ms, progress=False)
+    assert sorted(wl) == sorted(wm) and all(torch.allclose(wl[k], wm[k], atol=1e-5) for k in wl)
+
+def test_lora_on_experts_refused_where_not_mapped(tmp_path):
+    "LoRA on experts that cannot be read is refused, never read as no change: per-expert modules (transformers 4 layouts), and fused experts without the base model's config."
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    import transformers as T
+    from weightwatch_nb.delta import LoraTensors, lora_factors, read_adapter
+    b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=['mlp.experts.down_proj']))
+    pm.save_pretrained(tmp_path/'lora')
+    with pytest.raises(WeightwatchError, match=r"experts' experts .* without the base model config"): read_adapter(tmp_path/'lora')
+    assert any(k.endswith('.mlp.experts.down_proj') for k in read_adapter(tmp_path/'lora', json.loads((b/'config.json').read_text()))[1])
+    f = tmp_path/'lora'/'adapter_model.safetensors'   # the same factors under per-expert module names, as a transformers 4 Mixtral held them
+    save_file({k.replace('.mlp.experts.', '.block_sparse_moe.experts.0.w2.'): v for k, v in load_file(f).items()}, f)
+    for read in (lambda: compute_directions(b, lora=tmp_path/'lora', k=2, matrices=['mlp_out'], progress=False),
+                 lambda: LoraTensors(b, tmp_path/'lora'),
+                 lambda: list(lora_factors(tmp_path/'lora', json.loads((b/'config.json').read_text()), ['mlp_out']))):
+        with pytest.raises(WeightwatchError, match=r"experts' experts \(e.g. \['base_model.model.model.layers.0.block_sparse_moe.experts.0.w2'.*merge it"): read()
 
 def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, monkeypatch):
     "`weightwatch generate --steer rewind-weights` and `--steer clip-weights` strip the update from experts and router (the router has one column per expert, fewer than --strip-k)."

@@ -15,10 +15,10 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES',
            'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES',
-           'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented',
-           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas',
-           'read_adapter', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
-           'subspace_cosines', 'plant_update']
+           'EXPERT_STORES', 'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient',
+           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
+           'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method',
+           'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -425,8 +425,25 @@ def _lora_scale(module:str, r:int, cfg:dict)->float:
     alpha = pat(cfg.get('alpha_pattern'), cfg.get('lora_alpha', 8))
     return alpha / (r ** 0.5 if cfg.get('use_rslora') else r)
 
+EXPERT_STORES = ('experts', 'experts_t')   # how fused experts are stored (`MatrixSpec.stored`)
+
+def _expert_params(fac:dict, cfg:dict, config)->dict:
+    "{wrapper module: parameter name} for PEFT's `target_parameters` LoRA on fused experts, each wrapper named by the one targeted parameter whose shape it fits."
+    info, out = arch_info(config), {}
+    if not (E := info['n_experts']): return out
+    for root in {re.sub(r'(\.base_layer)+$', '', m) for m in fac}:   # several parameters of one module: wrappers nested under `base_layer`s
+        names = {n for t in cfg['target_parameters'] if (n := f"{root}.{t.rpartition('.')[2]}") == t or n.endswith('.' + t)}   # PEFT's matching
+        specs = {key: spec for key, spec in find_keys(names, info, list(info['specs']), required=False).values() if spec.stored in EXPERT_STORES}
+        for m in (m for m in fac if re.sub(r'(\.base_layer)+$', '', m) == root):
+            A, B = fac[m]
+            fits = [key for key, spec in specs.items() if (B.shape[0], A.shape[1]) == _logical_shape(spec, info)   # [out, in] whichever way
+                    and A.shape[0] == B.shape[1] and A.shape[0] % E == 0]                                        # they are stored; rank × experts
+            if len(fits) == 1: out[m] = fits[0]
+    return out
+
 def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
-                )->tuple[dict, dict]:  # (adapter config, {module name: (A, B)})
+                 config=None,          # the base model's config: needed to read LoRA on a mixture of experts' fused experts (else refused)
+                )->tuple[dict, dict]:  # (adapter config, {module name, or fused experts' parameter name: (A, B)})
     "The LoRA factors of a PEFT adapter, by module, as float32."
     d = Path(path)
     if not (d/'adapter_config.json').is_file(): raise WeightwatchError(f"{str(d)!r} is not a PEFT adapter: it has no adapter_config.json")
@@ -442,26 +459,49 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
             mt = re.match(r'^(.*)\.lora_(?:embedding_)?([AB])(?:\.weight)?$', k)
             if mt: fac.setdefault(mt[1], {})[mt[2]] = fh.get_tensor(k).to(torch.float32)
     if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
-    if (ex := sorted(m for m in fac if re.search(r'\.experts(\.|$)', m))):   # PEFT's `target_parameters` on fused experts, or per-expert modules
-        raise WeightwatchError(f"the adapter changes a mixture of experts' experts (e.g. {ex[:2]}): LoRA on experts is not mapped; "
-                               "merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
-    return cfg, {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
+    fac = {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
+    params = _expert_params(fac, cfg, config) if config is not None and cfg.get('target_parameters') else {}
+    if (ex := sorted(m for m in fac if m not in params and re.search(r'\.experts(\.|$)', m))):   # per-expert modules, or fused experts unread
+        raise WeightwatchError(f"the adapter changes a mixture of experts' experts (e.g. {ex[:2]}) in a way that is not mapped"
+                               f"{'' if config is not None else ' without the base model config (`read_adapter(path, config)`)'}: "
+                               "LoRA is read on fused experts (PEFT's `target_parameters`, as transformers 5 loads them) whose shapes fit the base "
+                               "model's experts; for any other, merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
+    return cfg, {params.get(m, m): f for m, f in fac.items()}
 
 # %% ../nbs/03_delta.ipynb #0cf03bfd
+def expert_lora(A:Tensor, # PEFT's lora_A of fused experts, [rank × experts, in]
+                B:Tensor, # its lora_B, [out, rank × experts]
+                n_experts:int, # experts in the tensor
+               )->tuple[Tensor, Tensor]: # (A_e [experts, rank, in], B_e [experts, out, rank])
+    "Each expert's own LoRA factors: expert e's update is B_e[e] @ A_e[e] ([out, in]), as PEFT's `ParamWrapper` computes it."
+    r = A.shape[0] // n_experts
+    return A.reshape(n_experts, r, A.shape[1]), B.reshape(B.shape[0], r, n_experts).permute(2, 0, 1)
+
+def _expert_lora(A:Tensor, B:Tensor, spec:MatrixSpec, info:dict, scale:float)->tuple[Tensor, Tensor]:
+    "Fused experts' LoRA update as [d_model, experts × d_mlp] = L @ R, where L is [d_model, experts × rank] and R has orthonormal rows (block diagonal)."
+    Ae, Be = expert_lora(A, B, info['n_experts'])
+    Be = Be * scale
+    # as `orient` lays them out, expert e's columns side by side: L_e @ R_e, with L_e [d_model, r] and R_e [r, d_mlp]
+    Le, Re = (Be, Ae) if spec.residual == 'out' else (Ae.transpose(1, 2), Be[:, _rows(spec, info)].transpose(1, 2))
+    Q, T = torch.linalg.qr(Re.transpose(1, 2))   # R_e = T_eᵀ Q_eᵀ: fold T_eᵀ into L, so the SVD never meets the experts × d_mlp side
+    L = (Le @ T.transpose(1, 2)).permute(1, 0, 2).reshape(Le.shape[1], -1)
+    return L, torch.block_diag(*Q.transpose(1, 2))
+
 def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
                  config,           # the base model's config (dict or `PretrainedConfig`)
                  matrices=DEFAULT_MATRICES, # which matrices, from `MATRICES`
                  layers=None,      # block indices (default: all)
-                )->Iterator[tuple[int, str, Tensor, Tensor]]: # (layer, matrix, L [d_model, r], R [r, d_in]), ΔW = L @ R
+                )->Iterator[tuple[int, str, Tensor, Tensor]]: # (layer, matrix, L [d_model, r], R [r, d_in]), ΔW = L @ R (fused experts: R's rows orthonormal)
     "Yield each LoRA delta as float32 factors oriented [d_model, d_in]; modules the adapter leaves alone are skipped."
-    cfg, fac = read_adapter(adapter)
     info = arch_info(config)
+    cfg, fac = read_adapter(adapter, config)
     for (l, m), (mod, spec) in find_keys(list(fac), info, matrices, layers, suffix='.weight', required=False).items():
         A, B = fac[mod]
         lo = _logical_shape(spec, info)
         if (B.shape[0], A.shape[1]) != lo or A.shape[0] != B.shape[1]:
             raise WeightwatchError(f"adapter factors of `{mod}` are A {list(A.shape)}, B {list(B.shape)}, but its weight is {list(lo)} "
                                    "([out, in]): the adapter was trained on a different base model")
+        if spec.stored in EXPERT_STORES: yield (l, m, *_expert_lora(A, B, spec, info, _lora_scale(mod, A.shape[0] // info['n_experts'], cfg))); continue
         B = B * _lora_scale(mod, A.shape[0], cfg)
         B = B[_rows(spec, info)]
         yield (l, m, B, A) if spec.residual == 'out' else (l, m, A.T, B.T)
@@ -476,7 +516,7 @@ class LoraTensors:
         from weightwatch_nb.core import _as_loaded
         self.base, self.path = open_tensors(base), Path(adapter)
         self.config, self.fresh = self.base.config, self.base.fresh   # an unchanged tensor is the base's own
-        self.lora, self.fac = read_adapter(adapter)
+        self.lora, self.fac = read_adapter(adapter, self.config)
         info, idx = arch_info(self.config), _suffix_index(self.fac)
         stored = {key: spec.stored for key, spec in find_keys(self.base.keys(), info, list(info['specs']), required=False).values()}
         self.loaded = dict(_as_loaded(self.base.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
@@ -490,6 +530,10 @@ class LoraTensors:
         if k not in self.changed: return t
         mod, kind = self.changed[k]
         A, B = self.fac[mod]
+        if kind in EXPERT_STORES:                            # fused experts: each expert's B_e @ A_e, as PEFT computes it
+            Ae, Be = expert_lora(A, B, t.shape[0])
+            D = torch.einsum('eor,eri->eoi', Be, Ae) * _lora_scale(mod, Ae.shape[1], self.lora)
+            return t.float() + (D if kind == 'experts' else D.transpose(1, 2))
         D = B @ A                                            # [out, in], as PEFT computes it
         # Conv1D and embeddings store [in, out]: known from the architecture, else from the shape, else from fan_in_fan_out
         kind = kind or ('linear' if D.shape != D.T.shape and D.shape == t.shape else
@@ -550,12 +594,12 @@ def top_svd(D:Tensor,         # delta [d_model, d_in] (any float dtype; computed
 def lowrank_svd(L:Tensor, # left factor [d_model, r]
                 R:Tensor, # right factor [r, d_in]
                 k:int=20, # how many directions to keep (at most)
+                orthonormal:bool=False, # R's rows are orthonormal (as `lora_factors` gives fused experts'): its QR is skipped
                )->tuple[Tensor, Tensor]: # (U [d_model, k'], S [k'])
     "Exact top-`k` left singular vectors and values of `L @ R`, from the factors alone."
     L, R = L.to(torch.float32), R.to(torch.float32)
     Q1, R1 = torch.linalg.qr(L)
-    Q2, R2 = torch.linalg.qr(R.T)
-    u, S, _ = torch.linalg.svd(R1 @ R2.T)
+    u, S, _ = torch.linalg.svd(R1 if orthonormal else R1 @ torch.linalg.qr(R.T)[1].T)
     k = min(k, S.numel())
     U, S = _trim(Q1 @ u[:, :k], S[:k], (L.shape[0], R.shape[1]))
     return sign_fix(U), S

@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
-                                  read_adapter, lora_factors, LoraTensors, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
+                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
@@ -369,7 +369,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
         bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(bt.keys(), info, matrices, layers)
-        mods = list(read_adapter(lora)[1])
+        mods = list(read_adapter(lora, bt.config)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
         if other := sorted(set(mods) - mapped):   # e.g. a module of an architecture's own that no matrix stands for
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
@@ -377,8 +377,9 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:
             for l, m, L, R in lora_factors(lora, bt.config, matrices, layers):
                 if dev: L, R = L.to(dev), R.to(dev)
-                U, s = lowrank_svd(L, R, k)
-                norms[f"L{l}.{m}"] = float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
+                ortho = plan[(l, m)][1].stored in EXPERT_STORES   # fused experts: R has orthonormal rows (`lora_factors`)
+                U, s = lowrank_svd(L, R, k, orthonormal=ortho)
+                norms[f"L{l}.{m}"] = float(L.norm()) if ortho else float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
                 if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
                 used.add('lowrank'); pb.update()
         fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(LoraTensors(bt, lora))}
