@@ -792,23 +792,83 @@ def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     wm = removed_weights(b, tmp_path/'merged', 2, matrices=ms, progress=False)
     assert sorted(wl) == sorted(wm) and all(torch.allclose(wl[k], wm[k], atol=1e-5) for k in wl)
 
+def _per_expert_adapter(b, out, names, prefix, experts=None, r=2, alpha=4, seed=0):
+    "A LoRA adapter on single experts' linear layers, `{prefix}.experts.{e}.{name}`, as PEFT saved them for transformers 4 (random A and B)."
+    from safetensors.torch import save_file
+    cfg = json.loads((b/'config.json').read_text())
+    d, f = cfg['hidden_size'], cfg.get('moe_intermediate_size') or cfg['intermediate_size']
+    E = cfg.get('num_local_experts') or cfg.get('num_experts')
+    torch.manual_seed(seed); sd = {}
+    for l in range(cfg['num_hidden_layers']):
+        for e in (range(E) if experts is None else experts):
+            for n in names:
+                i, o = (f, d) if n in ('w2', 'down_proj') else (d, f)
+                sd[f'base_model.model.model.layers.{l}.{prefix}.experts.{e}.{n}.lora_A.weight'] = 0.1 * torch.randn(r, i)
+                sd[f'base_model.model.model.layers.{l}.{prefix}.experts.{e}.{n}.lora_B.weight'] = 0.1 * torch.randn(o, r)
+    out.mkdir()
+    save_file(sd, out/'adapter_model.safetensors')
+    (out/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=r, lora_alpha=alpha, target_modules=list(names),
+                                                           base_model_name_or_path=str(b), task_type='CAUSAL_LM')))
+    return sd, alpha / r
+
+@pytest.mark.filterwarnings("ignore:directions of")
+@pytest.mark.parametrize('arch,names,prefix', [('mixtral', ('w1', 'w3', 'w2'), 'block_sparse_moe'), ('qwen3_moe', ('gate_proj', 'up_proj', 'down_proj'), 'mlp')])
+def test_lora_on_single_experts_equals_peft_conversion(arch, names, prefix, tmp_path):
+    "An adapter on single experts' linear layers (transformers 4's Mixtral and Qwen3-MoE): read as PEFT converts it when it loads one onto fused experts."
+    from peft import PeftModel
+    import transformers as T
+    from weightwatch_nb.delta import lora_factors, LoraTensors, iter_deltas
+    from weightwatch_nb.core import hf_state_dict
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    _per_expert_adapter(b, tmp_path/'lora', names, prefix)
+    merged = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(b), tmp_path/'lora').merge_and_unload()   # PEFT's own conversion
+    ms = ['mlp_out', 'mlp_in', 'mlp_gate']
+    full = {(l, m): D for l, m, D in iter_deltas(b, merged, ms)}
+    fac = {(l, m): L @ R for l, m, L, R in lora_factors(tmp_path/'lora', json.loads((b/'config.json').read_text()), ms)}
+    assert set(fac) == set(full) and all(full[k].abs().max() > 0 and torch.allclose(fac[k], full[k], atol=1e-6) for k in full)
+    lt, want = LoraTensors(b, tmp_path/'lora'), hf_state_dict(merged)
+    assert len(lt.changed) == 4 and all(torch.allclose(lt.get(k), want[n], atol=1e-6) for n, k in lt.loaded.items() if n in want)
+    dl = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
+    dm = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
+    assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+    Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))   # the model PEFT loads
+
+def test_lora_on_some_parts_of_some_experts(tmp_path):
+    "An adapter on the gate (w1) of experts 0 and 2 alone (PEFT will not load it): expert e's gate rows change by scale · B A, nothing else."
+    from weightwatch_nb.delta import LoraTensors
+    from weightwatch_nb.core import hf_state_dict
+    b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
+    sd, s = _per_expert_adapter(b, tmp_path/'lora', ('w1',), 'block_sparse_moe', experts=[0, 2], r=3, alpha=5)
+    lt, base = LoraTensors(b, tmp_path/'lora'), hf_state_dict(load_hf(b)[0])
+    assert sorted(lt.changed) == ['model.layers.0.mlp.experts.gate_up_proj', 'model.layers.1.mlp.experts.gate_up_proj']
+    for l in (0, 1):
+        k = f'model.layers.{l}.mlp.experts.gate_up_proj'
+        want = base[k].clone()
+        for e in (0, 2):
+            pre = f'base_model.model.model.layers.{l}.block_sparse_moe.experts.{e}.w1.lora_'
+            want[e, :128] += s * sd[pre + 'B.weight'] @ sd[pre + 'A.weight']   # the gate: the first d_mlp rows of gate_up
+        assert torch.allclose(lt.get(k), want, atol=1e-6)
+
 def test_lora_on_experts_refused_where_not_mapped(tmp_path):
-    "LoRA on experts that cannot be read is refused, never read as no change: per-expert modules (transformers 4 layouts), and fused experts without the base model's config."
+    "LoRA on experts that cannot be read is refused, never read as no change: fused experts without the base model's config, experts the base does not have, and expert modules of no known name."
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
     import transformers as T
     from weightwatch_nb.delta import LoraTensors, lora_factors, read_adapter
     b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
+    cfg = json.loads((b/'config.json').read_text())
     pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=['mlp.experts.down_proj']))
     pm.save_pretrained(tmp_path/'lora')
     with pytest.raises(WeightwatchError, match=r"experts' experts .* without the base model config"): read_adapter(tmp_path/'lora')
-    assert any(k.endswith('.mlp.experts.down_proj') for k in read_adapter(tmp_path/'lora', json.loads((b/'config.json').read_text()))[1])
-    f = tmp_path/'lora'/'adapter_model.safetensors'   # the same factors under per-expert module names, as a transformers 4 Mixtral held them
-    save_file({k.replace('.mlp.experts.', '.block_sparse_moe.experts.0.w2.'): v for k, v in load_file(f).items()}, f)
-    for read in (lambda: compute_directions(b, lora=tmp_path/'lora', k=2, matrices=['mlp_out'], progress=False),
-                 lambda: LoraTensors(b, tmp_path/'lora'),
-                 lambda: list(lora_factors(tmp_path/'lora', json.loads((b/'config.json').read_text()), ['mlp_out']))):
-        with pytest.raises(WeightwatchError, match=r"experts' experts \(e.g. \['base_model.model.model.layers.0.block_sparse_moe.experts.0.w2'.*merge it"): read()
+    assert any(k.endswith('.mlp.experts.down_proj') for k in read_adapter(tmp_path/'lora', cfg)[1])
+    _per_expert_adapter(b, tmp_path/'big', ('w2',), 'block_sparse_moe', experts=[0, 5])   # expert 5 of 3
+    f = tmp_path/'odd'; _per_expert_adapter(b, f, ('w2',), 'block_sparse_moe', experts=[0])
+    save_file({k.replace('.w2.', '.fc2.'): v for k, v in load_file(f/'adapter_model.safetensors').items()}, f/'adapter_model.safetensors')
+    for name, msg in (('big', r"do not fit the 3 experts of this mixtral .*trained on a different base model"),
+                      ('odd', r"experts' experts \(e.g. \['base_model.model.model.layers.0.block_sparse_moe.experts.0.fc2'.*merge it")):
+        for read in (lambda: compute_directions(b, lora=tmp_path/name, k=2, matrices=['mlp_out'], progress=False),
+                     lambda: LoraTensors(b, tmp_path/name), lambda: list(lora_factors(tmp_path/name, cfg, ['mlp_out']))):
+            with pytest.raises(WeightwatchError, match=msg): read()
 
 def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, monkeypatch):
     "`weightwatch generate --steer rewind-weights` and `--steer clip-weights` strip the update from experts and router (the router has one column per expert, fewer than --strip-k)."

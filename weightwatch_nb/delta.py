@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES',
@@ -417,7 +417,8 @@ def iter_deltas(base,            # base model: source or loaded model (ignored i
 
 # %% ../nbs/03_delta.ipynb #d091d7be
 def _lora_scale(module:str, r:int, cfg:dict)->float:
-    "PEFT's scale for `module`, honouring `rank_pattern`, `alpha_pattern` and rsLoRA."
+    "PEFT's scale for `module`, honouring `rank_pattern`, `alpha_pattern` and rsLoRA (1 where `read_adapter` put it in B already)."
+    if module in cfg.get('prescaled', ()): return 1.
     def pat(d, default):
         for p, v in (d or {}).items():
             if re.match(rf'(.*\.)?{p}$', module): return v
@@ -441,10 +442,37 @@ def _expert_params(fac:dict, cfg:dict, config)->dict:
             if len(fits) == 1: out[m] = fits[0]
     return out
 
+def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
+    "LoRA on single experts' linear layers, as transformers 4 held them, fused as PEFT fuses them when it loads one: ({fused name: (A, B), each B scaled}, modules used)."
+    info, parts = arch_info(config), {}
+    if not (E := info['n_experts']): return {}, set()
+    for m, (A, B) in fac.items():
+        if (mt := _EXPERT_KEY.match(m + '.weight')):   # `...experts.3.w1`, `...experts.3.gate_proj`, ...
+            pre, e, part = mt.groups(); name, i = _EXPERT_PART[part]
+            parts.setdefault(f'{pre}.mlp.experts.{name}', {})[int(e), i] = (m, A, B * _lora_scale(m, A.shape[0], cfg))
+    out = {}
+    for name, got in parts.items():
+        n, found = (2 if name.endswith('gate_up_proj') else 1), find_keys([name], info, list(info['specs']), required=False)
+        if not found: continue   # (not an expert tensor of this model: refused below)
+        rows, cols = _logical_shape(next(iter(found.values()))[1], info)
+        bad = [m for (e, i), (m, A, B) in got.items() if e >= E or (B.shape[0] * n, A.shape[1]) != (rows, cols) or A.shape[0] != B.shape[1]]
+        if bad: raise WeightwatchError(f"adapter factors of {bad[:2]} do not fit the {E} experts of this {info['model_type']} (each expert's weight is "
+                                       f"{[rows // n, cols]}, [out, in]): the adapter was trained on a different base model")
+        R = max(sum(got[e, i][1].shape[0] for i in range(n) if (e, i) in got) for e in range(E))   # each expert's rank: its parts' side by side
+        A, B = torch.zeros(E, R, cols), torch.zeros(E, rows, R)
+        for e in range(E):
+            at = 0
+            for i in range(n):
+                if (e, i) not in got: continue   # a part or an expert the adapter leaves alone
+                _, a, b = got[e, i]; r = a.shape[0]
+                A[e, at:at+r], B[e, i*(rows//n):(i+1)*(rows//n), at:at+r] = a, b; at += r
+        out[name] = (A.reshape(E * R, cols), B.permute(1, 2, 0).reshape(rows, R * E))   # PEFT's layout (`expert_lora` undoes it)
+    return out, {m for name in out for m, _, _ in parts[name].values()}
+
 def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
                  config=None,          # the base model's config: needed to read LoRA on a mixture of experts' fused experts (else refused)
                 )->tuple[dict, dict]:  # (adapter config, {module name, or fused experts' parameter name: (A, B)})
-    "The LoRA factors of a PEFT adapter, by module, as float32."
+    "The LoRA factors of a PEFT adapter, by module, as float32 (fused experts: in PEFT's layout; the config's `prescaled` lists those whose B holds the scale)."
     d = Path(path)
     if not (d/'adapter_config.json').is_file(): raise WeightwatchError(f"{str(d)!r} is not a PEFT adapter: it has no adapter_config.json")
     cfg = json.loads((d/'adapter_config.json').read_text())
@@ -461,11 +489,14 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
     if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
     fac = {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
     params = _expert_params(fac, cfg, config) if config is not None and cfg.get('target_parameters') else {}
-    if (ex := sorted(m for m in fac if m not in params and re.search(r'\.experts(\.|$)', m))):   # per-expert modules, or fused experts unread
+    fused, used = _per_expert(fac, cfg, config) if config is not None else ({}, set())
+    fac = {m: f for m, f in fac.items() if m not in used} | fused
+    if fused: cfg = {**cfg, 'prescaled': sorted(fused)}
+    if (ex := sorted(m for m in fac if m not in params and m not in fused and re.search(r'\.experts(\.|$)', m))):   # fused experts unread
         raise WeightwatchError(f"the adapter changes a mixture of experts' experts (e.g. {ex[:2]}) in a way that is not mapped"
                                f"{'' if config is not None else ' without the base model config (`read_adapter(path, config)`)'}: "
-                               "LoRA is read on fused experts (PEFT's `target_parameters`, as transformers 5 loads them) whose shapes fit the base "
-                               "model's experts; for any other, merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
+                               "LoRA is read on fused experts (PEFT's `target_parameters`, as transformers 5 loads them) and on single experts' "
+                               "linear layers (as transformers 4 held them) whose shapes fit the base model's experts; for any other, merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
     return cfg, {params.get(m, m): f for m, f in fac.items()}
 
 # %% ../nbs/03_delta.ipynb #0cf03bfd
