@@ -3,7 +3,7 @@ import json, warnings
 from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
-from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented
+from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented, find_keys
 from weightwatch_nb.directions import Directions, compute_directions
 
 def tiny(arch, path, seed=0):
@@ -187,6 +187,15 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
 ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
+_OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
+ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+            'xglm': _OLD | dict(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4),
+            'gpt_neo': _OLD | dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, attention_types=[[['global', 'local'], 1]], window_size=4),
+            'gpt_bigcode': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128),
+            'mpt': dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
+            'bloom': dict(hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False),   # (untied: a tiny tied model repeats its input token, plant or not)
+            'vaultgemma': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | dict(tie_word_embeddings=False)}
+OLDER = ['ministral3', 'vaultgemma', 'ernie4_5', 'opt', 'xglm', 'gpt_neo', 'gpt_bigcode', 'mpt', 'bloom']   # mapped in session 26 (Llama's names, or their own)
 VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
             'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
             'qwen2_moe_dense': ('qwen2_moe', dict(decoder_sparse_step=2)),
@@ -322,6 +331,24 @@ def test_mlp_matrices_are_what_the_mlp_computes(arch, tmp_path):
         h = act(x @ weight('mlp_gate')[0]) * up if 'mlp_gate' in info['specs'] else act(up)
         assert torch.allclose(h @ Wo.T + (0 if bo is None else bo), mlp(x), atol=1e-5)
 
+BRIDGE_SITES = {'attn_q': 'attn.q', 'attn_k': 'attn.k', 'attn_v': 'attn.v', 'attn_out': 'attn.o', 'mlp_in': 'mlp.in', 'mlp_gate': 'mlp.gate', 'mlp_out': 'mlp.out'}
+
+@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3'])
+def test_matrices_are_what_the_bridge_computes(arch, tmp_path):
+    "Each block matrix, as `orient` reads it, is what the TransformerLens bridge (whose logits equal Hugging Face's) multiplies at that site: its output minus input @ matrix is the same for every token (the bias), also where q, k and v are fused."
+    from weightwatch_nb.core import hf_state_dict
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    model, info = load_model(b), arch_info(_config(arch))
+    sd, ids = hf_state_dict(model), torch.tensor([[1, 5, 9, 13, 200, 7, 42, 3]])
+    assert torch.allclose(model(ids), load_hf(b)[0](ids).logits, atol=1e-4)        # the bridge computes what Hugging Face does
+    sites = {m: s for m, s in BRIDGE_SITES.items() if m in info['specs']}
+    _, cache = model.run_with_cache(ids, names_filter=lambda n: any(n in (f'blocks.1.{s}.hook_in', f'blocks.1.{s}.hook_out') for s in sites.values()))
+    for (l, m), (key, spec) in find_keys(list(sd), info, list(sites), layers=[1]).items():
+        W = orient(sd[key], spec, info, key)                                        # [d_model, d_in]
+        x, y = (cache[f'blocks.1.{sites[m]}.{h}'].reshape(ids.shape[1], -1) for h in ('hook_in', 'hook_out'))
+        bias = y - (x @ W if spec.residual == 'in' else x @ W.T)
+        assert y.abs().max() > 1e-3 and torch.allclose(bias, bias[:1].expand_as(bias), atol=1e-4), (arch, m)
+
 def test_neox_qkv_rows_are_what_attention_computes(tmp_path):
     "GPT-NeoX keeps q, k and v in one matrix, interleaved head by head: `orient` picks exactly the rows its attention uses as each."
     from transformers import AutoModelForCausalLM
@@ -361,6 +388,27 @@ def test_neox_lora_on_fused_qkv_equals_merged(tmp_path):
     b, _, _ = _plain_pair('gpt_neox', tmp_path, {(0, 'attn_out'): 1})
     _lora_matches_merged(b, load_hf(b)[0], tmp_path, ['attn_q', 'attn_k', 'attn_v'], 3, r=3, lora_alpha=6, target_modules=['query_key_value'])
 
+@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.parametrize('arch,targets,ms', [('bloom', ['query_key_value', 'dense_h_to_4h'], ['attn_q', 'attn_k', 'attn_v', 'mlp_in']),
+                                             ('mpt', ['Wqkv', 'down_proj'], ['attn_q', 'attn_k', 'attn_v', 'mlp_out']),
+                                             ('gpt_bigcode', ['c_attn', 'c_fc'], ['attn_q', 'attn_k', 'attn_v', 'mlp_in']),
+                                             ('opt', ['k_proj', 'fc1', 'out_proj'], ['attn_k', 'mlp_in', 'attn_out'])])
+def test_lora_on_older_families_equals_merged(arch, targets, ms, tmp_path):
+    "A LoRA adapter on BLOOM's query_key_value (head by head), MPT's Wqkv, GPT-BigCode's multi-query c_attn, or OPT's fc1 in the block: directions equal the merged model's."
+    import transformers as T
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    _lora_matches_merged(b, T.AutoModelForCausalLM.from_pretrained(b), tmp_path, ms, 2, r=2, lora_alpha=4, target_modules=targets)
+
+def test_layouts_not_mapped_are_refused():
+    "OPT-350m (norm after each block, projected embeddings) and GPT-BigCode without multi-query are refused with what to use instead."
+    from weightwatch_nb.core import WeightwatchError
+    opt = _config('opt').to_dict()
+    for bad in (dict(do_layer_norm_before=False), dict(word_embed_proj_dim=32)):
+        with pytest.raises(WeightwatchError, match="OPT-350m's layout.*use another OPT size"): arch_info(opt | bad)
+    with pytest.raises(WeightwatchError, match=r"multi_query=False.*StarCoder and SantaCoder \(multi_query=True\) are mapped"):
+        arch_info(_config('gpt_bigcode').to_dict() | dict(multi_query=False))
+    assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16   # (ffn_dim; one key and value head)
+
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
     # unembedding is its embedding, so the delta is lm_head_ft - embed_base, with the planted rank-1 change as its only direction
@@ -379,7 +427,7 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel'])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head), and the newer families: planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate

@@ -112,12 +112,35 @@ _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Ll
 _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemotron, Apertus: Llama's names, an MLP of up and down only
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
+_OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
+    attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
+    mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
+    mlp_in=('layers.{layer}.fc1.weight', 'linear', 'in', 'd_mlp'))
+_GPT_NEO = _specs(   # GPT-Neo: q, k, v apart under `attn.attention`; GPT-2's MLP names, as ordinary linear layers
+    **{m: (f'h.{{layer}}.attn.attention.{n}.weight', 'linear', s, 'q') for m, n, s in (('attn_out', 'out_proj', 'out'), ('attn_q', 'q_proj', 'in'),
+                                                                                     ('attn_k', 'k_proj', 'in'), ('attn_v', 'v_proj', 'in'))},
+    mlp_out=('h.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'),
+    embed=('wte.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+_BIGCODE = {m: replace(s, key=s.key.replace('.attention.out_proj', '.c_proj')) for m, s in _GPT_NEO.items()} | {   # GPT-BigCode (StarCoder 1, SantaCoder):
+    m: MatrixSpec('h.{layer}.attn.c_attn.weight', 'linear', 'in', o, (i, _QKV)) for i, (m, o) in enumerate((('attn_q', 'q'), ('attn_k', 'kv'), ('attn_v', 'kv')))}   # q, k, v fused; one k and v head (multi-query)
+_MPT = _specs(   # MPT: q, k, v fused in `Wqkv`, one block of rows each; an MLP of up and down
+    attn_out=('blocks.{layer}.attn.out_proj.weight', 'linear', 'out', 'q'),
+    **{m: ('blocks.{layer}.attn.Wqkv.weight', 'linear', 'in', 'q', (i, 3)) for i, m in enumerate(('attn_q', 'attn_k', 'attn_v'))},
+    mlp_out=('blocks.{layer}.ffn.down_proj.weight', 'linear', 'out', 'd_mlp'), mlp_in=('blocks.{layer}.ffn.up_proj.weight', 'linear', 'in', 'd_mlp'),
+    embed=('wte.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+_BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embedding is normalised before the first block, so it is not mapped
+    attn_out=('h.{layer}.self_attention.dense.weight', 'linear', 'out', 'q'),
+    **{m: ('h.{layer}.self_attention.query_key_value.weight', 'linear', 'in', 'q', (i, HEADS)) for i, m in enumerate(('attn_q', 'attn_k', 'attn_v'))},
+    mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
+    unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')}}   # per family, and per model type where one differs from its family
-FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'olmo', 'olmo2', 'olmo3',
-                                    'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2',
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
+FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
+                                    'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
+            'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
             **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', *FIRST_DENSE, 'gpt_oss')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
@@ -136,16 +159,24 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    d_model, n_heads = d.get('hidden_size') or d.get('n_embd'), d.get('num_attention_heads') or d.get('n_head')
-    head_dim, n_layers = d.get('head_dim') or d_model // n_heads, d.get('num_hidden_layers') or d.get('n_layer')
+    if mt == 'opt' and (not d.get('do_layer_norm_before', True) or d.get('word_embed_proj_dim', d.get('hidden_size')) != d.get('hidden_size')):
+        raise WeightwatchError("this OPT checkpoint normalises after each block and projects its embeddings (OPT-350m's layout): its deltas "
+                               "are not mapped; use another OPT size (125m, 1.3b, 2.7b, 6.7b, ...)")
+    if mt == 'gpt_bigcode' and not d.get('multi_query', True):
+        raise WeightwatchError("this GPT-BigCode checkpoint has one key and value head per query head (multi_query=False), which neither "
+                               "this mapping nor the TransformerLens bridge supports; StarCoder and SantaCoder (multi_query=True) are mapped")
+    first = lambda *ks: next((d[k] for k in ks if d.get(k) is not None), None)   # the config's own name for a size (GPT-2's, XGLM's, MPT's, ...)
+    d_model, n_heads = first('hidden_size', 'n_embd', 'd_model'), first('num_attention_heads', 'n_head', 'num_heads', 'attention_heads', 'n_heads')
+    head_dim, n_layers = d.get('head_dim') or d_model // n_heads, first('num_hidden_layers', 'n_layer', 'num_layers', 'n_layers')
+    kv_heads = 1 if mt == 'gpt_bigcode' else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode: multi-query, one k and v head
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
-                d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or d.get('intermediate_size') or d.get('n_inner') or 4*d_model,
+                d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
                 d_shared={'qwen2_moe': d.get('shared_expert_intermediate_size'),
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE}}.get(mt),
                 **(_mla_sizes(d) if mt in MLA else {}),
-                q=n_heads*head_dim, kv=(d.get('num_key_value_heads') or n_heads)*head_dim, n_heads=n_heads,
-                tied=d.get('tie_word_embeddings', True), specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
+                q=n_heads*head_dim, kv=kv_heads*head_dim, n_heads=n_heads, tied=d.get('tie_word_embeddings', True),
+                specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
 
@@ -363,7 +394,7 @@ def find_keys(keys,            # checkpoint tensor names
             if (spec := layer_specs(info, l).get(m)) is None: continue   # a router or shared expert at a dense layer of a mixture of experts
             names = [n.format(layer=l).removesuffix(suffix) for n in (spec.key, *spec.alt)]
             t, hits = next(((n, idx[n]) for n in names if n in idx), (names[0], []))
-            if not hits and m == 'unembed' and info['tied']: hits = idx.get(info['specs']['embed'].key.removesuffix(suffix), [])
+            if not hits and m == 'unembed' and info['tied'] and 'embed' in info['specs']: hits = idx.get(info['specs']['embed'].key.removesuffix(suffix), [])
             if not hits and (q := idx.get(t + '_blocks')):
                 raise WeightwatchError(f"`{q[0]}` is stored quantised (MXFP4 blocks and scales), so its delta cannot be read from the checkpoint; "
                                        "save a dequantised copy first (load it with transformers' Mxfp4Config(dequantize=True), then `save_pretrained`)")

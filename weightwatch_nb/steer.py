@@ -135,6 +135,11 @@ def check_steerer(model, # the model (`TransformerBridge`)
     if isinstance(d, Monitor): d.check(model, where="the steerer's monitor")
     else: check_directions(model, d)
 
+def _stack(model)->torch.nn.Module:
+    "The module each pass of the decoder stack runs through (OPT's causal LM calls the decoder inside its `base_model`, not the base model)."
+    base = model.original_model.base_model
+    return getattr(base, 'decoder', base)
+
 def _pass_input(args, kwargs)->Tensor|None:
     "The token ids (or embeddings) a pass of the decoder stack was called with, [b, t, ...]."
     x = kwargs.get('input_ids', args[0] if args else None)
@@ -159,7 +164,7 @@ def steering(model, # the model (`TransformerBridge`)
         if _cached(kwargs.get('past_key_values')): return
         x, m = _pass_input(args, kwargs), kwargs.get('attention_mask')
         tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None)
-    handles = [model.original_model.base_model.register_forward_pre_hook(begin, with_kwargs=True)]
+    handles = [_stack(model).register_forward_pre_hook(begin, with_kwargs=True)]
     try:
         handles += steerer.attach(model)
         with model.hooks(fwd_hooks=tr.hooks(model)), one_sequence_per_row(model.original_model): yield steerer
@@ -557,7 +562,7 @@ def attach(self:ClipWeights, model)->list:
     try:
         for k, m, conv, rows in plan: hs.append(m.register_forward_hook(self._remove(k, conv, rows)))
         for m, parts in rerun.items(): hs.append(m.register_forward_hook(self._rerun(parts), with_kwargs=True))
-        hs.append(model.original_model.base_model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        hs.append(_stack(model).register_forward_pre_hook(self._begin, with_kwargs=True))
     except BaseException:
         for h in hs: h.remove()
         raise
