@@ -956,7 +956,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'gpt_oss', 'cohere2', 'olmo3'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main
