@@ -186,6 +186,7 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
             'deepseek_v2': _MOE_KW | dict(n_routed_experts=3, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
 ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
+ARCH_KW['minimax_m2'] = _MOE_KW | dict(num_local_experts=3)   # Mixtral's layout, a sigmoid router with a score-correction bias
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
 ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
@@ -195,7 +196,7 @@ ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
             'mpt': dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
             'bloom': dict(hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False),   # (untied: a tiny tied model repeats its input token, plant or not)
             'vaultgemma': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | dict(tie_word_embeddings=False)}
-OLDER = ['ministral3', 'vaultgemma', 'ernie4_5', 'opt', 'xglm', 'gpt_neo', 'gpt_bigcode', 'mpt', 'bloom']   # mapped in session 26 (Llama's names, or their own)
+OLDER = ['ministral3', 'vaultgemma', 'ernie4_5', 'nanochat', 'jais2', 'opt', 'xglm', 'gpt_neo', 'gpt_bigcode', 'mpt', 'bloom']   # mapped in session 26 (Llama's names, or their own)
 VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
             'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
             'qwen2_moe_dense': ('qwen2_moe', dict(decoder_sparse_step=2)),
@@ -529,7 +530,7 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:this (qwen2_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -539,7 +540,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 128 if arch in ('mixtral', 'olmoe', 'gpt_oss') else 96
+    d_mlp = 128 if arch in ('mixtral', 'minimax_m2', 'olmoe', 'gpt_oss') else 96
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert

@@ -112,6 +112,7 @@ _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Ll
 _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemotron, Apertus: Llama's names, an MLP of up and down only
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
+_NANOCHAT = _NO_GATE | {m: _PHI[m] for m in ('mlp_out', 'mlp_in')}   # nanochat: Llama's attention, Phi's ungated MLP names (fc1, fc2)
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
     mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
@@ -135,13 +136,13 @@ _BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embeddi
     unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
               'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
-              'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
+              'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2')},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
-            **{t: 'moe' for t in ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', *FIRST_DENSE, 'gpt_oss')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', *FIRST_DENSE, 'gpt_oss')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
