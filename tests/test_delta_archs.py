@@ -187,6 +187,9 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
 ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
 ARCH_KW['minimax_m2'] = _MOE_KW | dict(num_local_experts=3)   # Mixtral's layout, a sigmoid router with a score-correction bias
+_HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
+            **{t: ARCH_KW['qwen2_moe'] | _HYBRID_KW for t in ('qwen3_next', 'qwen3_5_moe_text')}}   # and Qwen2-MoE's experts and shared expert
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
 ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
@@ -196,8 +199,10 @@ ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
             'mpt': dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
             'bloom': dict(hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False),   # (untied: a tiny tied model repeats its input token, plant or not)
             'vaultgemma': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | dict(tie_word_embeddings=False)}
-OLDER = ['ministral3', 'vaultgemma', 'ernie4_5', 'nanochat', 'jais2', 'opt', 'xglm', 'gpt_neo', 'gpt_bigcode', 'mpt', 'bloom']   # mapped in session 26 (Llama's names, or their own)
+OLDER = ['ministral3', 'vaultgemma', 'ernie4_5', 'nanochat', 'jais2', 'qwen3_5_text', 'opt', 'xglm', 'gpt_neo', 'gpt_bigcode', 'mpt', 'bloom']   # mapped in session 26 (Llama's names, or their own)
 VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
+            'gemma3_narrow': ('gemma3_text', dict(num_attention_heads=2, num_key_value_heads=1)),   # heads × head_dim = 32 < d_model (Gemma 2 2B, Gemma 3 1B)
+            'glm4_moe_narrow': ('glm4_moe', dict(moe_intermediate_size=32)),       # a shared expert narrower than d_model (GLM-4.5, DeepSeek-V3)
             'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
             'qwen2_moe_dense': ('qwen2_moe', dict(decoder_sparse_step=2)),
             'glm4_moe_dense': ('glm4_moe', dict(first_k_dense_replace=1)),
@@ -410,6 +415,51 @@ def test_layouts_not_mapped_are_refused():
         arch_info(_config('gpt_bigcode').to_dict() | dict(multi_query=False))
     assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16   # (ffn_dim; one key and value head)
 
+@pytest.mark.filterwarnings("ignore:directions of")
+def test_lora_on_a_hybrid_of_linear_and_full_attention(tmp_path):
+    "Qwen3.5: a LoRA adapter on the linear-attention blocks' out_proj and the full-attention blocks' o_proj, q_proj (query and gate) and k_proj lands on each block's own matrices; the directions equal the merged model's."
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+    b, _, _ = _plain_pair('qwen3_5_text', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['out_proj', 'o_proj', 'q_proj', 'k_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    ms = ['attn_out', 'attn_q', 'attn_k']
+    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
+    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
+    assert set(dl.vectors) == set(dm.vectors) == {(0, 'attn_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'attn_k')}   # block 0 has no q or k
+    for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
+
+@pytest.mark.filterwarnings("ignore:this glm4_moe model has a shared expert")
+@pytest.mark.parametrize('arch,m', [('gemma3_narrow', 'attn_out'), ('glm4_moe_narrow', 'mlp_shared_out')])
+def test_output_projections_narrower_than_d_model(arch, m, tmp_path):
+    "An output projection that reads fewer units than d_model (o_proj of Gemma 2 2B and Gemma 3 1B, the shared expert of GLM-4.5 and DeepSeek-V3) is oriented whole: every row is the residual stream, from the checkpoint, from a LoRA adapter, and in edits."
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+    from weightwatch_nb.edit import removed_weights
+    from weightwatch_nb.core import hf_state_dict
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, m): 1, (1, 'mlp_out' if m == 'attn_out' else 'attn_out'): 1})
+    info = arch_info(_config(arch))
+    assert info[info['specs'][m].other] == 32 < info['d_model'] == 64
+    d = compute_directions(b, f, k=1, matrices=[m], progress=False)
+    assert d.vectors[(0, m)].shape == (1, 64) and subspace_cosines(d[(0, m)].T, truth[(0, m)]).min() >= 0.999
+    edit, base = removed_weights(b, f, 1, matrices=[m], layers=[0], progress=False), hf_state_dict(load_hf(b)[0])
+    assert len(edit) == 1 and all(torch.allclose(w, base[k], atol=1e-5) for k, w in edit.items())   # the plant removed from every row
+    if m != 'attn_out': return   # (PEFT turns a target `down_proj` of this model into its fused experts, not its shared expert)
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['o_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=[m], progress=False)
+    dm = compute_directions(b, pm.merge_and_unload(), k=2, matrices=[m], method='exact', progress=False)
+    assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
     # unembedding is its embedding, so the delta is lm_head_ft - embed_base, with the planted rank-1 change as its only direction
@@ -529,8 +579,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate

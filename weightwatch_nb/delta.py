@@ -13,12 +13,12 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'ARCH_SPECS', 'FAMILIES',
-           'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES',
-           'EXPERT_STORES', 'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient',
-           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
-           'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method',
-           'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'HYBRID', 'LINEAR_OUT',
+           'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES',
+           'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'MatrixSpec', 'arch_info', 'dense_layers',
+           'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors',
+           'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors',
+           'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -113,6 +113,9 @@ _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemot
 _STARCODER2 = _NO_GATE | _specs(mlp_out=('layers.{layer}.mlp.c_proj.weight', 'linear', 'out', 'd_mlp'),
                                 mlp_in=('layers.{layer}.mlp.c_fc.weight', 'linear', 'in', 'd_mlp'))
 _NANOCHAT = _NO_GATE | {m: _PHI[m] for m in ('mlp_out', 'mlp_in')}   # nanochat: Llama's attention, Phi's ungated MLP names (fc1, fc2)
+_GATED_Q = _specs(attn_q=('layers.{layer}.self_attn.q_proj.weight', 'linear', 'in', 'q_gated'))   # Qwen3-Next, Qwen3.5: each head's query, then the gate of its output
+HYBRID = ('qwen3_next', 'qwen3_5_text', 'qwen3_5_moe_text')   # model types whose `layer_types` mix linear attention (Gated DeltaNet) with full attention
+LINEAR_OUT = MatrixSpec('layers.{layer}.linear_attn.out_proj.weight', 'linear', 'out', 'lin_v')   # what a linear-attention block writes with
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
     mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
@@ -136,13 +139,13 @@ _BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embeddi
     unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
               'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
-              'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
+              'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2')},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', *FIRST_DENSE, 'gpt_oss')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', *FIRST_DENSE, 'gpt_oss')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -173,15 +176,17 @@ def arch_info(config, # a Hugging Face config or its dict
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
                 d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
-                d_shared={'qwen2_moe': d.get('shared_expert_intermediate_size'),
+                d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])},
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE}}.get(mt),
-                **(_mla_sizes(d) if mt in MLA else {}),
+                **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
+                **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
+                        lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim']) if mt in HYBRID else {}),
                 q=n_heads*head_dim, kv=kv_heads*head_dim, n_heads=n_heads, tied=d.get('tie_word_embeddings', True),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
 
-MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _mla_sizes(d:dict)->dict:
     "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
@@ -193,7 +198,7 @@ def dense_layers(config:dict, # a mixture of experts' config dict
                 )->tuple[int, ...]: # the blocks whose MLP is an ordinary dense one
     "The blocks of a mixture of experts that have a dense MLP instead of experts (as transformers builds them)."
     mt = config.get('model_type')
-    if mt in ('qwen2_moe', 'qwen3_moe'):
+    if mt in ('qwen2_moe', 'qwen3_moe', *HYBRID[::2]):
         step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
         return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
     if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
@@ -202,9 +207,12 @@ def dense_layers(config:dict, # a mixture of experts' config dict
 def layer_specs(info:dict, # from `arch_info`
                 layer:int|None, # block index (None: the embedding and unembedding)
                )->dict[str, MatrixSpec]: # matrix -> spec, for the matrices this block has
-    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert."
-    if layer is None or layer not in info.get('dense_layers', ()): return info['specs']
-    return {m: s for m, s in info['specs'].items() if m not in MOE_ONLY} | _DENSE_MLP
+    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer reads with no q, k or v."
+    specs = info['specs']
+    if layer is None: return specs
+    if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | _DENSE_MLP
+    if layer in info.get('linear_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT}
+    return specs
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
     "The layer a matrix's directions are filed under (embed: 0, unembed: last)."
@@ -221,7 +229,8 @@ def _part_rows(spec:MatrixSpec, info:dict)->tuple[int|None, int|None, int]:
     return sum(sizes[:i]), sum(sizes[:i+1]), sum(sizes)
 
 def _rows(spec:MatrixSpec, info:dict)->slice|Tensor:
-    "The rows of the fused [out, in] layout that belong to `spec`: a slice, or (interleaved per head) an index."
+    "The rows of the [out, in] layout that belong to `spec`: all of them where it writes (they are the residual stream), else a slice of a fused output, or (interleaved per head) an index."
+    if spec.residual == 'out': return slice(None)   # (not `other` rows: an output projection may read fewer units than d_model, Gemma 2's and 3's do)
     a, b, _ = _part_rows(spec, info)
     if a is not None: return slice(a, b)
     if spec.part[1] == PAIRS: return torch.arange(info[spec.other]) * 2 + spec.part[0]   # GPT-OSS: gate, up, gate, up, ...
