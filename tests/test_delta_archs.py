@@ -460,6 +460,24 @@ def test_output_projections_narrower_than_d_model(arch, m, tmp_path):
     dm = compute_directions(b, pm.merge_and_unload(), k=2, matrices=[m], method='exact', progress=False)
     assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
 
+def test_multimodal_checkpoint_loads_without_installing_anything(tmp_path, monkeypatch):
+    "A multimodal Gemma 3 checkpoint boots as a bridge without TransformerLens pip-installing torchvision (and a CUDA torch) for its image processor; its deltas are refused with what to use instead."
+    import subprocess, transformers as T
+    from weightwatch_nb.core import tiny_tokenizer, WeightwatchError
+    torch.manual_seed(0)
+    cfg = T.Gemma3Config(text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
+                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+                         mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    hf = T.Gemma3ForConditionalGeneration(cfg).eval(); hf.save_pretrained(tmp_path/'mm'); tiny_tokenizer(300).save_pretrained(tmp_path/'mm')
+    started = []   # (recorded, not raised: TransformerLens swallows a failed install)
+    def no(*a, **kw): started.append(a); raise OSError("no subprocess in this test")
+    for f in ('check_call', 'run', 'Popen', 'call', 'check_output'): monkeypatch.setattr(subprocess, f, no)
+    model, ids = load_model(tmp_path/'mm'), torch.tensor([[1, 5, 9, 13, 200]])
+    assert started == []
+    assert torch.allclose(model(ids), hf(input_ids=ids).logits, atol=1e-4)
+    with pytest.raises(WeightwatchError, match="multimodal Gemma 3 checkpoint"): compute_directions(tmp_path/'mm', tmp_path/'mm', progress=False)
+
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
     # unembedding is its embedding, so the delta is lm_head_ft - embed_base, with the planted rank-1 change as its only direction

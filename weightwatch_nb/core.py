@@ -283,6 +283,17 @@ def check_device(device:str|None, # 'cpu', 'cuda', 'cuda:1', 'mps', ... (None: '
     except Exception as e: raise WeightwatchError(f"device {d!r} is not usable here ({type(e).__name__}: {e}); use 'cpu', or 'cuda' on a machine with a GPU") from None
     return d
 
+@contextmanager
+def _no_installs():
+    "While a bridge boots: TransformerLens 4 pip-installs torchvision (and with it a CUDA torch) for a multimodal model's image processor; it may only use one that is there."
+    try: from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError: yield; return
+    if not hasattr(helpers, '_ensure_torchvision'): yield; return
+    import importlib.util
+    orig, helpers._ensure_torchvision = helpers._ensure_torchvision, lambda: importlib.util.find_spec('torchvision') is not None
+    try: yield
+    finally: helpers._ensure_torchvision = orig
+
 def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-memory HF model, or a bridge (returned as is)
                base=None, # base model for a LoRA adapter (default: the adapter's own record)
                tokenizer=None, # tokenizer for an in-memory HF model (default: loaded from its `name_or_path`)
@@ -303,7 +314,7 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
         s = resolve_source(src)
         hf, tok = load_hf(src, base=base, dtype=dtype, device=device)
         name, tokenizer = (s.ref if s.kind != 'adapter' else str(getattr(hf.config, 'name_or_path', s.ref))), tokenizer or tok
-    bridge = TransformerBridge.boot_transformers(name, hf_model=hf.to(device).eval(), tokenizer=tokenizer, device=device, dtype=dtype)
+    with _no_installs(): bridge = TransformerBridge.boot_transformers(name, hf_model=hf.to(device).eval(), tokenizer=tokenizer, device=device, dtype=dtype)
     bridge.eval()
     bridge.ww_source = str(src) if not isinstance(src, torch.nn.Module) else name
     return bridge
