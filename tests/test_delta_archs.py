@@ -476,7 +476,32 @@ def test_multimodal_checkpoint_loads_without_installing_anything(tmp_path, monke
     model, ids = load_model(tmp_path/'mm'), torch.tensor([[1, 5, 9, 13, 200]])
     assert started == []
     assert torch.allclose(model(ids), hf(input_ids=ids).logits, atol=1e-4)
-    with pytest.raises(WeightwatchError, match="multimodal Gemma 3 checkpoint"): compute_directions(tmp_path/'mm', tmp_path/'mm', progress=False)
+    with pytest.raises(WeightwatchError, match="multimodal checkpoint .model_type .gemma3.*extract_language_model"): compute_directions(tmp_path/"mm", tmp_path/"mm", progress=False)
+
+def test_extract_language_models_of_a_multimodal_pair(tmp_path, capsys):
+    "`weightwatch extract-lm` on a multimodal Gemma 3 base and a fine-tune of its language model: the text-only pair's directions find the planted update, and the fine-tune's monitor runs."
+    import transformers as T
+    from weightwatch_nb.cli import main
+    from weightwatch_nb.core import tiny_tokenizer
+    torch.manual_seed(0)
+    cfg = T.Gemma3Config(text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
+                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+                         mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    hf = T.Gemma3ForConditionalGeneration(cfg).eval(); hf.save_pretrained(tmp_path/'b'); tiny_tokenizer(300).save_pretrained(tmp_path/'b')
+    u, v = torch.randn(64), torch.randn(64); u, v = u / u.norm(), v / v.norm()
+    with torch.no_grad(): hf.get_decoder().layers[0].self_attn.o_proj.weight.add_(3 * torch.outer(u, v))   # the fine-tune: rank 1, language model only
+    hf.save_pretrained(tmp_path/'f'); tiny_tokenizer(300).save_pretrained(tmp_path/'f')
+    with pytest.raises(WeightwatchError, match="extract_language_model"): compute_directions(tmp_path/'b', tmp_path/'f', progress=False)
+    for n in ('b', 'f'): assert main(['extract-lm', str(tmp_path/n), '-o', str(tmp_path/f'{n}_text')]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path/'b_text'), str(tmp_path/'f_text')]
+    assert main(['extract-lm', str(tmp_path/'b'), '-o', str(tmp_path/'b_text')]) == 2 and 'exists' in capsys.readouterr().err
+    d = compute_directions(tmp_path/'b_text', tmp_path/'f_text', k=2, progress=False)
+    assert d.names() == ['L0.attn_out.u0'] and abs(float(d['L0.attn_out.u0'] @ u)) > 0.9999   # the planted update, and nothing else
+    (tmp_path/'clean.jsonl').write_text('\n'.join(json.dumps({'text': f'the model {i} of {j}'}) for i in range(8) for j in range(5)) + '\n')
+    d.save(tmp_path/'d.safetensors')
+    assert main(['calibrate', str(tmp_path/'f_text'), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0
+    assert main(['scan', str(tmp_path/'f_text'), str(tmp_path/'m.safetensors'), str(tmp_path/'clean.jsonl'), '--quiet']) == 0
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's

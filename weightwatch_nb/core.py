@@ -16,10 +16,10 @@ from torch import Tensor
 __all__ = ['POSITIVE_INT', 'COUNT', 'PROBABILITY', 'FRACTION', 'NONNEGATIVE', 'ZOO_DIR', 'DTYPES', 'FUSED_EXPERTS', 'HOOK_SITES',
            'WeightwatchError', 'atomic_path', 'check_apart', 'check_output', 'LAYERS', 'add_output', 'add_quiet',
            'zoo_available', 'Source', 'resolve_source', 'tiny_tokenizer', 'tiny_hf_model', 'make_tiny_checkpoint',
-           'load_hf', 'stack_problem', 'check_device', 'load_model', 'add_model_options', 'model_options',
-           'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'expert_groups', 'loaded_layout', 'fuse_experts',
-           'split_experts', 'fingerprint', 'same_weights', 'precision_hint', 'check_comparable', 'ModelPair',
-           'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
+           'load_hf', 'stack_problem', 'check_device', 'load_model', 'extract_language_model', 'add_model_options',
+           'model_options', 'cache_as_hub_model', 'arch_summary', 'hf_state_dict', 'expert_groups', 'loaded_layout',
+           'fuse_experts', 'split_experts', 'fingerprint', 'same_weights', 'precision_hint', 'check_comparable',
+           'ModelPair', 'load_pair', 'hook_name', 'pad_batch', 'make_planted_checkpoint']
 
 # %% ../nbs/00_core.ipynb #5813e1c9
 class WeightwatchError(ValueError):
@@ -318,6 +318,41 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     bridge.eval()
     bridge.ww_source = str(src) if not isinstance(src, torch.nn.Module) else name
     return bridge
+
+# %% ../nbs/00_core.ipynb #4bb84900
+def extract_language_model(src, # a multimodal checkpoint: directory or hub id
+                           out:str|os.PathLike, # directory to write the text-only checkpoint to (must not exist)
+                           dtype:torch.dtype|None=None, # weights dtype (default: as stored)
+                          )->Path:
+    "Save the language model of a multimodal checkpoint alone, as a text-only checkpoint (same logits on text)."
+    import shutil
+    from transformers import AutoModelForCausalLM
+    out = Path(out)
+    if out.exists(): raise WeightwatchError(f"{str(out)!r} exists: choose a new directory for the text-only checkpoint")
+    s = resolve_source(src)
+    if dtype is None:
+        stored = json.loads((Path(s.ref)/'config.json').read_text()) if s.kind != 'hub' else {}
+        dtype = getattr(torch, str(stored.get('dtype') or stored.get('torch_dtype') or 'float32').removeprefix('torch.'), torch.float32)
+    hf, tok = load_hf(src, dtype=dtype)
+    tc = hf.config.get_text_config()
+    if tc is hf.config or not hasattr(hf, 'get_decoder'):
+        raise WeightwatchError(f"{str(src)!r} ({hf.config.model_type}) is not a multimodal checkpoint: it has no separate language model; use it as it is")
+    cls = AutoModelForCausalLM._model_mapping.get(type(tc), None)
+    if cls is None: raise WeightwatchError(f"transformers has no text-only model class for {tc.model_type!r}, the language model of {str(src)!r}")
+    text = cls(tc).to(dtype).eval()
+    text.get_decoder().load_state_dict(hf.get_decoder().state_dict())   # strict: every weight of the decoder, nothing else
+    if not tc.tie_word_embeddings: text.lm_head.load_state_dict(hf.lm_head.state_dict())
+    ids = torch.randint(3, min(tc.vocab_size, 1000), (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(): want, got = hf(input_ids=ids).logits.float(), text(ids).logits.float()
+    if not torch.allclose(want, got, atol=1e-3 * max(1., float(want.abs().max()))):
+        raise WeightwatchError(f"the extracted {tc.model_type} model computes other logits than {str(src)!r} on text (max difference "
+                               f"{float((want - got).abs().max()):.3g}); it was not saved")
+    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
+    try:
+        text.save_pretrained(tmp); tok.save_pretrained(tmp)
+        tmp.rename(out)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 # %% ../nbs/00_core.ipynb #f60fced7
 _PRECISIONS = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}   # what models are run in

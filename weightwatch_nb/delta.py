@@ -156,10 +156,12 @@ def arch_info(config, # a Hugging Face config or its dict
     "Family, sizes and weight layout of a model, from its config."
     d = config if isinstance(config, dict) else config.to_dict()
     mt = d.get('model_type')
-    if mt == 'gemma3':
-        raise WeightwatchError("this is a multimodal Gemma 3 checkpoint (model_type 'gemma3'): its vision tower's attention weights have the "
-                               "language model's names, so its deltas are not mapped; use a text-only Gemma 3 (model_type 'gemma3_text', "
-                               "e.g. google/gemma-3-1b-it)")
+    if mt not in FAMILIES and (isinstance(d.get('text_config'), dict) or mt == 'gemma3'):
+        t = (d.get('text_config') or {}).get('model_type') or {'gemma3': 'gemma3_text'}.get(mt)
+        raise WeightwatchError(f"this is a multimodal checkpoint (model_type {mt!r}): its vision tower's weights have the language model's "
+                               f"names, so its deltas are not mapped. Save the language model alone, for the base and for the fine-tune, "
+                               f"with `weightwatch_nb.core.extract_language_model(checkpoint, out_dir)` (`weightwatch extract-lm`), and use "
+                               f"those" + (f": model_type {t!r} is mapped" if t in FAMILIES else f" (its model_type {t!r} is not mapped yet)"))
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")

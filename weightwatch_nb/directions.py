@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT
+from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT, extract_language_model
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
                                   read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
 
@@ -556,7 +556,7 @@ def _directions_cmd(args):
 
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser
                 ):
-    "Add `weightwatch directions BASE FINETUNED -o OUT` to the subparsers `sub`."
+    "Add `weightwatch directions BASE FINETUNED -o OUT` and `weightwatch extract-lm CHECKPOINT -o OUT` to the subparsers `sub`."
     p = sub.add_parser('directions', help='top singular directions of the weight deltas of a model pair, saved as safetensors',
                        description='Compute, per layer, the top-k left singular vectors of dW = W_finetuned - W_base for the chosen '
                                    'weight matrices and save them as one safetensors file. Checkpoint folders are read one tensor at a time.')
@@ -577,6 +577,12 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('--device', default='cpu', help='where the SVDs run: cpu, cuda, cuda:1, mps (default cpu); the weights are read from disk either way')
     add_quiet(p)
     p.set_defaults(func=_directions_cmd)
+    e = sub.add_parser('extract-lm', help="save a multimodal checkpoint's language model alone, as a text-only checkpoint to take deltas from",
+                       description='Gemma 3, Qwen3.5, Mistral 3 and others ship a vision tower beside the language model; weight deltas need '
+                                   'the language model alone. Writes it (decoder and LM head, same logits on text) with its tokenizer.')
+    e.add_argument('checkpoint', metavar='CHECKPOINT', help='multimodal checkpoint: a directory or a hub id')
+    add_output(e, 'directory to write the text-only checkpoint to (must not exist)', metavar='OUT_DIR')
+    e.set_defaults(func=lambda a: print(extract_language_model(a.checkpoint, a.output)))
     return p
 
 # %% ../nbs/04_directions.ipynb #b4581721
