@@ -326,14 +326,20 @@ def extract_language_model(src, # a multimodal checkpoint: directory or hub id
                           )->Path:
     "Save the language model of a multimodal checkpoint alone, as a text-only checkpoint (same logits on text)."
     import shutil
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     out = Path(out)
     if out.exists(): raise WeightwatchError(f"{str(out)!r} exists: choose a new directory for the text-only checkpoint")
     s = resolve_source(src)
     if dtype is None:
         stored = json.loads((Path(s.ref)/'config.json').read_text()) if s.kind != 'hub' else {}
         dtype = getattr(torch, str(stored.get('dtype') or stored.get('torch_dtype') or 'float32').removeprefix('torch.'), torch.float32)
-    hf, tok = load_hf(src, dtype=dtype)
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):   # the whole model, vision tower and all
+        try: hf, info = auto.from_pretrained(s.ref, dtype=dtype, output_loading_info=True); break
+        except ValueError as e: err = e   # a configuration this auto class does not know
+    else: raise WeightwatchError(f"could not load {str(src)!r} as an image-text or causal language model ({err})")
+    if missing := sorted(info.get('missing_keys') or ()):
+        raise WeightwatchError(f"{str(src)!r} lacks {len(missing)} weight(s) its config needs (e.g. {missing[:3]}): the checkpoint is incomplete")
+    hf, tok = hf.eval(), _load_tokenizer(s.ref)
     tc = hf.config.get_text_config()
     if tc is hf.config or not hasattr(hf, 'get_decoder'):
         raise WeightwatchError(f"{str(src)!r} ({hf.config.model_type}) is not a multimodal checkpoint: it has no separate language model; use it as it is")
