@@ -503,6 +503,28 @@ def test_extract_language_models_of_a_multimodal_pair(tmp_path, capsys):
     assert main(['calibrate', str(tmp_path/'f_text'), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0
     assert main(['scan', str(tmp_path/'f_text'), str(tmp_path/'m.safetensors'), str(tmp_path/'clean.jsonl'), '--quiet']) == 0
 
+_TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+MULTIMODAL = {   # tiny multimodal checkpoints: (class, config kwargs, the text model type their language model is)
+    'mistral3': ('Mistral3', dict(text_config=dict(model_type='mistral', **_TEXT), image_token_index=299, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)), 'mistral'),
+    'qwen3_5': ('Qwen3_5', dict(text_config=_TEXT | _HYBRID_KW, image_token_id=299, video_token_id=298, vision_config=dict(
+        hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14)), 'qwen3_5_text')}
+
+@pytest.mark.parametrize('arch', list(MULTIMODAL))
+def test_extract_language_model_of_other_multimodal_families(arch, tmp_path):
+    "Mistral 3 (no causal LM to transformers) and Qwen3.5 (linear and full attention): the extracted language model is a mapped text-only model with the whole model's logits on text."
+    import transformers as T
+    from weightwatch_nb.core import tiny_tokenizer, extract_language_model
+    name, kw, text_type = MULTIMODAL[arch]
+    torch.manual_seed(0)
+    hf = getattr(T, f'{name}ForConditionalGeneration')(getattr(T, f'{name}Config')(**kw)).eval()
+    hf.save_pretrained(tmp_path/'mm'); tiny_tokenizer(300).save_pretrained(tmp_path/'mm')
+    with pytest.raises(WeightwatchError, match=f"model_type '{text_type}' is mapped"): arch_info(json.loads((tmp_path/'mm'/'config.json').read_text()))
+    out = extract_language_model(tmp_path/'mm', tmp_path/'text')
+    assert arch_info(json.loads((out/'config.json').read_text()))['model_type'] == text_type
+    ids = torch.tensor([[1, 5, 9, 13, 200]])
+    assert torch.allclose(load_model(out)(ids), hf(input_ids=ids).logits, atol=1e-5)
+
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
     # unembedding is its embedding, so the delta is lm_head_ft - embed_base, with the planted rank-1 change as its only direction
