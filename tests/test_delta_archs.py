@@ -525,6 +525,30 @@ def test_extract_language_model_of_other_multimodal_families(arch, tmp_path):
     ids = torch.tensor([[1, 5, 9, 13, 200]])
     assert torch.allclose(load_model(out)(ids), hf(input_ids=ids).logits, atol=1e-5)
 
+@pytest.mark.filterwarnings("ignore:this qwen3_next model has a shared expert")
+def test_qwen3_next_checkpoint_as_released(tmp_path):
+    "A Qwen3-Next checkpoint as released: config.json gives `full_attention_interval`, not `layer_types`, and the checkpoint carries a multi-token-prediction block (`mtp.layers.0...`) that the model does not load. Its blocks are told apart, and the extra block is not taken for block 0."
+    from safetensors.torch import load_file, save_file
+    b, f, truth = _plain_pair('qwen3_next', tmp_path, {(0, 'attn_out'): 1, (0, 'mlp_out'): 1, (1, 'attn_q'): 1})
+    for d in (b, f):
+        cfg = json.loads((d/'config.json').read_text())
+        for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim'): cfg.pop(k)
+        (d/'config.json').write_text(json.dumps(cfg | dict(full_attention_interval=2, linear_num_value_heads=4, linear_value_head_dim=8)))
+        sd = load_file(d/'model.safetensors')
+        save_file(sd | {k.replace('model.layers.0.', 'mtp.layers.0.'): torch.randn_like(v) for k, v in sd.items() if k.startswith('model.layers.0.')}, d/'model.safetensors')
+    info = arch_info(json.loads((b/'config.json').read_text()))
+    assert info['linear_layers'] == (0,) and info['lin_v'] == 32
+    d = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out', 'attn_q'], progress=False)
+    assert set(d.vectors) == set(truth) and all(subspace_cosines(d[key].T, U).min() >= 0.999 for key, U in truth.items())
+
+def test_older_configs_read_as_their_classes_read_them():
+    "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused."
+    from weightwatch_nb.core import WeightwatchError
+    bloom = _config('bloom').to_dict()
+    assert arch_info({k: v for k, v in bloom.items() if k != 'hidden_size'} | dict(n_embed=64))['d_model'] == 64
+    assert arch_info(_config('opt').to_dict() | dict(word_embed_proj_dim=None))['d_model'] == 64
+    with pytest.raises(WeightwatchError, match="apply_residual_connection_post_layernorm"): arch_info(bloom | dict(apply_residual_connection_post_layernorm=True))
+
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
     # unembedding is its embedding, so the delta is lm_head_ft - embed_base, with the planted rank-1 change as its only direction
@@ -942,7 +966,7 @@ def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     assert set(fac) == {key for key, D in full.items() if D.abs().max() > 0} and len(fac) == 3 * (1 if arch.endswith('_dense') else 2)
     for key, (L, R) in fac.items():
         assert torch.allclose(L @ R, full[key], atol=1e-6), key                      # ΔW = L @ R, as `orient` lays out the experts
-        assert torch.allclose(R @ R.T, torch.eye(R.shape[0]), atol=1e-5)            # R's rows orthonormal (the SVD skips its QR)
+        assert torch.allclose((R @ R.T).to_dense(), torch.eye(R.shape[0]), atol=1e-5)   # R's rows orthonormal (the SVD skips its QR)
     lt, want = LoraTensors(b, tmp_path/'lora'), hf_state_dict(merged)
     assert sum('.experts.' in k for k in lt.changed) == len(fac) // 3 * 2           # gate_up_proj and down_proj of every expert block
     assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want)   # bit for bit PEFT's merge
@@ -956,8 +980,8 @@ def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     wm = removed_weights(b, tmp_path/'merged', 2, matrices=ms, progress=False)
     assert sorted(wl) == sorted(wm) and all(torch.allclose(wl[k], wm[k], atol=1e-5) for k in wl)
 
-def _per_expert_adapter(b, out, names, prefix, experts=None, r=2, alpha=4, seed=0):
-    "A LoRA adapter on single experts' linear layers, `{prefix}.experts.{e}.{name}`, as PEFT saved them for transformers 4 (random A and B)."
+def _per_expert_adapter(b, out, names, prefix, experts=None, r=2, alpha=4, seed=0, router=False, **extra):
+    "A LoRA adapter on single experts' linear layers, `{prefix}.experts.{e}.{name}` (and with `router`, on `{prefix}.gate`), as PEFT saved them for transformers 4 (random A and B)."
     from safetensors.torch import save_file
     cfg = json.loads((b/'config.json').read_text())
     d, f = cfg['hidden_size'], cfg.get('moe_intermediate_size') or cfg['intermediate_size']
@@ -969,10 +993,12 @@ def _per_expert_adapter(b, out, names, prefix, experts=None, r=2, alpha=4, seed=
                 i, o = (f, d) if n in ('w2', 'down_proj') else (d, f)
                 sd[f'base_model.model.model.layers.{l}.{prefix}.experts.{e}.{n}.lora_A.weight'] = 0.1 * torch.randn(r, i)
                 sd[f'base_model.model.model.layers.{l}.{prefix}.experts.{e}.{n}.lora_B.weight'] = 0.1 * torch.randn(o, r)
+        if router: sd |= {f'base_model.model.model.layers.{l}.{prefix}.gate.lora_A.weight': 0.1 * torch.randn(r, d),
+                          f'base_model.model.model.layers.{l}.{prefix}.gate.lora_B.weight': 0.1 * torch.randn(E, r)}
     out.mkdir()
     save_file(sd, out/'adapter_model.safetensors')
-    (out/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=r, lora_alpha=alpha, target_modules=list(names),
-                                                           base_model_name_or_path=str(b), task_type='CAUSAL_LM')))
+    (out/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=r, lora_alpha=alpha, target_modules=list(names) + ['gate'] * router,
+                                                           base_model_name_or_path=str(b), task_type='CAUSAL_LM', **extra)))
     return sd, alpha / r
 
 @pytest.mark.filterwarnings("ignore:directions of")
@@ -984,14 +1010,14 @@ def test_lora_on_single_experts_equals_peft_conversion(arch, names, prefix, tmp_
     from weightwatch_nb.delta import lora_factors, LoraTensors, iter_deltas
     from weightwatch_nb.core import hf_state_dict
     b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
-    _per_expert_adapter(b, tmp_path/'lora', names, prefix)
+    _per_expert_adapter(b, tmp_path/'lora', names, prefix, router=True)   # (and the router, `gate`, which "all-linear" targets)
     merged = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(b), tmp_path/'lora').merge_and_unload()   # PEFT's own conversion
-    ms = ['mlp_out', 'mlp_in', 'mlp_gate']
+    ms = ['mlp_out', 'mlp_in', 'mlp_gate', 'mlp_router']
     full = {(l, m): D for l, m, D in iter_deltas(b, merged, ms)}
     fac = {(l, m): L @ R for l, m, L, R in lora_factors(tmp_path/'lora', json.loads((b/'config.json').read_text()), ms)}
     assert set(fac) == set(full) and all(full[k].abs().max() > 0 and torch.allclose(fac[k], full[k], atol=1e-6) for k in full)
     lt, want = LoraTensors(b, tmp_path/'lora'), hf_state_dict(merged)
-    assert len(lt.changed) == 4 and all(torch.allclose(lt.get(k), want[n], atol=1e-6) for n, k in lt.loaded.items() if n in want)
+    assert len(lt.changed) == 6 and all(torch.allclose(lt.get(k), want[n], atol=1e-6) for n, k in lt.loaded.items() if n in want)
     dl = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
     dm = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
     assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
@@ -1012,6 +1038,19 @@ def test_lora_on_some_parts_of_some_experts(tmp_path):
             pre = f'base_model.model.model.layers.{l}.block_sparse_moe.experts.{e}.w1.lora_'
             want[e, :128] += s * sd[pre + 'B.weight'] @ sd[pre + 'A.weight']   # the gate: the first d_mlp rows of gate_up
         assert torch.allclose(lt.get(k), want, atol=1e-6)
+
+@pytest.mark.parametrize('extra', [dict(use_rslora=True), dict(alpha_pattern={'w2': 16}), dict(rank_pattern={'w1': 3})])
+def test_single_expert_adapters_peft_would_rescale_are_refused(extra, tmp_path):
+    "PEFT loads a transformers 4 single-expert adapter onto fused experts as one LoRA of rank 2r and alpha 2α for gate and up, dropping the adapter's patterns: where that changes the model (rsLoRA, patterns on experts), reading it either way would disagree with the model loaded, so it is refused."
+    from weightwatch_nb.delta import LoraTensors
+    b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
+    r = extra.get('rank_pattern', {}).get('w1', 2)
+    _per_expert_adapter(b, tmp_path/'lora', ('w1', 'w3', 'w2'), 'block_sparse_moe', **extra)
+    if r != 2:   # the pattern's rank, as PEFT would have saved it
+        from safetensors.torch import load_file, save_file
+        f = tmp_path/'lora'/'adapter_model.safetensors'; sd = load_file(f)
+        save_file({k: (torch.randn(r, v.shape[1]) if '.w1.lora_A' in k else torch.randn(v.shape[0], r) if '.w1.lora_B' in k else v) for k, v in sd.items()}, f)
+    with pytest.raises(WeightwatchError, match="that PEFT changes when it loads this adapter onto transformers 5's fused experts"): LoraTensors(b, tmp_path/'lora')
 
 def test_lora_on_experts_refused_where_not_mapped(tmp_path):
     "LoRA on experts that cannot be read is refused, never read as no change: fused experts without the base model's config, experts the base does not have, and expert modules of no known name."

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _RENAMED, _loaded_names
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'HYBRID', 'LINEAR_OUT',
@@ -165,14 +165,20 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    if mt == 'opt' and (not d.get('do_layer_norm_before', True) or d.get('word_embed_proj_dim', d.get('hidden_size')) != d.get('hidden_size')):
+    if mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim')):
+        from transformers import AutoConfig   # a config.json that leaves them to the class (Qwen3-Next's: `full_attention_interval`)
+        d = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'}).to_dict()
+    if mt == 'bloom' and d.get('apply_residual_connection_post_layernorm'):
+        raise WeightwatchError("this BLOOM checkpoint adds each block's output to the normalised stream (apply_residual_connection_post_layernorm), "
+                               "so its blocks do not write to one residual stream; its deltas are not mapped (released BLOOMs do not do this)")
+    if mt == 'opt' and (not d.get('do_layer_norm_before', True) or (d.get('word_embed_proj_dim') or d.get('hidden_size')) != d.get('hidden_size')):
         raise WeightwatchError("this OPT checkpoint normalises after each block and projects its embeddings (OPT-350m's layout): its deltas "
                                "are not mapped; use another OPT size (125m, 1.3b, 2.7b, 6.7b, ...)")
     if mt == 'gpt_bigcode' and not d.get('multi_query', True):
         raise WeightwatchError("this GPT-BigCode checkpoint has one key and value head per query head (multi_query=False), which neither "
                                "this mapping nor the TransformerLens bridge supports; StarCoder and SantaCoder (multi_query=True) are mapped")
     first = lambda *ks: next((d[k] for k in ks if d.get(k) is not None), None)   # the config's own name for a size (GPT-2's, XGLM's, MPT's, ...)
-    d_model, n_heads = first('hidden_size', 'n_embd', 'd_model'), first('num_attention_heads', 'n_head', 'num_heads', 'attention_heads', 'n_heads')
+    d_model, n_heads = first('hidden_size', 'n_embd', 'n_embed', 'd_model'), first('num_attention_heads', 'n_head', 'num_heads', 'attention_heads', 'n_heads')
     head_dim, n_layers = d.get('head_dim') or d_model // n_heads, first('num_hidden_layers', 'n_layer', 'num_layers', 'n_layers')
     kv_heads = 1 if mt == 'gpt_bigcode' else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode: multi-query, one k and v head
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
@@ -315,6 +321,10 @@ class CheckpointTensors:
         self.files = {}
         for f in shards:
             with _safe_open(f, 'checkpoint shard') as fh: self.files.update({k: f for k in fh.keys()})
+        if (ln := _loaded_names(json.dumps(self.config, sort_keys=True, default=str))) and ln[5]:   # tensors the model has no place for and never
+            names, pre = ln[0], ln[1]                                                              # loads: Qwen3-Next's `mtp.layers.0...` would
+            self.files = {k: f for k, f in self.files.items()                                      # collide with block 0
+                          if k in names or f'{pre}.{k}' in names or not any(re.search(p, k) for p in ln[5])}
         self.layout = loaded_layout(self.files, self.config.get('model_type'), _n_experts(self.config))   # names as loaded (a mixture of experts' experts fused)
     def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.layout)} tensors)"
     def keys(self)->list[str]: return list(self.layout)
@@ -489,10 +499,20 @@ def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
     "LoRA on single experts' linear layers, as transformers 4 held them, fused as PEFT fuses them when it loads one: ({fused name: (A, B), each B scaled}, modules used)."
     info, parts = arch_info(config), {}
     if not (E := info['n_experts']): return {}, set()
+    r0, plain = cfg.get('r', 8), {k: v for k, v in cfg.items() if k not in ('rank_pattern', 'alpha_pattern')}
     for m, (A, B) in fac.items():
         if (mt := _EXPERT_KEY.match(m + '.weight')):   # `...experts.3.w1`, `...experts.3.gate_proj`, ...
             pre, e, part = mt.groups(); name, i = _EXPERT_PART[part]
-            parts.setdefault(f'{pre}.mlp.experts.{name}', {})[int(e), i] = (m, A, B * _lora_scale(m, A.shape[0], cfg))
+            s = _lora_scale(m, A.shape[0], cfg)
+            # PEFT, loading it onto fused experts, scales gate and up as one LoRA of rank 2r and alpha 2·lora_alpha, and drops the
+            # adapter's own rank and alpha patterns: where that changes the update (rsLoRA, a pattern on an expert), the model it
+            # loads is not the one trained, and no directions could belong to both
+            if A.shape[0] != r0 or s != _lora_scale(m, r0, plain) or (cfg.get('use_rslora') and name.endswith('gate_up_proj')):
+                raise WeightwatchError(f"the adapter's single-expert module `{m}` has {'rank ' + str(A.shape[0]) if A.shape[0] != r0 else 'a scale'} "
+                                       f"that PEFT changes when it loads this adapter onto transformers 5's fused experts (rank or alpha patterns on "
+                                       f"experts, or rsLoRA on gate and up), so the model it loads is not the one trained; merge the adapter with "
+                                       f"the transformers 4 it was trained with (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
+            parts.setdefault(f'{pre}.mlp.experts.{name}', {})[int(e), i] = (m, A, B * s)
     out = {}
     for name, got in parts.items():
         n, found = (2 if name.endswith('gate_up_proj') else 1), find_keys([name], info, list(info['specs']), required=False)
@@ -531,12 +551,15 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
             if mt: fac.setdefault(mt[1], {})[mt[2]] = fh.get_tensor(k).to(torch.float32)
     if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
     fac = {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
+    stored = {m: m for m in fac}   # (named as the adapter names them in messages)
+    if config is not None and (old := _RENAMED.get(arch_info(config)['model_type'])):   # the modules as transformers 5 names them
+        stored, fac = {m.replace(*old): m for m in fac}, {m.replace(*old): f for m, f in fac.items()}
     params = _expert_params(fac, cfg, config) if config is not None and cfg.get('target_parameters') else {}
     fused, used = _per_expert(fac, cfg, config) if config is not None else ({}, set())
     fac = {m: f for m, f in fac.items() if m not in used} | fused
     if fused: cfg = {**cfg, 'prescaled': sorted(fused)}
     if (ex := sorted(m for m in fac if m not in params and m not in fused and re.search(r'\.experts(\.|$)', m))):   # fused experts unread
-        raise WeightwatchError(f"the adapter changes a mixture of experts' experts (e.g. {ex[:2]}) in a way that is not mapped"
+        raise WeightwatchError(f"the adapter changes a mixture of experts' experts (e.g. {[stored[m] for m in ex[:2]]}) in a way that is not mapped"
                                f"{'' if config is not None else ' without the base model config (`read_adapter(path, config)`)'}: "
                                "LoRA is read on fused experts (PEFT's `target_parameters`, as transformers 5 loads them) and on single experts' "
                                "linear layers (as transformers 4 held them) whose shapes fit the base model's experts; for any other, merge it (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
@@ -552,20 +575,24 @@ def expert_lora(A:Tensor, # PEFT's lora_A of fused experts, [rank × experts, in
     return A.reshape(n_experts, r, A.shape[1]), B.reshape(B.shape[0], r, n_experts).permute(2, 0, 1)
 
 def _expert_lora(A:Tensor, B:Tensor, spec:MatrixSpec, info:dict, scale:float)->tuple[Tensor, Tensor]:
-    "Fused experts' LoRA update as [d_model, experts × d_mlp] = L @ R, where L is [d_model, experts × rank] and R has orthonormal rows (block diagonal)."
+    "Fused experts' LoRA update as [d_model, experts × d_mlp] = L @ R: L is [d_model, experts × rank], R block diagonal with orthonormal rows (sparse)."
     Ae, Be = expert_lora(A, B, info['n_experts'])
     Be = Be * scale
     # as `orient` lays them out, expert e's columns side by side: L_e @ R_e, with L_e [d_model, r] and R_e [r, d_mlp]
     Le, Re = (Be, Ae) if spec.residual == 'out' else (Ae.transpose(1, 2), Be[:, _rows(spec, info)].transpose(1, 2))
     Q, T = torch.linalg.qr(Re.transpose(1, 2))   # R_e = T_eᵀ Q_eᵀ: fold T_eᵀ into L, so the SVD never meets the experts × d_mlp side
     L = (Le @ T.transpose(1, 2)).permute(1, 0, 2).reshape(Le.shape[1], -1)
-    return L, torch.block_diag(*Q.transpose(1, 2))
+    E, f, r = Q.shape   # R as a sparse tensor: dense, it would be experts² × rank × d_mlp numbers (17 GB for DeepSeek-V3's)
+    rows = (torch.arange(E)[:, None, None] * r + torch.arange(r)[None, :, None]).expand(E, r, f)
+    cols = (torch.arange(E)[:, None, None] * f + torch.arange(f)[None, None, :]).expand(E, r, f)
+    return L, torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols.reshape(-1)]), Q.transpose(1, 2).reshape(-1), (E * r, E * f),
+                                      check_invariants=True).coalesce()
 
 def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
                  config,           # the base model's config (dict or `PretrainedConfig`)
                  matrices=DEFAULT_MATRICES, # which matrices, from `MATRICES`
                  layers=None,      # block indices (default: all)
-                )->Iterator[tuple[int, str, Tensor, Tensor]]: # (layer, matrix, L [d_model, r], R [r, d_in]), ΔW = L @ R (fused experts: R's rows orthonormal)
+                )->Iterator[tuple[int, str, Tensor, Tensor]]: # (layer, matrix, L [d_model, r], R [r, d_in]), ΔW = L @ R (fused experts: R sparse, its rows orthonormal)
     "Yield each LoRA delta as float32 factors oriented [d_model, d_in]; modules the adapter leaves alone are skipped."
     info = arch_info(config)
     cfg, fac = read_adapter(adapter, config)
