@@ -460,16 +460,21 @@ def test_output_projections_narrower_than_d_model(arch, m, tmp_path):
     dm = compute_directions(b, pm.merge_and_unload(), k=2, matrices=[m], method='exact', progress=False)
     assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
 
-def test_multimodal_checkpoint_loads_without_installing_anything(tmp_path, monkeypatch):
-    "A multimodal Gemma 3 checkpoint boots as a bridge without TransformerLens pip-installing torchvision (and a CUDA torch) for its image processor; its deltas are refused with what to use instead."
-    import subprocess, transformers as T
-    from weightwatch_nb.core import tiny_tokenizer, WeightwatchError
+def _tiny_gemma3():
+    "A tiny multimodal Gemma 3: a vision tower beside the language model."
+    import transformers as T
     torch.manual_seed(0)
     cfg = T.Gemma3Config(text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
                          mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    hf = T.Gemma3ForConditionalGeneration(cfg).eval(); hf.save_pretrained(tmp_path/'mm'); tiny_tokenizer(300).save_pretrained(tmp_path/'mm')
+    return T.Gemma3ForConditionalGeneration(cfg).eval()
+
+def test_multimodal_checkpoint_loads_without_installing_anything(tmp_path, monkeypatch):
+    "A multimodal Gemma 3 checkpoint boots as a bridge without TransformerLens pip-installing torchvision (and a CUDA torch) for its image processor; its deltas are refused with what to use instead."
+    import subprocess
+    from weightwatch_nb.core import tiny_tokenizer, WeightwatchError
+    hf = _tiny_gemma3(); hf.save_pretrained(tmp_path/'mm'); tiny_tokenizer(300).save_pretrained(tmp_path/'mm')
     started = []   # (recorded, not raised: TransformerLens swallows a failed install)
     def no(*a, **kw): started.append(a); raise OSError("no subprocess in this test")
     for f in ('check_call', 'run', 'Popen', 'call', 'check_output'): monkeypatch.setattr(subprocess, f, no)
@@ -480,15 +485,9 @@ def test_multimodal_checkpoint_loads_without_installing_anything(tmp_path, monke
 
 def test_extract_language_models_of_a_multimodal_pair(tmp_path, capsys):
     "`weightwatch extract-lm` on a multimodal Gemma 3 base and a fine-tune of its language model: the text-only pair's directions find the planted update, and the fine-tune's monitor runs."
-    import transformers as T
     from weightwatch_nb.cli import main
     from weightwatch_nb.core import tiny_tokenizer
-    torch.manual_seed(0)
-    cfg = T.Gemma3Config(text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
-                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
-                         mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    hf = T.Gemma3ForConditionalGeneration(cfg).eval(); hf.save_pretrained(tmp_path/'b'); tiny_tokenizer(300).save_pretrained(tmp_path/'b')
+    hf = _tiny_gemma3(); hf.save_pretrained(tmp_path/'b'); tiny_tokenizer(300).save_pretrained(tmp_path/'b')
     u, v = torch.randn(64), torch.randn(64); u, v = u / u.norm(), v / v.norm()
     with torch.no_grad(): hf.get_decoder().layers[0].self_attn.o_proj.weight.add_(3 * torch.outer(u, v))   # the fine-tune: rank 1, language model only
     hf.save_pretrained(tmp_path/'f'); tiny_tokenizer(300).save_pretrained(tmp_path/'f')
