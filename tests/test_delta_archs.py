@@ -502,6 +502,25 @@ def test_extract_language_models_of_a_multimodal_pair(tmp_path, capsys):
     assert main(['calibrate', str(tmp_path/'f_text'), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0
     assert main(['scan', str(tmp_path/'f_text'), str(tmp_path/'m.safetensors'), str(tmp_path/'clean.jsonl'), '--quiet']) == 0
 
+def test_extract_language_model_of_a_lora_adapter_on_a_multimodal_base(tmp_path):
+    "A LoRA adapter on a multimodal Gemma 3 (its language model's attention, and the vision tower's): the language model extracted from the adapter is the merged model's, and its deltas against the extracted base are the adapter's."
+    from peft import LoraConfig, get_peft_model
+    from weightwatch_nb.core import tiny_tokenizer, extract_language_model, hf_state_dict
+    from weightwatch_nb.cli import main
+    hf = _tiny_gemma3(); hf.save_pretrained(tmp_path/'b'); tiny_tokenizer(300).save_pretrained(tmp_path/'b')
+    pm = get_peft_model(hf, LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'o_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload(); merged.save_pretrained(tmp_path/'merged'); tiny_tokenizer(300).save_pretrained(tmp_path/'merged')
+    assert main(['extract-lm', str(tmp_path/'lora'), '-o', str(tmp_path/'lora_text'), '--base', str(tmp_path/'b')]) == 0
+    for n in ('b', 'merged'): extract_language_model(tmp_path/n, tmp_path/f'{n}_text')
+    got, want = hf_state_dict(load_hf(tmp_path/'lora_text')[0]), hf_state_dict(load_hf(tmp_path/'merged_text')[0])
+    assert sorted(got) == sorted(want) and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)
+    d = compute_directions(tmp_path/'b_text', tmp_path/'lora_text', k=2, matrices=['attn_out'], progress=False)
+    assert [l for l, _ in d.vectors] == [0, 1]   # the adapter's o_proj update at both blocks
+
 _TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
 MULTIMODAL = {   # tiny multimodal checkpoints: (class, config kwargs, the text model type their language model is)
     'mistral3': ('Mistral3', dict(text_config=dict(model_type='mistral', **_TEXT), image_token_index=299, vision_config=dict(

@@ -320,26 +320,40 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     return bridge
 
 # %% ../nbs/00_core.ipynb #4bb84900
-def extract_language_model(src, # a multimodal checkpoint: directory or hub id
-                           out:str|os.PathLike, # directory to write the text-only checkpoint to (must not exist)
-                           dtype:torch.dtype|None=None, # weights dtype (default: as stored)
-                          )->Path:
-    "Save the language model of a multimodal checkpoint alone, as a text-only checkpoint (same logits on text)."
-    import shutil
+def _load_whole(ref:str, dtype:torch.dtype, src):
+    "A checkpoint as its whole model (a multimodal one with its vision tower): image-text-to-text first, which some are not causal LMs to."
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    out = Path(out)
-    if out.exists(): raise WeightwatchError(f"{str(out)!r} exists: choose a new directory for the text-only checkpoint")
-    s = resolve_source(src)
-    if dtype is None:
-        stored = json.loads((Path(s.ref)/'config.json').read_text()) if s.kind != 'hub' else {}
-        dtype = getattr(torch, str(stored.get('dtype') or stored.get('torch_dtype') or 'float32').removeprefix('torch.'), torch.float32)
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):   # the whole model, vision tower and all
-        try: hf, info = auto.from_pretrained(s.ref, dtype=dtype, output_loading_info=True); break
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try: hf, info = auto.from_pretrained(ref, dtype=dtype, output_loading_info=True); break
         except ValueError as e: err = e   # a configuration this auto class does not know
     else: raise WeightwatchError(f"could not load {str(src)!r} as an image-text or causal language model ({err})")
     if missing := sorted(info.get('missing_keys') or ()):
         raise WeightwatchError(f"{str(src)!r} lacks {len(missing)} weight(s) its config needs (e.g. {missing[:3]}): the checkpoint is incomplete")
-    hf, tok = hf.eval(), _load_tokenizer(s.ref)
+    return hf.eval()
+
+def extract_language_model(src, # a multimodal checkpoint (directory or hub id), or a LoRA adapter on one
+                           out:str|os.PathLike, # directory to write the text-only checkpoint to (must not exist)
+                           dtype:torch.dtype|None=None, # weights dtype (default: as stored)
+                           base=None, # for an adapter: its multimodal base (default: the adapter's `base_model_name_or_path`)
+                          )->Path:
+    "Save the language model of a multimodal checkpoint alone (an adapter merged into it first), as a text-only checkpoint (same logits on text)."
+    import shutil
+    from transformers import AutoModelForCausalLM
+    out = Path(out)
+    if out.exists(): raise WeightwatchError(f"{str(out)!r} exists: choose a new directory for the text-only checkpoint")
+    s = resolve_source(src); ref = s.ref
+    if s.kind == 'adapter':
+        b = base if base is not None else json.loads((Path(s.ref)/'adapter_config.json').read_text()).get('base_model_name_or_path')
+        if not b: raise WeightwatchError(f"adapter {s.ref!r} does not name its base model (base_model_name_or_path); pass `base=` (`--base`)")
+        ref = resolve_source(b).ref
+    if dtype is None:
+        stored = json.loads((Path(ref)/'config.json').read_text()) if Path(ref).is_dir() else {}
+        dtype = getattr(torch, str(stored.get('dtype') or stored.get('torch_dtype') or 'float32').removeprefix('torch.'), torch.float32)
+    hf = _load_whole(ref, dtype, src)
+    if s.kind == 'adapter':
+        from peft import PeftModel
+        hf = PeftModel.from_pretrained(hf, s.ref).merge_and_unload().eval()
+    tok = _load_tokenizer(ref)
     tc = hf.config.get_text_config()
     if tc is hf.config or not hasattr(hf, 'get_decoder'):
         raise WeightwatchError(f"{str(src)!r} ({hf.config.model_type}) is not a multimodal checkpoint: it has no separate language model; use it as it is")

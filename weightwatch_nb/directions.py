@@ -580,9 +580,10 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     e = sub.add_parser('extract-lm', help="save a multimodal checkpoint's language model alone, as a text-only checkpoint to take deltas from",
                        description='Gemma 3, Qwen3.5, Mistral 3 and others ship a vision tower beside the language model; weight deltas need '
                                    'the language model alone. Writes it (decoder and LM head, same logits on text) with its tokenizer.')
-    e.add_argument('checkpoint', metavar='CHECKPOINT', help='multimodal checkpoint: a directory or a hub id')
+    e.add_argument('checkpoint', metavar='CHECKPOINT', help='multimodal checkpoint (a directory or a hub id), or a LoRA adapter directory on one')
     add_output(e, 'directory to write the text-only checkpoint to (must not exist)', metavar='OUT_DIR')
-    e.set_defaults(func=lambda a: print(extract_language_model(a.checkpoint, a.output)))
+    e.add_argument('--base', help="for an adapter: its multimodal base (default: the one the adapter names)")
+    e.set_defaults(func=lambda a: print(extract_language_model(a.checkpoint, a.output, base=a.base)))
     return p
 
 # %% ../nbs/04_directions.ipynb #b4581721
