@@ -998,6 +998,32 @@ def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     wm = removed_weights(b, tmp_path/'merged', 2, matrices=ms, progress=False)
     assert sorted(wl) == sorted(wm) and all(torch.allclose(wl[k], wm[k], atol=1e-5) for k in wl)
 
+def test_cli_on_a_lora_adapter_on_experts(tmp_path, capsys, monkeypatch):
+    "The CLI with a LoRA adapter on a Mixtral's attention and fused experts as FINETUNED: directions, calibrate and scan (the model PEFT loads has the adapter's fingerprint), and `generate --steer clip-weights` with every token switched gives the base model's reply."
+    from peft import LoraConfig, get_peft_model
+    import transformers as T
+    import weightwatch_nb.steer as S
+    from weightwatch_nb.cli import main
+    b, _, _ = _plain_pair('mixtral', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj'],
+                                                                              target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path/'lora')
+    (tmp_path/'clean.jsonl').write_text('\n'.join(json.dumps({'text': f'the model {i} of {j}'}) for i in range(8) for j in range(5)) + '\n')
+    lora, d, m = str(tmp_path/'lora'), str(tmp_path/'d.safetensors'), str(tmp_path/'m.safetensors')
+    assert main(['directions', str(b), lora, '-o', d, '--k', '2', '--matrices', 'mlp_out,attn_q', '--quiet']) == 0
+    assert main(['calibrate', lora, d, str(tmp_path/'clean.jsonl'), '-o', m, '--quiet']) == 0
+    assert main(['scan', lora, m, str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'out.jsonl'), '--quiet']) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: S._AllOn(mon, upd, *a, **kw))   # every token switched
+    assert main(['generate', lora, 'the model 3', '--monitor', m, '--base', str(b), '--max-new-tokens', '4', '--steer', 'clip-weights', '--strip-k', '64']) == 0
+    steered = capsys.readouterr().out
+    assert main(['generate', str(b), 'the model 3', '--max-new-tokens', '4']) == 0 and steered == capsys.readouterr().out   # the whole update removed
+    assert main(['generate', lora, 'the model 3', '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out     # (the adapter changes the reply)
+
 def _per_expert_adapter(b, out, names, prefix, experts=None, r=2, alpha=4, seed=0, router=False, **extra):
     "A LoRA adapter on single experts' linear layers, `{prefix}.experts.{e}.{name}` (and with `router`, on `{prefix}.gate`), as PEFT saved them for transformers 4 (random A and B)."
     from safetensors.torch import save_file
