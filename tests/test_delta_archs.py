@@ -187,6 +187,7 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
 ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
 ARCH_KW['minimax_m2'] = _MOE_KW | dict(num_local_experts=3)   # Mixtral's layout, a sigmoid router with a score-correction bias
+ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
             **{t: ARCH_KW['qwen2_moe'] | _HYBRID_KW for t in ('qwen3_next', 'qwen3_5_moe_text')}}   # and Qwen2-MoE's experts and shared expert
@@ -206,6 +207,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'qwen3_moe_dense': ('qwen3_moe', dict(mlp_only_layers=[0])),           # mixtures of experts whose block 0 has a dense MLP
             'qwen2_moe_dense': ('qwen2_moe', dict(decoder_sparse_step=2)),
             'glm4_moe_dense': ('glm4_moe', dict(first_k_dense_replace=1)),
+            'ernie4_5_moe_dense': ('ernie4_5_moe', dict(moe_layer_start_index=1)),
             'deepseek_v2_dense': ('deepseek_v2', dict(first_k_dense_replace=1, q_lora_rank=32)),   # (and its query through a latent too)
             'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32))}
 
@@ -686,8 +688,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -757,7 +759,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -823,7 +825,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     tr = trs[0]
     with torch.no_grad():
         _, cache = model.run_with_cache(tr.ids[None], names_filter=lambda n: n == 'blocks.1.ln2.hook_out')
-        picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'])[-1].reshape(len(tr.ids), -1)
+        picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'][0])[-1].reshape(len(tr.ids), -1)   # (tokens flattened, as the MoE block gives them: ERNIE's softmax is over dim 1)
     assert torch.equal(routed_experts(model, [tr], [1])[0][:, 0], picked)
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
     from weightwatch_nb.audit import audit

@@ -446,7 +446,7 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads)
+FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads)
 _EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
@@ -454,7 +454,7 @@ _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3
 def _n_experts(config:dict)->int|None:
     "Experts per layer of a mixture of experts, from its config dict (None: not one)."
     if config.get('model_type') not in FUSED_EXPERTS: return None
-    return config.get('num_local_experts') or config.get('num_experts') or config.get('n_routed_experts')
+    return config.get('num_local_experts') or config.get('num_experts') or config.get('n_routed_experts') or config.get('moe_num_experts')
 
 def expert_groups(keys, # a checkpoint's tensor names
                   model_type:str|None, # its config's `model_type` (only `FUSED_EXPERTS` are fused)
@@ -476,7 +476,7 @@ def expert_groups(keys, # a checkpoint's tensor names
         out[name] = [[ex[e][i] for i in range(n)] for e in range(len(ex))]
     return out
 
-_RENAMED = {t: ('.block_sparse_moe.', '.mlp.') for t in ('mixtral', 'minimax_m2')}   # what transformers 5 renames when it loads these model types
+_RENAMED = {t: ('.block_sparse_moe.', '.mlp.') for t in ('mixtral', 'minimax_m2')} | {'ernie4_5_moe': ('.mlp.moe_statics.', '.mlp.gate.moe_statics.')}   # what transformers 5 renames when it loads these model types
 
 def loaded_layout(keys, # a checkpoint's tensor names
                   model_type:str|None, # its config's `model_type`

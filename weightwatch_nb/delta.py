@@ -138,14 +138,14 @@ _BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embeddi
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', *FIRST_DENSE, 'gpt_oss')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -185,7 +185,8 @@ def arch_info(config, # a Hugging Face config or its dict
                 d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
                 d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])},
-                          **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE}}.get(mt),
+                          **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE},
+                          'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
                 **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
                 **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
                         lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim']) if mt in HYBRID else {}),
@@ -194,7 +195,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
 
-MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _mla_sizes(d:dict)->dict:
     "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
@@ -210,6 +211,10 @@ def dense_layers(config:dict, # a mixture of experts' config dict
         step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
         return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
     if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
+    if mt == 'ernie4_5_moe':   # experts every `moe_layer_interval` blocks, from `moe_layer_start_index` to `moe_layer_end_index` (-1: the last)
+        a, b, step = config.get('moe_layer_start_index', 1), config.get('moe_layer_end_index', -1), config.get('moe_layer_interval', 1)
+        b = n_layers - 1 if b in (-1, None) else b
+        return tuple(l for l in range(n_layers) if not ((l + 1) % step == 0 and a <= l <= b))
     return ()
 
 def layer_specs(info:dict, # from `arch_info`
