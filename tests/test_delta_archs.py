@@ -561,6 +561,46 @@ def test_qwen3_next_checkpoint_as_released(tmp_path):
     d = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out', 'attn_q'], progress=False)
     assert set(d.vectors) == set(truth) and all(subspace_cosines(d[key].T, U).min() >= 0.999 for key, U in truth.items())
 
+@pytest.mark.filterwarnings("ignore:this (qwen3_next|qwen3_5_moe_text) model has a shared expert")
+@pytest.mark.parametrize('arch', ['qwen3_5_text', 'qwen3_next'])
+def test_write_hook_on_linear_attention_blocks(arch, tmp_path):
+    "With `hook_point=WRITE_HOOK` ('{output}'), a linear-attention block's `attn_out` directions are compared with what its `out_proj` writes (the bridge names it `linear_attn`), in a forward pass, while generating and while steering."
+    from weightwatch_nb.directions import WRITE_HOOK
+    from weightwatch_nb.calibrate import calibrate, trace
+    from weightwatch_nb.monitor import scan
+    from weightwatch_nb.steer import steering, ProjectOut
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1})
+    d = compute_directions(b, f, k=1, matrices=['attn_out'], hook_point=WRITE_HOOK, progress=False)
+    assert d.hook(0, 'attn_out') == 'blocks.0.attn.hook_out' and all(subspace_cosines(d[key].T, U).min() >= 0.999 for key, U in truth.items())
+    model = load_model(f)
+    hf, seen = model.original_model.model.layers, {}
+    assert not hasattr(hf[0], 'self_attn') and hasattr(hf[0], 'linear_attn') and hasattr(hf[1], 'self_attn')   # block 0: linear attention, block 1: full
+    hs = [hf[0].linear_attn.out_proj.register_forward_hook(lambda mod, a, o: seen.setdefault(0, []).append(o.detach())),
+          hf[1].self_attn.o_proj.register_forward_hook(lambda mod, a, o: seen.setdefault(1, []).append(o.detach()))]
+    try: tr = trace(model, d, ['the model 3 of 2 and 7'])[0]
+    finally:
+        for h in hs: h.remove()
+    for l in (0, 1):   # the truth: the cosine of each token's out_proj / o_proj output with the direction, from Hugging Face's own modules
+        want = torch.nn.functional.cosine_similarity(seen[l][0][0], d[(l, 'attn_out')][0][None], dim=-1)
+        assert torch.allclose(tr.cos[:, l], want, atol=1e-5), l
+    mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4)
+    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # scored past the prompt: the hooks fire while generating
+    # ProjectOut at the linear block: Hugging Face's model with the direction projected out of out_proj's output
+    u, ids = d[(0, 'attn_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7]])
+    h = hf[0].linear_attn.out_proj.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
+    try: want = model.original_model(ids).logits
+    finally: h.remove()
+    with torch.no_grad(), steering(model, ProjectOut(d, names=['L0.attn_out.u0'])): got = model(ids)
+    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)
+
+def test_missing_hooks_are_named():
+    "A hook the model lacks, with no alias either, is named in the error; aliases stand in for the hooks a block lacks."
+    from weightwatch_nb.calibrate import check_hooks
+    class M: hook_dict = {'blocks.0.linear_attn.hook_out': None, 'blocks.1.attn.hook_out': None}
+    assert check_hooks(M(), ['blocks.0.attn.hook_out', 'blocks.1.attn.hook_out']) == ['blocks.0.linear_attn.hook_out', 'blocks.1.attn.hook_out']
+    with pytest.raises(WeightwatchError, match=r"hook 'blocks.2.attn.hook_out', which this .* does not have"): check_hooks(M(), ['blocks.2.attn.hook_out'])
+
 def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused."
     from weightwatch_nb.core import WeightwatchError

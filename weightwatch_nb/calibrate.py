@@ -20,15 +20,15 @@ from itertools import groupby
 from .directions import hook_name, parse_name, DEFAULT_HOOK
 
 # %% auto #0
-__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'GENERATION_REFUSED', 'GENERATION_DEFAULTS', 'FLOAT_TOL', 'MIN_RESPONSE_RECORDS',
-           'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys', 'repeats', 'Records',
-           'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch', 'collate', 'batches',
-           'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace', 'context_window',
-           'reply_end', 'check_generation', 'same_directions', 'forward_blocks', 'run_batches', 'trace_batches',
-           'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats', 'thresholds', 'excess',
-           'record_scores', 'check_settings', 'cp_upper', 'prompts_needed', 'Monitor', 'response_records',
-           'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors', 'quiet_hf',
-           'register_cli']
+__all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'HOOK_ALIASES', 'GENERATION_REFUSED', 'GENERATION_DEFAULTS', 'FLOAT_TOL',
+           'MIN_RESPONSE_RECORDS', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys',
+           'repeats', 'Records', 'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch',
+           'collate', 'batches', 'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace',
+           'context_window', 'reply_end', 'check_generation', 'same_directions', 'forward_blocks', 'run_batches',
+           'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats',
+           'thresholds', 'excess', 'record_scores', 'check_settings', 'cp_upper', 'prompts_needed', 'Monitor',
+           'response_records', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors',
+           'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -298,20 +298,26 @@ class Tracer:
         return fn
 
     def hooks(self, model=None)->list:
-        "(hook name, function) pairs to attach; with `model`, first checked against the hooks it has (`check_hooks`)."
-        if model is not None: check_hooks(model, [h for _, h, *_ in self.groups])
-        return [(h, self._hook(h, U)) for _, h, _, _, U in self.groups]
+        "(hook name, function) pairs to attach; with `model`, checked against the hooks it has and named as it names them (`check_hooks`)."
+        names = [h for _, h, *_ in self.groups]
+        at = check_hooks(model, names) if model is not None else names
+        return [(a, self._hook(h, U)) for a, (_, h, _, _, U) in zip(at, self.groups)]
     def cosines(self)->Tensor:
         "[b, t, n] cosines of every token seen since `start` with every direction (layer-major order)."
         return torch.cat([torch.cat(self.dots[h], dim=1) / torch.cat(self.norms[h], dim=1).clamp_min(1e-12) for _, h, *_ in self.groups], dim=-1)
 
+HOOK_ALIASES = (('.attn.hook_out', '.linear_attn.hook_out'),)   # a hybrid's linear-attention blocks (Qwen3.5, Qwen3-Next) have no `attn`: its output is `linear_attn`'s
+
 def check_hooks(model, # the model (`TransformerBridge`)
                 names:list[str], # hook names that directions are compared at
-               )->None:
-    "Raise a `WeightwatchError` that names the hook, unless `model` has every hook in `names`."
+               )->list[str]: # the names to attach, in the same order
+    "The hooks of `model` for `names` (an alias from `HOOK_ALIASES` where a block has it instead); a `WeightwatchError` that names any hook it lacks."
     have = getattr(model, 'hook_dict', None)
-    missing = sorted(set(names) - set(have)) if have is not None else []
-    if not missing: return
+    if have is None: return list(names)
+    alias = lambda n: n if n in have else next((n.removesuffix(a) + b for a, b in HOOK_ALIASES if n.endswith(a) and n.removesuffix(a) + b in have), n)
+    at = [alias(n) for n in names]
+    missing = sorted({n for n, a in zip(names, at) if a not in have})
+    if not missing: return at
     mt = getattr(getattr(getattr(model, 'original_model', model), 'config', None), 'model_type', None) or 'this'
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''
     raise WeightwatchError(f"these directions are compared at hook {missing[0]!r}{more}, which this {mt} model does not have; "
