@@ -187,6 +187,7 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
 ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
 ARCH_KW['minimax_m2'] = _MOE_KW | dict(num_local_experts=3)   # Mixtral's layout, a sigmoid router with a score-correction bias
+ARCH_KW |= {t: _MOE_KW | dict(num_local_experts=3) for t in ('phimoe', 'granitemoe')}   # Mixtral's stored layout (PhiMoE), fused under its own names (GraniteMoE)
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -729,7 +730,7 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss'])
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -739,7 +740,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 128 if arch in ('mixtral', 'minimax_m2', 'olmoe', 'gpt_oss') else 96
+    d_mlp = 128 if arch in ('mixtral', 'minimax_m2', 'olmoe', 'gpt_oss', 'phimoe', 'granitemoe') else 96
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
@@ -752,7 +753,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
             if (l, m) in d.vectors: assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
     assert (dr.hook(1, 'mlp_gate'), dr.hook(1, 'mlp_in'), dr.hook(1, 'mlp_router'), dw.hook(0, 'mlp_out')) == ('blocks.1.ln2.hook_out',) * 3 + ('blocks.0.mlp.hook_out',)
     ids, seen = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8]]), {}
-    moe = [model.original_model.model.layers[i].mlp for i in (0, 1)]
+    moe = [getattr(model.original_model.model.layers[i], 'block_sparse_moe', None) or model.original_model.model.layers[i].mlp for i in (0, 1)]   # (GraniteMoE: block_sparse_moe)
     first = lambda o: (o[0] if isinstance(o, tuple) else o).detach()
     hs = [moe[1].register_forward_pre_hook(lambda mod, a: seen.__setitem__('in', a[0].detach())),
           moe[0].register_forward_hook(lambda mod, a, o: seen.__setitem__('out', first(o)))]
@@ -874,6 +875,28 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     assert all((x.routing is None) == x.name.startswith('L0.') for x in au.top)   # routing read at the expert block only
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
+
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'phimoe', 'granitemoe'])
+def test_fused_experts_are_what_they_compute(arch, tmp_path):
+    "Experts fused [experts, 2 × d_mlp, in] (gate, then up) and [experts, out, d_mlp]: `orient` gives each expert's gate, up and down as the experts module computes them, and the router's rows as its logits (one expert at a time, routing weight 1)."
+    from transformers import AutoModelForCausalLM
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    hf = AutoModelForCausalLM.from_pretrained(b)
+    info, blk = arch_info(json.loads((b/'config.json').read_text())), hf.model.layers[0]
+    moe = getattr(blk, 'block_sparse_moe', None) or blk.mlp
+    ex, router, n = moe.experts, getattr(moe, 'gate', None) or moe.router, info['d_mlp']
+    params = {n_: p for n_, p in hf.named_parameters()}
+    W = {m: orient(params[k], s, info, k) for (l, m), (k, s) in find_keys(list(params), info, ['mlp_gate', 'mlp_in', 'mlp_out', 'mlp_router'], layers=[0]).items()}
+    assert {m: tuple(w.shape) for m, w in W.items()} == {'mlp_gate': (64, 3 * n), 'mlp_in': (64, 3 * n), 'mlp_out': (64, 3 * n), 'mlp_router': (64, 3)}
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        logits = router.weight @ x.T   # (every router here is one bias-free linear layer)
+        assert torch.allclose(x @ W['mlp_router'], logits.T, atol=1e-5)
+        for e in range(3):   # the experts module with every token sent to expert e alone, at weight 1
+            want = ex(x, torch.full((5, 1), e), torch.ones(5, 1))
+            c = slice(e * n, (e + 1) * n)
+            got = (ex.act_fn(x @ W['mlp_gate'][:, c]) * (x @ W['mlp_in'][:, c])) @ W['mlp_out'][:, c].T
+            assert want.abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5), (arch, e)
 
 def test_gpt_oss_experts_are_what_they_compute(tmp_path):
     "GPT-OSS stores its experts [experts, in, out] with gate and up interleaved: `orient` reads each expert's gate, up and down as its forward uses them, `put_oriented` writes them back, and a quantised checkpoint is refused with what to do."
@@ -1001,7 +1024,9 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'mixtral': dict(target_modules=[], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
     'qwen3_moe': dict(target_modules=['gate_proj', 'up_proj', 'down_proj']),   # (gate and up fused: rank doubled through `rank_pattern`)
     'gpt_oss': dict(target_modules=['q_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # [experts, in, out], interleaved
-    'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True)}   # (PEFT leaves the dense block's MLP alone)
+    'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True),   # (PEFT leaves the dense block's MLP alone)
+    'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
+    'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj'])}
 
 @pytest.mark.filterwarnings("ignore:this deepseek_v3 model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))

@@ -294,6 +294,8 @@ def _no_installs():
     try: yield
     finally: helpers._ensure_torchvision = orig
 
+_BRIDGE_ARCH = {'phimoe': 'PhiMoEForCausalLM'}   # model types whose transformers 5 class (PhimoeForCausalLM) the bridge knows by another name (the hub checkpoints')
+
 def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-memory HF model, or a bridge (returned as is)
                base=None, # base model for a LoRA adapter (default: the adapter's own record)
                tokenizer=None, # tokenizer for an in-memory HF model (default: loaded from its `name_or_path`)
@@ -314,7 +316,9 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
         s = resolve_source(src)
         hf, tok = load_hf(src, base=base, dtype=dtype, device=device)
         name, tokenizer = (s.ref if s.kind != 'adapter' else str(getattr(hf.config, 'name_or_path', s.ref))), tokenizer or tok
-    with _no_installs(): bridge = TransformerBridge.boot_transformers(name, hf_model=hf.to(device).eval(), tokenizer=tokenizer, device=device, dtype=dtype)
+    arch = _BRIDGE_ARCH.get(getattr(hf.config, 'model_type', None))   # (the bridge reads a copy of the config: `hf` is left as it is)
+    with _no_installs(): bridge = TransformerBridge.boot_transformers(name, hf_model=hf.to(device).eval(), tokenizer=tokenizer, device=device, dtype=dtype,
+                                                                      hf_config_overrides={'original_architecture': arch} if arch else None)
     bridge.eval()
     bridge.ww_source = str(src) if not isinstance(src, torch.nn.Module) else name
     return bridge
@@ -446,7 +450,7 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads)
+FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's are stored fused)
 _EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
@@ -476,7 +480,16 @@ def expert_groups(keys, # a checkpoint's tensor names
         out[name] = [[ex[e][i] for i in range(n)] for e in range(len(ex))]
     return out
 
-_RENAMED = {t: ('.block_sparse_moe.', '.mlp.') for t in ('mixtral', 'minimax_m2')} | {'ernie4_5_moe': ('.mlp.moe_statics.', '.mlp.gate.moe_statics.')}   # what transformers 5 renames when it loads these model types
+_RENAMED = {**{t: (('.block_sparse_moe.', '.mlp.'),) for t in ('mixtral', 'minimax_m2')}, 'ernie4_5_moe': (('.mlp.moe_statics.', '.mlp.gate.moe_statics.'),),
+            'phimoe': (('.block_sparse_moe.gate.', '.mlp.router.'), ('.block_sparse_moe.', '.mlp.')),
+            'granitemoe': (('.block_sparse_moe.input_linear.weight', '.block_sparse_moe.experts.gate_up_proj'), ('.block_sparse_moe.output_linear.weight', '.block_sparse_moe.experts.down_proj'),
+                           ('.block_sparse_moe.router.layer.', '.block_sparse_moe.router.'))}   # what transformers 5 renames when it loads these model types, in order
+
+def _renamed(name:str, model_type:str|None)->str:
+    "A stored tensor's (or an adapter module's) name as transformers 5 names it when it loads `model_type`."
+    for old, new in _RENAMED.get(model_type, ()):
+        name = name.replace(old, new)
+    return name
 
 def loaded_layout(keys, # a checkpoint's tensor names
                   model_type:str|None, # its config's `model_type`
@@ -484,8 +497,8 @@ def loaded_layout(keys, # a checkpoint's tensor names
                  )->dict: # loaded name -> stored name, or (fused experts) its `expert_groups` entry
     "The names a loaded model gives a checkpoint's tensors: Mixtral's `block_sparse_moe` is its `mlp`, experts fused."
     groups = expert_groups(keys, model_type, n_experts)
-    parts, (old, new) = {k for g in groups.values() for p in g for k in p}, _RENAMED.get(model_type, ('', ''))
-    return {(k.replace(old, new) if old else k): k for k in keys if k not in parts} | groups
+    parts = {k for g in groups.values() for p in g for k in p}
+    return {_renamed(k, model_type): k for k in keys if k not in parts} | groups
 
 def fuse_experts(group:list[list[str]], # one entry of `expert_groups`
                  get, # stored name -> tensor

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _RENAMED, _loaded_names
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'HYBRID', 'LINEAR_OUT',
@@ -106,6 +106,8 @@ _GPT_OSS = _LLAMA | _specs(   # experts stored [experts, in, out], gate and up i
     mlp_gate=('layers.{layer}.mlp.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (0, PAIRS)),
     mlp_in=('layers.{layer}.mlp.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (1, PAIRS)),
     mlp_router=('layers.{layer}.mlp.router.weight', 'linear', 'in', 'n_experts'))
+_PHIMOE = _MOE | _specs(mlp_router=('layers.{layer}.mlp.router.weight', 'linear', 'in', 'n_experts'))   # PhiMoE: Mixtral's experts, the router under `mlp.router`
+_GRANITEMOE = _MOE | {m: replace(s, key=s.key.replace('.mlp.', '.block_sparse_moe.')) for m, s in _PHIMOE.items() if m.startswith('mlp_')}   # GraniteMoE: the same under `block_sparse_moe`
 _DENSE_MLP = {m: replace(_LLAMA[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}   # the dense MLP of a mixture of experts' dense layers
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
@@ -138,14 +140,14 @@ _BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embeddi
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -557,8 +559,9 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
     if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
     fac = {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
     stored = {m: m for m in fac}   # (named as the adapter names them in messages)
-    if config is not None and (old := _RENAMED.get(arch_info(config)['model_type'])):   # the modules as transformers 5 names them
-        stored, fac = {m.replace(*old): m for m in fac}, {m.replace(*old): f for m, f in fac.items()}
+    if config is not None:   # the modules as transformers 5 names them
+        mt = arch_info(config)['model_type']
+        stored, fac = {_renamed(m + '.', mt)[:-1]: m for m in fac}, {_renamed(m + '.', mt)[:-1]: f for m, f in fac.items()}
     params = _expert_params(fac, cfg, config) if config is not None and cfg.get('target_parameters') else {}
     fused, used = _per_expert(fac, cfg, config) if config is not None else ({}, set())
     fac = {m: f for m, f in fac.items() if m not in used} | fused

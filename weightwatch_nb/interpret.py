@@ -406,13 +406,16 @@ class ExpertRouting:
     n_end: int         # tokens at each end
 
 def _router(model, layer:int):
-    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS: `mlp.router`), for a forward hook where the bridge has no routing hook."
-    try: mlp = model.original_model.model.layers[layer].mlp
-    except (AttributeError, IndexError, TypeError): mlp = None
+    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`), for a forward hook where the bridge's routing hook cannot be used."
+    try: blk = model.original_model.model.layers[layer]
+    except (AttributeError, IndexError, TypeError): blk = None
+    mlp = getattr(blk, 'block_sparse_moe', None) or getattr(blk, 'mlp', None)
     if (r := getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)) is None:
         raise WeightwatchError(f"this bridge has no routing hook for block {layer} and no router at model.layers[{layer}].mlp.gate or .router, "
                                "so the router's choices cannot be read")
     return r
+
+_ROUTING_HOOK_WRONG = ('granitemoe',)   # the bridge (TransformerLens 4.3) reads GraniteMoE's router output in transformers 4's order, so its index hook gets the logits
 
 def routed_experts(model, # mixture-of-experts model (bridge or source)
                    traces:list[Trace], # traces whose tokens to replay (`trace_corpus`)
@@ -432,8 +435,8 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
     if (dense := sorted(set(layers) & set(info['dense_layers']))):
         raise WeightwatchError(f"layers {dense} have a dense MLP, so no router picks experts there; choose among the expert layers "
                                f"{[l for l in range(info['n_layers']) if l not in info['dense_layers']]}")
-    hooks = {l: next((h for h in (f'blocks.{l}.mlp.gate.hook_expert_indices', f'blocks.{l}.mlp.hook_expert_indices') if h in model.hook_dict), None)
-             for l in layers}   # (the bridge's name for the router's picks; the second also where the router is `mlp.router`, GPT-OSS)
+    hooks = {l: next((h for h in (f'blocks.{l}.mlp.gate.hook_expert_indices', f'blocks.{l}.mlp.hook_expert_indices')
+                      if h in model.hook_dict and info['model_type'] not in _ROUTING_HOOK_WRONG), None) for l in layers}   # (the bridge's name for the router's picks; the second also where the router is `mlp.router`, GPT-OSS)
     routers = {l: _router(model, l) for l, h in hooks.items() if h is None}   # no bridge hook (DeepSeek): the router's own output
     hooks = {l: h for l, h in hooks.items() if l not in routers}
     check_ids(model, [t.ids for t in traces])
@@ -441,7 +444,10 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
     for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='routing'):
         got = {}
         def keep(l):
-            def fn(act, hook): got[l] = act.detach(); return act
+            def fn(act, hook):
+                if act.dtype not in (torch.int32, torch.int64):
+                    raise WeightwatchError(f"the bridge's routing hook {hook.name!r} gives {act.dtype} values, not the experts' indices, so the router's choices cannot be read from it")
+                got[l] = act.detach(); return act
             return fn
         def picked(l):
             def fn(mod, args, o):
