@@ -187,7 +187,8 @@ ARCH_KW |= {'mixtral': _MOE_KW | dict(num_local_experts=3), 'olmoe': _MOE_KW | d
                                           q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)}   # latent attention
 ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [experts, in, out], gate and up interleaved
 ARCH_KW['minimax_m2'] = _MOE_KW | dict(num_local_experts=3)   # Mixtral's layout, a sigmoid router with a score-correction bias
-ARCH_KW |= {t: _MOE_KW | dict(num_local_experts=3) for t in ('phimoe', 'granitemoe')}   # Mixtral's stored layout (PhiMoE), fused under its own names (GraniteMoE)
+ARCH_KW |= {t: _MOE_KW | dict(num_local_experts=3) for t in ('phimoe', 'granitemoe')}
+ARCH_KW['llama4_text'] = _MOE_KW | dict(num_local_experts=3, intermediate_size=96, intermediate_size_mlp=128, interleave_moe_layer_step=1)   # experts [experts, in, out], gate and up chunked; a shared expert   # Mixtral's stored layout (PhiMoE), fused under its own names (GraniteMoE)
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -210,7 +211,12 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'glm4_moe_dense': ('glm4_moe', dict(first_k_dense_replace=1)),
             'ernie4_5_moe_dense': ('ernie4_5_moe', dict(moe_layer_start_index=1)),
             'deepseek_v2_dense': ('deepseek_v2', dict(first_k_dense_replace=1, q_lora_rank=32)),   # (and its query through a latent too)
-            'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32))}
+            'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32)),
+            'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2))}   # (Llama 4 Maverick: experts every other block)
+
+def _ffn(layer):
+    "A decoder layer's MLP or mixture of experts: `mlp`, GraniteMoE's `block_sparse_moe`, Llama 4's `feed_forward`."
+    return getattr(layer, 'block_sparse_moe', None) or getattr(layer, 'feed_forward', None) or layer.mlp
 
 def _config(arch):
     "A tiny config of `arch`, or of one of the `VARIANTS`."
@@ -529,7 +535,10 @@ MULTIMODAL = {   # tiny multimodal checkpoints: (class, config kwargs, the text 
     'mistral3': ('Mistral3', dict(text_config=dict(model_type='mistral', **_TEXT), image_token_index=299, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)), 'mistral'),
     'qwen3_5': ('Qwen3_5', dict(text_config=_TEXT | _HYBRID_KW, image_token_id=299, video_token_id=298, vision_config=dict(
-        hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14)), 'qwen3_5_text')}
+        hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14)), 'qwen3_5_text'),
+    'llama4': ('Llama4', dict(text_config=ARCH_KW['llama4_text'] | dict(vocab_size=300), image_token_index=299, vision_config=dict(   # (Llama 4 Scout and Maverick are released this way)
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
+        projector_input_dim=32, projector_output_dim=64)), 'llama4_text')}
 
 @pytest.mark.parametrize('arch', list(MULTIMODAL))
 def test_extract_language_model_of_other_multimodal_families(arch, tmp_path):
@@ -729,8 +738,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|llama4_text) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -753,14 +762,14 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
             if (l, m) in d.vectors: assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
     assert (dr.hook(1, 'mlp_gate'), dr.hook(1, 'mlp_in'), dr.hook(1, 'mlp_router'), dw.hook(0, 'mlp_out')) == ('blocks.1.ln2.hook_out',) * 3 + ('blocks.0.mlp.hook_out',)
     ids, seen = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8]]), {}
-    moe = [getattr(model.original_model.model.layers[i], 'block_sparse_moe', None) or model.original_model.model.layers[i].mlp for i in (0, 1)]   # (GraniteMoE: block_sparse_moe)
+    moe = [_ffn(model.original_model.model.layers[i]) for i in (0, 1)]
     first = lambda o: (o[0] if isinstance(o, tuple) else o).detach()
     hs = [moe[1].register_forward_pre_hook(lambda mod, a: seen.__setitem__('in', a[0].detach())),
           moe[0].register_forward_hook(lambda mod, a, o: seen.__setitem__('out', first(o)))]
     try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n in ('blocks.1.ln2.hook_out', 'blocks.0.mlp.hook_out'))
     finally:
         for h in hs: h.remove()
-    assert torch.equal(cache['blocks.1.ln2.hook_out'], seen['in']) and torch.equal(cache['blocks.0.mlp.hook_out'], seen['out'])   # what the router and experts read, and write
+    assert torch.equal(cache['blocks.1.ln2.hook_out'], seen['in'].reshape(1, 8, 64)) and torch.equal(cache['blocks.0.mlp.hook_out'], seen['out'].reshape(1, 8, 64))   # what the router and experts read, and write (Llama 4's, flattened)
     # the routing and the experts' inputs at layer 0 are the base's, so the fine-tune moves layer 0's MLP output along the planted direction only
     _, bc = base.run_with_cache(ids, names_filter=lambda n: n == 'blocks.0.mlp.hook_out')
     diff, u = (cache['blocks.0.mlp.hook_out'] - bc['blocks.0.mlp.hook_out'])[0], dw[(0, 'mlp_out')][0]
@@ -800,7 +809,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'llama4_text_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -817,7 +826,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     # as transformers builds it: block 0's MLP is dense, block 1's has experts (and a router, and any shared expert)
     model, base = load_model(f), load_model(b)
     hf = model.original_model.model.layers
-    assert hasattr(hf[0].mlp, 'down_proj') and not hasattr(hf[0].mlp, 'experts') and hasattr(hf[1].mlp, 'experts')
+    assert hasattr(_ffn(hf[0]), 'down_proj') and not hasattr(_ffn(hf[0]), 'experts') and hasattr(_ffn(hf[1]), 'experts')
     ms = list(block_matrices(f))
     keys = find_keys(open_tensors(f).keys(), info, ms)
     assert {m for l, m in keys if l == 0} == {'attn_out', 'mlp_out', 'attn_q', 'mlp_in', 'mlp_gate', *(['attn_kv'] if mla else ['attn_k', 'attn_v'])}   # no router, no shared expert there
@@ -867,6 +876,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     with torch.no_grad():
         _, cache = model.run_with_cache(tr.ids[None], names_filter=lambda n: n == 'blocks.1.ln2.hook_out')
         picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'][0])[-1].reshape(len(tr.ids), -1)   # (tokens flattened, as the MoE block gives them: ERNIE's softmax is over dim 1)
+        if picked.is_floating_point(): picked = picked.topk(model.original_model.config.num_experts_per_tok, dim=-1).indices   # (Llama 4's router returns its logits)
     assert torch.equal(routed_experts(model, [tr], [1])[0][:, 0], picked)
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
     from weightwatch_nb.audit import audit
@@ -883,7 +893,7 @@ def test_fused_experts_are_what_they_compute(arch, tmp_path):
     b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
     hf = AutoModelForCausalLM.from_pretrained(b)
     info, blk = arch_info(json.loads((b/'config.json').read_text())), hf.model.layers[0]
-    moe = getattr(blk, 'block_sparse_moe', None) or blk.mlp
+    moe = _ffn(blk)
     ex, router, n = moe.experts, getattr(moe, 'gate', None) or moe.router, info['d_mlp']
     params = {n_: p for n_, p in hf.named_parameters()}
     W = {m: orient(params[k], s, info, k) for (l, m), (k, s) in find_keys(list(params), info, ['mlp_gate', 'mlp_in', 'mlp_out', 'mlp_router'], layers=[0]).items()}
@@ -897,6 +907,26 @@ def test_fused_experts_are_what_they_compute(arch, tmp_path):
             c = slice(e * n, (e + 1) * n)
             got = (ex.act_fn(x @ W['mlp_gate'][:, c]) * (x @ W['mlp_in'][:, c])) @ W['mlp_out'][:, c].T
             assert want.abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5), (arch, e)
+
+@pytest.mark.filterwarnings("ignore:this llama4_text model has a shared expert")
+def test_llama4_experts_are_what_they_compute(tmp_path):
+    "Llama 4 stores its experts [experts, in, out] with gate and up chunked (gate first), and runs every expert on every token (scaled by its sigmoid score): `orient` gives each expert's gate, up and down as that forward uses them, the router's rows as its logits, and the shared expert as a gated MLP."
+    from transformers import AutoModelForCausalLM
+    b, _, _ = _plain_pair('llama4_text', tmp_path, {(0, 'attn_out'): 1})
+    hf = AutoModelForCausalLM.from_pretrained(b)
+    info, ff = arch_info(json.loads((b/'config.json').read_text())), hf.model.layers[0].feed_forward
+    params = dict(hf.named_parameters())
+    W = {m: orient(params[k], s, info, k) for (l, m), (k, s) in find_keys(list(params), info, list(info['specs']), layers=[0]).items() if m.startswith('mlp')}
+    x, n = torch.randn(5, 64), 96
+    with torch.no_grad():
+        out = ff.experts(x.repeat(3, 1)).view(3, 5, 64)   # every expert's copy of the tokens, expert by expert
+        for e in range(3):
+            c = slice(e * n, (e + 1) * n)
+            got = (ff.experts.act_fn(x @ W['mlp_gate'][:, c]) * (x @ W['mlp_in'][:, c])) @ W['mlp_out'][:, c].T
+            assert out[e].abs().max() > 1e-3 and torch.allclose(got, out[e], atol=1e-5), e
+        assert torch.allclose(x @ W['mlp_router'], ff.router(x)[1], atol=1e-5)   # (scores, logits)
+        se = ff.shared_expert
+        assert torch.allclose((se.activation_fn(x @ W['mlp_shared_gate']) * (x @ W['mlp_shared_in'])) @ W['mlp_shared_out'].T, se(x), atol=1e-5)
 
 def test_gpt_oss_experts_are_what_they_compute(tmp_path):
     "GPT-OSS stores its experts [experts, in, out] with gate and up interleaved: `orient` reads each expert's gate, up and down as its forward uses them, `put_oriented` writes them back, and a quantised checkpoint is refused with what to do."
@@ -1026,9 +1056,10 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'gpt_oss': dict(target_modules=['q_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # [experts, in, out], interleaved
     'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True),   # (PEFT leaves the dense block's MLP alone)
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
-    'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj'])}
+    'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
+    'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
 
-@pytest.mark.filterwarnings("ignore:this deepseek_v3 model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."

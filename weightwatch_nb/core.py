@@ -365,7 +365,7 @@ def extract_language_model(src, # a multimodal checkpoint (directory or hub id),
     if cls is None: raise WeightwatchError(f"transformers has no text-only model class for {tc.model_type!r}, the language model of {str(src)!r}")
     text = cls(tc).to(dtype).eval()
     text.get_decoder().load_state_dict(hf.get_decoder().state_dict())   # strict: every weight of the decoder, nothing else
-    if not tc.tie_word_embeddings: text.lm_head.load_state_dict(hf.lm_head.state_dict())
+    if not tc.tie_word_embeddings: text.get_output_embeddings().load_state_dict(hf.get_output_embeddings().state_dict())   # (Llama 4 keeps it in its `language_model`)
     ids = torch.randint(3, min(tc.vocab_size, 1000), (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(): want, got = hf(input_ids=ids).logits.float(), text(ids).logits.float()
     if not torch.allclose(want, got, atol=1e-3 * max(1., float(want.abs().max()))):
@@ -450,7 +450,7 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's are stored fused)
+FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
 _EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}

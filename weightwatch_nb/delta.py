@@ -13,12 +13,13 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'MOE_ONLY', 'HYBRID', 'LINEAR_OUT',
-           'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES',
-           'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'MatrixSpec', 'arch_info', 'dense_layers',
-           'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors',
-           'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors',
-           'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY', 'HYBRID',
+           'LINEAR_OUT', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
+           'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
+           'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
+           'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter',
+           'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
+           'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -109,6 +110,13 @@ _GPT_OSS = _LLAMA | _specs(   # experts stored [experts, in, out], gate and up i
 _PHIMOE = _MOE | _specs(mlp_router=('layers.{layer}.mlp.router.weight', 'linear', 'in', 'n_experts'))   # PhiMoE: Mixtral's experts, the router under `mlp.router`
 _GRANITEMOE = _MOE | {m: replace(s, key=s.key.replace('.mlp.', '.block_sparse_moe.')) for m, s in _PHIMOE.items() if m.startswith('mlp_')}   # GraniteMoE: the same under `block_sparse_moe`
 _DENSE_MLP = {m: replace(_LLAMA[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}   # the dense MLP of a mixture of experts' dense layers
+_FF = lambda specs: {m: replace(s, key=s.key.replace('.mlp.', '.feed_forward.')) for m, s in specs.items()}   # Llama 4 calls its MLP `feed_forward`
+_LLAMA4 = _LLAMA | _FF({m: s for m, s in _QWEN2_MOE.items() if m.startswith('mlp_')}) | _specs(   # Llama 4 (text): Qwen2-MoE's parts under `feed_forward`,
+    mlp_out=('layers.{layer}.feed_forward.experts.down_proj', 'experts_t', 'out', 'd_mlp'),   # its experts stored [experts, in, out], gate and up chunked
+    mlp_gate=('layers.{layer}.feed_forward.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (0, 2)),
+    mlp_in=('layers.{layer}.feed_forward.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (1, 2)),
+    mlp_router=('layers.{layer}.feed_forward.router.weight', 'linear', 'in', 'n_experts'))
+DENSE_SPECS = {'llama4_text': _FF(_DENSE_MLP)}   # a dense block's MLP where it is not Llama's `mlp` (default: `_DENSE_MLP`)
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
 _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemotron, Apertus: Llama's names, an MLP of up and down only
@@ -140,14 +148,14 @@ _BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embeddi
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -185,8 +193,8 @@ def arch_info(config, # a Hugging Face config or its dict
     kv_heads = 1 if mt == 'gpt_bigcode' else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode: multi-query, one k and v head
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
                 d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim') or 4*d_model,
-                n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size'),
-                d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])},
+                n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size_mlp' if mt == 'llama4_text' else 'intermediate_size'),
+                d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])}, 'llama4_text': d.get('intermediate_size'),
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE},
                           'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
                 **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
@@ -213,6 +221,10 @@ def dense_layers(config:dict, # a mixture of experts' config dict
         step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
         return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
     if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
+    if mt == 'llama4_text':   # experts in `moe_layers`, or (a config that leaves them to the class) every `interleave_moe_layer_step`-th block
+        step = config.get('interleave_moe_layer_step') or 1
+        moe = config.get('moe_layers') if config.get('moe_layers') is not None else range(step - 1, n_layers, step)
+        return tuple(l for l in range(n_layers) if l not in set(moe))
     if mt == 'ernie4_5_moe':   # experts every `moe_layer_interval` blocks, from `moe_layer_start_index` to `moe_layer_end_index` (-1: the last)
         a, b, step = config.get('moe_layer_start_index', 1), config.get('moe_layer_end_index', -1), config.get('moe_layer_interval', 1)
         b = n_layers - 1 if b in (-1, None) else b
@@ -225,7 +237,7 @@ def layer_specs(info:dict, # from `arch_info`
     "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer reads with no q, k or v."
     specs = info['specs']
     if layer is None: return specs
-    if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | _DENSE_MLP
+    if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | DENSE_SPECS.get(info['model_type'], _DENSE_MLP)
     if layer in info.get('linear_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT}
     return specs
 
@@ -487,9 +499,15 @@ def _lora_scale(module:str, r:int, cfg:dict)->float:
     return alpha / (r ** 0.5 if cfg.get('use_rslora') else r)
 
 EXPERT_STORES = ('experts', 'experts_t')   # how fused experts are stored (`MatrixSpec.stored`)
+PEFT_TRANSPOSED = ('gpt_oss',)   # model types with [experts, in, out] experts that tell PEFT so (`is_transposed`); PEFT takes other 3-D experts for [experts, out, in]
+
+def _swapped(A:Tensor, B:Tensor, E:int)->tuple[Tensor, Tensor]:
+    "PEFT's factors of experts it took for [experts, out, in] when they are [experts, in, out] (Llama 4's): the same update, each expert's B_e @ A_e transposed, so it reads [out, in]."
+    r = A.shape[0] // E
+    return B.reshape(B.shape[0], r, E).permute(2, 1, 0).reshape(E * r, B.shape[0]), A.reshape(E, r, A.shape[1]).permute(2, 1, 0).reshape(A.shape[1], r * E)
 
 def _expert_params(fac:dict, cfg:dict, config)->dict:
-    "{wrapper module: parameter name} for PEFT's `target_parameters` LoRA on fused experts, each wrapper named by the one targeted parameter whose shape it fits."
+    "{wrapper module: parameter name} for PEFT's `target_parameters` LoRA on fused experts, each wrapper named by the one targeted parameter whose shape it fits (factors PEFT laid out as the stored [in, out] are turned to [out, in] in `fac`)."
     info, out = arch_info(config), {}
     if not (E := info['n_experts']): return out
     for root in {re.sub(r'(\.base_layer)+$', '', m) for m in fac}:   # several parameters of one module: wrappers nested under `base_layer`s
@@ -497,9 +515,12 @@ def _expert_params(fac:dict, cfg:dict, config)->dict:
         specs = {key: spec for key, spec in find_keys(names, info, list(info['specs']), required=False).values() if spec.stored in EXPERT_STORES}
         for m in (m for m in fac if re.sub(r'(\.base_layer)+$', '', m) == root):
             A, B = fac[m]
-            fits = [key for key, spec in specs.items() if (B.shape[0], A.shape[1]) == _logical_shape(spec, info)   # [out, in] whichever way
-                    and A.shape[0] == B.shape[1] and A.shape[0] % E == 0]                                        # they are stored; rank × experts
-            if len(fits) == 1: out[m] = fits[0]
+            if A.shape[0] != B.shape[1] or A.shape[0] % E: continue   # (rank × experts)
+            swap = lambda spec: spec.stored == 'experts_t' and info['model_type'] not in PEFT_TRANSPOSED   # PEFT's B·A: the stored [in, out]
+            fits = [key for key, spec in specs.items() if (B.shape[0], A.shape[1]) == _logical_shape(spec, info)[::-1 if swap(spec) else 1]]
+            if len(fits) == 1:
+                out[m] = fits[0]
+                if swap(specs[fits[0]]): fac[m] = _swapped(A, B, E)
     return out
 
 def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:

@@ -406,10 +406,10 @@ class ExpertRouting:
     n_end: int         # tokens at each end
 
 def _router(model, layer:int):
-    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`), for a forward hook where the bridge's routing hook cannot be used."
+    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`; Llama 4: `feed_forward.router`), for a forward hook where the bridge's routing hook cannot be used."
     try: blk = model.original_model.model.layers[layer]
     except (AttributeError, IndexError, TypeError): blk = None
-    mlp = getattr(blk, 'block_sparse_moe', None) or getattr(blk, 'mlp', None)
+    mlp = getattr(blk, 'block_sparse_moe', None) or getattr(blk, 'feed_forward', None) or getattr(blk, 'mlp', None)
     if (r := getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)) is None:
         raise WeightwatchError(f"this bridge has no routing hook for block {layer} and no router at model.layers[{layer}].mlp.gate or .router, "
                                "so the router's choices cannot be read")
@@ -452,6 +452,8 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
         def picked(l):
             def fn(mod, args, o):
                 idx = o[-1] if isinstance(o, tuple) else None
+                if isinstance(idx, Tensor) and idx.is_floating_point() and idx.ndim == 2 and isinstance(getattr(mod, 'top_k', None), int):
+                    idx = idx.topk(mod.top_k, dim=-1).indices   # (Llama 4's router returns its logits, and picks their top k)
                 if not (isinstance(idx, Tensor) and idx.dtype in (torch.int32, torch.int64) and idx.ndim == 2):
                     raise WeightwatchError(f"the router of block {l} ({type(mod).__name__}) does not return the experts it picks, so its choices cannot be read")
                 got[l] = idx.detach()

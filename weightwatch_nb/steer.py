@@ -711,12 +711,14 @@ def _rerun(self:ClipWeights, parts:dict):
         if self._rerunning or g is None: return out
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         batched = lambda a: isinstance(a, Tensor) and a.ndim >= 3 and tuple(a.shape[:2]) == tuple(g.shape)   # [b, t, ...] (GLM-4-MoE's router)
-        if x is None or not (batched(x) or x.shape[0] == g.numel()):   # checked at every pass, switched or not: a module it cannot follow fails at once
+        E = getattr(mod, 'num_experts', None)   # Llama 4's experts run on every expert's copy of the tokens, expert by expert: [E × tokens, d]
+        stacked = x is not None and not batched(x) and isinstance(E, int) and E > 1 and x.shape[0] == E * g.numel()
+        if x is None or not (batched(x) or x.shape[0] == g.numel() or stacked):   # checked at every pass, switched or not: a module it cannot follow fails at once
             raise WeightwatchError(f"{type(mod).__name__} (holding {sorted(parts.values())[:2]}) ran on a {list(getattr(x, 'shape', []))} input, which is neither "
                                    f"the pass's {list(g.shape)} tokens nor those flattened row by row: ClipWeights cannot follow it; make the update without those "
                                    "tensors, or use `rewind_generate(..., weights=...)`")
         if not self.live: return out
-        sel = g.reshape(-1)
+        sel = g.reshape(-1).repeat(E if stacked else 1)
         if not bool(sel.any()): return out
         rows = lambda a: a[g] if batched(a) else a[sel] if isinstance(a, Tensor) and a.ndim and a.shape[0] == sel.numel() else a   # the switched tokens' rows
         args_, kwargs_ = tuple(map(rows, args)), {n: rows(v) for n, v in kwargs.items()}
