@@ -202,6 +202,10 @@ ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
             'mpt': dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
             'bloom': dict(hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False),   # (untied: a tiny tied model repeats its input token, plant or not)
             'vaultgemma': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | dict(tie_word_embeddings=False)}
+ARCH_KW['gemma4_text'] = dict(   # Gemma 4: per-block head sizes (full attention: 32, its keys its values too), blocks 2 and 3 reuse the keys and values of
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,   # earlier blocks and have
+    global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, layer_types=['sliding_attention', 'full_attention'] * 2, sliding_window=4,   # an MLP twice as wide,
+    num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=300)   # and per-layer inputs (not mapped)
 OLDER = ['ministral3', 'vaultgemma', 'ernie4_5', 'nanochat', 'jais2', 'qwen3_5_text', 'opt', 'xglm', 'gpt_neo', 'gpt_bigcode', 'mpt', 'bloom']   # mapped in session 26 (Llama's names, or their own)
 VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),   # attention and the MLP side by side on one norm
             'gemma3_narrow': ('gemma3_text', dict(num_attention_heads=2, num_key_value_heads=1)),   # heads × head_dim = 32 < d_model (Gemma 2 2B, Gemma 3 1B)
@@ -243,7 +247,7 @@ def _post_norm_pair(arch, tmp_path):
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1})
     return b, f, truth[(0, 'attn_out')][:, 0]
 
-@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4'])
+@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'exaone4', 'glm4'])
 def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     "Where a norm follows attention and the MLP, directions are compared at their outputs, where a planted update is exactly along them."
     from weightwatch_nb.directions import WRITE_HOOK, DEFAULT_HOOK, READ_HOOK
@@ -348,7 +352,7 @@ def test_mlp_matrices_are_what_the_mlp_computes(arch, tmp_path):
 
 BRIDGE_SITES = {'attn_q': 'attn.q', 'attn_k': 'attn.k', 'attn_v': 'attn.v', 'attn_out': 'attn.o', 'mlp_in': 'mlp.in', 'mlp_gate': 'mlp.gate', 'mlp_out': 'mlp.out'}
 
-@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3'])
+@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text'])
 def test_matrices_are_what_the_bridge_computes(arch, tmp_path):
     "Each block matrix, as `orient` reads it, is what the TransformerLens bridge (whose logits equal Hugging Face's) multiplies at that site: its output minus input @ matrix is the same for every token (the bias), also where q, k and v are fused."
     from weightwatch_nb.core import hf_state_dict
@@ -479,6 +483,20 @@ def _tiny_gemma3():
                          mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
     return T.Gemma3ForConditionalGeneration(cfg).eval()
 
+def test_no_installs_across_threads():
+    "Bridges booted in two threads at once, the first done before the second: TransformerLens's installer stays swapped out until the last is done, then is put back."
+    import threading
+    from transformer_lens.model_bridge.sources.transformers import helpers
+    from weightwatch_nb.core import _no_installs
+    orig, seen, a_in, a_out = helpers._ensure_torchvision, [], threading.Event(), threading.Event()
+    def first():
+        with _no_installs(): a_in.set(); a_out.wait(5)
+    t = threading.Thread(target=first); t.start(); a_in.wait(5)
+    with _no_installs():
+        a_out.set(); t.join(5)
+        seen.append(helpers._ensure_torchvision is not orig)   # the first thread is done, this one still boots
+    assert seen == [True] and helpers._ensure_torchvision is orig
+
 def test_multimodal_checkpoint_loads_without_installing_anything(tmp_path, monkeypatch):
     "A multimodal Gemma 3 checkpoint boots as a bridge without TransformerLens pip-installing torchvision (and a CUDA torch) for its image processor; its deltas are refused with what to use instead."
     import subprocess
@@ -538,7 +556,9 @@ MULTIMODAL = {   # tiny multimodal checkpoints: (class, config kwargs, the text 
         hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14)), 'qwen3_5_text'),
     'llama4': ('Llama4', dict(text_config=ARCH_KW['llama4_text'] | dict(vocab_size=300), image_token_index=299, vision_config=dict(   # (Llama 4 Scout and Maverick are released this way)
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
-        projector_input_dim=32, projector_output_dim=64)), 'llama4_text')}
+        projector_input_dim=32, projector_output_dim=64)), 'llama4_text'),
+    'gemma4': ('Gemma4', dict(text_config=ARCH_KW['gemma4_text'] | dict(vocab_size=300), image_token_id=299, audio_config=None, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=14)), 'gemma4_text')}
 
 @pytest.mark.parametrize('arch', list(MULTIMODAL))
 def test_extract_language_model_of_other_multimodal_families(arch, tmp_path):
@@ -611,6 +631,56 @@ def test_missing_hooks_are_named():
     assert check_hooks(M(), ['blocks.0.attn.hook_out', 'blocks.1.attn.hook_out']) == ['blocks.0.linear_attn.hook_out', 'blocks.1.attn.hook_out']
     with pytest.raises(WeightwatchError, match=r"hook 'blocks.2.attn.hook_out', which this .* does not have"): check_hooks(M(), ['blocks.2.attn.hook_out'])
 
+@pytest.mark.filterwarnings("ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together, and at the default hook: only their equality is tested)
+def test_gemma4_blocks_of_their_own_sizes(tmp_path):
+    "Gemma 4: each block's matrices at its own sizes (full attention's wider heads, the double-wide MLP of the blocks that reuse earlier keys and values), no k or v where a block has none, and a LoRA adapter on all of them read as PEFT merges it."
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.steer import steering, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_update
+    from weightwatch_nb.delta import block_matrices
+    from weightwatch_nb.directions import DEFAULT_HOOK
+    b, f, truth = _plain_pair('gemma4_text', tmp_path, {(1, 'attn_k'): 1, (2, 'attn_out'): 1, (3, 'attn_q'): 1, (3, 'mlp_in'): 1})
+    cfg = json.loads((b/'config.json').read_text())
+    info = arch_info(cfg)
+    hf = load_hf(b)[0].model.layers
+    assert (info['kv_shared_layers'], info['k_is_v_layers']) == ((2, 3), (1,))
+    assert [(l.self_attn.k_proj is not None if hasattr(l.self_attn, 'k_proj') else False, getattr(l.self_attn, 'v_proj', None) is not None) for l in hf] == \
+           [(True, True), (True, False), (False, False), (False, False)]   # as transformers builds it
+    keys = find_keys(open_tensors(b).keys(), info, list(block_matrices(b)))
+    assert {l: sorted(m for k, m in keys if k == l) for l in range(4)} == {0: ['attn_k', 'attn_out', 'attn_q', 'attn_v', 'mlp_gate', 'mlp_in', 'mlp_out'],
+        1: ['attn_k', 'attn_out', 'attn_q', 'mlp_gate', 'mlp_in', 'mlp_out'], 2: ['attn_out', 'attn_q', 'mlp_gate', 'mlp_in', 'mlp_out'], 3: ['attn_out', 'attn_q', 'mlp_gate', 'mlp_in', 'mlp_out']}
+    shapes = {(l, m): tuple(D.shape) for l, m, D in iter_deltas(b, f, ['attn_q', 'attn_k', 'mlp_in'])}
+    assert shapes == {(0, 'attn_q'): (64, 64), (1, 'attn_q'): (64, 128), (2, 'attn_q'): (64, 64), (3, 'attn_q'): (64, 128), (0, 'attn_k'): (64, 32), (1, 'attn_k'): (64, 32),
+                      **{(l, 'mlp_in'): (64, 256 if l >= 2 else 128) for l in range(4)}}
+    d = compute_directions(b, f, k=1, matrices=['attn_k', 'attn_out', 'attn_q', 'mlp_in'], progress=False)
+    for key, U0 in truth.items(): assert subspace_cosines(d[key].T, U0).min() >= 0.999, key
+    # as released (config.json gives global_head_dim, no per_layer_config): the same sizes
+    rel = {k: v for k, v in cfg.items() if k != 'per_layer_config'} | dict(global_head_dim=32, num_global_key_value_heads=1)
+    assert {k: v for k, v in arch_info(rel).items() if k != 'specs'} == {k: v for k, v in info.items() if k != 'specs'}
+    # ClipWeights, every token switched: the base model
+    model, ids = load_model(f), torch.tensor([[1, 5, 9, 13, 200, 7]])
+    mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    with torch.no_grad(), steering(model, AllOn(mon, removed_update(b, f, 1, matrices=['attn_k', 'attn_out', 'attn_q', 'mlp_in'], like=model, progress=False))):
+        assert torch.allclose(model(ids), load_model(b)(ids), atol=1e-4)
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    ms = ['attn_q', 'attn_k', 'attn_v', 'attn_out', 'mlp_in', 'mlp_out']
+    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, hook_point=DEFAULT_HOOK, progress=False)
+    dm = compute_directions(b, pm.merge_and_unload(), k=2, matrices=ms, hook_point=DEFAULT_HOOK, method='exact', progress=False)
+    assert dl.names() == dm.names() and len(dl) == 2 * (6 + 5 + 4 + 4)   # every matrix of every block, as many as each block has
+    for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
+
+def test_gemma4_with_experts_is_refused():
+    "Gemma 4 26B A4B runs a mixture of experts beside each MLP: refused with a message, not half-mapped."
+    with pytest.raises(WeightwatchError, match=r"enable_moe_block.*the dense Gemma 4 models are"):
+        arch_info(_config('gemma4_text').to_dict() | dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32))
+
 def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused."
     from weightwatch_nb.core import WeightwatchError
@@ -637,7 +707,7 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'gemma4_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head), and the newer families: planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate

@@ -283,6 +283,11 @@ def check_device(device:str|None, # 'cpu', 'cuda', 'cuda:1', 'mps', ... (None: '
     except Exception as e: raise WeightwatchError(f"device {d!r} is not usable here ({type(e).__name__}: {e}); use 'cpu', or 'cuda' on a machine with a GPU") from None
     return d
 
+class _Swapped:
+    "How many threads are booting a bridge with TransformerLens's installer swapped out, and what to put back when the last one is done."
+    def __init__(self): self.lock, self.depth, self.orig = __import__('threading').Lock(), 0, None
+_BOOTING = _Swapped()
+
 @contextmanager
 def _no_installs():
     "While a bridge boots: TransformerLens 4 pip-installs torchvision (and with it a CUDA torch) for a multimodal model's image processor; it may only use one that is there."
@@ -290,9 +295,14 @@ def _no_installs():
     except ImportError: yield; return
     if not hasattr(helpers, '_ensure_torchvision'): yield; return
     import importlib.util
-    orig, helpers._ensure_torchvision = helpers._ensure_torchvision, lambda: importlib.util.find_spec('torchvision') is not None
+    with _BOOTING.lock:   # several threads booting at once: the first in swaps the function, the last out puts it back
+        if not _BOOTING.depth: _BOOTING.orig, helpers._ensure_torchvision = helpers._ensure_torchvision, lambda: importlib.util.find_spec('torchvision') is not None
+        _BOOTING.depth += 1
     try: yield
-    finally: helpers._ensure_torchvision = orig
+    finally:
+        with _BOOTING.lock:
+            _BOOTING.depth -= 1
+            if not _BOOTING.depth: helpers._ensure_torchvision = _BOOTING.orig
 
 _BRIDGE_ARCH = {'phimoe': 'PhiMoEForCausalLM'}   # model types whose transformers 5 class (PhimoeForCausalLM) the bridge knows by another name (the hub checkpoints')
 
@@ -366,7 +376,9 @@ def extract_language_model(src, # a multimodal checkpoint (directory or hub id),
     text = cls(tc).to(dtype).eval()
     text.get_decoder().load_state_dict(hf.get_decoder().state_dict())   # strict: every weight of the decoder, nothing else
     if not tc.tie_word_embeddings: text.get_output_embeddings().load_state_dict(hf.get_output_embeddings().state_dict())   # (Llama 4 keeps it in its `language_model`)
-    ids = torch.randint(3, min(tc.vocab_size, 1000), (1, 12), generator=torch.Generator().manual_seed(0))
+    media = {v for k, v in hf.config.to_dict().items() if isinstance(v, int) and k.endswith(('token_id', 'token_index')) and k not in ('bos_token_id', 'eos_token_id', 'pad_token_id')}
+    text_ids = torch.tensor([i for i in range(3, min(tc.vocab_size, 1000)) if i not in media])   # text: no image, video or audio placeholders (Gemma 4 treats them apart)
+    ids = text_ids[torch.randint(len(text_ids), (1, 12), generator=torch.Generator().manual_seed(0))]
     with torch.no_grad(): want, got = hf(input_ids=ids).logits.float(), text(ids).logits.float()
     if not torch.allclose(want, got, atol=1e-3 * max(1., float(want.abs().max()))):
         raise WeightwatchError(f"the extracted {tc.model_type} model computes other logits than {str(src)!r} on text (max difference "

@@ -152,11 +152,11 @@ ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text')},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')}}
-POST_NORM = ('gemma2', 'gemma3_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
+POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
 
@@ -178,6 +178,12 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim')):
         from transformers import AutoConfig   # a config.json that leaves them to the class (Qwen3-Next's: `full_attention_interval`)
         d = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'}).to_dict()
+    if mt == 'gemma4_text':   # per-layer sizes: read as the class reads them (a config may give `global_head_dim` or `per_layer_config`)
+        from transformers import AutoConfig
+        c = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'})
+        if c.enable_moe_block:
+            raise WeightwatchError("this Gemma 4 checkpoint runs a mixture of experts beside each MLP (enable_moe_block, as Gemma 4 26B A4B does), "
+                                   "which is not mapped; the dense Gemma 4 models are")
     if mt == 'bloom' and d.get('apply_residual_connection_post_layernorm'):
         raise WeightwatchError("this BLOOM checkpoint adds each block's output to the normalised stream (apply_residual_connection_post_layernorm), "
                                "so its blocks do not write to one residual stream; its deltas are not mapped (released BLOOMs do not do this)")
@@ -201,11 +207,21 @@ def arch_info(config, # a Hugging Face config or its dict
                 **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
                         lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim']) if mt in HYBRID else {}),
                 q=n_heads*head_dim, kv=kv_heads*head_dim, n_heads=n_heads, tied=d.get('tie_word_embeddings', True),
+                **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+
+def _gemma4_layers(c, n_heads:int)->dict:
+    "Gemma 4's sizes block by block ('q@3', 'kv@3', 'd_mlp@3'), its blocks that reuse an earlier block's keys and values (no k or v of their own), and those whose keys are their values too (`attention_k_eq_v`, full attention)."
+    out, modes = {}, c.kv_sharing_modes
+    for l in range(c.num_hidden_layers):
+        p, wide = c.per_layer_config[l], c.use_double_wide_mlp and modes[l] == 'reuse'
+        out |= {f'q@{l}': n_heads * p.head_dim, f'kv@{l}': p.num_key_value_heads * p.head_dim, f'd_mlp@{l}': c.intermediate_size * (2 if wide else 1)}
+    return out | dict(per_layer_sizes=True, kv_shared_layers=tuple(l for l, m in enumerate(modes) if m == 'reuse'),
+                      k_is_v_layers=tuple(l for l, t in enumerate(c.layer_types) if c.attention_k_eq_v and t != 'sliding_attention' and modes[l] != 'reuse'))
 
 def _mla_sizes(d:dict)->dict:
     "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
@@ -239,6 +255,9 @@ def layer_specs(info:dict, # from `arch_info`
     if layer is None: return specs
     if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | DENSE_SPECS.get(info['model_type'], _DENSE_MLP)
     if layer in info.get('linear_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT}
+    if layer in info.get('kv_shared_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_k', 'attn_v')}   # Gemma 4: another block's keys and values
+    if layer in info.get('k_is_v_layers', ()): specs = {m: s for m, s in specs.items() if m != 'attn_v'}   # (`attn_k` is both)
+    if info.get('per_layer_sizes'): specs = {m: replace(s, other=f'{s.other}@{layer}') if f'{s.other}@{layer}' in info else s for m, s in specs.items()}
     return specs
 
 def spec_layer(matrix:str, layer:int|None, info:dict)->int:
