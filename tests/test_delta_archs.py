@@ -676,6 +676,20 @@ def test_gemma4_blocks_of_their_own_sizes(tmp_path):
     assert dl.names() == dm.names() and len(dl) == 2 * (6 + 5 + 4 + 4)   # every matrix of every block, as many as each block has
     for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
 
+def test_changes_no_matrix_maps_are_named(tmp_path):
+    "A full fine-tune that also changes matrices no matrix of the architecture maps to (Gemma 4's per-layer inputs) is warned about by name; one that changes only mapped matrices is not."
+    from safetensors.torch import load_file, save_file
+    b, f, _ = _plain_pair('gemma4_text', tmp_path, {(0, 'attn_out'): 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        compute_directions(b, f, k=1, matrices=['attn_out'], hook_point='blocks.{layer}.{output}', progress=False)   # only mapped changes: silent
+    sd = load_file(f/'model.safetensors')
+    for k in ('model.layers.1.per_layer_projection.weight', 'model.embed_tokens_per_layer.weight'): sd[k] = sd[k] * 1.01
+    save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.warns(UserWarning, match=r"also changes 2 matrices that no gemma4_text matrix maps to \(e.g. \['model.embed_tokens_per_layer.weight', 'model.layers.1.per_layer_projection.weight'\]\)"):
+        d = compute_directions(b, f, k=1, matrices=['attn_out'], hook_point='blocks.{layer}.{output}', progress=False)
+    assert d.names() == ['L0.attn_out.u0']
+
 def test_gemma4_with_experts_is_refused():
     "Gemma 4 26B A4B runs a mixture of experts beside each MLP: refused with a message, not half-mapped."
     with pytest.raises(WeightwatchError, match=r"enable_moe_block.*the dense Gemma 4 models are"):

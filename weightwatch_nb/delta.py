@@ -17,9 +17,9 @@ __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS
            'LINEAR_OUT', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
            'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
            'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
-           'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'iter_deltas', 'read_adapter',
-           'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
-           'subspace_cosines', 'plant_update']
+           'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas',
+           'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd',
+           'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -463,6 +463,30 @@ def find_keys(keys,            # checkpoint tensor names
             elif required: raise WeightwatchError(f"no tensor named `...{t}` for {m} at layer {l}: the checkpoint is incomplete or not a "
                                                   f"{info['model_type']} model (it has e.g. {sorted(keys)[:3]})")
     return dict(sorted(out.items(), key=lambda kv: (kv[0][0], MATRICES.index(kv[0][1]))))
+
+# %% ../nbs/03_delta.ipynb #01ac26d0
+def _rows_of(src, k:str, idx:Tensor)->Tensor:
+    "Rows `idx` of tensor `k` of a tensor source, reading only those rows where it can (a checkpoint's stored tensor)."
+    s = getattr(src, 'layout', {}).get(k)
+    if isinstance(s, str):
+        with _safe_open(src.files[s], 'checkpoint shard') as fh:
+            sl = fh.get_slice(s)
+            return torch.cat([sl[int(i):int(i) + 1] for i in idx])
+    return src.get(k)[idx]
+
+def unmapped_changes(base, # the base model's tensor source (`open_tensors`)
+                     finetuned, # the fine-tuned model's
+                     info:dict, # `arch_info` of the pair
+                     rows:int=8, # rows compared per matrix
+                    )->list[str]: # names of the changed matrices, as loaded
+    "Matrices of the fine-tuned model that no matrix of its architecture maps to and that differ from the base's, compared on a few rows each."
+    mapped = {k for k, _ in find_keys(finetuned.keys(), info, list(info['specs']), required=False).values()}
+    have, out = set(base.keys()), []
+    for k in finetuned.keys():
+        if k in mapped or k not in have or len(shape := finetuned.shape(k)) < 2 or tuple(base.shape(k)) != tuple(shape): continue
+        idx = torch.linspace(0, shape[0] - 1, min(rows, shape[0])).round().long().unique()
+        if not torch.equal(_rows_of(base, k, idx), _rows_of(finetuned, k, idx)): out.append(k)
+    return out
 
 # %% ../nbs/03_delta.ipynb #8ec7aff3
 def _origin(t): return str(t.path) if isinstance(t, CheckpointTensors) else t if hasattr(type(t), 'ww_fingerprint') else t.model   # what `fingerprint` takes

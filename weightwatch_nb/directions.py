@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT, extract_language_model
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
-                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, _safe_open, _origin)
+                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, unmapped_changes, _safe_open, _origin)
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
@@ -397,6 +397,9 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                 used.add(meth); pb.update()
                 del D
         fps = {'base': fingerprint(_origin(bt)) if bt is not None else None, 'finetuned': fingerprint(_origin(ft))}
+        if bt is not None and (other := unmapped_changes(bt, ft, info)):   # e.g. Qwen3.5's linear-attention inputs, Gemma 4's per-layer inputs
+            warnings.warn(f"the fine-tune also changes {len(other)} matri{'x' if len(other) == 1 else 'ces'} that no {info['model_type']} matrix maps to "
+                          f"(e.g. {other[:2]}); their changes are not in these directions", stacklevel=2)
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
     if not V:
         raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}): there is no "
