@@ -428,23 +428,57 @@ def test_layouts_not_mapped_are_refused():
         arch_info(_config('gpt_bigcode').to_dict() | dict(multi_query=False))
     assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16   # (ffn_dim; one key and value head)
 
+@pytest.mark.filterwarnings("ignore:this qwen3_5_moe_text model has a shared expert", "ignore:directions of")
+@pytest.mark.parametrize('arch', ['qwen3_5_text', 'qwen3_5_moe_text'])
+def test_linear_attention_queries_keys_values(arch, tmp_path):
+    "Qwen3.5's linear-attention blocks read with one `in_proj_qkv` (queries, keys, values, a block of rows each): `orient` gives each as the block computes it, the read side is compared with exactly its input, planted updates are found, and steering and edits remove them."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_update, removed_weights
+    from weightwatch_nb.directions import READ_HOOK
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_q'): 1, (0, 'attn_k'): 1, (0, 'attn_v'): 1, (0, 'attn_out'): 1})
+    info, hf = arch_info(_config(arch)), load_hf(b)[0]
+    la, x = hf.model.layers[0].linear_attn, torch.randn(2, 5, 64)
+    with torch.no_grad():   # the truth: in_proj_qkv's output, split as Qwen3_5GatedDeltaNet splits it (after its conv) into q, k, v
+        qkv = la.in_proj_qkv(x)
+        want = dict(zip(('attn_q', 'attn_k', 'attn_v'), torch.split(qkv, [la.key_dim, la.key_dim, la.value_dim], dim=-1)))
+        for (l, m), (k, s) in find_keys(list(dict(hf.named_parameters())), info, ['attn_q', 'attn_k', 'attn_v'], layers=[0]).items():
+            assert torch.allclose(x @ orient(dict(hf.named_parameters())[k], s, info, k), want[m], atol=1e-5), m
+    d = compute_directions(b, f, k=1, matrices=['attn_q', 'attn_k', 'attn_v'], progress=False)
+    assert set(d.vectors) == {(0, 'attn_q'), (0, 'attn_k'), (0, 'attn_v')} and d.hook_point == READ_HOOK
+    for key in d.vectors: assert subspace_cosines(d[key].T, truth[key]).min() >= 0.999, key
+    model, seen = load_model(f), {}
+    h = model.original_model.model.layers[0].linear_attn.in_proj_qkv.register_forward_hook(lambda mod, a, o: seen.__setitem__('in', a[0].detach()))
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
+    try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n == d.hook(0, 'attn_q'))
+    finally: h.remove()
+    assert d.hook(0, 'attn_q') == 'blocks.0.ln1.hook_out' and torch.equal(cache['blocks.0.ln1.hook_out'], seen['in'])   # what in_proj_qkv reads
+    ms = ['attn_q', 'attn_k', 'attn_v', 'attn_out']
+    mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
+    with torch.no_grad():
+        want = load_model(b)(ids)
+        with steering(model, AllOn(mon, upd)): on = model(ids)
+        with swapped_weights(model, edit): edited = model(ids)
+    assert (model(ids) - want).abs().max() > 1e-3 and torch.allclose(on, want, atol=1e-4) and torch.allclose(edited, want, atol=1e-4)
+
 @pytest.mark.filterwarnings("ignore:directions of")
 def test_lora_on_a_hybrid_of_linear_and_full_attention(tmp_path):
-    "Qwen3.5: a LoRA adapter on the linear-attention blocks' out_proj and the full-attention blocks' o_proj, q_proj (query and gate) and k_proj lands on each block's own matrices; the directions equal the merged model's."
+    "Qwen3.5: a LoRA adapter on the linear-attention blocks' in_proj_qkv and out_proj and the full-attention blocks' o_proj, q_proj (query and gate) and k_proj lands on each block's own matrices; the directions equal the merged model's."
     import transformers as T
     from peft import LoraConfig, get_peft_model
     b, _, _ = _plain_pair('qwen3_5_text', tmp_path, {(0, 'attn_out'): 1})
     torch.manual_seed(0)
-    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['out_proj', 'o_proj', 'q_proj', 'k_proj']))
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['in_proj_qkv', 'out_proj', 'o_proj', 'q_proj', 'k_proj']))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path/'lora')
     merged = pm.merge_and_unload()
-    ms = ['attn_out', 'attn_q', 'attn_k']
+    ms = ['attn_out', 'attn_q', 'attn_k', 'attn_v']
     dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
     dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
-    assert set(dl.vectors) == set(dm.vectors) == {(0, 'attn_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'attn_k')}   # block 0 has no q or k
+    assert set(dl.vectors) == set(dm.vectors) == {(0, 'attn_out'), (0, 'attn_q'), (0, 'attn_k'), (0, 'attn_v'), (1, 'attn_out'), (1, 'attn_q'), (1, 'attn_k')}   # block 0: q, k, v from in_proj_qkv
     for key in dl.vectors: assert torch.allclose(dl.vectors[key], dm.vectors[key], atol=1e-4), key
 
 @pytest.mark.filterwarnings("ignore:this glm4_moe model has a shared expert")

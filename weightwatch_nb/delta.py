@@ -14,7 +14,7 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY', 'HYBRID',
-           'LINEAR_OUT', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
+           'LINEAR_OUT', 'LINEAR_IN', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
            'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
            'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
            'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas',
@@ -126,6 +126,9 @@ _NANOCHAT = _NO_GATE | {m: _PHI[m] for m in ('mlp_out', 'mlp_in')}   # nanochat:
 _GATED_Q = _specs(attn_q=('layers.{layer}.self_attn.q_proj.weight', 'linear', 'in', 'q_gated'))   # Qwen3-Next, Qwen3.5: each head's query, then the gate of its output
 HYBRID = ('qwen3_next', 'qwen3_5_text', 'qwen3_5_moe_text')   # model types whose `layer_types` mix linear attention (Gated DeltaNet) with full attention
 LINEAR_OUT = MatrixSpec('layers.{layer}.linear_attn.out_proj.weight', 'linear', 'out', 'lin_v')   # what a linear-attention block writes with
+_LIN_QKV = ('lin_k', 'lin_k', 'lin_v')   # Qwen3.5's linear attention: its queries, keys and values in one `in_proj_qkv`, one block of rows each
+LINEAR_IN = {m: MatrixSpec('layers.{layer}.linear_attn.in_proj_qkv.weight', 'linear', 'in', o, (i, _LIN_QKV))
+             for i, (m, o) in enumerate((('attn_q', 'lin_k'), ('attn_k', 'lin_k'), ('attn_v', 'lin_v')))}   # (Qwen3-Next interleaves them with the gate, per head group: not mapped)
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
     mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
@@ -205,7 +208,7 @@ def arch_info(config, # a Hugging Face config or its dict
                           'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
                 **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
                 **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
-                        lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim']) if mt in HYBRID else {}),
+                        lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim'], lin_k=d['linear_num_key_heads'] * d['linear_key_head_dim']) if mt in HYBRID else {}),
                 q=n_heads*head_dim, kv=kv_heads*head_dim, n_heads=n_heads, tied=d.get('tie_word_embeddings', True),
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
@@ -250,11 +253,12 @@ def dense_layers(config:dict, # a mixture of experts' config dict
 def layer_specs(info:dict, # from `arch_info`
                 layer:int|None, # block index (None: the embedding and unembedding)
                )->dict[str, MatrixSpec]: # matrix -> spec, for the matrices this block has
-    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer reads with no q, k or v."
+    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer has its own q, k, v (Qwen3.5; none mapped on Qwen3-Next) and output."
     specs = info['specs']
     if layer is None: return specs
     if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | DENSE_SPECS.get(info['model_type'], _DENSE_MLP)
-    if layer in info.get('linear_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT}
+    if layer in info.get('linear_layers', ()):   # linear attention: its own output, and (Qwen3.5) queries, keys and values
+        specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT} | (LINEAR_IN if info['model_type'] != 'qwen3_next' else {})
     if layer in info.get('kv_shared_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_k', 'attn_v')}   # Gemma 4: another block's keys and values
     if layer in info.get('k_is_v_layers', ()): specs = {m: s for m, s in specs.items() if m != 'attn_v'}   # (`attn_k` is both)
     if info.get('per_layer_sizes'): specs = {m: replace(s, other=f'{s.other}@{layer}') if f'{s.other}@{layer}' in info else s for m, s in specs.items()}
