@@ -428,10 +428,10 @@ def test_layouts_not_mapped_are_refused():
         arch_info(_config('gpt_bigcode').to_dict() | dict(multi_query=False))
     assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16   # (ffn_dim; one key and value head)
 
-@pytest.mark.filterwarnings("ignore:this qwen3_5_moe_text model has a shared expert", "ignore:directions of")
-@pytest.mark.parametrize('arch', ['qwen3_5_text', 'qwen3_5_moe_text'])
+@pytest.mark.filterwarnings("ignore:this (qwen3_5_moe_text|qwen3_next) model has a shared expert", "ignore:directions of")
+@pytest.mark.parametrize('arch', ['qwen3_5_text', 'qwen3_5_moe_text', 'qwen3_next'])
 def test_linear_attention_queries_keys_values(arch, tmp_path):
-    "Qwen3.5's linear-attention blocks read with one `in_proj_qkv` (queries, keys, values, a block of rows each): `orient` gives each as the block computes it, the read side is compared with exactly its input, planted updates are found, and steering and edits remove them."
+    "Linear-attention blocks read with one fused projection: Qwen3.5's `in_proj_qkv` (queries, keys, values, a block of rows each), Qwen3-Next's `in_proj_qkvz` (q, k, v and the gate z, key-head group by group). `orient` gives each as the block computes it, the read side is compared with exactly its input, planted updates are found, and steering and edits remove them."
     from weightwatch_nb.calibrate import calibrate
     from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
     from weightwatch_nb.edit import removed_update, removed_weights
@@ -439,16 +439,21 @@ def test_linear_attention_queries_keys_values(arch, tmp_path):
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_q'): 1, (0, 'attn_k'): 1, (0, 'attn_v'): 1, (0, 'attn_out'): 1})
     info, hf = arch_info(_config(arch)), load_hf(b)[0]
     la, x = hf.model.layers[0].linear_attn, torch.randn(2, 5, 64)
-    with torch.no_grad():   # the truth: in_proj_qkv's output, split as Qwen3_5GatedDeltaNet splits it (after its conv) into q, k, v
-        qkv = la.in_proj_qkv(x)
-        want = dict(zip(('attn_q', 'attn_k', 'attn_v'), torch.split(qkv, [la.key_dim, la.key_dim, la.value_dim], dim=-1)))
+    proj = la.in_proj_qkvz if arch == 'qwen3_next' else la.in_proj_qkv
+    with torch.no_grad():   # the truth: the projection's output, split as the block splits it into q, k, v
+        if arch == 'qwen3_next': q, k, v, _, _, _ = la.fix_query_key_value_ordering(proj(x), la.in_proj_ba(x))
+        else: q, k, v = torch.split(proj(x), [la.key_dim, la.key_dim, la.value_dim], dim=-1)
+        want = {m: t.reshape(2, 5, -1) for m, t in (('attn_q', q), ('attn_k', k), ('attn_v', v))}
+        assert {m: t.shape[-1] for m, t in want.items()} == {'attn_q': info['lin_k'], 'attn_k': info['lin_k'], 'attn_v': info['lin_v']}
         for (l, m), (k, s) in find_keys(list(dict(hf.named_parameters())), info, ['attn_q', 'attn_k', 'attn_v'], layers=[0]).items():
             assert torch.allclose(x @ orient(dict(hf.named_parameters())[k], s, info, k), want[m], atol=1e-5), m
     d = compute_directions(b, f, k=1, matrices=['attn_q', 'attn_k', 'attn_v'], progress=False)
     assert set(d.vectors) == {(0, 'attn_q'), (0, 'attn_k'), (0, 'attn_v')} and d.hook_point == READ_HOOK
     for key in d.vectors: assert subspace_cosines(d[key].T, truth[key]).min() >= 0.999, key
     model, seen = load_model(f), {}
-    h = model.original_model.model.layers[0].linear_attn.in_proj_qkv.register_forward_hook(lambda mod, a, o: seen.__setitem__('in', a[0].detach()))
+    la = model.original_model.model.layers[0].linear_attn
+    h = getattr(la, 'in_proj_qkvz', None) or la.in_proj_qkv
+    h = h.register_forward_hook(lambda mod, a, o: seen.__setitem__('in', a[0].detach()))
     ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
     try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n == d.hook(0, 'attn_q'))
     finally: h.remove()
@@ -461,6 +466,14 @@ def test_linear_attention_queries_keys_values(arch, tmp_path):
         with steering(model, AllOn(mon, upd)): on = model(ids)
         with swapped_weights(model, edit): edited = model(ids)
     assert (model(ids) - want).abs().max() > 1e-3 and torch.allclose(on, want, atol=1e-4) and torch.allclose(edited, want, atol=1e-4)
+
+@pytest.mark.filterwarnings("ignore:this qwen3_next model has a shared expert")
+def test_lora_on_qwen3_next_qkvz(tmp_path):
+    "A LoRA adapter on Qwen3-Next's in_proj_qkvz (q, k, v and z interleaved by key-head group) and its full attention's q, k, v: each of q, k, v gets its own rows of the update, as in the merged model."
+    import transformers as T
+    b, _, _ = _plain_pair('qwen3_next', tmp_path, {(0, 'attn_out'): 1})
+    _lora_matches_merged(b, T.AutoModelForCausalLM.from_pretrained(b), tmp_path, ['attn_q', 'attn_k', 'attn_v'], 2,
+                         r=2, lora_alpha=4, target_modules=['in_proj_qkvz', 'q_proj', 'k_proj', 'v_proj'])
 
 @pytest.mark.filterwarnings("ignore:directions of")
 def test_lora_on_a_hybrid_of_linear_and_full_attention(tmp_path):

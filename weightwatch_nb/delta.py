@@ -14,12 +14,12 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY', 'HYBRID',
-           'LINEAR_OUT', 'LINEAR_IN', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
-           'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
-           'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors',
-           'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas',
-           'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd',
-           'lowrank_svd', 'subspace_cosines', 'plant_update']
+           'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
+           'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES',
+           'PEFT_TRANSPOSED', 'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient',
+           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
+           'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix',
+           'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -128,7 +128,9 @@ HYBRID = ('qwen3_next', 'qwen3_5_text', 'qwen3_5_moe_text')   # model types whos
 LINEAR_OUT = MatrixSpec('layers.{layer}.linear_attn.out_proj.weight', 'linear', 'out', 'lin_v')   # what a linear-attention block writes with
 _LIN_QKV = ('lin_k', 'lin_k', 'lin_v')   # Qwen3.5's linear attention: its queries, keys and values in one `in_proj_qkv`, one block of rows each
 LINEAR_IN = {m: MatrixSpec('layers.{layer}.linear_attn.in_proj_qkv.weight', 'linear', 'in', o, (i, _LIN_QKV))
-             for i, (m, o) in enumerate((('attn_q', 'lin_k'), ('attn_k', 'lin_k'), ('attn_v', 'lin_v')))}   # (Qwen3-Next interleaves them with the gate, per head group: not mapped)
+             for i, (m, o) in enumerate((('attn_q', 'lin_k'), ('attn_k', 'lin_k'), ('attn_v', 'lin_v')))}
+QKVZ = 'qkvz'   # Qwen3-Next fuses them with the output gate z in `in_proj_qkvz`, key-head group by group: [group 0: q k v z, group 1: q k v z, ...]
+LINEAR_IN_QKVZ = {m: replace(s, key='layers.{layer}.linear_attn.in_proj_qkvz.weight', part=(s.part[0], QKVZ)) for m, s in LINEAR_IN.items()}
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
     mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
@@ -178,7 +180,7 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    if mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim')):
+    if mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim', 'linear_num_key_heads', 'linear_key_head_dim')):
         from transformers import AutoConfig   # a config.json that leaves them to the class (Qwen3-Next's: `full_attention_interval`)
         d = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'}).to_dict()
     if mt == 'gemma4_text':   # per-layer sizes: read as the class reads them (a config may give `global_head_dim` or `per_layer_config`)
@@ -208,7 +210,7 @@ def arch_info(config, # a Hugging Face config or its dict
                           'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
                 **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
                 **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
-                        lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim'], lin_k=d['linear_num_key_heads'] * d['linear_key_head_dim']) if mt in HYBRID else {}),
+                        lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim'], lin_k=d['linear_num_key_heads'] * d['linear_key_head_dim'], lin_groups=d['linear_num_key_heads']) if mt in HYBRID else {}),
                 q=n_heads*head_dim, kv=kv_heads*head_dim, n_heads=n_heads, tied=d.get('tie_word_embeddings', True),
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
@@ -253,12 +255,12 @@ def dense_layers(config:dict, # a mixture of experts' config dict
 def layer_specs(info:dict, # from `arch_info`
                 layer:int|None, # block index (None: the embedding and unembedding)
                )->dict[str, MatrixSpec]: # matrix -> spec, for the matrices this block has
-    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer has its own q, k, v (Qwen3.5; none mapped on Qwen3-Next) and output."
+    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer has its own q, k, v and output."
     specs = info['specs']
     if layer is None: return specs
     if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | DENSE_SPECS.get(info['model_type'], _DENSE_MLP)
     if layer in info.get('linear_layers', ()):   # linear attention: its own output, and (Qwen3.5) queries, keys and values
-        specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT} | (LINEAR_IN if info['model_type'] != 'qwen3_next' else {})
+        specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT} | (LINEAR_IN if info['model_type'] != 'qwen3_next' else LINEAR_IN_QKVZ)
     if layer in info.get('kv_shared_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_k', 'attn_v')}   # Gemma 4: another block's keys and values
     if layer in info.get('k_is_v_layers', ()): specs = {m: s for m, s in specs.items() if m != 'attn_v'}   # (`attn_k` is both)
     if info.get('per_layer_sizes'): specs = {m: replace(s, other=f'{s.other}@{layer}') if f'{s.other}@{layer}' in info else s for m, s in specs.items()}
@@ -275,6 +277,7 @@ def _part_rows(spec:MatrixSpec, info:dict)->tuple[int|None, int|None, int]:
     i, n = spec.part
     if n == HEADS: return None, None, 3 * info['q']
     if n == PAIRS: return None, None, 2 * info[spec.other]
+    if n == QKVZ: return None, None, 2 * (info['lin_k'] + info['lin_v'])
     sizes = [info[s] for s in n] if isinstance(n, tuple) else [info[spec.other]] * n
     return sum(sizes[:i]), sum(sizes[:i+1]), sum(sizes)
 
@@ -284,6 +287,10 @@ def _rows(spec:MatrixSpec, info:dict)->slice|Tensor:
     a, b, _ = _part_rows(spec, info)
     if a is not None: return slice(a, b)
     if spec.part[1] == PAIRS: return torch.arange(info[spec.other]) * 2 + spec.part[0]   # GPT-OSS: gate, up, gate, up, ...
+    if spec.part[1] == QKVZ:   # Qwen3-Next: per key-head group, its q, k (a key head each), v and z (its value heads)
+        g = info['lin_groups']; sizes = [info['lin_k'] // g] * 2 + [info['lin_v'] // g] * 2
+        start = sum(sizes[:spec.part[0]])
+        return (torch.arange(g)[:, None] * sum(sizes) + start + torch.arange(sizes[spec.part[0]])).reshape(-1)
     hd = info['q'] // info['n_heads']   # GPT-NeoX: rows go head by head, each head's q, then its k, then its v
     return (torch.arange(info['n_heads'])[:, None] * 3 * hd + spec.part[0] * hd + torch.arange(hd)).reshape(-1)
 
