@@ -200,7 +200,9 @@ ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
             'gpt_neo': _OLD | dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, attention_types=[[['global', 'local'], 1]], window_size=4),
             'gpt_bigcode': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128),
             'mpt': dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
-            'bloom': dict(hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False),   # (untied: a tiny tied model repeats its input token, plant or not)
+            'bloom': dict(hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False),
+            'falcon': _OLD | dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True,
+                                  new_decoder_architecture=False, tie_word_embeddings=False),   # Falcon-7B's layout   # (untied: a tiny tied model repeats its input token, plant or not)
             'vaultgemma': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | dict(tie_word_embeddings=False)}
 ARCH_KW['gemma4_text'] = dict(   # Gemma 4: per-block head sizes (full attention: 32, its keys its values too), blocks 2 and 3 reuse the keys and values of
     hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,   # earlier blocks and have
@@ -216,7 +218,8 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'ernie4_5_moe_dense': ('ernie4_5_moe', dict(moe_layer_start_index=1)),
             'deepseek_v2_dense': ('deepseek_v2', dict(first_k_dense_replace=1, q_lora_rank=32)),   # (and its query through a latent too)
             'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32)),
-            'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2))}   # (Llama 4 Maverick: experts every other block)
+            'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2)),
+            'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
 def _ffn(layer):
     "A decoder layer's MLP or mixture of experts: `mlp`, GraniteMoE's `block_sparse_moe`, Llama 4's `feed_forward`."
@@ -352,7 +355,7 @@ def test_mlp_matrices_are_what_the_mlp_computes(arch, tmp_path):
 
 BRIDGE_SITES = {'attn_q': 'attn.q', 'attn_k': 'attn.k', 'attn_v': 'attn.v', 'attn_out': 'attn.o', 'mlp_in': 'mlp.in', 'mlp_gate': 'mlp.gate', 'mlp_out': 'mlp.out'}
 
-@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text'])
+@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text', 'falcon', 'falcon_sequential'])
 def test_matrices_are_what_the_bridge_computes(arch, tmp_path):
     "Each block matrix, as `orient` reads it, is what the TransformerLens bridge (whose logits equal Hugging Face's) multiplies at that site: its output minus input @ matrix is the same for every token (the bias), also where q, k and v are fused."
     from weightwatch_nb.core import hf_state_dict
@@ -409,6 +412,7 @@ def test_neox_lora_on_fused_qkv_equals_merged(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch,targets,ms', [('bloom', ['query_key_value', 'dense_h_to_4h'], ['attn_q', 'attn_k', 'attn_v', 'mlp_in']),
+                                             ('falcon', ['query_key_value', 'dense_4h_to_h'], ['attn_q', 'attn_k', 'attn_v', 'mlp_out']),
                                              ('mpt', ['Wqkv', 'down_proj'], ['attn_q', 'attn_k', 'attn_v', 'mlp_out']),
                                              ('gpt_bigcode', ['c_attn', 'c_fc'], ['attn_q', 'attn_k', 'attn_v', 'mlp_in']),
                                              ('opt', ['k_proj', 'fc1', 'out_proj'], ['attn_k', 'mlp_in', 'attn_out'])])
@@ -419,14 +423,17 @@ def test_lora_on_older_families_equals_merged(arch, targets, ms, tmp_path):
     _lora_matches_merged(b, T.AutoModelForCausalLM.from_pretrained(b), tmp_path, ms, 2, r=2, lora_alpha=4, target_modules=targets)
 
 def test_layouts_not_mapped_are_refused():
-    "OPT-350m (norm after each block, projected embeddings) and GPT-BigCode without multi-query are refused with what to use instead."
+    "OPT-350m (norm after each block, projected embeddings), GPT-BigCode without multi-query and Falcons other than Falcon-7B's layout are refused with what to use instead."
     from weightwatch_nb.core import WeightwatchError
     opt = _config('opt').to_dict()
     for bad in (dict(do_layer_norm_before=False), dict(word_embed_proj_dim=32)):
         with pytest.raises(WeightwatchError, match="OPT-350m's layout.*use another OPT size"): arch_info(opt | bad)
     with pytest.raises(WeightwatchError, match=r"multi_query=False.*StarCoder and SantaCoder \(multi_query=True\) are mapped"):
         arch_info(_config('gpt_bigcode').to_dict() | dict(multi_query=False))
-    assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16   # (ffn_dim; one key and value head)
+    falcon = _config('falcon').to_dict()
+    for bad, why in ((dict(new_decoder_architecture=True, num_kv_heads=2), 'Falcon-40B and -180B'), (dict(alibi=True), 'ALiBi'), (dict(multi_query=False), 'one key and value head per query head')):
+        with pytest.raises(WeightwatchError, match=f"not Falcon-7B's layout.*{why}"): arch_info(falcon | bad)
+    assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16 and arch_info(falcon)['kv'] == 16   # (ffn_dim; one key and value head)
 
 @pytest.mark.filterwarnings("ignore:this (qwen3_5_moe_text|qwen3_next) model has a shared expert", "ignore:directions of")
 @pytest.mark.parametrize('arch', ['qwen3_5_text', 'qwen3_5_moe_text', 'qwen3_next'])
@@ -768,7 +775,7 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'gemma4_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'gemma4_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER, 'falcon', 'falcon_sequential'])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head), and the newer families: planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
@@ -820,7 +827,7 @@ def test_lora_on_fused_matrices_equals_merged(arch, tmp_path):
         assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
         for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4), key
 
-@pytest.mark.parametrize('arch', ['phi', 'gptj', 'cohere', 'cohere2', 'stablelm_parallel'])
+@pytest.mark.parametrize('arch', ['phi', 'gptj', 'cohere', 'cohere2', 'stablelm_parallel', 'falcon'])
 def test_shared_norm_read_side_compared_with_what_each_matrix_reads(arch, tmp_path):
     "Phi-2, GPT-J, Cohere and StableLM with `use_parallel_residual` run attention and the MLP on one norm's output: the MLP's read directions are compared with exactly that."
     from weightwatch_nb.directions import READ_HOOK, SHARED_READ_HOOK
@@ -829,9 +836,9 @@ def test_shared_norm_read_side_compared_with_what_each_matrix_reads(arch, tmp_pa
     assert rd.hook_point == SHARED_READ_HOOK and rd.hook(1, 'mlp_in') == rd.hook(1, 'attn_q') == 'blocks.1.ln1.hook_out'
     model, seen = load_model(f), {}
     hf = model.original_model
-    layer = hf.transformer.h[1] if arch == 'gptj' else hf.model.layers[1]
+    layer = hf.transformer.h[1] if arch in ('gptj', 'falcon') else hf.model.layers[1]
     q, fc = ((layer.self_attn.q_proj, layer.mlp.fc1) if arch == 'phi' else (layer.attn.q_proj, layer.mlp.fc_in) if arch == 'gptj' else
-             (layer.self_attn.q_proj, layer.mlp.up_proj))
+             (model.blocks[1].attn.q.original_component, layer.mlp.dense_h_to_4h) if arch == 'falcon' else (layer.self_attn.q_proj, layer.mlp.up_proj))   # (Falcon: the bridge's copy of the query rows)
     hs = [q.register_forward_hook(lambda mod, i, o: seen.__setitem__('attn_q', i[0].detach())),
           fc.register_forward_hook(lambda mod, i, o: seen.__setitem__('mlp_in', i[0].detach()))]
     x = model.tokenizer('the model 3 of 2', return_tensors='pt').input_ids

@@ -152,14 +152,19 @@ _BLOOM = _specs(   # BLOOM: q, k, v fused head by head, as GPT-NeoX; its embeddi
     **{m: ('h.{layer}.self_attention.query_key_value.weight', 'linear', 'in', 'q', (i, HEADS)) for i, m in enumerate(('attn_q', 'attn_k', 'attn_v'))},
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))   # (tied: the embedding's own tensor)
+_FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the queries in `query_key_value`; an MLP of up and down
+    attn_out=('h.{layer}.self_attention.dense.weight', 'linear', 'out', 'q'),
+    **{m: ('h.{layer}.self_attention.query_key_value.weight', 'linear', 'in', o, (i, _QKV)) for i, (m, o) in enumerate((('attn_q', 'q'), ('attn_k', 'kv'), ('attn_v', 'kv')))},
+    mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
+    embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
               'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
-              'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM}   # per family, and per model type where one differs from its family
+              'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
-            'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom',
+            'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
@@ -195,15 +200,21 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt == 'opt' and (not d.get('do_layer_norm_before', True) or (d.get('word_embed_proj_dim') or d.get('hidden_size')) != d.get('hidden_size')):
         raise WeightwatchError("this OPT checkpoint normalises after each block and projects its embeddings (OPT-350m's layout): its deltas "
                                "are not mapped; use another OPT size (125m, 1.3b, 2.7b, 6.7b, ...)")
+    if mt == 'falcon' and (d.get('new_decoder_architecture') or d.get('alibi') or not d.get('multi_query', True)):
+        raise WeightwatchError("this Falcon checkpoint is not Falcon-7B's layout (multi-query attention with rotary positions): "
+                               + ("Falcon-40B and -180B (new_decoder_architecture), which the TransformerLens bridge cannot run"
+                                  if d.get('new_decoder_architecture') else "ALiBi positions (Falcon-RW), on which the TransformerLens bridge computes other logits"
+                                  if d.get('alibi') else "one key and value head per query head, which released Falcons do not have")
+                               + "; its deltas are not mapped")
     if mt == 'gpt_bigcode' and not d.get('multi_query', True):
         raise WeightwatchError("this GPT-BigCode checkpoint has one key and value head per query head (multi_query=False), which neither "
                                "this mapping nor the TransformerLens bridge supports; StarCoder and SantaCoder (multi_query=True) are mapped")
     first = lambda *ks: next((d[k] for k in ks if d.get(k) is not None), None)   # the config's own name for a size (GPT-2's, XGLM's, MPT's, ...)
     d_model, n_heads = first('hidden_size', 'n_embd', 'n_embed', 'd_model'), first('num_attention_heads', 'n_head', 'num_heads', 'attention_heads', 'n_heads')
     head_dim, n_layers = d.get('head_dim') or d_model // n_heads, first('num_hidden_layers', 'n_layer', 'num_layers', 'n_layers')
-    kv_heads = 1 if mt == 'gpt_bigcode' else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode: multi-query, one k and v head
+    kv_heads = 1 if mt in ('gpt_bigcode', 'falcon') else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode, Falcon-7B: multi-query, one k and v head
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
-                d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim') or 4*d_model,
+                d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim', 'ffn_hidden_size') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size_mlp' if mt == 'llama4_text' else 'intermediate_size'),
                 d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])}, 'llama4_text': d.get('intermediate_size'),
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE},
@@ -215,7 +226,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
-                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))))
+                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True)))
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 

@@ -534,8 +534,9 @@ def check(self:ClipWeights, model)->tuple[list, dict, dict]: # (linear layers to
         shape = (*A.shape[:-1], B.shape[-1])
         if shape != tuple(W.shape):
             raise WeightwatchError(f"the update of `{k}` is {'×'.join(map(str, shape))}, the weight {list(W.shape)}: was it made from another model?")
-        # a plain linear layer (not a subclass with its own forward, such as a router returning a tuple), or GPT-2's Conv1D ([in, out], x @ W)
-        linear = lambda m: type(m).forward is torch.nn.Linear.forward or type(m).__name__ == 'Conv1D'
+        # a plain linear layer (not a subclass with its own forward, such as a router returning a tuple), GPT-2's Conv1D ([in, out], x @ W),
+        # or Falcon's FalconLinear (x @ Wᵀ + b, its own forward only to skip a copy)
+        linear = lambda m: type(m).forward is torch.nn.Linear.forward or type(m).__name__ in ('Conv1D', 'FalconLinear')
         if any(isinstance(m, torch.nn.Embedding) for m in [*users.get(k, []), *(m for m, _ in holders.get(k, []))]):
             raise WeightwatchError(f"`{k}` is an embedding (or tied to one), which looks tokens up rather than computing with their activations: "
                                    "its update cannot be removed as the model runs; make the update without it, or use `rewind_generate(..., weights=...)`")
