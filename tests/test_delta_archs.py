@@ -750,12 +750,14 @@ def test_gemma4_with_experts_is_refused():
         arch_info(_config('gemma4_text').to_dict() | dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32))
 
 def test_older_configs_read_as_their_classes_read_them():
-    "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused."
+    "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class is read with the class's."
     from weightwatch_nb.core import WeightwatchError
     bloom = _config('bloom').to_dict()
     assert arch_info({k: v for k, v in bloom.items() if k != 'hidden_size'} | dict(n_embed=64))['d_model'] == 64
     assert arch_info(_config('opt').to_dict() | dict(word_embed_proj_dim=None))['d_model'] == 64
     with pytest.raises(WeightwatchError, match="apply_residual_connection_post_layernorm"): arch_info(bloom | dict(apply_residual_connection_post_layernorm=True))
+    l4 = {k: v for k, v in _config('llama4_text').to_dict().items() if k not in ('intermediate_size_mlp', 'tie_word_embeddings', 'moe_layers')} | dict(interleave_moe_layer_step=2)
+    assert [arch_info(l4)[k] for k in ('d_dense', 'tied', 'dense_layers')] == [16384, False, (0,)]   # Llama 4's class defaults, and Maverick's dense blocks
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
@@ -1331,6 +1333,37 @@ def test_single_expert_adapters_peft_would_rescale_are_refused(extra, tmp_path):
         f = tmp_path/'lora'/'adapter_model.safetensors'; sd = load_file(f)
         save_file({k: (torch.randn(r, v.shape[1]) if '.w1.lora_A' in k else torch.randn(v.shape[0], r) if '.w1.lora_B' in k else v) for k, v in sd.items()}, f)
     with pytest.raises(WeightwatchError, match="that PEFT changes when it loads this adapter onto transformers 5's fused experts"): LoraTensors(b, tmp_path/'lora')
+
+@pytest.mark.parametrize('arch,names,prefix,router', [('phimoe', ('w1', 'w3', 'w2'), 'block_sparse_moe', False), ('qwen2_moe', ('gate_proj', 'up_proj', 'down_proj'), 'mlp', False),
+                                                     ('qwen3_5_moe_text', ('gate_proj', 'up_proj', 'down_proj'), 'mlp', False), ('granitemoe', (), 'block_sparse_moe.router', True)])
+def test_transformers4_adapters_peft_does_not_convert_are_refused(arch, names, prefix, router, tmp_path):
+    "A transformers 4 adapter on single experts (or, GraniteMoE, on its router's `layer`) of a model type PEFT does not convert when it loads it onto transformers 5 (it refuses it or drops those weights): refused with what to do, not read as if some model held it."
+    import transformers as T
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    if router:   # GraniteMoE's transformers 4 router: `block_sparse_moe.router.layer`, a linear layer
+        (tmp_path/'lora').mkdir()
+        save_file({f'base_model.model.model.layers.{l}.block_sparse_moe.router.layer.lora_{x}.weight': 0.1 * torch.randn(*s)
+                   for l in range(2) for x, s in (('A', (2, 64)), ('B', (3, 2)))}, tmp_path/'lora'/'adapter_model.safetensors')
+        (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=2, lora_alpha=4, target_modules=['layer'], base_model_name_or_path=str(b))))
+    else: _per_expert_adapter(b, tmp_path/'lora', names, prefix)
+    with pytest.raises(WeightwatchError, match=rf"a module of transformers 4's {arch}, which PEFT does not convert.*merge the adapter"):
+        compute_directions(b, lora=tmp_path/'lora', k=1, progress=False)
+    try: pm = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(b), tmp_path/'lora')   # PEFT: refused, or loaded without them
+    except Exception: return
+    assert all(D.abs().max() == 0 for *_, D in iter_deltas(b, pm.merge_and_unload(), ['mlp_out', 'mlp_in', 'mlp_gate', 'mlp_router']))
+
+@pytest.mark.filterwarnings("ignore:gemma4_text normalises")
+def test_gemma4_checkpoint_with_unused_keys_and_values(tmp_path):
+    "A Gemma 4 checkpoint that stores k and v for the blocks that reuse earlier keys and values (transformers ignores them on load): its fingerprint is the loaded model's."
+    from safetensors.torch import load_file, save_file
+    b, f, _ = _plain_pair('gemma4_text', tmp_path, {(0, 'attn_out'): 1})
+    sd = load_file(f/'model.safetensors')
+    save_file(sd | {f'model.layers.{l}.self_attn.{p}_proj.weight': torch.randn(32, 64) for l in (2, 3) for p in ('k', 'v')}, f/'model.safetensors', metadata={'format': 'pt'})
+    assert same_weights(fingerprint(f), fingerprint(load_hf(f)[0])) == 'exact'
+    d = compute_directions(b, f, k=1, matrices=['attn_out'], progress=False)
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))   # accepted by the loaded model
 
 def test_lora_on_experts_refused_where_not_mapped(tmp_path):
     "LoRA on experts that cannot be read is refused, never read as no change: fused experts without the base model's config, experts the base does not have, and expert modules of no known name."

@@ -545,9 +545,9 @@ def _as_loaded(keys, config_json:str)->list[tuple[str, str]]:
     known = lambda x: x in names or x.rpartition('.')[0] in modules   # a weight of the model, or a tensor of one of its modules
     for k in keys:
         n = f'{prefix}.{k}' if prefix and not known(k) and known(f'{prefix}.{k}') else k   # older checkpoints drop the prefix (GPT-2's `h.0...`)
-        if n not in names and ((n.rpartition('.')[0] in modules                   # a stored tensor of a module the model has, which it does
-                and (n in buffers or any(re.search(p, k) for p in ignore)))       # not load: GPT-2's attention masks, a rotary table,
-                or '.'.join(n.split('.')[-2:]) in tails): continue                # or a table it computes, where older versions kept it (per layer)
+        if n not in names and ((n.rpartition('.')[0] in modules and n in buffers)   # a stored tensor the model does not load: a buffer of one of its
+                or any(re.search(p, k) for p in ignore)                           # modules (GPT-2's attention masks), one it ignores (also of a module
+                or '.'.join(n.split('.')[-2:]) in tails): continue                # it lacks: Gemma 4's k and v where keys are shared), or a table it computes
         out.append((n, k))
     if len({n for n, _ in out}) < len(out): return sorted((k, k) for k in keys)   # two stored names for one weight: keep them as stored
     return sorted(out)

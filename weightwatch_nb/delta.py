@@ -185,7 +185,8 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    if mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim', 'linear_num_key_heads', 'linear_key_head_dim')):
+    if (mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim', 'linear_num_key_heads', 'linear_key_head_dim'))
+            or mt == 'llama4_text' and not all(k in d for k in ('intermediate_size_mlp', 'tie_word_embeddings', 'moe_layers'))):
         from transformers import AutoConfig   # a config.json that leaves them to the class (Qwen3-Next's: `full_attention_interval`)
         d = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'}).to_dict()
     if mt == 'gemma4_text':   # per-layer sizes: read as the class reads them (a config may give `global_head_dim` or `per_layer_config`)
@@ -588,6 +589,17 @@ def _expert_params(fac:dict, cfg:dict, config)->dict:
                 if swap(specs[fits[0]]): fac[m] = _swapped(A, B, E)
     return out
 
+def _peft_converts(model_type:str)->bool:
+    "Whether PEFT, loading a transformers 4 adapter onto this model type, turns its single-expert (and router) modules into transformers 5's (its own table says)."
+    try: from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN as P, _MOE_TARGET_MODULE_MAPPING as M
+    except ImportError: return False   # (a PEFT from before transformers 5 converts nothing)
+    return bool(M.get(P.get(model_type)))
+
+def _v4_refused(m:str, mt:str)->WeightwatchError:
+    return WeightwatchError(f"the adapter changes `{m}`, a module of transformers 4's {mt}, which PEFT does not convert when it loads the adapter onto "
+                            "transformers 5 (it refuses the adapter, or drops those weights), so no model loads what was trained; merge the adapter "
+                            "with the transformers 4 it was trained with (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
+
 def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
     "LoRA on single experts' linear layers, as transformers 4 held them, fused as PEFT fuses them when it loads one: ({fused name: (A, B), each B scaled}, modules used)."
     info, parts = arch_info(config), {}
@@ -595,6 +607,7 @@ def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
     r0, plain = cfg.get('r', 8), {k: v for k, v in cfg.items() if k not in ('rank_pattern', 'alpha_pattern')}
     for m, (A, B) in fac.items():
         if (mt := _EXPERT_KEY.match(m + '.weight')):   # `...experts.3.w1`, `...experts.3.gate_proj`, ...
+            if not _peft_converts(info['model_type']): raise _v4_refused(m, info['model_type'])   # (Qwen2-MoE, Qwen3.5-MoE, PhiMoE, ...)
             pre, e, part = mt.groups(); name, i = _EXPERT_PART[part]
             s = _lora_scale(m, A.shape[0], cfg)
             # PEFT, loading it onto fused experts, scales gate and up as one LoRA of rank 2r and alpha 2·lora_alpha, and drops the
@@ -645,8 +658,9 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
     if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
     fac = {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
     stored = {m: m for m in fac}   # (named as the adapter names them in messages)
-    if config is not None:   # the modules as transformers 5 names them
+    if config is not None:   # the modules as transformers 5 names them (as PEFT renames them when it loads the adapter)
         mt = arch_info(config)['model_type']
+        if not _peft_converts(mt) and (moved := sorted(m for m in fac if _renamed(m + '.', mt) != m + '.')): raise _v4_refused(stored[moved[0]], mt)
         stored, fac = {_renamed(m + '.', mt)[:-1]: m for m in fac}, {_renamed(m + '.', mt)[:-1]: f for m, f in fac.items()}
     params = _expert_params(fac, cfg, config) if config is not None and cfg.get('target_parameters') else {}
     fused, used = _per_expert(fac, cfg, config) if config is not None else ({}, set())
