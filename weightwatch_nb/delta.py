@@ -500,14 +500,15 @@ def _rows_of(src, k:str, idx:Tensor)->Tensor:
 def unmapped_changes(base, # the base model's tensor source (`open_tensors`)
                      finetuned, # the fine-tuned model's
                      info:dict, # `arch_info` of the pair
-                     rows:int=8, # rows compared per matrix
+                     rows:int=64, # rows compared per matrix too large to compare whole
+                     whole:int=2**26, # matrices of at most this many numbers are compared whole
                     )->list[str]: # names of the changed matrices, as loaded
-    "Matrices of the fine-tuned model that no matrix of its architecture maps to and that differ from the base's, compared on a few rows each."
+    "Matrices of the fine-tuned model that no matrix of its architecture maps to and that differ from the base's (whole, or on `rows` rows of a large one)."
     mapped = {k for k, _ in find_keys(finetuned.keys(), info, list(info['specs']), required=False).values()}
     have, out = set(base.keys()), []
     for k in finetuned.keys():
         if k in mapped or k not in have or len(shape := finetuned.shape(k)) < 2 or tuple(base.shape(k)) != tuple(shape): continue
-        idx = torch.linspace(0, shape[0] - 1, min(rows, shape[0])).round().long().unique()
+        idx = torch.arange(shape[0]) if torch.Size(shape).numel() <= whole else torch.linspace(0, shape[0] - 1, min(rows, shape[0])).round().long().unique()
         if not torch.equal(_rows_of(base, k, idx), _rows_of(finetuned, k, idx)): out.append(k)
     return out
 
