@@ -405,17 +405,16 @@ class ExpertRouting:
     overall: Tensor    # [directions, experts]: the same for every token of the corpus, at the direction's layer
     n_end: int         # tokens at each end
 
-def _router(model, layer:int):
-    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`; Llama 4: `feed_forward.router`), for a forward hook where the bridge's routing hook cannot be used."
+def _router(model, layer:int, required:bool=True):
+    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`; Llama 4: `feed_forward.router`), for a forward hook (None if `required` is off and there is none)."
     try: blk = model.original_model.model.layers[layer]
     except (AttributeError, IndexError, TypeError): blk = None
     mlp = getattr(blk, 'block_sparse_moe', None) or getattr(blk, 'feed_forward', None) or getattr(blk, 'mlp', None)
     if (r := getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)) is None:
+        if not required: return None
         raise WeightwatchError(f"this bridge has no routing hook for block {layer} and no router at model.layers[{layer}].mlp.gate or .router, "
                                "so the router's choices cannot be read")
     return r
-
-_ROUTING_HOOK_WRONG = ('granitemoe',)   # the bridge (TransformerLens 4.3) reads GraniteMoE's router output in transformers 4's order, so its index hook gets the logits
 
 def routed_experts(model, # mixture-of-experts model (bridge or source)
                    traces:list[Trace], # traces whose tokens to replay (`trace_corpus`)
@@ -435,10 +434,12 @@ def routed_experts(model, # mixture-of-experts model (bridge or source)
     if (dense := sorted(set(layers) & set(info['dense_layers']))):
         raise WeightwatchError(f"layers {dense} have a dense MLP, so no router picks experts there; choose among the expert layers "
                                f"{[l for l in range(info['n_layers']) if l not in info['dense_layers']]}")
-    hooks = {l: next((h for h in (f'blocks.{l}.mlp.gate.hook_expert_indices', f'blocks.{l}.mlp.hook_expert_indices')
-                      if h in model.hook_dict and info['model_type'] not in _ROUTING_HOOK_WRONG), None) for l in layers}   # (the bridge's name for the router's picks; the second also where the router is `mlp.router`, GPT-OSS)
-    routers = {l: _router(model, l) for l, h in hooks.items() if h is None}   # no bridge hook (DeepSeek): the router's own output
-    hooks = {l: h for l, h in hooks.items() if l not in routers}
+    # what the router module itself returns (the truth: the bridge's hook may read its output in another order, as for GraniteMoE),
+    # else the bridge's hook on the router's picks
+    routers = {l: r for l in layers if (r := _router(model, l, required=False)) is not None}
+    hooks = {l: next((h for h in (f'blocks.{l}.mlp.gate.hook_expert_indices', f'blocks.{l}.mlp.hook_expert_indices') if h in model.hook_dict), None)
+             for l in layers if l not in routers}
+    if (lost := [l for l, h in hooks.items() if h is None]): _router(model, lost[0])   # (raises: no router and no hook)
     check_ids(model, [t.ids for t in traces])
     encs, out, dev = [Encoded(t.ids.tolist(), t.roles.tolist()) for t in traces], [None] * len(traces), model.cfg.device
     for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='routing'):
