@@ -3,7 +3,7 @@ import json, warnings
 from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
-from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented, find_keys
+from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented, find_keys, MLA
 from weightwatch_nb.directions import Directions, compute_directions
 
 def tiny(arch, path, seed=0):
@@ -194,6 +194,7 @@ _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
             **{t: ARCH_KW['qwen2_moe'] | _HYBRID_KW for t in ('qwen3_next', 'qwen3_5_moe_text')}}   # and Qwen2-MoE's experts and shared expert
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
+ARCH_KW['glm4_moe_lite'] = {k: v for k, v in ARCH_KW['deepseek_v3'].items() if k not in ('first_k_dense_replace', 'head_dim')} | dict(mlp_layer_types=['sparse', 'sparse'])   # GLM-4.7-Flash: V3's attention, dense blocks by `mlp_layer_types`
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
 ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
             'xglm': _OLD | dict(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4),
@@ -218,6 +219,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'ernie4_5_moe_dense': ('ernie4_5_moe', dict(moe_layer_start_index=1)),
             'deepseek_v2_dense': ('deepseek_v2', dict(first_k_dense_replace=1, q_lora_rank=32)),   # (and its query through a latent too)
             'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32)),
+            'glm4_moe_lite_dense': ('glm4_moe_lite', dict(mlp_layer_types=['dense', 'sparse'], q_lora_rank=32)),   # (GLM-4.7-Flash's own layout)
             'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2)),
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
@@ -751,7 +753,7 @@ def test_gemma4_with_experts_is_refused():
         arch_info(_config('gemma4_text').to_dict() | dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32))
 
 def test_older_configs_read_as_their_classes_read_them():
-    "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class is read with the class's."
+    "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class, or a GLM-4.7-Flash config its dense blocks, is read with the class's."
     from weightwatch_nb.core import WeightwatchError
     bloom = _config('bloom').to_dict()
     assert arch_info({k: v for k, v in bloom.items() if k != 'hidden_size'} | dict(n_embed=64))['d_model'] == 64
@@ -759,6 +761,10 @@ def test_older_configs_read_as_their_classes_read_them():
     with pytest.raises(WeightwatchError, match="apply_residual_connection_post_layernorm"): arch_info(bloom | dict(apply_residual_connection_post_layernorm=True))
     l4 = {k: v for k, v in _config('llama4_text').to_dict().items() if k not in ('intermediate_size_mlp', 'tie_word_embeddings', 'moe_layers')} | dict(interleave_moe_layer_step=2)
     assert [arch_info(l4)[k] for k in ('d_dense', 'tied', 'dense_layers')] == [16384, False, (0,)]   # Llama 4's class defaults, and Maverick's dense blocks
+    import transformers as T
+    glm = {k: v for k, v in _config('glm4_moe_lite').to_dict().items() if k != 'mlp_layer_types'} | dict(num_hidden_layers=3, first_k_dense_replace=2)
+    built = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(**glm)).model.layers   # (GLM-4.7-Flash's class ignores DeepSeek's `first_k_dense_replace`)
+    assert arch_info(glm)['dense_layers'] == tuple(l for l, b in enumerate(built) if not hasattr(b.mlp, 'experts')) == (0,)
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
@@ -879,8 +885,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|llama4_text) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -950,7 +956,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'llama4_text_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'llama4_text_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -960,7 +966,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     from weightwatch_nb.interpret import expert_shares, routed_experts, expert_routing, trace_corpus
     shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith('qwen3') else []
     plant = {(0, 'mlp_out'): 1, (0, 'mlp_gate'): 1, (0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1}
-    mla = {(0, 'attn_q'): 1, (1, 'attn_kv'): 1} if arch.startswith('deepseek') else {}   # DeepSeek's latent attention: its query and key-value latents
+    mla = {(0, 'attn_q'): 1, (1, 'attn_kv'): 1} if VARIANTS[arch][0] in MLA else {}   # DeepSeek's latent attention: its query and key-value latents
     b, f, truth = _plain_pair(arch, tmp_path, plant | mla | {(1, m): 1 for m in shared})
     info = arch_info(json.loads((f/'config.json').read_text()))
     assert info['dense_layers'] == (0,)
@@ -1027,7 +1033,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
 
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'phimoe', 'granitemoe'])
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'qwen3_moe', 'phimoe', 'granitemoe', 'glm4_moe_lite'])
 def test_fused_experts_are_what_they_compute(arch, tmp_path):
     "Experts fused [experts, 2 × d_mlp, in] (gate, then up) and [experts, out, d_mlp]: `orient` gives each expert's gate, up and down as the experts module computes them, and the router's rows as its logits (one expert at a time, routing weight 1)."
     from transformers import AutoModelForCausalLM
@@ -1196,11 +1202,12 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'qwen3_moe': dict(target_modules=['gate_proj', 'up_proj', 'down_proj']),   # (gate and up fused: rank doubled through `rank_pattern`)
     'gpt_oss': dict(target_modules=['q_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # [experts, in, out], interleaved
     'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True),   # (PEFT leaves the dense block's MLP alone)
+    'glm4_moe_lite_dense': dict(target_modules=['q_a_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
     'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
     'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
 
-@pytest.mark.filterwarnings("ignore:this (deepseek_v3|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."
@@ -1424,8 +1431,8 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert main(gen + ['--steer', 'rewind-weights', '--keep-edited']) == 2
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
-@pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
+@pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite) model has a shared expert")
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main
@@ -1444,13 +1451,13 @@ def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     assert main(['generate', str(f), 'the model 3', '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
 
 @pytest.mark.filterwarnings("ignore:directions of")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense'])
 def test_lora_on_attention_of_a_mixture_of_experts(arch, tmp_path):
     "A LoRA adapter on the attention of GLM-4-MoE or DeepSeek-V3 (latent attention: q_a_proj, kv_a_proj_with_mqa): each module lands on its matrix at every block, dense or not, and the directions equal the merged model's. (PEFT turns MLP targets of these models into the fused experts, which is refused: `test_lora_on_a_mixture_of_experts`.)"
     import transformers as T
     from peft import LoraConfig, get_peft_model
     b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
-    attn, ms = ((['q_a_proj', 'kv_a_proj_with_mqa'], ['attn_out', 'attn_q', 'attn_kv']) if arch.startswith('deepseek') else
+    attn, ms = ((['q_a_proj', 'kv_a_proj_with_mqa'], ['attn_out', 'attn_q', 'attn_kv']) if VARIANTS[arch][0] in MLA else
                 (['q_proj', 'k_proj'], ['attn_out', 'attn_q', 'attn_k']))
     torch.manual_seed(0)
     pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=[*attn, 'o_proj']))
