@@ -165,9 +165,9 @@ FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', '
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')}}
-POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
-NO_PRE_NORM = ('olmo2', 'olmo3', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')}}
+POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
+NO_PRE_NORM = ('olmo2', 'olmo3', 'flex_olmo', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
 
 # %% ../nbs/03_delta.ipynb #73ce5693
