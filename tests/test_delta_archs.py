@@ -195,6 +195,7 @@ ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_exper
             **{t: ARCH_KW['qwen2_moe'] | _HYBRID_KW for t in ('qwen3_next', 'qwen3_5_moe_text')}}   # and Qwen2-MoE's experts and shared expert
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 ARCH_KW['glm4_moe_lite'] = {k: v for k, v in ARCH_KW['deepseek_v3'].items() if k not in ('first_k_dense_replace', 'head_dim')} | dict(mlp_layer_types=['sparse', 'sparse'])   # GLM-4.7-Flash: V3's attention, dense blocks by `mlp_layer_types`
+ARCH_KW['glm_moe_dsa'] = ARCH_KW['glm4_moe_lite'] | dict(q_lora_rank=32, index_topk=4, index_head_dim=16, index_n_heads=2)   # GLM-5: and a sparse-attention indexer (not mapped)
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
 ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
             'xglm': _OLD | dict(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4),
@@ -220,6 +221,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'deepseek_v2_dense': ('deepseek_v2', dict(first_k_dense_replace=1, q_lora_rank=32)),   # (and its query through a latent too)
             'deepseek_v3_dense': ('deepseek_v3', dict(first_k_dense_replace=1, q_lora_rank=32)),
             'glm4_moe_lite_dense': ('glm4_moe_lite', dict(mlp_layer_types=['dense', 'sparse'], q_lora_rank=32)),   # (GLM-4.7-Flash's own layout)
+            'glm_moe_dsa_dense': ('glm_moe_dsa', dict(mlp_layer_types=['dense', 'sparse'])),
             'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2)),
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
@@ -747,6 +749,17 @@ def test_changes_no_matrix_maps_are_named(tmp_path):
         d = compute_directions(b, f, k=1, matrices=['attn_out'], hook_point='blocks.{layer}.{output}', progress=False)
     assert d.names() == ['L0.attn_out.u0']
 
+def test_glm5_indexer_changes_are_named(tmp_path):
+    "GLM-5's sparse-attention indexer reads the residual stream through matrices no matrix maps to (`indexer.wk`, `indexer.weights_proj`): a fine-tune that changes them is warned about, and the mapped change is still found."
+    from safetensors.torch import load_file, save_file
+    b, f, truth = _plain_pair('glm_moe_dsa', tmp_path, {(1, 'attn_q'): 1})
+    sd = load_file(f/'model.safetensors')
+    for n in ('wk', 'weights_proj'): sd[f'model.layers.0.self_attn.indexer.{n}.weight'] *= 1.01
+    save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.warns(UserWarning, match=r"also changes 2 matrices that no glm_moe_dsa matrix maps to \(e.g. \['model.layers.0.self_attn.indexer.weights_proj.weight', 'model.layers.0.self_attn.indexer.wk.weight'\]\)"):
+        d = compute_directions(b, f, k=1, matrices=['attn_q'], progress=False)
+    assert d.names() == ['L1.attn_q.u0'] and subspace_cosines(d[(1, 'attn_q')].T, truth[(1, 'attn_q')]).min() >= 0.999
+
 def test_gemma4_with_experts_is_refused():
     "Gemma 4 26B A4B runs a mixture of experts beside each MLP: refused with a message, not half-mapped."
     with pytest.raises(WeightwatchError, match=r"enable_moe_block.*the dense Gemma 4 models are"):
@@ -765,6 +778,9 @@ def test_older_configs_read_as_their_classes_read_them():
     glm = {k: v for k, v in _config('glm4_moe_lite').to_dict().items() if k != 'mlp_layer_types'} | dict(num_hidden_layers=3, first_k_dense_replace=2)
     built = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(**glm)).model.layers   # (GLM-4.7-Flash's class ignores DeepSeek's `first_k_dense_replace`)
     assert arch_info(glm)['dense_layers'] == tuple(l for l, b in enumerate(built) if not hasattr(b.mlp, 'experts')) == (0,)
+    dsa = {k: v for k, v in _config('glm_moe_dsa').to_dict().items() if k not in ('mlp_layer_types', 'layer_types', 'indexer_types')} | dict(num_hidden_layers=3, first_k_dense_replace=2)
+    built = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(**dsa)).model.layers   # (GLM-5's class reads it)
+    assert arch_info(dsa)['dense_layers'] == tuple(l for l, b in enumerate(built) if not hasattr(b.mlp, 'experts')) == (0, 1)
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's
@@ -885,8 +901,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|llama4_text) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -957,7 +973,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'llama4_text_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'llama4_text_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -1209,7 +1225,7 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
     'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
 
-@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."
@@ -1433,8 +1449,8 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert main(gen + ['--steer', 'rewind-weights', '--keep-edited']) == 2
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
-@pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
+@pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main
@@ -1453,7 +1469,7 @@ def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     assert main(['generate', str(f), 'the model 3', '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
 
 @pytest.mark.filterwarnings("ignore:directions of")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense'])
 def test_lora_on_attention_of_a_mixture_of_experts(arch, tmp_path):
     "A LoRA adapter on the attention of GLM-4-MoE or DeepSeek-V3 (latent attention: q_a_proj, kv_a_proj_with_mqa): each module lands on its matrix at every block, dense or not, and the directions equal the merged model's. (PEFT turns MLP targets of these models into the fused experts, which is refused: `test_lora_on_a_mixture_of_experts`.)"
     import transformers as T

@@ -13,13 +13,13 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY', 'HYBRID',
-           'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM',
-           'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES',
-           'PEFT_TRANSPOSED', 'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient',
-           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
-           'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix',
-           'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY',
+           'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM',
+           'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES',
+           'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer',
+           'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices',
+           'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors',
+           'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -99,8 +99,9 @@ _DEEPSEEK_V2 = {m: s for m, s in _GLM4_MOE.items() if m not in ('attn_k', 'attn_
     attn_out=('layers.{layer}.self_attn.o_proj.weight', 'linear', 'out', 'o'),
     attn_q=('layers.{layer}.self_attn.q_a_proj.weight', 'linear', 'in', 'q_read', None, ('layers.{layer}.self_attn.q_proj.weight',)),   # (q_proj without q_lora_rank)
     attn_kv=('layers.{layer}.self_attn.kv_a_proj_with_mqa.weight', 'linear', 'in', 'kv_latent'))   # keys and values, jointly into a latent (and the rotary key)
-MLA = ('deepseek_v2', 'deepseek_v3', 'glm4_moe_lite')   # model types with multi-head latent attention (GLM-4.7-Flash: DeepSeek-V3's attention, GLM-4-MoE's experts)
-FIRST_DENSE = ('glm4_moe', *MLA)   # mixtures of experts whose first `first_k_dense_replace` blocks are dense (GLM-4.7-Flash: its `mlp_layer_types`), and whose `n_shared_experts` form one MLP
+MLA = ('deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa')   # model types with multi-head latent attention (GLM-4.7-Flash, GLM-5: DeepSeek-V3's attention, GLM-4-MoE's experts)
+FIRST_DENSE = ('glm4_moe', *MLA)   # mixtures of experts whose first `first_k_dense_replace` blocks are dense (`LAYER_TYPED`: as `mlp_layer_types` says), and whose `n_shared_experts` form one MLP
+LAYER_TYPED = ('glm4_moe_lite', 'glm_moe_dsa')   # model types whose config lists each block's MLP, 'dense' or 'sparse' (`mlp_layer_types`)
 PAIRS = 'pairs'   # GPT-OSS interleaves its experts' gate and up outputs: gate, up, gate, up, ...
 _GPT_OSS = _LLAMA | _specs(   # experts stored [experts, in, out], gate and up interleaved; the router is `mlp.router`
     mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts_t', 'out', 'd_mlp'),
@@ -187,7 +188,7 @@ def arch_info(config, # a Hugging Face config or its dict
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
     if (mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim', 'linear_num_key_heads', 'linear_key_head_dim'))
             or mt == 'llama4_text' and not all(k in d for k in ('intermediate_size_mlp', 'tie_word_embeddings', 'moe_layers'))
-            or mt == 'glm4_moe_lite' and 'mlp_layer_types' not in d):
+            or mt in LAYER_TYPED and 'mlp_layer_types' not in d):
         from transformers import AutoConfig   # a config.json that leaves them to the class (Qwen3-Next's: `full_attention_interval`; GLM-4.7-Flash's dense blocks)
         d = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'}).to_dict()
     if mt == 'gemma4_text':   # per-layer sizes: read as the class reads them (a config may give `global_head_dim` or `per_layer_config`)
@@ -254,8 +255,10 @@ def dense_layers(config:dict, # a mixture of experts' config dict
     if mt in ('qwen2_moe', 'qwen3_moe', *HYBRID[::2]):
         step, only = config.get('decoder_sparse_step') or 1, set(config.get('mlp_only_layers') or ())
         return tuple(l for l in range(n_layers) if l in only or not ((_n_experts(config) or 0) > 0 and (l + 1) % step == 0))
-    if mt == 'glm4_moe_lite':   # dense where `mlp_layer_types` says so (a config without them: block 0, as the class makes them)
-        return tuple(l for l, t in enumerate((config.get('mlp_layer_types') or ['dense'] + ['sparse'] * n_layers)[:n_layers]) if t == 'dense')
+    if mt in LAYER_TYPED:   # dense where `mlp_layer_types` says so (a config.json without them: as the class makes them)
+        from transformers import AutoConfig
+        types = config.get('mlp_layer_types') or AutoConfig.for_model(mt, **{k: v for k, v in config.items() if k != 'model_type'}).mlp_layer_types
+        return tuple(l for l, t in enumerate(types[:n_layers]) if t == 'dense')
     if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
     if mt == 'llama4_text':   # experts in `moe_layers`, or (a config that leaves them to the class) every `interleave_moe_layer_step`-th block
         step = config.get('interleave_moe_layer_step') or 1
