@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
 from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented, find_keys, MLA, NO_PRE_NORM
+from weightwatch_nb.calibrate import check_hooks
 from weightwatch_nb.directions import Directions, compute_directions
 
 def tiny(arch, path, seed=0):
@@ -189,6 +190,10 @@ ARCH_KW['gpt_oss'] = _MOE_KW | dict(num_local_experts=3)   # experts stored [exp
 ARCH_KW['minimax_m2'] = _MOE_KW | dict(num_local_experts=3)   # Mixtral's layout, a sigmoid router with a score-correction bias
 ARCH_KW |= {t: _MOE_KW | dict(num_local_experts=3) for t in ('phimoe', 'granitemoe')}
 ARCH_KW['llama4_text'] = _MOE_KW | dict(num_local_experts=3, intermediate_size=96, intermediate_size_mlp=128, interleave_moe_layer_step=1)   # experts [experts, in, out], gate and up chunked; a shared expert   # Mixtral's stored layout (PhiMoE), fused under its own names (GraniteMoE)
+ARCH_KW['granitemoehybrid'] = {k: v for k, v in _MOE_KW.items() if k != 'head_dim'} | dict(   # Granite 4.0-H: a Mamba-2 block, then an attention block;
+    intermediate_size=96, shared_intermediate_size=48, num_local_experts=3, layer_types=['mamba', 'attention'], mamba_n_heads=4,   # GraniteMoE's experts and
+    mamba_d_state=16, mamba_chunk_size=16, position_embedding_type='rope', residual_multiplier=0.5, embedding_multiplier=2.0,    # an MLP beside them in both
+    logits_scaling=2.0, attention_multiplier=0.25)
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -223,6 +228,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'glm4_moe_lite_dense': ('glm4_moe_lite', dict(mlp_layer_types=['dense', 'sparse'], q_lora_rank=32)),   # (GLM-4.7-Flash's own layout)
             'glm_moe_dsa_dense': ('glm_moe_dsa', dict(mlp_layer_types=['dense', 'sparse'])),
             'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2)),
+            'granitemoehybrid_dense': ('granitemoehybrid', dict(num_local_experts=0)),   # (Granite 4.0-H Micro: no experts, the MLP alone)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
 def _ffn(layer):
@@ -682,12 +688,89 @@ def test_write_hook_on_linear_attention_blocks(arch, tmp_path):
     with torch.no_grad(), steering(model, ProjectOut(d, names=['L0.attn_out.u0'])): got = model(ids)
     assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)
 
+@pytest.mark.filterwarnings("ignore:this granitemoehybrid model has a shared expert", "ignore:directions of")
+@pytest.mark.parametrize('arch', ['granitemoehybrid', 'granitemoehybrid_dense'])
+def test_granite_hybrid_of_mamba_and_attention(arch, tmp_path):
+    "Granite 4.0-H: a Mamba block's `out_proj` is its `attn_out`, compared with what the bridge's `mixer` writes; the MLP beside any experts is a shared expert (or, with none, the MLP), at its own output; planted updates are found, scanned while generating, and removed by steering and edits."
+    from weightwatch_nb.directions import WRITE_HOOK
+    from weightwatch_nb.calibrate import calibrate, trace
+    from weightwatch_nb.monitor import scan
+    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_weights, removed_update
+    moe = arch == 'granitemoehybrid'
+    out, up = ('mlp_shared_out', 'mlp_shared_in') if moe else ('mlp_out', 'mlp_in')
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1, (0, out): 1, (1, up): 1})
+    info = arch_info(json.loads((f/'config.json').read_text()))
+    assert (info['family'], info['linear_layers'], info['mamba_inner']) == ('moe' if moe else 'llama', (0,), 128)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        dw = compute_directions(b, f, k=1, matrices=['attn_out', out], hook_point=WRITE_HOOK, progress=False)
+    assert moe == any('compared with what the experts write' in str(x.message) for x in w)   # (with experts, no hook has the shared MLP's output alone)
+    dr = compute_directions(b, f, k=1, matrices=[up], layers=[1], progress=False)
+    for d in (dw, dr):
+        for key, U in truth.items():
+            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+    model = load_model(f)
+    hf, seen = model.original_model.model.layers, {}
+    assert hf[0].mamba is not None and hf[0].self_attn is None and hf[1].self_attn is not None   # block 0: Mamba-2, block 1: attention
+    names = check_hooks(model, [dw.hook(0, 'attn_out'), dw.hook(1, 'attn_out'), dw.hook(0, out), dr.hook(1, up)])
+    assert names == ['blocks.0.mixer.hook_out', 'blocks.1.attn.hook_out', 'blocks.0.moe.hook_out' if moe else 'blocks.0.shared_mlp.hook_out', 'blocks.1.ln2.hook_out']
+    mods = {(0, 'attn_out'): hf[0].mamba.out_proj, (1, 'attn_out'): hf[1].self_attn.o_proj, (0, out): hf[0].shared_mlp.output_linear}
+    hs = [m.register_forward_hook(lambda mod, a, o, key=key: seen.__setitem__(key, o.detach())) for key, m in mods.items()]
+    hs.append(hf[1].shared_mlp.register_forward_pre_hook(lambda mod, a: seen.__setitem__((1, up), a[0].detach())))   # (the bridge splits input_linear into copies)
+    try: tr = trace(model, dw, ['the model 3 of 2 and 7'])[0]; trr = trace(model, dr, ['the model 3 of 2 and 7'])[0]
+    finally:
+        for h in hs: h.remove()
+    cos = lambda x, v: torch.nn.functional.cosine_similarity(x[0], v[None], dim=-1)
+    for i, key in enumerate(k for k in dw.vectors if k != (0, out) or not moe):   # the truth: each token's cosine with what Hugging Face's own module writes
+        assert torch.allclose(tr.cos[:, dw.names().index(f'L{key[0]}.{key[1]}.u0')], cos(seen[key], dw[key][0]), atol=1e-5), key
+    assert torch.allclose(trr.cos[:, 0], cos(seen[(1, up)], dr[(1, up)][0]), atol=1e-5)   # and with what the MLP reads
+    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4)
+    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the hooks fire while generating (Mamba's cache)
+    u, ids = dw[(0, 'attn_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7]])
+    h = hf[0].mamba.out_proj.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
+    try: want = model.original_model(ids).logits
+    finally: h.remove()
+    with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.attn_out.u0'])): got = model(ids)
+    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the Mamba block writes
+    ms = ['attn_out', out, up]
+    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
+    with torch.no_grad():
+        base = load_model(b)(ids)
+        with steering(model, AllOn(mon, upd)): on = model(ids)
+        with swapped_weights(model, edit): edited = model(ids)
+    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
+
+@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.parametrize('arch', ['granitemoehybrid', 'granitemoehybrid_dense'])
+def test_lora_on_granite_hybrid(arch, tmp_path):
+    "A LoRA adapter on Granite 4.0-H's attention, its Mamba blocks' `out_proj` and the MLP beside any experts, read without merging: the directions are the merged model's, and the Mamba `in_proj` (not mapped) is named in a warning."
+    from peft import LoraConfig, get_peft_model
+    import transformers as T
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'o_proj', 'out_proj', 'input_linear', 'output_linear', 'in_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload()
+    ms = ['attn_out', 'attn_q', *(['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if arch == 'granitemoehybrid' else ['mlp_out', 'mlp_in', 'mlp_gate'])]
+    with pytest.warns(UserWarning, match=r"changes 1 module\(s\) that no granitemoehybrid matrix maps to \(e.g. \['base_model.model.model.layers.0.mamba.in_proj"):
+        dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
+    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
+    assert sorted(dl.vectors) == sorted(dm.vectors) == sorted((l, m) for l in (0, 1) for m in ms if (l, m) != (0, 'attn_q'))   # (block 0 is Mamba: no queries)
+    assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+
 def test_missing_hooks_are_named():
     "A hook the model lacks, with no alias either, is named in the error; aliases stand in for the hooks a block lacks."
     from weightwatch_nb.calibrate import check_hooks
     class M: hook_dict = {'blocks.0.linear_attn.hook_out': None, 'blocks.1.attn.hook_out': None}
     assert check_hooks(M(), ['blocks.0.attn.hook_out', 'blocks.1.attn.hook_out']) == ['blocks.0.linear_attn.hook_out', 'blocks.1.attn.hook_out']
     with pytest.raises(WeightwatchError, match=r"hook 'blocks.2.attn.hook_out', which this .* does not have"): check_hooks(M(), ['blocks.2.attn.hook_out'])
+    class G: hook_dict = dict.fromkeys(['blocks.0.mixer.hook_out', 'blocks.0.moe.hook_out', 'blocks.0.shared_mlp.hook_out', 'blocks.1.shared_mlp.hook_out'])   # Granite 4.0-H
+    assert check_hooks(G(), ['blocks.0.attn.hook_out', 'blocks.0.mlp.hook_out', 'blocks.1.mlp.hook_out']) == ['blocks.0.mixer.hook_out', 'blocks.0.moe.hook_out', 'blocks.1.shared_mlp.hook_out']
 
 @pytest.mark.filterwarnings("ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together, and at the default hook: only their equality is tested)
 def test_gemma4_blocks_of_their_own_sizes(tmp_path):
@@ -901,8 +984,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -926,18 +1009,19 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     read = 'blocks.1.hook_resid_mid' if arch in NO_PRE_NORM else 'blocks.1.ln2.hook_out'   # (FlexOlmo: no norm in front of its experts)
     assert (dr.hook(1, 'mlp_gate'), dr.hook(1, 'mlp_in'), dr.hook(1, 'mlp_router'), dw.hook(0, 'mlp_out')) == (read,) * 3 + ('blocks.0.mlp.hook_out',)
     ids, seen = torch.tensor([[1, 5, 9, 13, 200, 7, 42, 8]]), {}
+    out0 = check_hooks(model, ['blocks.0.mlp.hook_out'])[0]   # (Granite 4.0-H: its experts' output, `moe`)
     moe = [_ffn(model.original_model.model.layers[i]) for i in (0, 1)]
     first = lambda o: (o[0] if isinstance(o, tuple) else o).detach()
     hs = [moe[1].register_forward_pre_hook(lambda mod, a: seen.__setitem__('in', a[0].detach())),
           moe[0].register_forward_hook(lambda mod, a, o: seen.__setitem__('out', first(o)))]
-    try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n in (read, 'blocks.0.mlp.hook_out'))
+    try: _, cache = model.run_with_cache(ids, names_filter=lambda n: n in (read, out0))
     finally:
         for h in hs: h.remove()
-    assert torch.equal(cache[read], seen['in'].reshape(1, 8, 64)) and torch.equal(cache['blocks.0.mlp.hook_out'], seen['out'].reshape(1, 8, 64))   # what the router and experts read, and write (Llama 4's, flattened)
+    assert torch.equal(cache[read], seen['in'].reshape(1, 8, 64)) and torch.equal(cache[out0], seen['out'].reshape(1, 8, 64))   # what the router and experts read, and write (Llama 4's, flattened)
     # the routing and the experts' inputs at layer 0 are the base's, so the fine-tune moves layer 0's MLP output along the planted direction only
-    _, bc = base.run_with_cache(ids, names_filter=lambda n: n == 'blocks.0.mlp.hook_out')
-    diff, u = (cache['blocks.0.mlp.hook_out'] - bc['blocks.0.mlp.hook_out'])[0], dw[(0, 'mlp_out')][0]
-    assert diff.norm() > 0.05 * bc['blocks.0.mlp.hook_out'].norm() and (diff - (diff @ u)[:, None] * u).norm() < 1e-4 * diff.norm()
+    _, bc = base.run_with_cache(ids, names_filter=lambda n: n == out0)
+    diff, u = (cache[out0] - bc[out0])[0], dw[(0, 'mlp_out')][0]
+    assert diff.norm() > 0.05 * bc[out0].norm() and (diff - (diff @ u)[:, None] * u).norm() < 1e-4 * diff.norm()
     # ProjectOut at layer 0's MLP output equals the Hugging Face model with that direction projected out of its experts' output
     def project(mod, a, o):
         h = first(o); h = h - (h @ u)[..., None] * u
@@ -1221,11 +1305,12 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True),   # (PEFT leaves the dense block's MLP alone)
     'glm4_moe_lite_dense': dict(target_modules=['q_a_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
     'flex_olmo': dict(target_modules=['o_proj', 'gate'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.gate`)
+    'granitemoehybrid': dict(target_modules=['out_proj', 'o_proj', 'input_linear', 'output_linear'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),   # (Mamba's out_proj, the MLP beside the experts)
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
     'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
     'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
 
-@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."
@@ -1450,7 +1535,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main

@@ -306,7 +306,9 @@ class Tracer:
         "[b, t, n] cosines of every token seen since `start` with every direction (layer-major order)."
         return torch.cat([torch.cat(self.dots[h], dim=1) / torch.cat(self.norms[h], dim=1).clamp_min(1e-12) for _, h, *_ in self.groups], dim=-1)
 
-HOOK_ALIASES = (('.attn.hook_out', '.linear_attn.hook_out'),)   # a hybrid's linear-attention blocks (Qwen3.5, Qwen3-Next) have no `attn`: its output is `linear_attn`'s
+HOOK_ALIASES = (('.attn.hook_out', '.linear_attn.hook_out'),   # a hybrid's linear-attention blocks (Qwen3.5, Qwen3-Next) have no `attn`: its output is `linear_attn`'s,
+                ('.attn.hook_out', '.mixer.hook_out'),         # a Mamba block's (Granite 4.0-H) its `mixer`'s;
+                ('.mlp.hook_out', '.moe.hook_out'), ('.mlp.hook_out', '.shared_mlp.hook_out'))   # Granite 4.0-H's MLP output: its experts', or (none) its MLP's
 
 def check_hooks(model, # the model (`TransformerBridge`)
                 names:list[str], # hook names that directions are compared at

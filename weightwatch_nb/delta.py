@@ -14,12 +14,13 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY',
-           'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM',
-           'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES',
-           'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer',
-           'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices',
-           'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors',
-           'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+           'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT', 'ARCH_SPECS', 'FAMILIES',
+           'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES',
+           'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec', 'arch_info', 'dense_layers',
+           'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors',
+           'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter',
+           'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
+           'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -132,6 +133,11 @@ LINEAR_IN = {m: MatrixSpec('layers.{layer}.linear_attn.in_proj_qkv.weight', 'lin
              for i, (m, o) in enumerate((('attn_q', 'lin_k'), ('attn_k', 'lin_k'), ('attn_v', 'lin_v')))}
 QKVZ = 'qkvz'   # Qwen3-Next fuses them with the output gate z in `in_proj_qkvz`, key-head group by group: [group 0: q k v z, group 1: q k v z, ...]
 LINEAR_IN_QKVZ = {m: replace(s, key='layers.{layer}.linear_attn.in_proj_qkvz.weight', part=(s.part[0], QKVZ)) for m, s in LINEAR_IN.items()}
+MAMBA_OUT = MatrixSpec('layers.{layer}.mamba.out_proj.weight', 'linear', 'out', 'mamba_inner')   # what a Mamba-2 block of Granite 4.0-H writes with (its fused `in_proj` is not mapped)
+_SHARED_MLP = lambda out, gate, up, width: _specs(**{out: ('layers.{layer}.shared_mlp.output_linear.weight', 'linear', 'out', width)},   # Granite 4.0-H's MLP beside
+    **{m: ('layers.{layer}.shared_mlp.input_linear.weight', 'linear', 'in', width, (i, 2)) for i, m in enumerate((gate, up))})          # any experts: gate, then up, fused
+_GRANITE_H = {m: s for m, s in _LLAMA.items() if not m.startswith('mlp_')} | _SHARED_MLP('mlp_out', 'mlp_gate', 'mlp_in', 'd_mlp')   # Granite 4.0-H without experts (Micro)
+_GRANITE_H_MOE = _GRANITEMOE | _SHARED_MLP('mlp_shared_out', 'mlp_shared_gate', 'mlp_shared_in', 'd_shared')   # with GraniteMoE's experts, the MLP as a shared expert (Tiny, Small)
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
     mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
@@ -166,7 +172,7 @@ FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', '
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'llama4_text')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'flex_olmo', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -216,6 +222,11 @@ def arch_info(config, # a Hugging Face config or its dict
     d_model, n_heads = first('hidden_size', 'n_embd', 'n_embed', 'd_model'), first('num_attention_heads', 'n_head', 'num_heads', 'attention_heads', 'n_heads')
     head_dim, n_layers = d.get('head_dim') or d_model // n_heads, first('num_hidden_layers', 'n_layer', 'num_layers', 'n_layers')
     kv_heads = 1 if mt in ('gpt_bigcode', 'falcon') else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode, Falcon-7B: multi-query, one k and v head
+    granite_h = mt == 'granitemoehybrid' and dict(   # Granite 4.0-H: Mamba-2 blocks among attention blocks, an MLP in every block, experts beside it or not
+        linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ['mamba'] * n_layers) if t in ('mamba', 'linear_attention')),   # (as the class reads them)
+        mamba_inner=(d.get('mamba_expand') or 2) * d_model, d_mlp=d['intermediate_size'] if _n_experts(d) else d.get('shared_intermediate_size', 1024),
+        d_shared=d.get('shared_intermediate_size', 1024) if _n_experts(d) else None,
+        family='moe' if _n_experts(d) else 'llama', specs=_GRANITE_H_MOE if _n_experts(d) else _GRANITE_H)
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
                 d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim', 'ffn_hidden_size') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size_mlp' if mt == 'llama4_text' else 'intermediate_size'),
@@ -229,7 +240,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
-                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True)))
+                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {})
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
@@ -270,15 +281,17 @@ def dense_layers(config:dict, # a mixture of experts' config dict
         return tuple(l for l in range(n_layers) if not ((l + 1) % step == 0 and a <= l <= b))
     return ()
 
+MIXER_SPECS = {'qwen3_next': {'attn_out': LINEAR_OUT} | LINEAR_IN_QKVZ, 'granitemoehybrid': {'attn_out': MAMBA_OUT}}   # a linear block's matrices, where not Qwen3.5's
+
 def layer_specs(info:dict, # from `arch_info`
                 layer:int|None, # block index (None: the embedding and unembedding)
                )->dict[str, MatrixSpec]: # matrix -> spec, for the matrices this block has
-    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention layer has its own q, k, v and output."
+    "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention or Mamba layer has its own matrices (`MIXER_SPECS`)."
     specs = info['specs']
     if layer is None: return specs
     if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | DENSE_SPECS.get(info['model_type'], _DENSE_MLP)
     if layer in info.get('linear_layers', ()):   # linear attention: its own output, and (Qwen3.5) queries, keys and values
-        specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | {'attn_out': LINEAR_OUT} | (LINEAR_IN if info['model_type'] != 'qwen3_next' else LINEAR_IN_QKVZ)
+        specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | MIXER_SPECS.get(info['model_type'], {'attn_out': LINEAR_OUT} | LINEAR_IN)
     if layer in info.get('kv_shared_layers', ()): specs = {m: s for m, s in specs.items() if m not in ('attn_k', 'attn_v')}   # Gemma 4: another block's keys and values
     if layer in info.get('k_is_v_layers', ()): specs = {m: s for m, s in specs.items() if m != 'attn_v'}   # (`attn_k` is both)
     if info.get('per_layer_sizes'): specs = {m: replace(s, other=f'{s.other}@{layer}') if f'{s.other}@{layer}' in info else s for m, s in specs.items()}

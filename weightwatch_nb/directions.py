@@ -336,6 +336,10 @@ def _hook_for(info:dict, # `arch_info` of the model
         warnings.warn(f"{mt} normalises each attention and MLP output before adding it to the residual stream, so directions of "
                       f"{sorted(writes)} are exact at those outputs ({WRITE_HOOK!r}), not at {hook_point!r}; compute them separately "
                       f"with hook_point={WRITE_HOOK!r}", stacklevel=3)
+    if '{output}' in hook_point and 'mlp_shared_out' in matrices and info['model_type'] == 'granitemoehybrid':
+        warnings.warn("Granite 4.0-H has no hook on the output of its experts and its MLP together, so with '{output}' directions of "
+                      "`mlp_shared_out` are compared with what the experts write (`moe`), not with what the MLP beside them writes; compare "
+                      f"them in the residual stream ({DEFAULT_HOOK!r})", stacklevel=3)
     return hook_point
 
 def _pbar(total, progress, desc):
