@@ -496,7 +496,8 @@ _RENAMED = {**{t: (('.block_sparse_moe.', '.mlp.'),) for t in ('mixtral', 'minim
             'phimoe': (('.block_sparse_moe.gate.', '.mlp.router.'), ('.block_sparse_moe.', '.mlp.')),
             'granitemoe': (('.block_sparse_moe.input_linear.weight', '.block_sparse_moe.experts.gate_up_proj'), ('.block_sparse_moe.output_linear.weight', '.block_sparse_moe.experts.down_proj'),
                            ('.block_sparse_moe.router.layer.', '.block_sparse_moe.router.'))}
-_RENAMED['granitemoehybrid'] = _RENAMED['granitemoe']   # (Granite 4.0-H stores its experts as GraniteMoE does)   # what transformers 5 renames when it loads these model types, in order
+_RENAMED['granitemoehybrid'] = _RENAMED['granitemoe']   # (Granite 4.0-H stores its experts as GraniteMoE does)
+_RENAMED['nemotron_h'] = (('backbone.', 'model.'),)   # (Nemotron-H checkpoints call the model `backbone`)   # what transformers 5 renames when it loads these model types, in order
 
 def _renamed(name:str, model_type:str|None)->str:
     "A stored tensor's (or an adapter module's) name as transformers 5 names it when it loads `model_type`."
@@ -530,8 +531,8 @@ def split_experts(W:Tensor, # fused [experts, out, in]
 @functools.lru_cache(maxsize=16)
 def _loaded_names(config_json:str)->tuple|None:
     "What a model of this config loads: its state-dict names, module names, buffer names, its computed tables' `module.buffer` tails, and the checkpoint names it ignores (None: unknown)."
-    from transformers import AutoConfig
-    try: m = _meta_model(AutoConfig.for_model(**json.loads(config_json)))
+    from transformers import AutoConfig, PretrainedConfig
+    try: m = _meta_model(AutoConfig.for_model(**PretrainedConfig._decode_special_floats(json.loads(config_json))))   # (Mamba's `time_step_limit` holds an infinity)
     except Exception: return None   # e.g. an architecture this transformers does not know: names are taken as stored
     names, buffers = frozenset(m.state_dict()), frozenset(n for n, _ in m.named_buffers())
     tails = frozenset('.'.join(b.split('.')[-2:]) for b in buffers - names)   # tables it computes, never loads: `rotary_emb.inv_freq`

@@ -14,13 +14,13 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY',
-           'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT', 'ARCH_SPECS', 'FAMILIES',
-           'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES',
-           'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec', 'arch_info', 'dense_layers',
-           'layer_specs', 'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors',
-           'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter',
-           'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
-           'subspace_cosines', 'plant_update']
+           'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT', 'NEMOTRON_H_BLOCKS',
+           'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'MIXER_SPECS',
+           'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
+           'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented',
+           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes',
+           'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method',
+           'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -138,6 +138,19 @@ _SHARED_MLP = lambda out, gate, up, width: _specs(**{out: ('layers.{layer}.share
     **{m: ('layers.{layer}.shared_mlp.input_linear.weight', 'linear', 'in', width, (i, 2)) for i, m in enumerate((gate, up))})          # any experts: gate, then up, fused
 _GRANITE_H = {m: s for m, s in _LLAMA.items() if not m.startswith('mlp_')} | _SHARED_MLP('mlp_out', 'mlp_gate', 'mlp_in', 'd_mlp')   # Granite 4.0-H without experts (Micro)
 _GRANITE_H_MOE = _GRANITEMOE | _SHARED_MLP('mlp_shared_out', 'mlp_shared_gate', 'mlp_shared_in', 'd_shared')   # with GraniteMoE's experts, the MLP as a shared expert (Tiny, Small)
+_MIXER = lambda **kw: _specs(**{m: (f'layers.{{layer}}.mixer.{n}.weight', 'linear', side, other) for m, (n, side, other) in kw.items()})   # Nemotron-H: one `mixer` per block
+NEMOTRON_H_BLOCKS = {'mamba': _MIXER(attn_out=('out_proj', 'out', 'mamba_inner')),   # each kind of Nemotron-H block and its matrices (a Mamba block's `in_proj` is not mapped)
+                     'attention': _MIXER(attn_out=('o_proj', 'out', 'q'), attn_q=('q_proj', 'in', 'q'), attn_k=('k_proj', 'in', 'kv'), attn_v=('v_proj', 'in', 'kv')),
+                     'mlp': _MIXER(mlp_out=('down_proj', 'out', 'd_mlp'), mlp_in=('up_proj', 'in', 'd_mlp'))}   # (ungated: relu²)
+_NEMOTRON_H = {k: v for b in NEMOTRON_H_BLOCKS.values() for k, v in b.items() if k != 'attn_out'} | NEMOTRON_H_BLOCKS['attention'] | _specs(
+    embed=('embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('embeddings.weight',)))
+_NEMOTRON_KINDS = {'M': 'mamba', '*': 'attention', '-': 'mlp', 'E': 'moe', 'linear_attention': 'mamba', 'full_attention': 'attention'}   # its pattern's letters, and transformers 5's names
+
+def nemotron_h_blocks(config:dict)->tuple[str, ...]:
+    "The kind of each block of a Nemotron-H model ('mamba', 'attention', 'mlp' or 'moe'), from `layers_block_type` or the older `hybrid_override_pattern`."
+    kinds = config.get('layers_block_type') or config.get('layer_types') or list(config.get('hybrid_override_pattern') or '')
+    if not kinds: raise WeightwatchError("this Nemotron-H config gives neither `layers_block_type` nor `hybrid_override_pattern`, so its blocks are unknown")
+    return tuple(_NEMOTRON_KINDS.get(k, k) for k in kinds)
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
     mlp_out=('layers.{layer}.fc2.weight', 'linear', 'out', 'd_mlp'),
@@ -169,7 +182,7 @@ ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text')},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text')}}
@@ -203,6 +216,11 @@ def arch_info(config, # a Hugging Face config or its dict
         if c.enable_moe_block:
             raise WeightwatchError("this Gemma 4 checkpoint runs a mixture of experts beside each MLP (enable_moe_block, as Gemma 4 26B A4B does), "
                                    "which is not mapped; the dense Gemma 4 models are")
+    if mt == 'nemotron_h':   # Nemotron-H: one mixer per block (Mamba-2, attention or an MLP), so its sizes and matrices go block by block
+        kinds = nemotron_h_blocks(d)
+        if 'moe' in kinds: raise WeightwatchError("this Nemotron-H checkpoint has blocks of experts (Nemotron 3), which are not mapped; the Nemotron-H "
+                                                  "models with Mamba, attention and MLP blocks only (Nemotron-H 8B, Nemotron Nano 9B/12B v2) are")
+        d = d | dict(num_hidden_layers=len(kinds))
     if mt == 'bloom' and d.get('apply_residual_connection_post_layernorm'):
         raise WeightwatchError("this BLOOM checkpoint adds each block's output to the normalised stream (apply_residual_connection_post_layernorm), "
                                "so its blocks do not write to one residual stream; its deltas are not mapped (released BLOOMs do not do this)")
@@ -240,7 +258,8 @@ def arch_info(config, # a Hugging Face config or its dict
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
-                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {})
+                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (
+                dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
@@ -289,6 +308,7 @@ def layer_specs(info:dict, # from `arch_info`
     "The matrices of one block: a dense layer of a mixture of experts has an ordinary MLP, and no router or shared expert; a linear-attention or Mamba layer has its own matrices (`MIXER_SPECS`)."
     specs = info['specs']
     if layer is None: return specs
+    if info.get('block_kinds'): specs = {m: s for m, s in specs.items() if m in ('embed', 'unembed')} | NEMOTRON_H_BLOCKS[info['block_kinds'][layer]]   # Nemotron-H: its mixer's
     if layer in info.get('dense_layers', ()): specs = {m: s for m, s in specs.items() if m not in MOE_ONLY} | DENSE_SPECS.get(info['model_type'], _DENSE_MLP)
     if layer in info.get('linear_layers', ()):   # linear attention: its own output, and (Qwen3.5) queries, keys and values
         specs = {m: s for m, s in specs.items() if m not in ('attn_q', 'attn_k', 'attn_v')} | MIXER_SPECS.get(info['model_type'], {'attn_out': LINEAR_OUT} | LINEAR_IN)
