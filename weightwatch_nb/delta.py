@@ -149,7 +149,9 @@ _NEMOTRON_KINDS = {'M': 'mamba', '*': 'attention', '-': 'mlp', 'E': 'moe', 'line
 def nemotron_h_blocks(config:dict)->tuple[str, ...]:
     "The kind of each block of a Nemotron-H model ('mamba', 'attention', 'mlp' or 'moe'), from `layers_block_type` or the older `hybrid_override_pattern`."
     kinds = config.get('layers_block_type') or config.get('layer_types') or list(config.get('hybrid_override_pattern') or '')
-    if not kinds: raise WeightwatchError("this Nemotron-H config gives neither `layers_block_type` nor `hybrid_override_pattern`, so its blocks are unknown")
+    if not kinds:   # neither: the class's default blocks
+        from transformers import AutoConfig
+        kinds = AutoConfig.for_model('nemotron_h').layers_block_type
     return tuple(_NEMOTRON_KINDS.get(k, k) for k in kinds)
 _OPT = {m: s for m, s in _NO_GATE.items() if m != 'attn_out'} | _specs(   # OPT, XGLM: Llama's q, k, v; `out_proj`; an MLP of fc1 and fc2 in the block itself
     attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),
