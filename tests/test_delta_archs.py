@@ -230,6 +230,8 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'glm4_moe_lite_dense': ('glm4_moe_lite', dict(mlp_layer_types=['dense', 'sparse'], q_lora_rank=32)),   # (GLM-4.7-Flash's own layout)
             'glm_moe_dsa_dense': ('glm_moe_dsa', dict(mlp_layer_types=['dense', 'sparse'])),
             'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2)),
+            'gemma4_moe': ('gemma4_text', dict(enable_moe_block=True, num_experts=3, top_k_experts=2, moe_intermediate_size=32,   # (Gemma 4 26B A4B: experts beside
+                                               hidden_size_per_layer_input=0, num_kv_shared_layers=0)),   # the MLP; no per-layer inputs, no shared keys)
             'granitemoehybrid_dense': ('granitemoehybrid', dict(num_local_experts=0)),   # (Granite 4.0-H Micro: no experts, the MLP alone)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
@@ -820,6 +822,20 @@ def test_nemotron_h_blocks_of_one_mixer(tmp_path):
         arch_info(json.loads((f/'config.json').read_text()) | dict(layers_block_type=['mamba', 'moe', 'attention', 'mlp']))
     assert arch_info({k: v for k, v in _config('nemotron_h').to_dict().items() if k != 'layers_block_type'} | dict(hybrid_override_pattern='M*-'))['block_kinds'] == ('mamba', 'attention', 'mlp')
 
+def test_nemotron_h_config_as_published(tmp_path):
+    "A Nemotron-H base whose config.json is as NVIDIA publishes it (`hybrid_override_pattern`, `num_hidden_layers`), fine-tuned and saved by transformers (which writes neither): one architecture, one fingerprint for checkpoint and loaded model; a config without `head_dim` is read with the class's."
+    b, f, truth = _plain_pair('nemotron_h', tmp_path, {(2, 'attn_out'): 1})
+    cfg = json.loads((b/'config.json').read_text())
+    kinds = {'linear_attention': 'M', 'full_attention': '*', 'mlp': '-'}
+    cfg = {k: v for k, v in cfg.items() if k != 'layers_block_type'} | dict(hybrid_override_pattern=''.join(kinds[k] for k in cfg['layers_block_type']), num_hidden_layers=4)
+    (b/'config.json').write_text(json.dumps(cfg))
+    assert arch_info(cfg)['q'] == arch_info(json.loads((f/'config.json').read_text()))['q'] == 64
+    assert arch_info({k: v for k, v in cfg.items() if k != 'head_dim'})['q'] == 4 * 128   # (the class's head_dim, not 64 / 4)
+    d = compute_directions(b, f, k=1, matrices=['attn_out'], progress=False)
+    assert subspace_cosines(d[(2, 'attn_out')].T, truth[(2, 'attn_out')]).min() >= 0.999
+    assert same_weights(fingerprint(b), fingerprint(load_model(b))) == 'exact'
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
+
 @pytest.mark.filterwarnings("ignore:directions of")
 def test_lora_on_nemotron_h(tmp_path):
     "A LoRA adapter on Nemotron-H's attention and MLP blocks, read without merging: the directions are the merged model's, and the Mamba `in_proj` (not mapped) is named in a warning."
@@ -919,10 +935,71 @@ def test_glm5_indexer_changes_are_named(tmp_path):
         d = compute_directions(b, f, k=1, matrices=['attn_q'], progress=False)
     assert d.names() == ['L1.attn_q.u0'] and subspace_cosines(d[(1, 'attn_q')].T, truth[(1, 'attn_q')]).min() >= 0.999
 
-def test_gemma4_with_experts_is_refused():
-    "Gemma 4 26B A4B runs a mixture of experts beside each MLP: refused with a message, not half-mapped."
-    with pytest.raises(WeightwatchError, match=r"enable_moe_block.*the dense Gemma 4 models are"):
-        arch_info(_config('gemma4_text').to_dict() | dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32))
+@pytest.mark.filterwarnings("ignore:this gemma4_text model has a shared expert")
+def test_gemma4_with_experts_beside_the_mlp(tmp_path):
+    "Gemma 4 26B A4B: experts beside the MLP, each with its own norms. The experts are `mlp_*` (compared with what they read and write, which the bridge sees flattened), the MLP a shared expert; planted updates are found, scanned while generating, and removed by steering and edits; routing is read from the router."
+    from weightwatch_nb.directions import WRITE_HOOK, READ_HOOK
+    from weightwatch_nb.calibrate import calibrate, trace
+    from weightwatch_nb.monitor import scan
+    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.interpret import routed_experts, trace_corpus
+    plant = {(0, 'attn_out'): 1, (0, 'mlp_out'): 1, (0, 'mlp_shared_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_shared_in'): 1}
+    b, f, truth = _plain_pair('gemma4_moe', tmp_path, plant)
+    info = arch_info(json.loads((f/'config.json').read_text()))
+    assert (info['family'], info['n_experts'], info['d_mlp@0'], info['d_shared@0']) == ('moe', 3, 32, 128)
+    dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out', 'mlp_shared_out'], progress=False)   # post-norm: at the sub-layer outputs
+    dr = compute_directions(b, f, k=1, matrices=['mlp_in', 'mlp_gate', 'mlp_shared_in'], progress=False)
+    assert (dw.hook_point, dr.hook_point) == ('blocks.{layer}.{beside_output}', 'blocks.{layer}.{beside_input}')
+    assert compute_directions(b, f, k=1, matrices=['mlp_out'], hook_point=WRITE_HOOK, progress=False).hook_point == dw.hook_point   # (either template means the same)
+    assert compute_directions(b, f, k=1, matrices=['mlp_in'], hook_point=READ_HOOK, progress=False).hook_point == dr.hook_point
+    for d in (dw, dr):
+        for key, U in truth.items():
+            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+    model = load_model(f)
+    hf, seen = model.original_model.model.layers, {}
+    keys = [(0, 'attn_out'), (0, 'mlp_out'), (0, 'mlp_shared_out'), (1, 'mlp_in'), (1, 'mlp_shared_in')]
+    dirs = lambda m: dw if m.endswith('_out') else dr
+    assert check_hooks(model, [dirs(m).hook(l, m) for l, m in keys]) == ['blocks.0.attn.hook_out', 'blocks.0.post_feedforward_layernorm_2.hook_in',
+                                                                       'blocks.0.mlp.hook_out', 'blocks.1.pre_feedforward_layernorm_2.hook_out', 'blocks.1.ln2.hook_out']
+    first = lambda o: (o[0] if isinstance(o, tuple) else o).detach()
+    hs = [hf[0].self_attn.register_forward_hook(lambda mod, a, o: seen.__setitem__((0, 'attn_out'), first(o))),
+          hf[0].experts.register_forward_hook(lambda mod, a, o: seen.__setitem__((0, 'mlp_out'), first(o))),
+          hf[0].mlp.register_forward_hook(lambda mod, a, o: seen.__setitem__((0, 'mlp_shared_out'), first(o))),
+          hf[1].experts.register_forward_pre_hook(lambda mod, a: seen.__setitem__((1, 'mlp_in'), a[0].detach())),
+          hf[1].mlp.register_forward_pre_hook(lambda mod, a: seen.__setitem__((1, 'mlp_shared_in'), a[0].detach()))]
+    try: trs = {id(d): trace(model, d, ['the model 3 of 2 and 7'])[0] for d in (dw, dr)}
+    finally:
+        for h in hs: h.remove()
+    for l, m in keys:   # the truth: each token's cosine with what Hugging Face's modules write or read (the experts: flattened)
+        d = dirs(m); x = seen[(l, m)].reshape(-1, 64)
+        want = torch.nn.functional.cosine_similarity(x, d[(l, m)][0][None], dim=-1)
+        assert torch.allclose(trs[id(d)].cos[:, d.names().index(f'L{l}.{m}.u0')], want, atol=1e-5), (l, m)
+    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    reps = scan(model, mon, ['the model 3 of 2', 'of of of the model'], generate=4, batch_size=2)
+    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the flattened hooks fire while generating, two sequences at a time
+    u, ids = dw[(0, 'mlp_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7], [1, 7, 7, 9, 4, 3]])
+    h = hf[0].experts.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
+    try: want = model.original_model(ids).logits
+    finally: h.remove()
+    with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.mlp_out.u0'])): got = model(ids)
+    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the experts write
+    ms = list(dict.fromkeys(m for _, m in plant))
+    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
+    with torch.no_grad():
+        base = load_model(b)(ids)
+        with steering(model, AllOn(mon, upd)): on = model(ids)
+        with swapped_weights(model, edit): edited = model(ids)
+    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
+    tr, picks = trace_corpus(model, dw, ['the model 3 of 2'])[0], []
+    h = hf[1].router.register_forward_hook(lambda mod, a, o: picks.append(o[2]))
+    try: got = routed_experts(model, [tr], [1])[0]
+    finally: h.remove()
+    assert got.shape == (len(tr.ids), 1, 2) and torch.equal(got[:, 0], picks[0].reshape(len(tr.ids), 2))   # the router's own picks
+    from safetensors.torch import load_file, save_file   # the router reads the stream through a scale of its own: not mapped, and named when changed
+    sd = load_file(f/'model.safetensors'); sd['model.layers.1.router.proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.warns(UserWarning, match=r"also changes 1 matrix that no gemma4_text matrix maps to \(e.g. \['model.layers.1.router.proj.weight'\]\)"):
+        compute_directions(b, f, k=1, matrices=['mlp_in', 'mlp_gate', 'mlp_shared_in', 'mlp_shared_gate'], progress=False)
 
 def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class, or a GLM-4.7-Flash config its dense blocks, is read with the class's."
@@ -1380,13 +1457,14 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'gpt_oss': dict(target_modules=['q_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # [experts, in, out], interleaved
     'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True),   # (PEFT leaves the dense block's MLP alone)
     'glm4_moe_lite_dense': dict(target_modules=['q_a_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
+    'gemma4_moe': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], target_parameters=['experts.gate_up_proj', 'experts.down_proj']),   # (and the MLP beside them)
     'flex_olmo': dict(target_modules=['o_proj', 'gate'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.gate`)
     'granitemoehybrid': dict(target_modules=['out_proj', 'o_proj', 'input_linear', 'output_linear'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),   # (Mamba's out_proj, the MLP beside the experts)
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
     'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
     'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
 
-@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert", "ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|gemma4_text|llama4_text) model has a shared expert", "ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."
@@ -1406,7 +1484,8 @@ def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     ms, cfg = ['mlp_out', 'mlp_in', 'mlp_gate'], json.loads((b/'config.json').read_text())
     full = {(l, m): D for l, m, D in iter_deltas(b, tmp_path/'merged', ms)}
     fac = {(l, m): (L, R) for l, m, L, R in lora_factors(tmp_path/'lora', cfg, ms)}
-    assert set(fac) == {key for key, D in full.items() if D.abs().max() > 0} and len(fac) == 3 * (1 if arch.endswith('_dense') else 2)
+    ai = arch_info(cfg)
+    assert set(fac) == {key for key, D in full.items() if D.abs().max() > 0} and len(fac) == 3 * (ai['n_layers'] - len(ai['dense_layers']))   # every expert block's
     for key, (L, R) in fac.items():
         assert torch.allclose(L @ R, full[key], atol=1e-6), key                      # ΔW = L @ R, as `orient` lays out the experts
         assert torch.allclose((R @ R.T).to_dense(), torch.eye(R.shape[0]), atol=1e-5)   # R's rows orthonormal (the SVD skips its QR)

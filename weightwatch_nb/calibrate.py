@@ -271,9 +271,11 @@ class Tracer:
 
     def start(self, valid:Tensor|None=None, # [b, t] bool: real (non-padding) prompt tokens
               roles:Tensor|None=None, # [b, t] 0 prompt, 1 response
+              batch:int|None=None, # sequences in the batch (default: from `valid`; needed for a hook that sees them flattened)
              ):
         "Begin a batch; `valid`, `roles`: [b, t] masks of its prompt (default: all real, all prompt)."
         self.valid, self.roles = valid, (roles if roles is not None or valid is None else torch.zeros_like(valid, dtype=torch.long))
+        self.batch = batch or (None if valid is None else valid.shape[0])
         self.dots, self.norms = {h: [] for _, h, *_ in self.groups}, {h: [] for _, h, *_ in self.groups}
         self.step, self._masks = {h: 0 for _, h, *_ in self.groups}, {}
 
@@ -286,15 +288,18 @@ class Tracer:
     def _hook(self, h, U):
         UT = U.T.contiguous()
         def fn(act, hook):
+            if flat := act.dim() == 2:   # [tokens, d]: a module that sees the batch's tokens in one row (Gemma 4's experts)
+                shape, act = act.shape, act.reshape(self.batch or 1, -1, act.shape[-1])
             a = act if act.dtype == torch.float32 else act.float()
             dots, norm = a @ UT, a.norm(dim=-1, keepdim=True)   # one matmul, one norm; `cosines` divides once, for every step
             if self.record: self.dots[h].append(dots); self.norms[h].append(norm)
             step = self.step[h]; self.step[h] += 1
-            if self.steer is None: return act
+            if self.steer is None: return act.reshape(shape) if flat else act
             c = dots / norm.clamp_min(1e-12)
             if step == 0 and self.valid is not None: valid, roles = self.valid, self.roles
             else: valid, roles = self._all_real(*c.shape[:2], step > 0, c.device)
-            return self.steer(h, act, c, valid, roles, step)
+            out = self.steer(h, act, c, valid, roles, step)
+            return out.reshape(shape) if flat else out
         return fn
 
     def hooks(self, model=None)->list:

@@ -432,6 +432,8 @@ def arch_summary(config, # a Hugging Face `PretrainedConfig` or its dict
     "The config fields that determine weight shapes and vocabulary."
     d = config if isinstance(config, dict) else config.to_dict()
     out = {k: d[k] for k in _ARCH_KEYS if d.get(k) is not None}
+    if d.get('model_type') == 'nemotron_h' and (kinds := d.get('layers_block_type') or d.get('layer_types') or d.get('hybrid_override_pattern')):
+        out['num_hidden_layers'] = len(kinds)   # (a property of its block list in transformers 5, left out of the configs it saves; hub configs give it)
     out['architectures'] = list(d.get('architectures') or [])
     return out
 

@@ -138,6 +138,11 @@ _SHARED_MLP = lambda out, gate, up, width: _specs(**{out: ('layers.{layer}.share
     **{m: ('layers.{layer}.shared_mlp.input_linear.weight', 'linear', 'in', width, (i, 2)) for i, m in enumerate((gate, up))})          # any experts: gate, then up, fused
 _GRANITE_H = {m: s for m, s in _LLAMA.items() if not m.startswith('mlp_')} | _SHARED_MLP('mlp_out', 'mlp_gate', 'mlp_in', 'd_mlp')   # Granite 4.0-H without experts (Micro)
 _GRANITE_H_MOE = _GRANITEMOE | _SHARED_MLP('mlp_shared_out', 'mlp_shared_gate', 'mlp_shared_in', 'd_shared')   # with GraniteMoE's experts, the MLP as a shared expert (Tiny, Small)
+_GEMMA4_MOE = {m: s for m, s in _LLAMA.items() if not m.startswith('mlp_')} | _specs(   # Gemma 4 26B A4B: experts beside the MLP, in every block;
+    mlp_out=('layers.{layer}.experts.down_proj', 'experts', 'out', 'd_mlp'),                   # the experts stored fused, the MLP as a shared expert
+    mlp_gate=('layers.{layer}.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (0, 2)),       # (its router reads the residual stream through a scale
+    mlp_in=('layers.{layer}.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (1, 2)),         # of its own, which no hook shows: not mapped)
+    **{f'mlp_shared_{m}': (f'layers.{{layer}}.mlp.{n}_proj.weight', 'linear', side, 'd_shared') for m, n, side in (('out', 'down', 'out'), ('in', 'up', 'in'), ('gate', 'gate', 'in'))})
 _MIXER = lambda **kw: _specs(**{m: (f'layers.{{layer}}.mixer.{n}.weight', 'linear', side, other) for m, (n, side, other) in kw.items()})   # Nemotron-H: one `mixer` per block
 NEMOTRON_H_BLOCKS = {'mamba': _MIXER(attn_out=('out_proj', 'out', 'mamba_inner')),   # each kind of Nemotron-H block and its matrices (a Mamba block's `in_proj` is not mapped)
                      'attention': _MIXER(attn_out=('o_proj', 'out', 'q'), attn_q=('q_proj', 'in', 'q'), attn_k=('k_proj', 'in', 'kv'), attn_v=('v_proj', 'in', 'kv')),
@@ -215,14 +220,12 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt == 'gemma4_text':   # per-layer sizes: read as the class reads them (a config may give `global_head_dim` or `per_layer_config`)
         from transformers import AutoConfig
         c = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'})
-        if c.enable_moe_block:
-            raise WeightwatchError("this Gemma 4 checkpoint runs a mixture of experts beside each MLP (enable_moe_block, as Gemma 4 26B A4B does), "
-                                   "which is not mapped; the dense Gemma 4 models are")
     if mt == 'nemotron_h':   # Nemotron-H: one mixer per block (Mamba-2, attention or an MLP), so its sizes and matrices go block by block
         kinds = nemotron_h_blocks(d)
         if 'moe' in kinds: raise WeightwatchError("this Nemotron-H checkpoint has blocks of experts (Nemotron 3), which are not mapped; the Nemotron-H "
                                                   "models with Mamba, attention and MLP blocks only (Nemotron-H 8B, Nemotron Nano 9B/12B v2) are")
-        d = d | dict(num_hidden_layers=len(kinds))
+        from transformers import AutoConfig   # (a config without `head_dim` gets the class's, not hidden_size / heads)
+        d = d | dict(num_hidden_layers=len(kinds), head_dim=d.get('head_dim') or AutoConfig.for_model('nemotron_h').head_dim)
     if mt == 'bloom' and d.get('apply_residual_connection_post_layernorm'):
         raise WeightwatchError("this BLOOM checkpoint adds each block's output to the normalised stream (apply_residual_connection_post_layernorm), "
                                "so its blocks do not write to one residual stream; its deltas are not mapped (released BLOOMs do not do this)")
@@ -242,6 +245,8 @@ def arch_info(config, # a Hugging Face config or its dict
     d_model, n_heads = first('hidden_size', 'n_embd', 'n_embed', 'd_model'), first('num_attention_heads', 'n_head', 'num_heads', 'attention_heads', 'n_heads')
     head_dim, n_layers = d.get('head_dim') or d_model // n_heads, first('num_hidden_layers', 'n_layer', 'num_layers', 'n_layers')
     kv_heads = 1 if mt in ('gpt_bigcode', 'falcon') else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode, Falcon-7B: multi-query, one k and v head
+    gemma4_moe = mt == 'gemma4_text' and c.enable_moe_block and dict(   # Gemma 4 26B A4B: experts beside the MLP (the MLP as a shared expert)
+        family='moe', specs=_GEMMA4_MOE, n_experts=c.num_experts, d_mlp=c.moe_intermediate_size, d_shared=c.intermediate_size, experts_beside=True)
     granite_h = mt == 'granitemoehybrid' and dict(   # Granite 4.0-H: Mamba-2 blocks among attention blocks, an MLP in every block, experts beside it or not
         linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ['mamba'] * n_layers) if t in ('mamba', 'linear_attention')),   # (as the class reads them)
         mamba_inner=(d.get('mamba_expand') or 2) * d_model, d_mlp=d['intermediate_size'] if _n_experts(d) else d.get('shared_intermediate_size', 1024),
@@ -260,7 +265,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
-                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (
+                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (gemma4_moe or {}) | (
                 dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
@@ -271,6 +276,7 @@ def _gemma4_layers(c, n_heads:int)->dict:
     for l in range(c.num_hidden_layers):
         p, wide = c.per_layer_config[l], c.use_double_wide_mlp and modes[l] == 'reuse'
         out |= {f'q@{l}': n_heads * p.head_dim, f'kv@{l}': p.num_key_value_heads * p.head_dim, f'd_mlp@{l}': c.intermediate_size * (2 if wide else 1)}
+        if c.enable_moe_block: out |= {f'd_mlp@{l}': c.moe_intermediate_size, f'd_shared@{l}': c.intermediate_size * (2 if wide else 1)}   # (experts, and the MLP beside them)
     return out | dict(per_layer_sizes=True, kv_shared_layers=tuple(l for l, m in enumerate(modes) if m == 'reuse'),
                       k_is_v_layers=tuple(l for l, t in enumerate(c.layer_types) if c.attention_k_eq_v and t != 'sliding_attention' and modes[l] != 'reuse'))
 

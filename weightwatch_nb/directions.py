@@ -15,9 +15,10 @@ from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_ke
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
-           'RAW_INPUT_HOOKS', 'RAW_READ_HOOK', 'SHARED_INPUT_HOOKS', 'SHARED_READ_HOOK', 'parse_name', 'Directions',
-           'hook_name', 'compute_directions', 'plot_spectrum', 'energy', 'plot_energy', 'plot_heatmap',
-           'DirectionsBrowser', 'delta_spectra', 'effective_rank', 'stable_rank', 'register_cli', 'subspace_overlap']
+           'RAW_INPUT_HOOKS', 'RAW_READ_HOOK', 'SHARED_INPUT_HOOKS', 'SHARED_READ_HOOK', 'BESIDE_INPUT_HOOKS',
+           'BESIDE_OUTPUT_HOOKS', 'parse_name', 'Directions', 'hook_name', 'compute_directions', 'plot_spectrum',
+           'energy', 'plot_energy', 'plot_heatmap', 'DirectionsBrowser', 'delta_spectra', 'effective_rank',
+           'stable_rank', 'register_cli', 'subspace_overlap']
 
 # %% ../nbs/04_directions.ipynb #0b48467e
 FORMAT, SCHEMA_VERSION, DEFAULT_HOOK = 'weightwatch.directions', 1, 'blocks.{layer}.hook_out'
@@ -36,9 +37,13 @@ RAW_INPUT_HOOKS = {'attn_q': 'hook_in', 'attn_k': 'hook_in', 'attn_v': 'hook_in'
 RAW_READ_HOOK = 'blocks.{layer}.{raw_input}'  # the read side of blocks with no norm in front of attention and the MLP (OLMo 2)
 SHARED_INPUT_HOOKS = {m: 'ln1.hook_out' for m in INPUT_HOOKS}  # what each reading matrix multiplies where attention and the MLP share one norm
 SHARED_READ_HOOK = 'blocks.{layer}.{shared_input}'  # the read side of parallel blocks with one norm (Phi-1/2, GPT-J)
+BESIDE_INPUT_HOOKS = {**{m: h for m, h in INPUT_HOOKS.items() if m.startswith('attn_') or m.startswith('mlp_shared_')},   # where experts run beside the MLP, each
+                      'mlp_in': 'pre_feedforward_layernorm_2.hook_out', 'mlp_gate': 'pre_feedforward_layernorm_2.hook_out'}   # with its own norms (Gemma 4 26B A4B)
+BESIDE_OUTPUT_HOOKS = {**OUTPUT_HOOKS, 'mlp_out': 'post_feedforward_layernorm_2.hook_in'}   # (the experts' output, on its way into their own post-norm)
 _FIELDS = (('input', INPUT_HOOKS, 'reads'), ('raw_input', RAW_INPUT_HOOKS, 'reads'), ('shared_input', SHARED_INPUT_HOOKS, 'reads'),
-           ('output', OUTPUT_HOOKS, 'writes'))
-_READS = ('{input}', '{raw_input}', '{shared_input}')   # the read templates: each means "what each matrix reads", on its kind of block
+           ('beside_input', BESIDE_INPUT_HOOKS, 'reads'), ('output', OUTPUT_HOOKS, 'writes'), ('beside_output', BESIDE_OUTPUT_HOOKS, 'writes'))
+_READS = ('{input}', '{raw_input}', '{shared_input}', '{beside_input}')   # the read templates: each means "what each matrix reads", on its kind of block
+_WRITES = ('{output}', '{beside_output}')   # the write templates: each means "what each matrix's sub-layer writes", on its kind of block
 
 def parse_name(name:str, # 'L3.mlp_out.u0' (one vector) or 'L3.mlp_out' (all vectors of a matrix)
               )->tuple:  # (layer, matrix, index or None)
@@ -319,20 +324,22 @@ def _hook_for(info:dict, # `arch_info` of the model
     writes, embed = set(matrices) & {'attn_out', 'mlp_out', 'mlp_shared_out'}, 'embed' in matrices
     if hook_point is None and set(matrices) <= set(INPUT_HOOKS): hook_point = READ_HOOK   # the read side alone: each with what it reads
     if hook_point and set(matrices) <= set(INPUT_HOOKS):   # every read template means "what each matrix reads": its own norm's output,
-        want = '{raw_input}' if not info['pre_norm'] else '{shared_input}' if info.get('shared_norm') else '{input}'   # the stream, or the one shared norm
+        want = ('{raw_input}' if not info['pre_norm'] else '{shared_input}' if info.get('shared_norm') else '{beside_input}' if info.get('experts_beside')
+                else '{input}')   # the stream, the one shared norm, or (Gemma 4 with experts) the experts' own norm
         for f in _READS: hook_point = hook_point.replace(f, want)
         return hook_point
     if hook_point is None:
-        if (info['post_norm'] and writes or set(matrices) == {'embed'}) and set(matrices) <= set(OUTPUT_HOOKS): return WRITE_HOOK
-        hook_point = DEFAULT_HOOK
-    if embed and '{output}' not in hook_point:
+        if (info['post_norm'] and writes or set(matrices) == {'embed'}) and set(matrices) <= set(OUTPUT_HOOKS): hook_point = WRITE_HOOK
+        else: hook_point = DEFAULT_HOOK
+    for f in _WRITES: hook_point = hook_point.replace(f, '{beside_output}' if info.get('experts_beside') else '{output}')   # (Gemma 4 with experts: theirs)
+    if embed and not any(f in hook_point for f in _WRITES):
         warnings.warn(f"directions of `embed` are compared at {hook_point.format(layer=0)!r}, where block 0 has already added to the "
                       f"embedding; they are exact at the embedding itself (blocks.0.hook_in, with hook_point={WRITE_HOOK!r}): compute "
                       "them separately (matrices=['embed']) to compare them there", stacklevel=3)
     if reads and not any(f in hook_point for f in _READS):
         warnings.warn(f"directions of {sorted(reads)} are compared at {hook_point!r}, which is not what these matrices read; compute them "
                       f"separately (hook_point=None or {READ_HOOK!r}) to compare each with its matrix's input", stacklevel=3)
-    if info['post_norm'] and writes and '{output}' not in hook_point:
+    if info['post_norm'] and writes and not any(f in hook_point for f in _WRITES):
         warnings.warn(f"{mt} normalises each attention and MLP output before adding it to the residual stream, so directions of "
                       f"{sorted(writes)} are exact at those outputs ({WRITE_HOOK!r}), not at {hook_point!r}; compute them separately "
                       f"with hook_point={WRITE_HOOK!r}", stacklevel=3)

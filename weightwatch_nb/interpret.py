@@ -130,7 +130,7 @@ def trace_tokens(model, # model (bridge) to run
     encs, out = [Encoded(t.ids.tolist(), t.roles.tolist()) for t in traces], [None] * len(traces)
     dev = model.cfg.device
     for b in tqdm(list(batches(encs, batch_size, _pad_id(model.tokenizer))), disable=not progress, desc='batches'):
-        tr = Tracer(dirs, dev); tr.start()
+        tr = Tracer(dirs, dev); tr.start(batch=b.ids.shape[0])
         with torch.no_grad(), model.hooks(fwd_hooks=tr.hooks(model)):
             forward_blocks(model, b.ids.to(dev), b.mask.to(dev), max(dirs.layers))
         cos = tr.cosines().cpu()
@@ -406,11 +406,11 @@ class ExpertRouting:
     n_end: int         # tokens at each end
 
 def _router(model, layer:int, required:bool=True):
-    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`; Llama 4: `feed_forward.router`), for a forward hook (None if `required` is off and there is none)."
+    "The router module of block `layer` of a loaded mixture of experts (`mlp.gate`; GPT-OSS, PhiMoE: `mlp.router`; GraniteMoE: `block_sparse_moe.router`; Llama 4: `feed_forward.router`; Gemma 4: `router`), for a forward hook (None if `required` is off and there is none)."
     try: blk = model.original_model.model.layers[layer]
     except (AttributeError, IndexError, TypeError): blk = None
     mlp = getattr(blk, 'block_sparse_moe', None) or getattr(blk, 'feed_forward', None) or getattr(blk, 'mlp', None)
-    if (r := getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)) is None:
+    if (r := getattr(blk, 'router', None) or getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)) is None:   # (Gemma 4: the block's own, beside an MLP with a `gate`)
         if not required: return None
         raise WeightwatchError(f"this bridge has no routing hook for block {layer} and no router at model.layers[{layer}].mlp.gate or .router, "
                                "so the router's choices cannot be read")

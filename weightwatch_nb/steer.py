@@ -163,7 +163,7 @@ def steering(model, # the model (`TransformerBridge`)
     def begin(module, args, kwargs):   # before each pass of the decoder stack: nothing cached means a new sequence, with this padding
         if _cached(kwargs.get('past_key_values')): return
         x, m = _pass_input(args, kwargs), kwargs.get('attention_mask')
-        tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None)
+        tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None, batch=None if x is None else x.shape[0])
     handles = [_stack(model).register_forward_pre_hook(begin, with_kwargs=True)]
     try:
         handles += steerer.attach(model)
