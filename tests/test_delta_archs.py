@@ -198,6 +198,8 @@ ARCH_KW['nemotron_h'] = dict(hidden_size=64, intermediate_size=96, num_attention
     hybrid_override_pattern='M-*-', mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16, tie_word_embeddings=False)   # Mamba, MLP, attention, MLP
 ARCH_KW['bamba'] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,   # Bamba: Mamba,
                         attn_layer_indices=[1], mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16, tie_word_embeddings=False)   # then attention
+ARCH_KW['jamba'] = _MOE_KW | dict(num_experts=3, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,   # Jamba: Mamba, then
+                                  tie_word_embeddings=False)   # attention; experts in both
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -234,7 +236,8 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'llama4_text_dense': ('llama4_text', dict(interleave_moe_layer_step=2)),
             'gemma4_moe': ('gemma4_text', dict(enable_moe_block=True, num_experts=3, top_k_experts=2, moe_intermediate_size=32,   # (Gemma 4 26B A4B: experts beside
                                                hidden_size_per_layer_input=0, num_kv_shared_layers=0)),   # the MLP; no per-layer inputs, no shared keys)
-            'granitemoehybrid_dense': ('granitemoehybrid', dict(num_local_experts=0)),   # (Granite 4.0-H Micro: no experts, the MLP alone)
+            'granitemoehybrid_dense': ('granitemoehybrid', dict(num_local_experts=0)),
+            'jamba_dense': ('jamba', dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_offset=0)),   # (attention, then Mamba; a dense MLP, then experts)   # (Granite 4.0-H Micro: no experts, the MLP alone)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
 def _ffn(layer):
@@ -1207,7 +1210,7 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text'])
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -1217,7 +1220,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.delta import top_svd
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'mlp_out'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1, (1, 'attn_out'): 1})
-    d_mlp = 128 if arch in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'gpt_oss', 'phimoe', 'granitemoe') else 96
+    d_mlp = 128 if arch in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'gpt_oss', 'phimoe', 'granitemoe', 'jamba') else 96
     shapes = {m: tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_in'], layers=[1])}
     assert shapes == {m: (64, 3 * d_mlp) for m in ('mlp_out', 'mlp_gate', 'mlp_in')}        # every expert's units side by side
     assert next(iter_deltas(b, f, ['mlp_router'], layers=[1]))[2].shape == (64, 3)           # the router: one row per expert
@@ -1279,7 +1282,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'llama4_text_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'llama4_text_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -1287,7 +1290,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     from weightwatch_nb.edit import removed_weights, removed_update, stripped_weights
     from weightwatch_nb.delta import block_matrices, find_keys
     from weightwatch_nb.interpret import expert_shares, routed_experts, expert_routing, trace_corpus
-    shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith('qwen3') else []
+    shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith(('qwen3', 'jamba')) else []
     plant = {(0, 'mlp_out'): 1, (0, 'mlp_gate'): 1, (0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1}
     mla = {(0, 'attn_q'): 1, (1, 'attn_kv'): 1} if VARIANTS[arch][0] in MLA else {}   # DeepSeek's latent attention: its query and key-value latents
     b, f, truth = _plain_pair(arch, tmp_path, plant | mla | {(1, m): 1 for m in shared})
@@ -1300,9 +1303,9 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     ms = list(block_matrices(f))
     keys = find_keys(open_tensors(f).keys(), info, ms)
     assert {m for l, m in keys if l == 0} == {'attn_out', 'mlp_out', 'attn_q', 'mlp_in', 'mlp_gate', *(['attn_kv'] if mla else ['attn_k', 'attn_v'])}   # no router, no shared expert there
-    assert {m for l, m in keys if l == 1} == set(ms)
-    shapes = {(l, m): tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_router'])}
-    assert shapes == {(0, 'mlp_out'): (64, 128), (0, 'mlp_gate'): (64, 128), (1, 'mlp_out'): (64, 3 * 96), (1, 'mlp_gate'): (64, 3 * 96), (1, 'mlp_router'): (64, 3)}
+    assert {m for l, m in keys if l == 1} == set(ms) - ({'attn_q', 'attn_k', 'attn_v'} if 1 in info.get('linear_layers', ()) else set())   # (Jamba's block 1: Mamba)
+    shapes, e = {(l, m): tuple(D.shape) for l, m, D in iter_deltas(b, f, ['mlp_out', 'mlp_gate', 'mlp_router'])}, (128 if arch == 'jamba_dense' else 96)   # (Jamba's experts: as wide as its MLP)
+    assert shapes == {(0, 'mlp_out'): (64, 128), (0, 'mlp_gate'): (64, 128), (1, 'mlp_out'): (64, 3 * e), (1, 'mlp_gate'): (64, 3 * e), (1, 'mlp_router'): (64, 3)}
     d = compute_directions(b, f, k=1, matrices=ms, progress=False)
     for (l, m), U0 in truth.items(): assert subspace_cosines(d[(l, m)].T, U0).min() >= 0.999, (l, m)
     if mla:   # latent attention's read directions are compared with exactly what q_a_proj and kv_a_proj_with_mqa multiply
@@ -1356,7 +1359,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
 
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'flex_olmo', 'qwen3_moe', 'phimoe', 'granitemoe', 'glm4_moe_lite'])
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'flex_olmo', 'qwen3_moe', 'phimoe', 'granitemoe', 'glm4_moe_lite', 'jamba'])
 def test_fused_experts_are_what_they_compute(arch, tmp_path):
     "Experts fused [experts, 2 × d_mlp, in] (gate, then up) and [experts, out, d_mlp]: `orient` gives each expert's gate, up and down as the experts module computes them, and the router's rows as its logits (one expert at a time, routing weight 1)."
     from transformers import AutoModelForCausalLM
@@ -1527,6 +1530,7 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'deepseek_v3_dense': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], use_rslora=True),   # (PEFT leaves the dense block's MLP alone)
     'glm4_moe_lite_dense': dict(target_modules=['q_a_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
     'gemma4_moe': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], target_parameters=['experts.gate_up_proj', 'experts.down_proj']),   # (and the MLP beside them)
+    'jamba': dict(target_modules=['q_proj', 'out_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj']),   # (and Mamba's out_proj)
     'flex_olmo': dict(target_modules=['o_proj', 'gate'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.gate`)
     'granitemoehybrid': dict(target_modules=['out_proj', 'o_proj', 'input_linear', 'output_linear'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),   # (Mamba's out_proj, the MLP beside the experts)
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
@@ -1759,7 +1763,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main
@@ -1771,11 +1775,12 @@ def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     assert main(['scan', str(f), str(tmp_path/'m.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'out.jsonl'), '--quiet']) == 0
     assert len((tmp_path/'out.jsonl').read_text().splitlines()) == 40 and 'scanned 40, flagged' in capsys.readouterr().out
     monkeypatch.setattr(S, 'ClipWeights', lambda mon, upd, *a, **kw: S._AllOn(mon, upd, *a, **kw))   # every token switched
-    gen = ['generate', str(f), 'the model 3', '--monitor', str(tmp_path/'m.safetensors'), '--base', str(b), '--max-new-tokens', '4']
+    prompt = 'of the model' if arch == 'jamba_dense' else 'the model 3'   # (one whose reply the plant changes in printable text)
+    gen = ['generate', str(f), prompt, '--monitor', str(tmp_path/'m.safetensors'), '--base', str(b), '--max-new-tokens', '4']
     assert main(gen + ['--steer', 'clip-weights']) == 0
     steered = capsys.readouterr().out
-    assert main(['generate', str(b), 'the model 3', '--max-new-tokens', '4']) == 0 and steered == capsys.readouterr().out
-    assert main(['generate', str(f), 'the model 3', '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
+    assert main(['generate', str(b), prompt, '--max-new-tokens', '4']) == 0 and steered == capsys.readouterr().out
+    assert main(['generate', str(f), prompt, '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
 
 @pytest.mark.filterwarnings("ignore:directions of")
 @pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense'])

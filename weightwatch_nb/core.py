@@ -464,8 +464,8 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
-_EXPERT_KEY = re.compile(r'^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
+FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
+_EXPERT_KEY = re.compile(r'^(.*)\.(block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
 
@@ -483,8 +483,8 @@ def expert_groups(keys, # a checkpoint's tensor names
     found = {}
     for k in keys:
         if (mt := _EXPERT_KEY.match(k)):
-            pre, e, part = mt.groups(); name, i = _EXPERT_PART[part]
-            found.setdefault(f'{pre}.mlp.experts.{name}', {}).setdefault(int(e), {})[i] = k
+            pre, mod, e, part = mt.groups(); name, i = _EXPERT_PART[part]   # (Mixtral's `block_sparse_moe` loads as `mlp`; Jamba keeps `feed_forward`)
+            found.setdefault(f"{pre}.{'feed_forward' if mod == 'feed_forward' else 'mlp'}.experts.{name}", {}).setdefault(int(e), {})[i] = k
     out = {}
     for name, ex in found.items():
         n = 2 if name.endswith('gate_up_proj') else 1
