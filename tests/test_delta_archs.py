@@ -200,6 +200,8 @@ ARCH_KW['bamba'] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=
                         attn_layer_indices=[1], mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=16, tie_word_embeddings=False)   # then attention
 ARCH_KW['jamba'] = _MOE_KW | dict(num_experts=3, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,   # Jamba: Mamba, then
                                   tie_word_embeddings=False)   # attention; experts in both
+ARCH_KW['lfm2'] = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,   # LFM2: a
+                       layer_types=['conv', 'full_attention'], block_multiple_of=16, tie_word_embeddings=False)   # convolution block, then attention; its MLP 2/3 as wide as configured (128)
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -860,17 +862,21 @@ def test_lora_on_nemotron_h(tmp_path):
     assert sorted(dl.vectors) == sorted(dm.vectors) == [(1, 'mlp_in'), (1, 'mlp_out'), (2, 'attn_out'), (2, 'attn_q'), (3, 'mlp_in'), (3, 'mlp_out')]
     assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
 
+HYBRID_PARTS = {'bamba': (lambda l: l.mamba.out_proj, lambda l: l.self_attn.o_proj, 'mixer'), 'lfm2': (lambda l: l.conv.out_proj, lambda l: l.self_attn.out_proj, 'conv')}   # (mixer's output, attention's, bridge name)
+
 @pytest.mark.filterwarnings("ignore:directions of")
-def test_bamba_hybrid_of_mamba_and_attention(tmp_path):
-    "Bamba: Mamba-2 blocks and attention blocks (`attn_layer_indices`), Llama's MLP under `feed_forward` in each; planted updates are found, compared with what Hugging Face's modules write and read, scanned while generating, and removed by steering and edits."
+@pytest.mark.parametrize('arch', list(HYBRID_PARTS))
+def test_hybrid_of_mamba_or_convolution_and_attention(arch, tmp_path):
+    "Bamba (Mamba-2 blocks, attention at `attn_layer_indices`) and LFM2 (short-convolution blocks among attention blocks), an MLP under `feed_forward` in each block: planted updates are found, compared with what Hugging Face's modules write and read, scanned while generating, and removed by steering and edits."
     from weightwatch_nb.directions import WRITE_HOOK
     from weightwatch_nb.calibrate import calibrate, trace
     from weightwatch_nb.monitor import scan
     from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
     from weightwatch_nb.edit import removed_weights, removed_update
-    b, f, truth = _plain_pair('bamba', tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1, (0, 'mlp_out'): 1, (1, 'mlp_in'): 1})
+    mixer, attn, name = HYBRID_PARTS[arch]
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1, (0, 'mlp_out'): 1, (1, 'mlp_in'): 1})
     info = arch_info(json.loads((f/'config.json').read_text()))
-    assert (info['linear_layers'], info['mamba_inner']) == ((0,), 128)
+    assert (info['linear_layers'], info['d_mlp'], info.get('mamba_inner')) == (((0,), 96, 128) if arch == 'bamba' else ((0,), 128, None))
     dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], hook_point=WRITE_HOOK, progress=False)
     dr = compute_directions(b, f, k=1, matrices=['mlp_in'], progress=False)
     for d in (dw, dr):
@@ -879,9 +885,9 @@ def test_bamba_hybrid_of_mamba_and_attention(tmp_path):
     model = load_model(f)
     hf, seen = model.original_model.model.layers, {}
     keys = [(0, 'attn_out'), (1, 'attn_out'), (0, 'mlp_out'), (1, 'mlp_in')]
-    assert check_hooks(model, [(dw if m.endswith('_out') else dr).hook(l, m) for l, m in keys]) == ['blocks.0.mixer.hook_out', 'blocks.1.attn.hook_out', 'blocks.0.mlp.hook_out', 'blocks.1.ln2.hook_out']
-    hs = [hf[0].mamba.out_proj.register_forward_hook(lambda mod, a, o: seen.__setitem__((0, 'attn_out'), o.detach())),
-          hf[1].self_attn.o_proj.register_forward_hook(lambda mod, a, o: seen.__setitem__((1, 'attn_out'), o.detach())),
+    assert check_hooks(model, [(dw if m.endswith('_out') else dr).hook(l, m) for l, m in keys]) == [f'blocks.0.{name}.hook_out', 'blocks.1.attn.hook_out', 'blocks.0.mlp.hook_out', 'blocks.1.ln2.hook_out']
+    hs = [mixer(hf[0]).register_forward_hook(lambda mod, a, o: seen.__setitem__((0, 'attn_out'), o.detach())),
+          attn(hf[1]).register_forward_hook(lambda mod, a, o: seen.__setitem__((1, 'attn_out'), o.detach())),
           hf[0].feed_forward.register_forward_hook(lambda mod, a, o: seen.__setitem__((0, 'mlp_out'), o.detach())),
           hf[1].feed_forward.register_forward_pre_hook(lambda mod, a: seen.__setitem__((1, 'mlp_in'), a[0].detach()))]
     try: trs = [trace(model, d, ['the model 3 of 2 and 7'])[0] for d in (dw, dr)]
@@ -893,13 +899,13 @@ def test_bamba_hybrid_of_mamba_and_attention(tmp_path):
         assert torch.allclose(tr.cos[:, d.names().index(f'L{l}.{m}.u0')], want, atol=1e-5), (l, m)
     mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
     reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4)
-    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the hooks fire while generating (Mamba's cache)
+    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the hooks fire while generating (Mamba's or the convolution's cache)
     u, ids = dw[(0, 'attn_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7]])
-    h = hf[0].mamba.out_proj.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
+    h = mixer(hf[0]).register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
     try: want = model.original_model(ids).logits
     finally: h.remove()
     with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.attn_out.u0'])): got = model(ids)
-    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the Mamba block writes
+    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the Mamba or convolution block writes
     ms = ['attn_out', 'mlp_out', 'mlp_in']
     upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
     with torch.no_grad():
@@ -909,19 +915,20 @@ def test_bamba_hybrid_of_mamba_and_attention(tmp_path):
     assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:directions of")
-def test_lora_on_bamba(tmp_path):
-    "A LoRA adapter on Bamba's attention, Mamba `out_proj` and MLP, read without merging: the directions are the merged model's; the Mamba `in_proj` (not mapped) is named in a warning."
+@pytest.mark.parametrize('arch,targets,mixer', [('bamba', ['q_proj', 'o_proj', 'out_proj', 'up_proj', 'down_proj', 'in_proj'], 'mamba'), ('lfm2', ['q_proj', 'out_proj', 'w3', 'w2', 'in_proj'], 'conv')])
+def test_lora_on_bamba_and_lfm2(arch, targets, mixer, tmp_path):
+    "A LoRA adapter on Bamba's or LFM2's attention, Mamba or convolution `out_proj` and MLP, read without merging: the directions are the merged model's; the mixer's `in_proj` (not mapped) is named in a warning."
     from peft import LoraConfig, get_peft_model
     import transformers as T
-    b, _, _ = _plain_pair('bamba', tmp_path, {(0, 'attn_out'): 1})
+    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
     torch.manual_seed(0)
-    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'o_proj', 'out_proj', 'up_proj', 'down_proj', 'in_proj']))
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path/'lora')
     merged, ms = pm.merge_and_unload(), ['attn_out', 'attn_q', 'mlp_out', 'mlp_in']
-    with pytest.warns(UserWarning, match=r"changes 1 module\(s\) that no bamba matrix maps to \(e.g. \['base_model.model.model.layers.0.mamba.in_proj"):
+    with pytest.warns(UserWarning, match=rf"changes 1 module\(s\) that no {arch} matrix maps to \(e.g. \['base_model.model.model.layers.0.{mixer}.in_proj"):
         dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
     dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
     assert sorted(dl.vectors) == sorted(dm.vectors) == [(0, 'attn_out'), (0, 'mlp_in'), (0, 'mlp_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'mlp_in'), (1, 'mlp_out')]
@@ -1077,6 +1084,8 @@ def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class, or a GLM-4.7-Flash config its dense blocks, is read with the class's."
     from weightwatch_nb.core import WeightwatchError
     bloom = _config('bloom').to_dict()
+    lfm = {k: v for k, v in _config('lfm2').to_dict().items() if k not in ('layer_types', 'tie_word_embeddings')} | dict(full_attn_idxs=[1], tie_embedding=False)   # LFM2's older names
+    assert [arch_info(lfm)[k] for k in ('linear_layers', 'tied')] == [(0,), False]
     assert arch_info({k: v for k, v in bloom.items() if k != 'hidden_size'} | dict(n_embed=64))['d_model'] == 64
     assert arch_info(_config('opt').to_dict() | dict(word_embed_proj_dim=None))['d_model'] == 64
     with pytest.raises(WeightwatchError, match="apply_residual_connection_post_layernorm"): arch_info(bloom | dict(apply_residual_connection_post_layernorm=True))
@@ -1763,7 +1772,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main

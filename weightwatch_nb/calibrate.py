@@ -313,6 +313,7 @@ class Tracer:
 
 HOOK_ALIASES = (('.attn.hook_out', '.linear_attn.hook_out'),   # a hybrid's linear-attention blocks (Qwen3.5, Qwen3-Next) have no `attn`: its output is `linear_attn`'s,
                 ('.attn.hook_out', '.mixer.hook_out'),         # a Mamba block's (Granite 4.0-H) its `mixer`'s;
+                ('.attn.hook_out', '.conv.hook_out'),          # a convolution block's (LFM2) its `conv`'s;
                 ('.mlp.hook_out', '.moe.hook_out'), ('.mlp.hook_out', '.shared_mlp.hook_out'),   # Granite 4.0-H's MLP output: its experts', or (none) its MLP's;
                 ('.mlp.hook_out', '.mixer.hook_out'), ('.ln1.hook_out', '.norm.hook_out'), ('.ln2.hook_out', '.norm.hook_out'))   # Nemotron-H: one mixer, one norm
 

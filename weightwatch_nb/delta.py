@@ -119,6 +119,8 @@ _LLAMA4 = _LLAMA | _FF({m: s for m, s in _QWEN2_MOE.items() if m.startswith('mlp
     mlp_in=('layers.{layer}.feed_forward.experts.gate_up_proj', 'experts_t', 'in', 'd_mlp', (1, 2)),
     mlp_router=('layers.{layer}.feed_forward.router.weight', 'linear', 'in', 'n_experts'))
 _JAMBA = _LLAMA | _FF({m: s for m, s in _PHIMOE.items() if m.startswith('mlp_')})   # Jamba: Mixtral's experts, and a router (`router`), under `feed_forward`
+_LFM2 = _LLAMA | _specs(attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),   # LFM2: Llama's q, k and v, `out_proj`; an MLP of w1 (gate),
+    **{m: (f'layers.{{layer}}.feed_forward.{w}.weight', 'linear', side, 'd_mlp') for m, w, side in (('mlp_out', 'w2', 'out'), ('mlp_gate', 'w1', 'in'), ('mlp_in', 'w3', 'in'))})   # w3 (up), w2
 DENSE_SPECS = {'llama4_text': _FF(_DENSE_MLP), 'jamba': _FF(_DENSE_MLP)}   # a dense block's MLP where it is not Llama's `mlp` (default: `_DENSE_MLP`)
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
@@ -186,11 +188,11 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba')},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba')}}
@@ -248,6 +250,10 @@ def arch_info(config, # a Hugging Face config or its dict
     kv_heads = 1 if mt in ('gpt_bigcode', 'falcon') else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode, Falcon-7B: multi-query, one k and v head
     gemma4_moe = mt == 'gemma4_text' and c.enable_moe_block and dict(   # Gemma 4 26B A4B: experts beside the MLP (the MLP as a shared expert)
         family='moe', specs=_GEMMA4_MOE, n_experts=c.num_experts, d_mlp=c.moe_intermediate_size, d_shared=c.intermediate_size, experts_beside=True)
+    lfm2 = mt == 'lfm2' and dict(   # LFM2: short-convolution blocks among attention blocks, its MLP's width adjusted as the class does
+        linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ['full_attention' if l in (d.get('full_attn_idxs') or range(n_layers)) else 'conv'
+                                                                              for l in range(n_layers)]) if t == 'conv'),
+        d_mlp=_lfm2_mlp(d), tied=d.get('tie_word_embeddings', d.get('tie_embedding', True)))
     jamba = mt == 'jamba' and dict(   # Jamba: attention every `attn_layer_period`-th block (from `attn_layer_offset`), Mamba in the others
         linear_layers=tuple(l for l in range(n_layers) if l % d.get('attn_layer_period', 8) != d.get('attn_layer_offset', 4)), mamba_inner=(d.get('mamba_expand') or 2) * d_model)
     bamba = mt == 'bamba' and dict(   # Bamba: Mamba-2 blocks, attention at `attn_layer_indices`, Llama's MLP under `feed_forward` in every block
@@ -270,7 +276,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 **(_gemma4_layers(c, n_heads) if mt == 'gemma4_text' else {}),
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
-                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (gemma4_moe or {}) | (
+                shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (lfm2 or {}) | (gemma4_moe or {}) | (
                 dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
@@ -284,6 +290,16 @@ def _gemma4_layers(c, n_heads:int)->dict:
         if c.enable_moe_block: out |= {f'd_mlp@{l}': c.moe_intermediate_size, f'd_shared@{l}': c.intermediate_size * (2 if wide else 1)}   # (experts, and the MLP beside them)
     return out | dict(per_layer_sizes=True, kv_shared_layers=tuple(l for l, m in enumerate(modes) if m == 'reuse'),
                       k_is_v_layers=tuple(l for l, t in enumerate(c.layer_types) if c.attention_k_eq_v and t != 'sliding_attention' and modes[l] != 'reuse'))
+
+def _lfm2_mlp(d:dict)->int:
+    "The width of LFM2's MLP, as its class works it out from the config."
+    w = d.get('intermediate_size', 12288)
+    if d.get('block_auto_adjust_ff_dim', True):
+        w = int(2 * w / 3)
+        if (mult := d.get('block_ffn_dim_multiplier', 1.0)) is not None:
+            step = d.get('block_multiple_of', 256)
+            w = step * ((int(mult * w) + step - 1) // step)
+    return w
 
 def _mla_sizes(d:dict)->dict:
     "The widths of DeepSeek's multi-head latent attention: what o_proj reads, what the query and the key-value latent projections write."
@@ -316,7 +332,8 @@ def dense_layers(config:dict, # a mixture of experts' config dict
         return tuple(l for l in range(n_layers) if not ((l + 1) % step == 0 and a <= l <= b))
     return ()
 
-MIXER_SPECS = {'qwen3_next': {'attn_out': LINEAR_OUT} | LINEAR_IN_QKVZ, **{t: {'attn_out': MAMBA_OUT} for t in ('granitemoehybrid', 'bamba', 'jamba')}}   # a linear block's matrices, where not Qwen3.5's
+MIXER_SPECS = {'qwen3_next': {'attn_out': LINEAR_OUT} | LINEAR_IN_QKVZ, **{t: {'attn_out': MAMBA_OUT} for t in ('granitemoehybrid', 'bamba', 'jamba')},
+               'lfm2': {'attn_out': MatrixSpec('layers.{layer}.conv.out_proj.weight', 'linear', 'out', 'd_model')}}   # (LFM2's convolution blocks: their `in_proj` is not mapped)   # a linear block's matrices, where not Qwen3.5's
 
 def layer_specs(info:dict, # from `arch_info`
                 layer:int|None, # block index (None: the embedding and unembedding)
