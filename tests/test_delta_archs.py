@@ -1075,6 +1075,13 @@ def test_gemma4_with_experts_beside_the_mlp(tmp_path):
     try: got = routed_experts(model, [tr], [1])[0]
     finally: h.remove()
     assert got.shape == (len(tr.ids), 1, 2) and torch.equal(got[:, 0], picks[0].reshape(len(tr.ids), 2))   # the router's own picks
+    from weightwatch_nb.interpret import expert_routing   # (the experts counted as mapped: Gemma 4's are not stored one by one)
+    er = expert_routing(model, trace_corpus(model, dw, [f'the model {i} of 2' for i in range(4)]), dw, names=['L0.mlp_out.u0'], top=0.25)
+    assert er.overall.shape == (1, 3) and torch.allclose(er.overall.sum(-1), torch.ones(1))
+    from weightwatch_nb.calibrate import Tracer   # a flattened hook whose rows are not one per token is refused, not mis-shaped
+    t = Tracer(dw); t.start(torch.ones(2, 3, dtype=torch.bool))
+    (hk, fn), = [(a, f) for a, f in t.hooks() if 'post_feedforward_layernorm_2' in a and a.startswith('blocks.0')]
+    with pytest.raises(WeightwatchError, match="gives 5 rows, not one per token of the 2 sequence"): fn(torch.zeros(5, 64), type('H', (), {'name': hk})())
     from safetensors.torch import load_file, save_file   # the router reads the stream through a scale of its own: not mapped, and named when changed
     sd = load_file(f/'model.safetensors'); sd['model.layers.1.router.proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
     with pytest.warns(UserWarning, match=r"also changes 1 matrix that no gemma4_text matrix maps to \(e.g. \['model.layers.1.router.proj.weight'\]\)"):

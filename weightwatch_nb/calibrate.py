@@ -289,7 +289,11 @@ class Tracer:
         UT = U.T.contiguous()
         def fn(act, hook):
             if flat := act.dim() == 2:   # [tokens, d]: a module that sees the batch's tokens in one row (Gemma 4's experts)
-                shape, act = act.shape, act.reshape(self.batch or 1, -1, act.shape[-1])
+                b = self.batch or 1
+                if act.shape[0] % b or self.step[h] == 0 and self.valid is not None and act.shape[0] != self.valid.numel():
+                    raise WeightwatchError(f"hook {hook.name!r} gives {act.shape[0]} rows, not one per token of the {b} sequence(s) in the batch, "
+                                           "so its rows cannot be told apart; compare these directions at a hook with one row per token")
+                shape, act = act.shape, act.reshape(b, -1, act.shape[-1])
             a = act if act.dtype == torch.float32 else act.float()
             dots, norm = a @ UT, a.norm(dim=-1, keepdim=True)   # one matmul, one norm; `cosines` divides once, for every step
             if self.record: self.dots[h].append(dots); self.norms[h].append(norm)
@@ -654,7 +658,7 @@ class Monitor:
         "Sorted layers that have directions."
         return sorted(set(self.layer_of.tolist()))
     def hook(self, layer:int, matrix:str|None=None)->str:
-        "Hook name of `layer` (and `matrix`, for a hook point with '{input}', '{raw_input}', '{shared_input}' or '{output}')."
+        "Hook name of `layer` (and `matrix`, for a hook point with a field such as '{input}' or '{output}': see `hook_name`)."
         return hook_name(self.hook_point, layer, matrix)
     def by_layer(self, layer:int)->tuple[list[str], Tensor]:
         "Names and unit vectors [n, d] of the directions at `layer`."

@@ -681,7 +681,7 @@ def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
     for m, (A, B) in fac.items():
         if (mt := _EXPERT_KEY.match(m + '.weight')):   # `...experts.3.w1`, `...experts.3.gate_proj`, ...
             if not _peft_converts(info['model_type']): raise _v4_refused(m, info['model_type'])   # (Qwen2-MoE, Qwen3.5-MoE, PhiMoE, ...)
-            pre, e, part = mt.groups(); name, i = _EXPERT_PART[part]
+            pre, mod, e, part = mt.groups(); name, i = _EXPERT_PART[part]
             s = _lora_scale(m, A.shape[0], cfg)
             # PEFT, loading it onto fused experts, scales gate and up as one LoRA of rank 2r and alpha 2·lora_alpha, and drops the
             # adapter's own rank and alpha patterns: where that changes the update (rsLoRA, a pattern on an expert), the model it
@@ -691,7 +691,7 @@ def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
                                        f"that PEFT changes when it loads this adapter onto transformers 5's fused experts (rank or alpha patterns on "
                                        f"experts, or rsLoRA on gate and up), so the model it loads is not the one trained; merge the adapter with "
                                        f"the transformers 4 it was trained with (`merge_and_unload()`), save the merged model and pass it as FINETUNED")
-            parts.setdefault(f'{pre}.mlp.experts.{name}', {})[int(e), i] = (m, A, B * s)
+            parts.setdefault(f"{pre}.{'feed_forward' if mod == 'feed_forward' else 'mlp'}.experts.{name}", {})[int(e), i] = (m, A, B * s)   # (as `expert_groups` names them)
     out = {}
     for name, got in parts.items():
         n, found = (2 if name.endswith('gate_up_proj') else 1), find_keys([name], info, list(info['specs']), required=False)

@@ -166,9 +166,9 @@ def by_layer(self:Directions,
     return ([f"L{l}.{m}.u{i}" for l, m in keys for i in self.index((l, m))],
             torch.cat([self.vectors[lm] for lm in keys]))
 
-def hook_name(template:str, # hook template with '{layer}', and optionally '{input}', '{raw_input}', '{shared_input}' or '{output}' (`READ_HOOK`, `RAW_READ_HOOK`, `SHARED_READ_HOOK`, `WRITE_HOOK`)
+def hook_name(template:str, # hook template with '{layer}', and optionally a field of `_FIELDS` ('{input}', '{raw_input}', '{shared_input}', '{beside_input}', '{output}' or '{beside_output}': `READ_HOOK`, `RAW_READ_HOOK`, `SHARED_READ_HOOK`, `WRITE_HOOK`)
               layer:int, # block index
-              matrix:str|None=None, # the directions' matrix (needed when the template has '{input}', '{raw_input}', '{shared_input}' or '{output}')
+              matrix:str|None=None, # the directions' matrix (needed when the template has one of those fields)
              )->str:
     "The hook name `template` gives at `layer` for directions of `matrix`."
     for field, table, does in _FIELDS:
@@ -180,7 +180,7 @@ def hook_name(template:str, # hook template with '{layer}', and optionally '{inp
 @patch
 def hook(self:Directions,
          layer:int, # block index
-         matrix:str|None=None, # the matrix, for a hook template with '{input}', '{raw_input}', '{shared_input}' or '{output}'
+         matrix:str|None=None, # the matrix, for a hook template with a field such as '{input}' or '{output}' (see `hook_name`)
         )->str:
     "The TransformerLens hook name where directions of `layer` (and `matrix`) are compared with activations."
     return hook_name(self.hook_point, layer, matrix)

@@ -503,7 +503,8 @@ def expert_routing(model, # the mixture-of-experts model the traces come from
     cos = torch.cat([t.cos[m] for t, m in zip(traces, keep)])                      # [N, directions]
     idx = torch.cat([r[m] for r, m in zip(routes, keep)])                          # [N, layers, top-k]
     if len(cos) < 2: raise WeightwatchError(f"the traces have {len(cos)} {'' if role is None else ROLES[role] + ' '}token(s): trace a larger corpus")
-    E, n = _n_experts(model.original_model.config.to_dict()), max(1, min(round(top * len(cos)), len(cos) // 2))   # the two ends never share a token
+    from weightwatch_nb.delta import arch_info
+    E, n = arch_info(model.original_model.config)['n_experts'], max(1, min(round(top * len(cos)), len(cos) // 2))   # the two ends never share a token (E: as mapped, also Gemma 4's)
     high, low, overall = [], [], []
     for name in names:
         j, li = direction_names(dirs).index(name), layers.index(parse_name(name)[0])
