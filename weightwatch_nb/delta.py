@@ -574,12 +574,15 @@ def unmapped_changes(base, # the base model's tensor source (`open_tensors`)
                      info:dict, # `arch_info` of the pair
                      rows:int=64, # rows compared per matrix too large to compare whole
                      whole:int=2**26, # matrices of at most this many numbers are compared whole
+                     progress:bool=False, # show a progress bar (a large model has many such matrices: Mamba's, per-layer inputs)
                     )->list[str]: # names of the changed matrices, as loaded
     "Matrices of the fine-tuned model that no matrix of its architecture maps to and that differ from the base's (whole, or on `rows` rows of a large one)."
+    from tqdm.auto import tqdm
     mapped = {k for k, _ in find_keys(finetuned.keys(), info, list(info['specs']), required=False).values()}
     have, out = set(base.keys()), []
-    for k in finetuned.keys():
-        if k in mapped or k not in have or len(shape := finetuned.shape(k)) < 2 or tuple(base.shape(k)) != tuple(shape): continue
+    todo = [k for k in finetuned.keys() if k not in mapped and k in have and len(shape := finetuned.shape(k)) >= 2 and tuple(base.shape(k)) == tuple(shape)]
+    for k in tqdm(todo, disable=not progress or not todo, desc='unmapped matrices', unit='matrix', leave=False):
+        shape = finetuned.shape(k)
         idx = torch.arange(shape[0]) if torch.Size(shape).numel() <= whole else torch.linspace(0, shape[0] - 1, min(rows, shape[0])).round().long().unique()
         if not torch.equal(_rows_of(base, k, idx), _rows_of(finetuned, k, idx)): out.append(k)
     return out

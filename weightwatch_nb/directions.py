@@ -408,7 +408,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                 used.add(meth); pb.update()
                 del D
         fps = {'base': fingerprint(_origin(bt)) if bt is not None else None, 'finetuned': fingerprint(_origin(ft))}
-        if bt is not None and (other := unmapped_changes(bt, ft, info)):   # e.g. Qwen3.5's gate and decay projections, Gemma 4's per-layer inputs
+        if bt is not None and (other := unmapped_changes(bt, ft, info, progress=progress)):   # e.g. Qwen3.5's gate and decay projections, Gemma 4's per-layer inputs
             warnings.warn(f"the fine-tune also changes {len(other)} matri{'x' if len(other) == 1 else 'ces'} that no {info['model_type']} matrix maps to "
                           f"(e.g. {other[:2]}); their changes are not in these directions", stacklevel=2)
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
