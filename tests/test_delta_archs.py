@@ -202,6 +202,7 @@ ARCH_KW['jamba'] = _MOE_KW | dict(num_experts=3, expert_layer_period=1, expert_l
                                   tie_word_embeddings=False)   # attention; experts in both
 ARCH_KW['lfm2'] = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,   # LFM2: a
                        layer_types=['conv', 'full_attention'], block_multiple_of=16, tie_word_embeddings=False)   # convolution block, then attention; its MLP 2/3 as wide as configured (128)
+ARCH_KW['lfm2_moe'] = _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, num_dense_layers=0, layer_types=['conv', 'full_attention'], tie_word_embeddings=False)   # LFM2-MoE
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -239,7 +240,8 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'gemma4_moe': ('gemma4_text', dict(enable_moe_block=True, num_experts=3, top_k_experts=2, moe_intermediate_size=32,   # (Gemma 4 26B A4B: experts beside
                                                hidden_size_per_layer_input=0, num_kv_shared_layers=0)),   # the MLP; no per-layer inputs, no shared keys)
             'granitemoehybrid_dense': ('granitemoehybrid', dict(num_local_experts=0)),
-            'jamba_dense': ('jamba', dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_offset=0)),   # (attention, then Mamba; a dense MLP, then experts)   # (Granite 4.0-H Micro: no experts, the MLP alone)
+            'jamba_dense': ('jamba', dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_offset=0)),
+            'lfm2_moe_dense': ('lfm2_moe', dict(num_dense_layers=1, layer_types=['full_attention', 'conv'])),   # (its first `num_dense_layers` blocks dense)   # (attention, then Mamba; a dense MLP, then experts)   # (Granite 4.0-H Micro: no experts, the MLP alone)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
 def _ffn(layer):
@@ -1226,7 +1228,7 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
 @pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'llama4_text'])
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'lfm2_moe', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -1298,7 +1300,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'llama4_text_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'lfm2_moe_dense', 'llama4_text_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -1306,7 +1308,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     from weightwatch_nb.edit import removed_weights, removed_update, stripped_weights
     from weightwatch_nb.delta import block_matrices, find_keys
     from weightwatch_nb.interpret import expert_shares, routed_experts, expert_routing, trace_corpus
-    shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith(('qwen3', 'jamba')) else []
+    shared = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if not arch.startswith(('qwen3', 'jamba', 'lfm2')) else []
     plant = {(0, 'mlp_out'): 1, (0, 'mlp_gate'): 1, (0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_router'): 1}
     mla = {(0, 'attn_q'): 1, (1, 'attn_kv'): 1} if VARIANTS[arch][0] in MLA else {}   # DeepSeek's latent attention: its query and key-value latents
     b, f, truth = _plain_pair(arch, tmp_path, plant | mla | {(1, m): 1 for m in shared})
@@ -1315,7 +1317,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     # as transformers builds it: block 0's MLP is dense, block 1's has experts (and a router, and any shared expert)
     model, base = load_model(f), load_model(b)
     hf = model.original_model.model.layers
-    assert hasattr(_ffn(hf[0]), 'down_proj') and not hasattr(_ffn(hf[0]), 'experts') and hasattr(_ffn(hf[1]), 'experts')
+    assert hasattr(_ffn(hf[0]), 'down_proj' if arch != 'lfm2_moe_dense' else 'w2') and not hasattr(_ffn(hf[0]), 'experts') and hasattr(_ffn(hf[1]), 'experts')
     ms = list(block_matrices(f))
     keys = find_keys(open_tensors(f).keys(), info, ms)
     assert {m for l, m in keys if l == 0} == {'attn_out', 'mlp_out', 'attn_q', 'mlp_in', 'mlp_gate', *(['attn_kv'] if mla else ['attn_k', 'attn_v'])}   # no router, no shared expert there
@@ -1364,7 +1366,8 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     tr = trs[0]
     with torch.no_grad():
         _, cache = model.run_with_cache(tr.ids[None], names_filter=lambda n: n == 'blocks.1.ln2.hook_out')
-        picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'][0])[-1].reshape(len(tr.ids), -1)   # (tokens flattened, as the MoE block gives them: ERNIE's softmax is over dim 1)
+        bias = getattr(_ffn(model.original_model.model.layers[1]), 'expert_bias', None)   # (LFM2-MoE's router takes the block's expert bias)
+        picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'][0], *([] if bias is None else [bias]))[-1].reshape(len(tr.ids), -1)   # (tokens flattened, as the MoE block gives them: ERNIE's softmax is over dim 1)
         if picked.is_floating_point(): picked = picked.topk(model.original_model.config.num_experts_per_tok, dim=-1).indices   # (Llama 4's router returns its logits)
     assert torch.equal(routed_experts(model, [tr], [1])[0][:, 0], picked)
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go
@@ -1375,7 +1378,7 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     assert er.names == [n for n in d.names() if n.startswith('L1.')] and er.high.shape[1] == 3
     with pytest.raises(WeightwatchError, match='whose MLP is dense'): expert_routing(model, trs, d, names=['L0.mlp_gate.u0'])
 
-@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'flex_olmo', 'qwen3_moe', 'phimoe', 'granitemoe', 'glm4_moe_lite', 'jamba'])
+@pytest.mark.parametrize('arch', ['mixtral', 'olmoe', 'flex_olmo', 'qwen3_moe', 'phimoe', 'granitemoe', 'glm4_moe_lite', 'jamba', 'lfm2_moe'])
 def test_fused_experts_are_what_they_compute(arch, tmp_path):
     "Experts fused [experts, 2 × d_mlp, in] (gate, then up) and [experts, out, d_mlp]: `orient` gives each expert's gate, up and down as the experts module computes them, and the router's rows as its logits (one expert at a time, routing weight 1)."
     from transformers import AutoModelForCausalLM
@@ -1547,6 +1550,7 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'glm4_moe_lite_dense': dict(target_modules=['q_a_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),
     'gemma4_moe': dict(target_modules=['gate_proj', 'up_proj', 'down_proj'], target_parameters=['experts.gate_up_proj', 'experts.down_proj']),   # (and the MLP beside them)
     'jamba': dict(target_modules=['q_proj', 'out_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj']),   # (and Mamba's out_proj)
+    'lfm2_moe_dense': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj']),   # (stored w1, w3, w2)
     'flex_olmo': dict(target_modules=['o_proj', 'gate'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.gate`)
     'granitemoehybrid': dict(target_modules=['out_proj', 'o_proj', 'input_linear', 'output_linear'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),   # (Mamba's out_proj, the MLP beside the experts)
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)

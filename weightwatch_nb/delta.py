@@ -121,7 +121,8 @@ _LLAMA4 = _LLAMA | _FF({m: s for m, s in _QWEN2_MOE.items() if m.startswith('mlp
 _JAMBA = _LLAMA | _FF({m: s for m, s in _PHIMOE.items() if m.startswith('mlp_')})   # Jamba: Mixtral's experts, and a router (`router`), under `feed_forward`
 _LFM2 = _LLAMA | _specs(attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),   # LFM2: Llama's q, k and v, `out_proj`; an MLP of w1 (gate),
     **{m: (f'layers.{{layer}}.feed_forward.{w}.weight', 'linear', side, 'd_mlp') for m, w, side in (('mlp_out', 'w2', 'out'), ('mlp_gate', 'w1', 'in'), ('mlp_in', 'w3', 'in'))})   # w3 (up), w2
-DENSE_SPECS = {'llama4_text': _FF(_DENSE_MLP), 'jamba': _FF(_DENSE_MLP)}   # a dense block's MLP where it is not Llama's `mlp` (default: `_DENSE_MLP`)
+_LFM2_MOE = _LFM2 | _FF({m: s for m, s in _MOE.items() if m.startswith('mlp_')})   # LFM2-MoE: Mixtral's experts (stored w1, w3, w2) and router (`gate`) under `feed_forward`
+DENSE_SPECS = {'llama4_text': _FF(_DENSE_MLP), 'jamba': _FF(_DENSE_MLP), 'lfm2_moe': {m: replace(_LFM2[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}}   # a dense block's MLP where it is not Llama's `mlp` (default: `_DENSE_MLP`)
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
 _NO_GATE = {m: s for m, s in _LLAMA.items() if m != 'mlp_gate'}   # Arcee, Nemotron, Apertus: Llama's names, an MLP of up and down only
@@ -188,14 +189,14 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'flex_olmo', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -250,10 +251,10 @@ def arch_info(config, # a Hugging Face config or its dict
     kv_heads = 1 if mt in ('gpt_bigcode', 'falcon') else (d.get('num_key_value_heads') or n_heads)   # GPT-BigCode, Falcon-7B: multi-query, one k and v head
     gemma4_moe = mt == 'gemma4_text' and c.enable_moe_block and dict(   # Gemma 4 26B A4B: experts beside the MLP (the MLP as a shared expert)
         family='moe', specs=_GEMMA4_MOE, n_experts=c.num_experts, d_mlp=c.moe_intermediate_size, d_shared=c.intermediate_size, experts_beside=True)
-    lfm2 = mt == 'lfm2' and dict(   # LFM2: short-convolution blocks among attention blocks, its MLP's width adjusted as the class does
+    lfm2 = mt in ('lfm2', 'lfm2_moe') and dict(   # LFM2: short-convolution blocks among attention blocks, its MLP's width adjusted as the class does
         linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ['full_attention' if l in (d.get('full_attn_idxs') or range(n_layers)) else 'conv'
                                                                               for l in range(n_layers)]) if t == 'conv'),
-        d_mlp=_lfm2_mlp(d), tied=d.get('tie_word_embeddings', d.get('tie_embedding', True)))
+        tied=d.get('tie_word_embeddings', d.get('tie_embedding', True))) | ({} if mt == 'lfm2_moe' else dict(d_mlp=_lfm2_mlp(d)))
     jamba = mt == 'jamba' and dict(   # Jamba: attention every `attn_layer_period`-th block (from `attn_layer_offset`), Mamba in the others
         linear_layers=tuple(l for l in range(n_layers) if l % d.get('attn_layer_period', 8) != d.get('attn_layer_offset', 4)), mamba_inner=(d.get('mamba_expand') or 2) * d_model)
     bamba = mt == 'bamba' and dict(   # Bamba: Mamba-2 blocks, attention at `attn_layer_indices`, Llama's MLP under `feed_forward` in every block
@@ -279,7 +280,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (lfm2 or {}) | (gemma4_moe or {}) | (
                 dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
 
-MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE)   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _gemma4_layers(c, n_heads:int)->dict:
     "Gemma 4's sizes block by block ('q@3', 'kv@3', 'd_mlp@3'), its blocks that reuse an earlier block's keys and values (no k or v of their own), and those whose keys are their values too (`attention_k_eq_v`, full attention)."
@@ -319,6 +320,7 @@ def dense_layers(config:dict, # a mixture of experts' config dict
         types = config.get('mlp_layer_types') or AutoConfig.for_model(mt, **{k: v for k, v in config.items() if k != 'model_type'}).mlp_layer_types
         return tuple(l for l, t in enumerate(types[:n_layers]) if t == 'dense')
     if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
+    if mt == 'lfm2_moe': return tuple(range(min(n_layers, config.get('num_dense_layers', 2))))   # (its first `num_dense_layers` blocks)
     if mt == 'jamba':   # experts every `expert_layer_period`-th block, from `expert_layer_offset` (with one expert: none)
         step, at = config.get('expert_layer_period', 2), config.get('expert_layer_offset', 1)
         return tuple(l for l in range(n_layers) if (config.get('num_experts') or 16) <= 1 or l % step != at)
@@ -333,7 +335,7 @@ def dense_layers(config:dict, # a mixture of experts' config dict
     return ()
 
 MIXER_SPECS = {'qwen3_next': {'attn_out': LINEAR_OUT} | LINEAR_IN_QKVZ, **{t: {'attn_out': MAMBA_OUT} for t in ('granitemoehybrid', 'bamba', 'jamba')},
-               'lfm2': {'attn_out': MatrixSpec('layers.{layer}.conv.out_proj.weight', 'linear', 'out', 'd_model')}}   # (LFM2's convolution blocks: their `in_proj` is not mapped)   # a linear block's matrices, where not Qwen3.5's
+               **{t: {'attn_out': MatrixSpec('layers.{layer}.conv.out_proj.weight', 'linear', 'out', 'd_model')} for t in ('lfm2', 'lfm2_moe')}}   # (LFM2's convolution blocks: their `in_proj` is not mapped)   # a linear block's matrices, where not Qwen3.5's
 
 def layer_specs(info:dict, # from `arch_info`
                 layer:int|None, # block index (None: the embedding and unembedding)
