@@ -203,6 +203,8 @@ ARCH_KW['jamba'] = _MOE_KW | dict(num_experts=3, expert_layer_period=1, expert_l
 ARCH_KW['lfm2'] = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,   # LFM2: a
                        layer_types=['conv', 'full_attention'], block_multiple_of=16, tie_word_embeddings=False)   # convolution block, then attention; its MLP 2/3 as wide as configured (128)
 ARCH_KW['lfm2_moe'] = _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, num_dense_layers=0, layer_types=['conv', 'full_attention'], tie_word_embeddings=False)   # LFM2-MoE
+ARCH_KW['afmoe'] = _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, num_shared_experts=1, num_dense_layers=0, global_attn_every_n_layers=2, sliding_window=4,   # AFMoE:
+                                  tie_word_embeddings=False)   # sandwich norms, GLM-4-MoE's experts and shared expert
 ARCH_KW['ernie4_5_moe'] = _MOE_KW | dict(moe_num_experts=3, moe_k=2, moe_intermediate_size=96, moe_num_shared_experts=1, moe_layer_start_index=0)   # GLM-4-MoE's names
 _HYBRID_KW = dict(layer_types=['linear_attention', 'full_attention'], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
 ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_experts_per_tok'} | _HYBRID_KW,   # block 0: linear attention; block 1: gated full attention
@@ -241,6 +243,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
                                                hidden_size_per_layer_input=0, num_kv_shared_layers=0)),   # the MLP; no per-layer inputs, no shared keys)
             'granitemoehybrid_dense': ('granitemoehybrid', dict(num_local_experts=0)),
             'jamba_dense': ('jamba', dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_offset=0)),
+            'afmoe_dense': ('afmoe', dict(num_dense_layers=1)),
             'lfm2_moe_dense': ('lfm2_moe', dict(num_dense_layers=1, layer_types=['full_attention', 'conv'])),   # (its first `num_dense_layers` blocks dense)   # (attention, then Mamba; a dense MLP, then experts)   # (Granite 4.0-H Micro: no experts, the MLP alone)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
@@ -265,6 +268,7 @@ def _plain_pair(arch, tmp_path, plant):
     with torch.no_grad():
         for n, p in m.named_parameters():
             if 'norm' in n or 'ln_' in n: p.add_(0.5 * torch.randn_like(p))
+            if n.endswith('router.gate.weight') and not p.any(): p.normal_(0, 0.1)   # (AFMoE starts its router at zero: every pick a tie, which any rounding flips)
     m.save_pretrained(tmp_path/'base'); tiny_tokenizer(300).save_pretrained(tmp_path/'base')
     return tmp_path/'base', tmp_path/'ft', plant_update(tmp_path/'base', tmp_path/'ft', plant, scale=5.)
 
@@ -273,7 +277,7 @@ def _post_norm_pair(arch, tmp_path):
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_q'): 1, (1, 'mlp_in'): 1})
     return b, f, truth[(0, 'attn_out')][:, 0]
 
-@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4'])
+@pytest.mark.parametrize('arch', ['gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4', 'afmoe'])
 def test_post_norm_directions_compared_before_the_norm(arch, tmp_path):
     "Where a norm follows attention and the MLP, directions are compared at their outputs, where a planted update is exactly along them."
     from weightwatch_nb.directions import WRITE_HOOK, DEFAULT_HOOK, READ_HOOK
@@ -936,6 +940,31 @@ def test_lora_on_bamba_and_lfm2(arch, targets, mixer, tmp_path):
     assert sorted(dl.vectors) == sorted(dm.vectors) == [(0, 'attn_out'), (0, 'mlp_in'), (0, 'mlp_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'mlp_in'), (1, 'mlp_out')]
     assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
 
+def test_lfm2_published_config_one_fingerprint(tmp_path):
+    "An LFM2 base whose config.json uses the original names (`block_ff_dim`, `tie_embedding`, `full_attn_idxs`), fine-tuned and saved by transformers (which writes the new ones): one architecture, one fingerprint for checkpoint and loaded model."
+    b, f, truth = _plain_pair('lfm2', tmp_path, {(1, 'attn_out'): 1})
+    cfg = json.loads((b/'config.json').read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ('intermediate_size', 'tie_word_embeddings', 'layer_types')} | dict(block_ff_dim=192, tie_embedding=False, full_attn_idxs=[1])
+    (b/'config.json').write_text(json.dumps(cfg))
+    assert same_weights(fingerprint(b), fingerprint(load_model(b))) == 'exact'
+    d = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], progress=False)
+    assert subspace_cosines(d[(1, 'attn_out')].T, truth[(1, 'attn_out')]).min() >= 0.999
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
+
+def test_transformers4_lora_on_a_module_no_longer_linear_is_refused(tmp_path):
+    "A transformers 4 adapter with LoRA on Jamba's router (a linear layer then, a `JambaTopKRouter` now, which PEFT cannot load onto) is refused with what to do, not read."
+    from safetensors.torch import save_file
+    from weightwatch_nb.delta import read_adapter
+    b, _, _ = _plain_pair('jamba', tmp_path, {(1, 'attn_out'): 1})
+    (tmp_path/'lora').mkdir()
+    (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=2, lora_alpha=4, target_modules=['router', 'q_proj'])))
+    save_file({'base_model.model.model.layers.1.feed_forward.router.lora_A.weight': torch.randn(2, 64), 'base_model.model.model.layers.1.feed_forward.router.lora_B.weight': torch.randn(3, 2),
+               'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight': torch.randn(2, 64), 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight': torch.randn(64, 2)},
+              tmp_path/'lora'/'adapter_model.safetensors')
+    with pytest.raises(WeightwatchError, match=r"LoRA on `base_model.model.model.layers.1.feed_forward.router`, which transformers 5 builds as a JambaTopKRouter, not a linear layer"):
+        read_adapter(tmp_path/'lora', json.loads((b/'config.json').read_text()))
+    with pytest.raises(WeightwatchError, match='JambaTopKRouter'): compute_directions(b, lora=tmp_path/'lora', k=1, progress=False)
+
 def test_missing_hooks_are_named():
     "A hook the model lacks, with no alias either, is named in the error; aliases stand in for the hooks a block lacks."
     from weightwatch_nb.calibrate import check_hooks
@@ -1093,8 +1122,11 @@ def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class, or a GLM-4.7-Flash config its dense blocks, is read with the class's."
     from weightwatch_nb.core import WeightwatchError
     bloom = _config('bloom').to_dict()
-    lfm = {k: v for k, v in _config('lfm2').to_dict().items() if k not in ('layer_types', 'tie_word_embeddings')} | dict(full_attn_idxs=[1], tie_embedding=False)   # LFM2's older names
-    assert [arch_info(lfm)[k] for k in ('linear_layers', 'tied')] == [(0,), False]
+    lfm = {k: v for k, v in _config('lfm2').to_dict().items() if k not in ('layer_types', 'intermediate_size')} | dict(full_attn_idxs=[1], tie_embedding=False, block_ff_dim=192)   # LFM2's older names,
+    assert [arch_info(lfm)[k] for k in ('linear_layers', 'tied', 'd_mlp')] == [(0,), False, 128]   # which its class reads first
+    assert arch_info(lfm | dict(full_attn_idxs=[]))['linear_layers'] == (0, 1)   # (none listed: every block a convolution)
+    jamba = {k: v for k, v in _config('jamba').to_dict().items() if k != 'num_experts'} | dict(num_local_experts=1, num_hidden_layers=4)   # (Jamba's alias)
+    assert arch_info(jamba)['dense_layers'] == (0, 1, 2, 3)
     assert arch_info({k: v for k, v in bloom.items() if k != 'hidden_size'} | dict(n_embed=64))['d_model'] == 64
     assert arch_info(_config('opt').to_dict() | dict(word_embed_proj_dim=None))['d_model'] == 64
     with pytest.raises(WeightwatchError, match="apply_residual_connection_post_layernorm"): arch_info(bloom | dict(apply_residual_connection_post_layernorm=True))
@@ -1227,8 +1259,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'lfm2_moe', 'llama4_text'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|afmoe|llama4_text) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'lfm2_moe', 'afmoe', 'llama4_text'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -1300,7 +1332,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'lfm2_moe_dense', 'llama4_text_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'lfm2_moe_dense', 'afmoe_dense', 'llama4_text_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -1366,8 +1398,9 @@ def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     tr = trs[0]
     with torch.no_grad():
         _, cache = model.run_with_cache(tr.ids[None], names_filter=lambda n: n == 'blocks.1.ln2.hook_out')
-        bias = getattr(_ffn(model.original_model.model.layers[1]), 'expert_bias', None)   # (LFM2-MoE's router takes the block's expert bias)
-        picked = _router(model, 1)(cache['blocks.1.ln2.hook_out'][0], *([] if bias is None else [bias]))[-1].reshape(len(tr.ids), -1)   # (tokens flattened, as the MoE block gives them: ERNIE's softmax is over dim 1)
+        bias = getattr(_ffn(model.original_model.model.layers[1]), 'expert_bias', None)   # (LFM2-MoE's and AFMoE's routers take the block's expert bias)
+        x = cache['blocks.1.ln2.hook_out'] if arch == 'afmoe_dense' else cache['blocks.1.ln2.hook_out'][0]   # (AFMoE's router takes the batch unflattened)
+        picked = _router(model, 1)(x, *([] if bias is None else [bias]))[-1].reshape(len(tr.ids), -1)   # (tokens flattened, as the MoE block gives them: ERNIE's softmax is over dim 1)
         if picked.is_floating_point(): picked = picked.topk(model.original_model.config.num_experts_per_tok, dim=-1).indices   # (Llama 4's router returns its logits)
     assert torch.equal(routed_experts(model, [tr], [1])[0][:, 0], picked)
     er = expert_routing(model, trs, d)                                     # every direction of an expert layer, routed where its tokens go

@@ -432,6 +432,7 @@ def arch_summary(config, # a Hugging Face `PretrainedConfig` or its dict
     "The config fields that determine weight shapes and vocabulary."
     d = config if isinstance(config, dict) else config.to_dict()
     out = {k: d[k] for k in _ARCH_KEYS if d.get(k) is not None}
+    if d.get('model_type') == 'lfm2' and d.get('block_ff_dim') is not None: out['intermediate_size'] = d['block_ff_dim']   # (LFM2's older name, which its class reads first)
     if d.get('model_type') == 'nemotron_h' and (kinds := d.get('layers_block_type') or d.get('layer_types') or d.get('hybrid_override_pattern')):
         out['num_hidden_layers'] = len(kinds)   # (a property of its block list in transformers 5, left out of the configs it saves; hub configs give it)
     out['architectures'] = list(d.get('architectures') or [])
@@ -464,7 +465,7 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
+FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
 _EXPERT_KEY = re.compile(r'^(.*)\.(block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}

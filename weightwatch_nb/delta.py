@@ -122,6 +122,7 @@ _JAMBA = _LLAMA | _FF({m: s for m, s in _PHIMOE.items() if m.startswith('mlp_')}
 _LFM2 = _LLAMA | _specs(attn_out=('layers.{layer}.self_attn.out_proj.weight', 'linear', 'out', 'q'),   # LFM2: Llama's q, k and v, `out_proj`; an MLP of w1 (gate),
     **{m: (f'layers.{{layer}}.feed_forward.{w}.weight', 'linear', side, 'd_mlp') for m, w, side in (('mlp_out', 'w2', 'out'), ('mlp_gate', 'w1', 'in'), ('mlp_in', 'w3', 'in'))})   # w3 (up), w2
 _LFM2_MOE = _LFM2 | _FF({m: s for m, s in _MOE.items() if m.startswith('mlp_')})   # LFM2-MoE: Mixtral's experts (stored w1, w3, w2) and router (`gate`) under `feed_forward`
+_AFMOE = _GLM4_MOE | _specs(mlp_router=('layers.{layer}.mlp.router.gate.weight', 'linear', 'in', 'n_experts'))   # AFMoE (Arcee Trinity): GLM-4-MoE's names, its router's `gate` under `router`
 DENSE_SPECS = {'llama4_text': _FF(_DENSE_MLP), 'jamba': _FF(_DENSE_MLP), 'lfm2_moe': {m: replace(_LFM2[m], other='d_dense') for m in ('mlp_out', 'mlp_in', 'mlp_gate')}}   # a dense block's MLP where it is not Llama's `mlp` (default: `_DENSE_MLP`)
 MOE_ONLY = ('mlp_router', 'mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate')   # matrices that only an expert layer has
 _GLM = _LLAMA | {m: _PHI3[m] for m in ('mlp_gate', 'mlp_in')}   # GLM, GLM-4: Llama's attention, Phi-3's fused gate and up
@@ -189,15 +190,15 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2')},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe')}}
-POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4')   # model types that normalise each attention and MLP output before adding it to the residual stream
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe')}}
+POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4', 'afmoe')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'flex_olmo', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
 
@@ -252,9 +253,9 @@ def arch_info(config, # a Hugging Face config or its dict
     gemma4_moe = mt == 'gemma4_text' and c.enable_moe_block and dict(   # Gemma 4 26B A4B: experts beside the MLP (the MLP as a shared expert)
         family='moe', specs=_GEMMA4_MOE, n_experts=c.num_experts, d_mlp=c.moe_intermediate_size, d_shared=c.intermediate_size, experts_beside=True)
     lfm2 = mt in ('lfm2', 'lfm2_moe') and dict(   # LFM2: short-convolution blocks among attention blocks, its MLP's width adjusted as the class does
-        linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ['full_attention' if l in (d.get('full_attn_idxs') or range(n_layers)) else 'conv'
+        linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ['full_attention' if l in (range(n_layers) if d.get('full_attn_idxs') is None else d['full_attn_idxs']) else 'conv'
                                                                               for l in range(n_layers)]) if t == 'conv'),
-        tied=d.get('tie_word_embeddings', d.get('tie_embedding', True))) | ({} if mt == 'lfm2_moe' else dict(d_mlp=_lfm2_mlp(d)))
+        tied=d.get('tie_embedding', d.get('tie_word_embeddings', True))) | ({} if mt == 'lfm2_moe' else dict(d_mlp=_lfm2_mlp(d)))   # (the older `tie_embedding` first, as the class reads it)
     jamba = mt == 'jamba' and dict(   # Jamba: attention every `attn_layer_period`-th block (from `attn_layer_offset`), Mamba in the others
         linear_layers=tuple(l for l in range(n_layers) if l % d.get('attn_layer_period', 8) != d.get('attn_layer_offset', 4)), mamba_inner=(d.get('mamba_expand') or 2) * d_model)
     bamba = mt == 'bamba' and dict(   # Bamba: Mamba-2 blocks, attention at `attn_layer_indices`, Llama's MLP under `feed_forward` in every block
@@ -269,6 +270,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size_mlp' if mt == 'llama4_text' else 'intermediate_size'),
                 d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])}, 'llama4_text': d.get('intermediate_size'),
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE},
+                          'afmoe': (d.get('moe_intermediate_size') or 1408) * (2 if d.get('num_shared_experts') is None else d['num_shared_experts']),
                           'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
                 **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
                 **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
@@ -280,7 +282,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (lfm2 or {}) | (gemma4_moe or {}) | (
                 dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
 
-MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe', 'afmoe')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _gemma4_layers(c, n_heads:int)->dict:
     "Gemma 4's sizes block by block ('q@3', 'kv@3', 'd_mlp@3'), its blocks that reuse an earlier block's keys and values (no k or v of their own), and those whose keys are their values too (`attention_k_eq_v`, full attention)."
@@ -294,7 +296,7 @@ def _gemma4_layers(c, n_heads:int)->dict:
 
 def _lfm2_mlp(d:dict)->int:
     "The width of LFM2's MLP, as its class works it out from the config."
-    w = d.get('intermediate_size', 12288)
+    w = d.get('block_ff_dim', d.get('intermediate_size', 12288))   # (the class takes the older `block_ff_dim` first)
     if d.get('block_auto_adjust_ff_dim', True):
         w = int(2 * w / 3)
         if (mult := d.get('block_ffn_dim_multiplier', 1.0)) is not None:
@@ -320,10 +322,10 @@ def dense_layers(config:dict, # a mixture of experts' config dict
         types = config.get('mlp_layer_types') or AutoConfig.for_model(mt, **{k: v for k, v in config.items() if k != 'model_type'}).mlp_layer_types
         return tuple(l for l, t in enumerate(types[:n_layers]) if t == 'dense')
     if mt in FIRST_DENSE: return tuple(range(min(n_layers, config.get('first_k_dense_replace') or 0)))
-    if mt == 'lfm2_moe': return tuple(range(min(n_layers, config.get('num_dense_layers', 2))))   # (its first `num_dense_layers` blocks)
+    if mt in ('lfm2_moe', 'afmoe'): return tuple(range(min(n_layers, config.get('num_dense_layers', 2 if mt == 'lfm2_moe' else 1))))   # (their first `num_dense_layers` blocks)
     if mt == 'jamba':   # experts every `expert_layer_period`-th block, from `expert_layer_offset` (with one expert: none)
         step, at = config.get('expert_layer_period', 2), config.get('expert_layer_offset', 1)
-        return tuple(l for l in range(n_layers) if (config.get('num_experts') or 16) <= 1 or l % step != at)
+        return tuple(l for l in range(n_layers) if (_n_experts(config) or 16) <= 1 or l % step != at)   # (`num_experts`, or its alias `num_local_experts`)
     if mt == 'llama4_text':   # experts in `moe_layers`, or (a config that leaves them to the class) every `interleave_moe_layer_step`-th block
         step = config.get('interleave_moe_layer_step') or 1
         moe = config.get('moe_layers') if config.get('moe_layers') is not None else range(step - 1, n_layers, step)
@@ -716,6 +718,19 @@ def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
         out[name] = (A.reshape(E * R, cols), B.permute(1, 2, 0).reshape(rows, R * E))   # PEFT's layout (`expert_lora` undoes it)
     return out, {m for name in out for m, _, _ in parts[name].values()}
 
+def _not_linear(fac:dict, config)->list[tuple[str, str]]:
+    "(module, its class) for the adapter's LoRA modules that the model of `config` has, but not as a linear layer, embedding or Conv1D."
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.pytorch_utils import Conv1D
+    from weightwatch_nb.core import _meta_model
+    try: meta = _meta_model(config if not isinstance(config, dict) else AutoConfig.for_model(**PretrainedConfig._decode_special_floats(config)))
+    except Exception: return []   # (a model this transformers cannot build: nothing to check against)
+    mods, out = dict(meta.named_modules()), []
+    for m in fac:
+        name = m.removeprefix('base_model.model.')
+        if (mod := mods.get(name)) is not None and not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding, Conv1D)): out.append((m, type(mod).__name__))
+    return out
+
 def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
                  config=None,          # the base model's config: needed to read LoRA on a mixture of experts' fused experts (else refused)
                 )->tuple[dict, dict]:  # (adapter config, {module name, or fused experts' parameter name: (A, B)})
@@ -740,6 +755,13 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
         mt = arch_info(config)['model_type']
         if not _peft_converts(mt) and (moved := sorted(m for m in fac if _renamed(m + '.', mt) != m + '.')): raise _v4_refused(stored[moved[0]], mt)
         stored, fac = {_renamed(m + '.', mt)[:-1]: m for m in fac}, {_renamed(m + '.', mt)[:-1]: f for m, f in fac.items()}
+        wrapped = {p.rpartition('.')[0] for p in cfg.get('target_parameters') or ()}   # (fused experts under PEFT's `target_parameters`: read below)
+        if not _peft_converts(mt) and (odd := _not_linear({m: f for m, f in fac.items() if not any(m.endswith('.' + w) for w in wrapped)}, config)):   # a module
+            # transformers 4 held as a linear layer and transformers 5 builds otherwise (Jamba's router), in a model type PEFT does not convert
+            m, kind = odd[0]
+            raise WeightwatchError(f"the adapter has LoRA on `{stored[m]}`, which transformers 5 builds as a {kind}, not a linear layer, so PEFT cannot "
+                                   f"load this adapter onto it; merge the adapter with the transformers 4 it was trained with (`merge_and_unload()`), "
+                                   f"save the merged model and pass it as FINETUNED")
     params = _expert_params(fac, cfg, config) if config is not None and cfg.get('target_parameters') else {}
     fused, used = _per_expert(fac, cfg, config) if config is not None else ({}, set())
     fac = {m: f for m, f in fac.items() if m not in used} | fused
