@@ -1045,7 +1045,7 @@ def test_glm5_indexer_changes_are_named(tmp_path):
         d = compute_directions(b, f, k=1, matrices=['attn_q'], progress=False)
     assert d.names() == ['L1.attn_q.u0'] and subspace_cosines(d[(1, 'attn_q')].T, truth[(1, 'attn_q')]).min() >= 0.999
 
-@pytest.mark.filterwarnings("ignore:this gemma4_text model has a shared expert")
+@pytest.mark.filterwarnings("ignore:this gemma4_text model has an MLP beside its experts")
 def test_gemma4_with_experts_beside_the_mlp(tmp_path):
     "Gemma 4 26B A4B: experts beside the MLP, each with its own norms. The experts are `mlp_*` (compared with what they read and write, which the bridge sees flattened), the MLP a shared expert; planted updates are found, scanned while generating, and removed by steering and edits; routing is read from the router."
     from weightwatch_nb.directions import WRITE_HOOK, READ_HOOK
@@ -1061,7 +1061,8 @@ def test_gemma4_with_experts_beside_the_mlp(tmp_path):
     dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out', 'mlp_shared_out'], progress=False)   # post-norm: at the sub-layer outputs
     dr = compute_directions(b, f, k=1, matrices=['mlp_in', 'mlp_gate', 'mlp_shared_in'], progress=False)
     assert (dw.hook_point, dr.hook_point) == ('blocks.{layer}.{beside_output}', 'blocks.{layer}.{beside_input}')
-    assert compute_directions(b, f, k=1, matrices=['mlp_out'], hook_point=WRITE_HOOK, progress=False).hook_point == dw.hook_point   # (either template means the same)
+    with pytest.warns(UserWarning, match=r"has an MLP beside its experts \(mapped as a shared expert\), and \['mlp_shared_out'\] are not among"):
+        assert compute_directions(b, f, k=1, matrices=['mlp_out'], hook_point=WRITE_HOOK, progress=False).hook_point == dw.hook_point   # (either template means the same)
     assert compute_directions(b, f, k=1, matrices=['mlp_in'], hook_point=READ_HOOK, progress=False).hook_point == dr.hook_point
     for d in (dw, dr):
         for key, U in truth.items():
@@ -1590,7 +1591,7 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
     'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
 
-@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|gemma4_text|llama4_text) model has a shared expert", "ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert", "ignore:this gemma4_text model has an MLP beside", "ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."

@@ -312,7 +312,8 @@ _SHARED = {'mlp_out': 'mlp_shared_out', 'mlp_in': 'mlp_shared_in', 'mlp_gate': '
 def _warn_shared(info:dict, matrices:tuple):
     "Warn when the experts' matrices are asked for without the shared expert's beside them (Qwen2-MoE): its update would be left out."
     if (left := [s for m, s in _SHARED.items() if m in matrices and s in info['specs'] and s not in matrices]):
-        warnings.warn(f"this {info['model_type']} model has a shared expert beside its routed ones, and {left} are not among the matrices, "
+        what = 'an MLP beside its experts (mapped as a shared expert)' if info.get('experts_beside') else 'a shared expert beside its routed ones'
+        warnings.warn(f"this {info['model_type']} model has {what}, and {left} are not among the matrices, "
                       f"so the shared expert's update is not in these directions; add them (matrices={[*matrices, *left]})", stacklevel=3)
 
 def _hook_for(info:dict, # `arch_info` of the model
