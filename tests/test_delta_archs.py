@@ -1698,6 +1698,32 @@ def test_lora_on_single_experts_equals_peft_conversion(arch, names, prefix, tmp_
     assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
     Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))   # the model PEFT loads
 
+@pytest.mark.filterwarnings("ignore:directions of", "ignore:this afmoe model has a shared expert")
+def test_transformers4_lora_that_peft_retargets_to_experts(tmp_path):
+    "A transformers 4 adapter on AFMoE's single experts and on other modules named like their parts (the shared expert's, the dense block's MLP, the attention's `gate_proj`): PEFT retargets those names to the fused experts and drops the others' LoRA; they are dropped here too, with a warning, so what is read is the model PEFT loads."
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    import transformers as T
+    from weightwatch_nb.delta import LoraTensors
+    from weightwatch_nb.core import hf_state_dict
+    b, _, _ = _plain_pair('afmoe_dense', tmp_path, {(0, 'attn_out'): 1})
+    sd, _ = _per_expert_adapter(b, tmp_path/'lora', ('gate_proj', 'up_proj', 'down_proj'), 'mlp')
+    sd = {k: v for k, v in sd.items() if '.layers.0.' not in k}   # (block 0 is dense: no experts there)
+    torch.manual_seed(1)
+    for pre, i, o in (('model.layers.1.mlp.shared_experts.gate_proj', 64, 96), ('model.layers.0.mlp.up_proj', 64, 128), ('model.layers.1.self_attn.gate_proj', 64, 64), ('model.layers.1.self_attn.q_proj', 64, 64)):
+        sd |= {f'base_model.model.{pre}.lora_A.weight': 0.1 * torch.randn(2, i), f'base_model.model.{pre}.lora_B.weight': 0.1 * torch.randn(o, 2)}
+    save_file(sd, tmp_path/'lora'/'adapter_model.safetensors')
+    c = json.loads((tmp_path/'lora'/'adapter_config.json').read_text()); c['target_modules'] += ['q_proj']
+    (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(c))
+    merged = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(b), tmp_path/'lora').merge_and_unload()   # PEFT's own conversion
+    base, want = hf_state_dict(load_hf(b)[0]), hf_state_dict(merged)
+    assert sorted(k for k in want if not torch.equal(want[k], base[k])) == ['model.layers.1.mlp.experts.down_proj', 'model.layers.1.mlp.experts.gate_up_proj', 'model.layers.1.self_attn.q_proj.weight']
+    with pytest.warns(UserWarning, match=r"takes its LoRA on \['gate_proj', 'up_proj'\] for the experts' and drops it from 3 other module"):
+        lt = LoraTensors(b, tmp_path/'lora')
+    assert sorted(lt.changed) == ['model.layers.1.mlp.experts.down_proj', 'model.layers.1.mlp.experts.gate_up_proj', 'model.layers.1.self_attn.q_proj.weight']
+    assert all(torch.allclose(lt.get(k), want[n], atol=1e-6) for n, k in lt.loaded.items() if n in want)
+    assert same_weights(fingerprint(lt), fingerprint(merged)) == 'exact'
+
 def test_lora_on_some_parts_of_some_experts(tmp_path):
     "An adapter on the gate (w1) of experts 0 and 2 alone (PEFT will not load it): expert e's gate rows change by scale · B A, nothing else."
     from weightwatch_nb.delta import LoraTensors

@@ -675,6 +675,13 @@ def _peft_converts(model_type:str)->bool:
     except ImportError: return False   # (a PEFT from before transformers 5 converts nothing)
     return bool(M.get(P.get(model_type)))
 
+def _peft_drops(fac:dict, model_type:str)->list[str]:
+    "The adapter's LoRA modules that PEFT, converting the adapter for transformers 5's fused experts, retargets to them and so drops: those named like a single expert's part but not a single expert's (its own table)."
+    if not _peft_converts(model_type): return []
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN as P, _MOE_TARGET_MODULE_MAPPING as M
+    parts = {old for old, new in M[P[model_type]].items() if not new.endswith('.weight')}   # (`gate` -> `gate.weight`: the router, which PEFT keeps)
+    return sorted(m for m in fac if m.rpartition('.')[2] in parts and not _EXPERT_KEY.match(m + '.weight'))
+
 def _v4_refused(m:str, mt:str)->WeightwatchError:
     return WeightwatchError(f"the adapter changes `{m}`, a module of transformers 4's {mt}, which PEFT does not convert when it loads the adapter onto "
                             "transformers 5 (it refuses the adapter, or drops those weights), so no model loads what was trained; merge the adapter "
@@ -755,6 +762,11 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
         mt = arch_info(config)['model_type']
         if not _peft_converts(mt) and (moved := sorted(m for m in fac if _renamed(m + '.', mt) != m + '.')): raise _v4_refused(stored[moved[0]], mt)
         stored, fac = {_renamed(m + '.', mt)[:-1]: m for m in fac}, {_renamed(m + '.', mt)[:-1]: f for m, f in fac.items()}
+        if (lost := _peft_drops(fac, mt)):   # modules PEFT's conversion takes for single experts' (the shared expert's, a dense block's, AFMoE's attention gate)
+            warnings.warn(f"PEFT, loading this adapter onto transformers 5's {mt}, takes its LoRA on {sorted({m.rpartition('.')[2] for m in lost})} for the experts' "
+                          f"and drops it from {len(lost)} other module(s) (e.g. {[stored[m] for m in lost[:2]]}): the model it loads lacks those updates, and "
+                          f"so do these directions; to keep them, merge the adapter with the transformers 4 it was trained with and pass the merged model", stacklevel=3)
+            fac = {m: f for m, f in fac.items() if m not in lost}
         wrapped = {p.rpartition('.')[0] for p in cfg.get('target_parameters') or ()}   # (fused experts under PEFT's `target_parameters`: read below)
         if not _peft_converts(mt) and (odd := _not_linear({m: f for m, f in fac.items() if not any(m.endswith('.' + w) for w in wrapped)}, config)):   # a module
             # transformers 4 held as a linear layer and transformers 5 builds otherwise (Jamba's router), in a model type PEFT does not convert
