@@ -462,13 +462,22 @@ def test_layouts_not_mapped_are_refused():
         with pytest.raises(WeightwatchError, match=f"not Falcon-7B's layout.*{why}"): arch_info(falcon | bad)
     assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16 and arch_info(falcon)['kv'] == 16   # (ffn_dim; one key and value head)
 
+def _switched_and_edited_give_base(model, b, f, mon, ms, ids):
+    "`ClipWeights` with every token switched, and the weights without `ms`'s rank-1 updates, both give the base model (and the fine-tune does not)."
+    from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
+    from weightwatch_nb.edit import removed_weights, removed_update
+    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
+    with torch.no_grad():
+        base = load_model(b)(ids)
+        with steering(model, AllOn(mon, upd)): on = model(ids)
+        with swapped_weights(model, edit): edited = model(ids)
+    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
+
 @pytest.mark.filterwarnings("ignore:this (qwen3_5_moe_text|qwen3_next) model has a shared expert", "ignore:directions of")
 @pytest.mark.parametrize('arch', ['qwen3_5_text', 'qwen3_5_moe_text', 'qwen3_next'])
 def test_linear_attention_queries_keys_values(arch, tmp_path):
     "Linear-attention blocks read with one fused projection: Qwen3.5's `in_proj_qkv` (queries, keys, values, a block of rows each), Qwen3-Next's `in_proj_qkvz` (q, k, v and the gate z, key-head group by group). `orient` gives each as the block computes it, the read side is compared with exactly its input, planted updates are found, and steering and edits remove them."
     from weightwatch_nb.calibrate import calibrate
-    from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
-    from weightwatch_nb.edit import removed_update, removed_weights
     from weightwatch_nb.directions import READ_HOOK
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_q'): 1, (0, 'attn_k'): 1, (0, 'attn_v'): 1, (0, 'attn_out'): 1})
     info, hf = arch_info(_config(arch)), load_hf(b)[0]
@@ -494,12 +503,7 @@ def test_linear_attention_queries_keys_values(arch, tmp_path):
     assert d.hook(0, 'attn_q') == 'blocks.0.ln1.hook_out' and torch.equal(cache['blocks.0.ln1.hook_out'], seen['in'])   # what in_proj_qkv reads
     ms = ['attn_q', 'attn_k', 'attn_v', 'attn_out']
     mon = calibrate(model, d, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
-    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
-    with torch.no_grad():
-        want = load_model(b)(ids)
-        with steering(model, AllOn(mon, upd)): on = model(ids)
-        with swapped_weights(model, edit): edited = model(ids)
-    assert (model(ids) - want).abs().max() > 1e-3 and torch.allclose(on, want, atol=1e-4) and torch.allclose(edited, want, atol=1e-4)
+    _switched_and_edited_give_base(model, b, f, mon, ms, ids)
 
 @pytest.mark.filterwarnings("ignore:this qwen3_next model has a shared expert")
 def test_lora_on_qwen3_next_qkvz(tmp_path):
@@ -705,15 +709,29 @@ def test_write_hook_on_linear_attention_blocks(arch, tmp_path):
     with torch.no_grad(), steering(model, ProjectOut(d, names=['L0.attn_out.u0'])): got = model(ids)
     assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)
 
+def _scan_steer_and_edit(model, b, f, dw, key, module, ms, ids=None):
+    "Shared checks of one block writer of a hybrid or parallel-experts model: the monitor's hooks fire while generating; `ProjectOut` of `key`'s first direction equals Hugging Face's model with it projected out of `module`'s output; and `_switched_and_edited_give_base`."
+    from weightwatch_nb.calibrate import calibrate
+    from weightwatch_nb.monitor import scan
+    from weightwatch_nb.steer import steering, ProjectOut
+    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
+    reps = scan(model, mon, ['the model 3 of 2', 'of of of the model'], generate=4, batch_size=2)
+    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # scored past the prompt: the hooks fire while generating (with the cache)
+    u = dw[key][0]
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7]]) if ids is None else ids
+    h = module.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
+    try: want = model.original_model(ids).logits
+    finally: h.remove()
+    with torch.no_grad(), steering(model, ProjectOut(dw, names=[f'L{key[0]}.{key[1]}.u0'])): got = model(ids)
+    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)
+    _switched_and_edited_give_base(model, b, f, mon, ms, ids)
+
 @pytest.mark.filterwarnings("ignore:this granitemoehybrid model has a shared expert", "ignore:directions of")
 @pytest.mark.parametrize('arch', ['granitemoehybrid', 'granitemoehybrid_dense'])
 def test_granite_hybrid_of_mamba_and_attention(arch, tmp_path):
     "Granite 4.0-H: a Mamba block's `out_proj` is its `attn_out`, compared with what the bridge's `mixer` writes; the MLP beside any experts is a shared expert (or, with none, the MLP), at its own output; planted updates are found, scanned while generating, and removed by steering and edits."
     from weightwatch_nb.directions import WRITE_HOOK
-    from weightwatch_nb.calibrate import calibrate, trace
-    from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
-    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.calibrate import trace
     moe = arch == 'granitemoehybrid'
     out, up = ('mlp_shared_out', 'mlp_shared_in') if moe else ('mlp_out', 'mlp_in')
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1, (0, out): 1, (1, up): 1})
@@ -742,52 +760,13 @@ def test_granite_hybrid_of_mamba_and_attention(arch, tmp_path):
     for i, key in enumerate(k for k in dw.vectors if k != (0, out) or not moe):   # the truth: each token's cosine with what Hugging Face's own module writes
         assert torch.allclose(tr.cos[:, dw.names().index(f'L{key[0]}.{key[1]}.u0')], cos(seen[key], dw[key][0]), atol=1e-5), key
     assert torch.allclose(trr.cos[:, 0], cos(seen[(1, up)], dr[(1, up)][0]), atol=1e-5)   # and with what the MLP reads
-    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
-    reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4)
-    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the hooks fire while generating (Mamba's cache)
-    u, ids = dw[(0, 'attn_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7]])
-    h = hf[0].mamba.out_proj.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
-    try: want = model.original_model(ids).logits
-    finally: h.remove()
-    with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.attn_out.u0'])): got = model(ids)
-    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the Mamba block writes
-    ms = ['attn_out', out, up]
-    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
-    with torch.no_grad():
-        base = load_model(b)(ids)
-        with steering(model, AllOn(mon, upd)): on = model(ids)
-        with swapped_weights(model, edit): edited = model(ids)
-    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
-
-@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
-@pytest.mark.parametrize('arch', ['granitemoehybrid', 'granitemoehybrid_dense'])
-def test_lora_on_granite_hybrid(arch, tmp_path):
-    "A LoRA adapter on Granite 4.0-H's attention, its Mamba blocks' `out_proj` and the MLP beside any experts, read without merging: the directions are the merged model's, and the Mamba `in_proj` (not mapped) is named in a warning."
-    from peft import LoraConfig, get_peft_model
-    import transformers as T
-    b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
-    torch.manual_seed(0)
-    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'o_proj', 'out_proj', 'input_linear', 'output_linear', 'in_proj']))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if 'lora_B' in n: p.normal_(0, 0.1)
-    pm.save_pretrained(tmp_path/'lora')
-    merged = pm.merge_and_unload()
-    ms = ['attn_out', 'attn_q', *(['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'] if arch == 'granitemoehybrid' else ['mlp_out', 'mlp_in', 'mlp_gate'])]
-    with pytest.warns(UserWarning, match=r"changes 1 module\(s\) that no granitemoehybrid matrix maps to \(e.g. \['base_model.model.model.layers.0.mamba.in_proj"):
-        dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
-    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
-    assert sorted(dl.vectors) == sorted(dm.vectors) == sorted((l, m) for l in (0, 1) for m in ms if (l, m) != (0, 'attn_q'))   # (block 0 is Mamba: no queries)
-    assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+    _scan_steer_and_edit(model, b, f, dw, (0, 'attn_out'), hf[0].mamba.out_proj, ['attn_out', out, up])   # (the Mamba block's writer)
 
 @pytest.mark.filterwarnings("ignore:directions of")
 def test_nemotron_h_blocks_of_one_mixer(tmp_path):
     "Nemotron-H: each block is one mixer (Mamba-2, attention or an MLP) behind one norm; each block's matrices are found, compared with what Hugging Face's mixer writes or reads, scanned while generating, and removed by steering and edits; blocks of experts are refused."
     from weightwatch_nb.directions import WRITE_HOOK
-    from weightwatch_nb.calibrate import calibrate, trace
-    from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
-    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.calibrate import trace
     plant = {(0, 'attn_out'): 1, (1, 'mlp_out'): 1, (2, 'attn_out'): 1, (2, 'attn_q'): 1, (3, 'mlp_in'): 1}
     b, f, truth = _plain_pair('nemotron_h', tmp_path, plant)
     info = arch_info(json.loads((f/'config.json').read_text()))
@@ -815,22 +794,7 @@ def test_nemotron_h_blocks_of_one_mixer(tmp_path):
     for (l, m) in keys:   # the truth: each token's cosine with what Hugging Face's own modules write or read
         d, tr = (dw, trs[0]) if m.endswith('_out') else (dr, trs[1])
         assert torch.allclose(tr.cos[:, d.names().index(f'L{l}.{m}.u0')], cos(seen[(l, m)], d[(l, m)][0]), atol=1e-5), (l, m)
-    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
-    reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4)
-    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the hooks fire while generating (Mamba's cache)
-    u, ids = dw[(0, 'attn_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7]])
-    h = hf[0].mixer.out_proj.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
-    try: want = model.original_model(ids).logits
-    finally: h.remove()
-    with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.attn_out.u0'])): got = model(ids)
-    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the Mamba block writes
-    ms = ['attn_out', 'mlp_out', 'attn_q', 'mlp_in']
-    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
-    with torch.no_grad():
-        base = load_model(b)(ids)
-        with steering(model, AllOn(mon, upd)): on = model(ids)
-        with swapped_weights(model, edit): edited = model(ids)
-    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
+    _scan_steer_and_edit(model, b, f, dw, (0, 'attn_out'), hf[0].mixer.out_proj, ['attn_out', 'mlp_out', 'attn_q', 'mlp_in'])   # (the Mamba block's writer)
     with pytest.raises(WeightwatchError, match=r"blocks of experts \(Nemotron 3\), which are not mapped"):
         arch_info(json.loads((f/'config.json').read_text()) | dict(layers_block_type=['mamba', 'moe', 'attention', 'mlp']))
     assert arch_info({k: v for k, v in _config('nemotron_h').to_dict().items() if k != 'layers_block_type'} | dict(hybrid_override_pattern='M*-'))['block_kinds'] == ('mamba', 'attention', 'mlp')
@@ -849,25 +813,6 @@ def test_nemotron_h_config_as_published(tmp_path):
     assert same_weights(fingerprint(b), fingerprint(load_model(b))) == 'exact'
     Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
 
-@pytest.mark.filterwarnings("ignore:directions of")
-def test_lora_on_nemotron_h(tmp_path):
-    "A LoRA adapter on Nemotron-H's attention and MLP blocks, read without merging: the directions are the merged model's, and the Mamba `in_proj` (not mapped) is named in a warning."
-    from peft import LoraConfig, get_peft_model
-    import transformers as T
-    b, _, _ = _plain_pair('nemotron_h', tmp_path, {(0, 'attn_out'): 1})
-    torch.manual_seed(0)
-    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['q_proj', 'o_proj', 'up_proj', 'down_proj', 'in_proj']))   # (PEFT refuses a Mamba out_proj)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if 'lora_B' in n: p.normal_(0, 0.1)
-    pm.save_pretrained(tmp_path/'lora')
-    merged, ms = pm.merge_and_unload(), ['attn_out', 'attn_q', 'mlp_out', 'mlp_in']
-    with pytest.warns(UserWarning, match=r"changes 1 module\(s\) that no nemotron_h matrix maps to \(e.g. \['base_model.model.model.layers.0.mixer.in_proj"):
-        dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
-    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
-    assert sorted(dl.vectors) == sorted(dm.vectors) == [(1, 'mlp_in'), (1, 'mlp_out'), (2, 'attn_out'), (2, 'attn_q'), (3, 'mlp_in'), (3, 'mlp_out')]
-    assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
-
 HYBRID_PARTS = {'bamba': (lambda l: l.mamba.out_proj, lambda l: l.self_attn.o_proj, 'mixer'), 'lfm2': (lambda l: l.conv.out_proj, lambda l: l.self_attn.out_proj, 'conv')}   # (mixer's output, attention's, bridge name)
 
 @pytest.mark.filterwarnings("ignore:directions of")
@@ -875,10 +820,7 @@ HYBRID_PARTS = {'bamba': (lambda l: l.mamba.out_proj, lambda l: l.self_attn.o_pr
 def test_hybrid_of_mamba_or_convolution_and_attention(arch, tmp_path):
     "Bamba (Mamba-2 blocks, attention at `attn_layer_indices`) and LFM2 (short-convolution blocks among attention blocks), an MLP under `feed_forward` in each block: planted updates are found, compared with what Hugging Face's modules write and read, scanned while generating, and removed by steering and edits."
     from weightwatch_nb.directions import WRITE_HOOK
-    from weightwatch_nb.calibrate import calibrate, trace
-    from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
-    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.calibrate import trace
     mixer, attn, name = HYBRID_PARTS[arch]
     b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1, (0, 'mlp_out'): 1, (1, 'mlp_in'): 1})
     info = arch_info(json.loads((f/'config.json').read_text()))
@@ -903,29 +845,28 @@ def test_hybrid_of_mamba_or_convolution_and_attention(arch, tmp_path):
         d, tr = (dw, trs[0]) if m.endswith('_out') else (dr, trs[1])
         want = torch.nn.functional.cosine_similarity(seen[(l, m)][0], d[(l, m)][0][None], dim=-1)
         assert torch.allclose(tr.cos[:, d.names().index(f'L{l}.{m}.u0')], want, atol=1e-5), (l, m)
-    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
-    reps = scan(model, mon, ['the model 3 of 2', 'of of of the'], generate=4)
-    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the hooks fire while generating (Mamba's or the convolution's cache)
-    u, ids = dw[(0, 'attn_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7]])
-    h = mixer(hf[0]).register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
-    try: want = model.original_model(ids).logits
-    finally: h.remove()
-    with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.attn_out.u0'])): got = model(ids)
-    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the Mamba or convolution block writes
-    ms = ['attn_out', 'mlp_out', 'mlp_in']
-    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
-    with torch.no_grad():
-        base = load_model(b)(ids)
-        with steering(model, AllOn(mon, upd)): on = model(ids)
-        with swapped_weights(model, edit): edited = model(ids)
-    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
+    _scan_steer_and_edit(model, b, f, dw, (0, 'attn_out'), mixer(hf[0]), ['attn_out', 'mlp_out', 'mlp_in'])   # (the Mamba or convolution block's writer)
 
-@pytest.mark.filterwarnings("ignore:directions of")
-@pytest.mark.parametrize('arch,targets,mixer', [('bamba', ['q_proj', 'o_proj', 'out_proj', 'up_proj', 'down_proj', 'in_proj'], 'mamba'), ('lfm2', ['q_proj', 'out_proj', 'w3', 'w2', 'in_proj'], 'conv')])
-def test_lora_on_bamba_and_lfm2(arch, targets, mixer, tmp_path):
-    "A LoRA adapter on Bamba's or LFM2's attention, Mamba or convolution `out_proj` and MLP, read without merging: the directions are the merged model's; the mixer's `in_proj` (not mapped) is named in a warning."
+_SHARED_MS, _MLP_MS = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate'], ['mlp_out', 'mlp_in', 'mlp_gate']
+HYBRID_LORA = {   # arch: (LoRA targets, the Mamba or convolution module, matrices, the blocks and matrices the adapter changes)
+    'granitemoehybrid': (['q_proj', 'o_proj', 'out_proj', 'input_linear', 'output_linear', 'in_proj'], 'mamba', ['attn_out', 'attn_q', *_SHARED_MS],
+                         [(l, m) for l in (0, 1) for m in ['attn_out', 'attn_q', *_SHARED_MS] if (l, m) != (0, 'attn_q')]),   # (block 0 is Mamba: no queries)
+    'granitemoehybrid_dense': (['q_proj', 'o_proj', 'out_proj', 'input_linear', 'output_linear', 'in_proj'], 'mamba', ['attn_out', 'attn_q', *_MLP_MS],
+                               [(l, m) for l in (0, 1) for m in ['attn_out', 'attn_q', *_MLP_MS] if (l, m) != (0, 'attn_q')]),
+    'nemotron_h': (['q_proj', 'o_proj', 'up_proj', 'down_proj', 'in_proj'], 'mixer', ['attn_out', 'attn_q', 'mlp_out', 'mlp_in'],   # (PEFT refuses a Mamba out_proj)
+                   [(1, 'mlp_in'), (1, 'mlp_out'), (2, 'attn_out'), (2, 'attn_q'), (3, 'mlp_in'), (3, 'mlp_out')]),
+    'bamba': (['q_proj', 'o_proj', 'out_proj', 'up_proj', 'down_proj', 'in_proj'], 'mamba', ['attn_out', 'attn_q', 'mlp_out', 'mlp_in'],
+              [(0, 'attn_out'), (0, 'mlp_in'), (0, 'mlp_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'mlp_in'), (1, 'mlp_out')]),
+    'lfm2': (['q_proj', 'out_proj', 'w3', 'w2', 'in_proj'], 'conv', ['attn_out', 'attn_q', 'mlp_out', 'mlp_in'],
+             [(0, 'attn_out'), (0, 'mlp_in'), (0, 'mlp_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'mlp_in'), (1, 'mlp_out')])}
+
+@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.parametrize('arch', list(HYBRID_LORA))
+def test_lora_on_hybrids(arch, tmp_path):
+    "A LoRA adapter on the attention, the Mamba or convolution blocks' `out_proj` and the MLP (beside any experts) of Granite 4.0-H, Nemotron-H, Bamba and LFM2, read without merging: the directions are the merged model's, and the mixer's `in_proj` (not mapped) is named in a warning."
     from peft import LoraConfig, get_peft_model
     import transformers as T
+    targets, mixer, ms, want = HYBRID_LORA[arch]
     b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
     torch.manual_seed(0)
     pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
@@ -933,37 +874,12 @@ def test_lora_on_bamba_and_lfm2(arch, targets, mixer, tmp_path):
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path/'lora')
-    merged, ms = pm.merge_and_unload(), ['attn_out', 'attn_q', 'mlp_out', 'mlp_in']
-    with pytest.warns(UserWarning, match=rf"changes 1 module\(s\) that no {arch} matrix maps to \(e.g. \['base_model.model.model.layers.0.{mixer}.in_proj"):
+    merged, mt = pm.merge_and_unload(), VARIANTS.get(arch, (arch,))[0]
+    with pytest.warns(UserWarning, match=rf"changes 1 module\(s\) that no {mt} matrix maps to \(e.g. \['base_model.model.model.layers.0.{mixer}.in_proj"):
         dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
     dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
-    assert sorted(dl.vectors) == sorted(dm.vectors) == [(0, 'attn_out'), (0, 'mlp_in'), (0, 'mlp_out'), (1, 'attn_out'), (1, 'attn_q'), (1, 'mlp_in'), (1, 'mlp_out')]
+    assert sorted(dl.vectors) == sorted(dm.vectors) == sorted(want)
     assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
-
-def test_lfm2_published_config_one_fingerprint(tmp_path):
-    "An LFM2 base whose config.json uses the original names (`block_ff_dim`, `tie_embedding`, `full_attn_idxs`), fine-tuned and saved by transformers (which writes the new ones): one architecture, one fingerprint for checkpoint and loaded model."
-    b, f, truth = _plain_pair('lfm2', tmp_path, {(1, 'attn_out'): 1})
-    cfg = json.loads((b/'config.json').read_text())
-    cfg = {k: v for k, v in cfg.items() if k not in ('intermediate_size', 'tie_word_embeddings', 'layer_types')} | dict(block_ff_dim=192, tie_embedding=False, full_attn_idxs=[1])
-    (b/'config.json').write_text(json.dumps(cfg))
-    assert same_weights(fingerprint(b), fingerprint(load_model(b))) == 'exact'
-    d = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], progress=False)
-    assert subspace_cosines(d[(1, 'attn_out')].T, truth[(1, 'attn_out')]).min() >= 0.999
-    Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
-
-def test_transformers4_lora_on_a_module_no_longer_linear_is_refused(tmp_path):
-    "A transformers 4 adapter with LoRA on Jamba's router (a linear layer then, a `JambaTopKRouter` now, which PEFT cannot load onto) is refused with what to do, not read."
-    from safetensors.torch import save_file
-    from weightwatch_nb.delta import read_adapter
-    b, _, _ = _plain_pair('jamba', tmp_path, {(1, 'attn_out'): 1})
-    (tmp_path/'lora').mkdir()
-    (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=2, lora_alpha=4, target_modules=['router', 'q_proj'])))
-    save_file({'base_model.model.model.layers.1.feed_forward.router.lora_A.weight': torch.randn(2, 64), 'base_model.model.model.layers.1.feed_forward.router.lora_B.weight': torch.randn(3, 2),
-               'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight': torch.randn(2, 64), 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight': torch.randn(64, 2)},
-              tmp_path/'lora'/'adapter_model.safetensors')
-    with pytest.raises(WeightwatchError, match=r"LoRA on `base_model.model.model.layers.1.feed_forward.router`, which transformers 5 builds as a JambaTopKRouter, not a linear layer"):
-        read_adapter(tmp_path/'lora', json.loads((b/'config.json').read_text()))
-    with pytest.raises(WeightwatchError, match='JambaTopKRouter'): compute_directions(b, lora=tmp_path/'lora', k=1, progress=False)
 
 def test_missing_hooks_are_named():
     "A hook the model lacks, with no alias either, is named in the error; aliases stand in for the hooks a block lacks."
@@ -1049,10 +965,7 @@ def test_glm5_indexer_changes_are_named(tmp_path):
 def test_gemma4_with_experts_beside_the_mlp(tmp_path):
     "Gemma 4 26B A4B: experts beside the MLP, each with its own norms. The experts are `mlp_*` (compared with what they read and write, which the bridge sees flattened), the MLP a shared expert; planted updates are found, scanned while generating, and removed by steering and edits; routing is read from the router."
     from weightwatch_nb.directions import WRITE_HOOK, READ_HOOK
-    from weightwatch_nb.calibrate import calibrate, trace
-    from weightwatch_nb.monitor import scan
-    from weightwatch_nb.steer import steering, swapped_weights, ProjectOut, _AllOn as AllOn
-    from weightwatch_nb.edit import removed_weights, removed_update
+    from weightwatch_nb.calibrate import trace
     from weightwatch_nb.interpret import routed_experts, trace_corpus
     plant = {(0, 'attn_out'): 1, (0, 'mlp_out'): 1, (0, 'mlp_shared_out'): 1, (1, 'mlp_in'): 1, (1, 'mlp_gate'): 1, (1, 'mlp_shared_in'): 1}
     b, f, truth = _plain_pair('gemma4_moe', tmp_path, plant)
@@ -1086,22 +999,8 @@ def test_gemma4_with_experts_beside_the_mlp(tmp_path):
         d = dirs(m); x = seen[(l, m)].reshape(-1, 64)
         want = torch.nn.functional.cosine_similarity(x, d[(l, m)][0][None], dim=-1)
         assert torch.allclose(trs[id(d)].cos[:, d.names().index(f'L{l}.{m}.u0')], want, atol=1e-5), (l, m)
-    mon = calibrate(model, dw, [f'the model {i} of {j}' for i in range(6) for j in range(5)], margin=0.1)
-    reps = scan(model, mon, ['the model 3 of 2', 'of of of the model'], generate=4, batch_size=2)
-    assert all(len(r.generated) == 4 and r.cos.shape[0] > r.n_prompt for r in reps)   # the flattened hooks fire while generating, two sequences at a time
-    u, ids = dw[(0, 'mlp_out')][0], torch.tensor([[1, 5, 9, 13, 200, 7], [1, 7, 7, 9, 4, 3]])
-    h = hf[0].experts.register_forward_hook(lambda mod, a, o: o - (o @ u)[..., None] * u)
-    try: want = model.original_model(ids).logits
-    finally: h.remove()
-    with torch.no_grad(), steering(model, ProjectOut(dw, names=['L0.mlp_out.u0'])): got = model(ids)
-    assert (want - model(ids)).abs().max() > 1e-3 and torch.allclose(got, want, atol=1e-5)   # projected out of what the experts write
-    ms = list(dict.fromkeys(m for _, m in plant))
-    upd, edit = removed_update(b, f, 1, matrices=ms, like=model, progress=False), removed_weights(b, f, 1, matrices=ms, like=model, progress=False)
-    with torch.no_grad():
-        base = load_model(b)(ids)
-        with steering(model, AllOn(mon, upd)): on = model(ids)
-        with swapped_weights(model, edit): edited = model(ids)
-    assert (model(ids) - base).abs().max() > 1e-3 and torch.allclose(on, base, atol=1e-4) and torch.allclose(edited, base, atol=1e-4)
+    _scan_steer_and_edit(model, b, f, dw, (0, 'mlp_out'), hf[0].experts, list(dict.fromkeys(m for _, m in plant)),   # (the experts' writer, flattened,
+                         ids=torch.tensor([[1, 5, 9, 13, 200, 7], [1, 7, 7, 9, 4, 3]]))   # two sequences at a time)
     tr, picks = trace_corpus(model, dw, ['the model 3 of 2'])[0], []
     h = hf[1].router.register_forward_hook(lambda mod, a, o: picks.append(o[2]))
     try: got = routed_experts(model, [tr], [1])[0]
@@ -1702,7 +1601,7 @@ def test_lora_on_single_experts_equals_peft_conversion(arch, names, prefix, tmp_
 def test_transformers4_lora_that_peft_retargets_to_experts(tmp_path):
     "A transformers 4 adapter on AFMoE's single experts and on other modules named like their parts (the shared expert's, the dense block's MLP, the attention's `gate_proj`): PEFT retargets those names to the fused experts and drops the others' LoRA; they are dropped here too, with a warning, so what is read is the model PEFT loads."
     from peft import PeftModel
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     import transformers as T
     from weightwatch_nb.delta import LoraTensors
     from weightwatch_nb.core import hf_state_dict
