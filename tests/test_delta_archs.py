@@ -3,7 +3,7 @@ import json, warnings
 from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
-from weightwatch_nb.delta import MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented, find_keys, MLA, NO_PRE_NORM
+from weightwatch_nb.delta import FAMILIES, MATRICES, arch_info, iter_deltas, plant_update, subspace_cosines, open_tensors, orient, put_oriented, find_keys, MLA, NO_PRE_NORM
 from weightwatch_nb.calibrate import check_hooks
 from weightwatch_nb.directions import Directions, compute_directions
 
@@ -1039,6 +1039,41 @@ def test_older_configs_read_as_their_classes_read_them():
     dsa = {k: v for k, v in _config('glm_moe_dsa').to_dict().items() if k not in ('mlp_layer_types', 'layer_types', 'indexer_types')} | dict(num_hidden_layers=3, first_k_dense_replace=2)
     built = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(**dsa)).model.layers   # (GLM-5's class reads it)
     assert arch_info(dsa)['dense_layers'] == tuple(l for l, b in enumerate(built) if not hasattr(b.mlp, 'experts')) == (0, 1)
+
+def _left_to_class(cfg):
+    "The dict of `cfg` without every field its class fills in with the same value, as a hand-written hub config.json leaves them out."
+    import transformers as T
+    full = cfg.to_dict(); keep = dict(full)
+    for k in full:
+        if k in ('model_type', 'architectures'): continue
+        trial = {x: v for x, v in keep.items() if x != k}
+        try: same = T.AutoConfig.for_model(**trial).to_dict() == full
+        except Exception: same = False
+        if same: keep = trial
+    return keep
+
+@pytest.mark.parametrize('arch', sorted(set(FAMILIES) | set(VARIANTS)))
+def test_configs_that_leave_fields_to_the_class(arch):
+    "A config.json that leaves fields at its class's defaults (tied embeddings, widths, head sizes) gives the sizes, layout and fingerprint of the config the class builds."
+    from weightwatch_nb.core import arch_summary
+    cfg = _config(arch)
+    short = _left_to_class(cfg)
+    assert len(short) < len(cfg.to_dict())
+    assert arch_summary(short) == arch_summary(cfg)   # the fingerprint's config part: a checkpoint's file is the model it loads
+    if cfg.model_type in FAMILIES: assert arch_info(short) == arch_info(cfg)
+
+def test_checkpoint_whose_config_leaves_fields_out(tmp_path):
+    "A base whose config.json leaves `num_key_value_heads` to the class is comparable with a fine-tune whose config states it, and its file and its loaded model have one fingerprint."
+    from weightwatch_nb.core import check_comparable
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    truth = plant_update(b, tmp_path/'ft', {(1, 'mlp_out'): 1})
+    c = json.loads((b/'config.json').read_text()); assert c.pop('num_key_value_heads') == c['num_attention_heads']
+    (b/'config.json').write_text(json.dumps(c))
+    assert fingerprint(b) == fingerprint(load_model(b))
+    check_comparable(b, tmp_path/'ft')
+    d = compute_directions(b, tmp_path/'ft', k=1, progress=False)
+    assert subspace_cosines(d[(1, 'mlp_out')].T, truth[(1, 'mlp_out')]).min() >= 0.999
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'ft'))
 
 def test_unembed_delta_when_only_the_base_ties(tmp_path):
     # a base that ties its unembedding to its embedding (no lm_head stored) and a fine-tune that unties it: the base's

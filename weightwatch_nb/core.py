@@ -427,10 +427,23 @@ _ARCH_KEYS = ('model_type', 'hidden_size', 'num_hidden_layers', 'intermediate_si
 _SKIP = re.compile(r'(embed|wte|wpe|lm_head|embed_out|unembed)')   # not a block weight: embeddings (hashed apart) and the unembedding
 _UNEMBED = re.compile(r'(lm_head|embed_out|unembed)')              # not fingerprinted: a tied checkpoint does not store it
 
+@functools.lru_cache(maxsize=64)
+def _class_config_json(config_json:str)->str|None:
+    from transformers import AutoConfig, PretrainedConfig
+    try: c = AutoConfig.for_model(**PretrainedConfig._decode_special_floats(json.loads(config_json)))
+    except Exception: return None   # e.g. a model type this transformers does not know: the config is read as stored
+    return json.dumps(c.to_dict(), default=str)
+
+def _class_config(config:dict, # a config.json's dict
+                 )->dict|None: # None: transformers cannot build it
+    "The config as its class builds it: every field a config.json leaves out at the class's default, older field names read as the class reads them."
+    s = _class_config_json(json.dumps(config, sort_keys=True, default=str))
+    return None if s is None else json.loads(s)
+
 def arch_summary(config, # a Hugging Face `PretrainedConfig` or its dict
                 )->dict:
     "The config fields that determine weight shapes and vocabulary."
-    d = config if isinstance(config, dict) else config.to_dict()
+    d = config.to_dict() if not isinstance(config, dict) else _class_config(config) or config   # (a config.json, as the loaded model's config reads it)
     out = {k: d[k] for k in _ARCH_KEYS if d.get(k) is not None}
     if d.get('model_type') == 'lfm2' and d.get('block_ff_dim') is not None: out['intermediate_size'] = d['block_ff_dim']   # (LFM2's older name, which its class reads first)
     if d.get('model_type') == 'nemotron_h' and (kinds := d.get('layers_block_type') or d.get('layer_types') or d.get('hybrid_override_pattern')):
@@ -689,11 +702,7 @@ def check_comparable(base, # base model or source
         if a.get(k) != b.get(k):
             raise WeightwatchError(f"base and fine-tuned models differ in `{k}`: {a.get(k)} vs {b.get(k)}; "
                                    "a weight delta needs the same architecture and sizes: pass the base model this fine-tune started from")
-    def full(d):   # a saved config.json leaves out fields at their defaults (Qwen3's head_dim of 128): fill them in
-        from transformers import AutoConfig
-        try: return AutoConfig.for_model(**d).to_dict()
-        except Exception: return None
-    fa, fb = full(ca), full(cb)
+    fa, fb = _class_config(ca), _class_config(cb)   # a saved config.json leaves out fields at their defaults (Qwen3's head_dim of 128): filled in
     if fa is None or fb is None: fa, fb = ({k: v for k, v in x.items() if k in ca and k in cb} for x in (ca, cb))   # as stored, where both say
     for k in ('head_dim', 'kv_channels', 'n_positions', 'multi_query', 'num_local_experts', 'num_experts', 'n_routed_experts',
               'n_shared_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step', 'mlp_only_layers',

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY',
@@ -217,11 +217,8 @@ def arch_info(config, # a Hugging Face config or its dict
     if mt not in FAMILIES:
         raise WeightwatchError(f"weight deltas are not mapped for architecture {mt!r}: supported model types are "
                                f"{sorted(FAMILIES)}; add its weight names to `ARCH_SPECS`/`FAMILIES` in nbs/03_delta.ipynb")
-    if (mt in HYBRID and not all(k in d for k in ('layer_types', 'linear_num_value_heads', 'linear_value_head_dim', 'linear_num_key_heads', 'linear_key_head_dim'))
-            or mt == 'llama4_text' and not all(k in d for k in ('intermediate_size_mlp', 'tie_word_embeddings', 'moe_layers'))
-            or mt in LAYER_TYPED and 'mlp_layer_types' not in d):
-        from transformers import AutoConfig   # a config.json that leaves them to the class (Qwen3-Next's: `full_attention_interval`; GLM-4.7-Flash's dense blocks)
-        d = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'}).to_dict()
+    if isinstance(config, dict): d = d | (_class_config(d) or {})   # a config.json leaves fields to its class (Qwen3-Next's `full_attention_interval`, GLM-4.7-Flash's
+                                                                  # dense blocks, Bamba's untied embeddings, AFMoE's widths): read as the class fills them in
     if mt == 'gemma4_text':   # per-layer sizes: read as the class reads them (a config may give `global_head_dim` or `per_layer_config`)
         from transformers import AutoConfig
         c = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != 'model_type'})
