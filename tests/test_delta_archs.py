@@ -22,7 +22,7 @@ def tiny(arch, path, seed=0):
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
-NEWER = ['olmo3', 'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2', 'glm', 'glm4', 'arcee', 'nemotron', 'apertus', 'starcoder2']   # Llama's names or nearly (see `ARCH_SPECS`)
+NEWER = ['olmo3', 'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'cohere', 'cohere2', 'glm', 'glm4', 'arcee', 'nemotron', 'apertus', 'starcoder2', 'seed_oss']   # Llama's names or nearly (see `ARCH_SPECS`)
 
 @pytest.mark.parametrize('arch', ['mistral', 'qwen2', 'gpt_neox', 'phi3', 'phi', 'gptj', *NEWER])
 def test_planted_update_recovered(arch, tmp_path):
@@ -212,6 +212,8 @@ ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_exper
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 ARCH_KW['glm4_moe_lite'] = {k: v for k, v in ARCH_KW['deepseek_v3'].items() if k not in ('first_k_dense_replace', 'head_dim')} | dict(mlp_layer_types=['sparse', 'sparse'])   # GLM-4.7-Flash: V3's attention, dense blocks by `mlp_layer_types`
 ARCH_KW['glm_moe_dsa'] = ARCH_KW['glm4_moe_lite'] | dict(q_lora_rank=32, index_topk=4, index_head_dim=16, index_n_heads=2)   # GLM-5: and a sparse-attention indexer (not mapped)
+ARCH_KW['youtu'] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,   # Youtu-LLM: DeepSeek-V3's
+                       q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)   # latent attention, Llama's MLP in every block
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
 ARCH_KW |= {'opt': _OLD | dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
             'xglm': _OLD | dict(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4),
@@ -245,6 +247,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'jamba_dense': ('jamba', dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_offset=0)),
             'afmoe_dense': ('afmoe', dict(num_dense_layers=1)),
             'lfm2_moe_dense': ('lfm2_moe', dict(num_dense_layers=1, layer_types=['full_attention', 'conv'])),   # (its first `num_dense_layers` blocks dense)   # (attention, then Mamba; a dense MLP, then experts)   # (Granite 4.0-H Micro: no experts, the MLP alone)
+            'youtu_q': ('youtu', dict(q_lora_rank=None)),   # (the query straight from the stream, `q_proj`)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
 def _ffn(layer):
@@ -382,7 +385,7 @@ def test_mlp_matrices_are_what_the_mlp_computes(arch, tmp_path):
 
 BRIDGE_SITES = {'attn_q': 'attn.q', 'attn_k': 'attn.k', 'attn_v': 'attn.v', 'attn_out': 'attn.o', 'mlp_in': 'mlp.in', 'mlp_gate': 'mlp.gate', 'mlp_out': 'mlp.out'}
 
-@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text', 'falcon', 'falcon_sequential'])
+@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text', 'falcon', 'falcon_sequential', 'seed_oss'])
 def test_matrices_are_what_the_bridge_computes(arch, tmp_path):
     "Each block matrix, as `orient` reads it, is what the TransformerLens bridge (whose logits equal Hugging Face's) multiplies at that site: its output minus input @ matrix is the same for every token (the bias), also where q, k and v are fused."
     from weightwatch_nb.core import hf_state_dict
@@ -812,6 +815,33 @@ def test_nemotron_h_config_as_published(tmp_path):
     assert subspace_cosines(d[(2, 'attn_out')].T, truth[(2, 'attn_out')]).min() >= 0.999
     assert same_weights(fingerprint(b), fingerprint(load_model(b))) == 'exact'
     Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
+
+@pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
+@pytest.mark.parametrize('arch', ['youtu', 'youtu_q'])
+def test_dense_latent_attention(arch, tmp_path):
+    "Youtu-LLM: DeepSeek-V3's latent attention (`o_proj` writes; the query latent, or `q_proj`, and the key-value latent read) and Llama's MLP in every block: planted updates are found, the read side is compared with exactly what those matrices multiply, and scanning, steering and edits work."
+    from weightwatch_nb.delta import block_matrices
+    plant = {(0, 'attn_out'): 1, (0, 'attn_q'): 1, (1, 'attn_kv'): 1, (1, 'attn_q'): 1, (1, 'mlp_out'): 1, (1, 'mlp_gate'): 1}
+    b, f, truth = _plain_pair(arch, tmp_path, plant)
+    info, ms = arch_info(json.loads((f/'config.json').read_text())), sorted({m for _, m in plant})
+    assert info['family'] == 'llama' and (info['o'], info['kv_latent'], info['q_read']) == (64, 24, 32 if arch == 'youtu' else 64)
+    assert set(block_matrices(f)) == {'attn_out', 'attn_q', 'attn_kv', 'mlp_out', 'mlp_in', 'mlp_gate'}   # no k or v of their own
+    d = compute_directions(b, f, k=1, matrices=ms, progress=False)
+    for key, U0 in truth.items(): assert subspace_cosines(d[key].T, U0).min() >= 0.999, key
+    model = load_model(f)
+    hf, seen = model.original_model.model.layers, {}
+    q = 'q_a_proj' if arch == 'youtu' else 'q_proj'
+    hs = [getattr(hf[1].self_attn, p).register_forward_hook(lambda mod, a, o, p=p: seen.__setitem__(p, a[0].detach())) for p in (q, 'kv_a_proj_with_mqa')]
+    try: _, cache = model.run_with_cache(torch.tensor([[1, 5, 9, 13, 200]]), names_filter=lambda n: n == 'blocks.1.ln1.hook_out')
+    finally:
+        for h in hs: h.remove()
+    dr = compute_directions(b, f, k=1, matrices=['attn_q', 'attn_kv'], progress=False)   # (the read side alone)
+    assert dr.hook(1, 'attn_q') == dr.hook(1, 'attn_kv') == 'blocks.1.ln1.hook_out'
+    assert torch.equal(cache['blocks.1.ln1.hook_out'], seen[q]) and torch.equal(cache['blocks.1.ln1.hook_out'], seen['kv_a_proj_with_mqa'])
+    from weightwatch_nb.directions import WRITE_HOOK
+    dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], hook_point=WRITE_HOOK, progress=False)
+    assert check_hooks(model, [dw.hook(0, 'attn_out')]) == ['blocks.0.attn.hook_out']
+    _scan_steer_and_edit(model, b, f, dw, (0, 'attn_out'), hf[0].self_attn.o_proj, ms)
 
 HYBRID_PARTS = {'bamba': (lambda l: l.mamba.out_proj, lambda l: l.self_attn.o_proj, 'mixer'), 'lfm2': (lambda l: l.conv.out_proj, lambda l: l.self_attn.out_proj, 'conv')}   # (mixer's output, attention's, bridge name)
 
@@ -1777,7 +1807,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main
@@ -1797,13 +1827,14 @@ def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     assert main(['generate', str(f), prompt, '--max-new-tokens', '4']) == 0 and steered != capsys.readouterr().out   # (the plant changes the reply)
 
 @pytest.mark.filterwarnings("ignore:directions of")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'youtu', 'youtu_q'])
 def test_lora_on_attention_of_a_mixture_of_experts(arch, tmp_path):
     "A LoRA adapter on the attention of GLM-4-MoE or DeepSeek-V3 (latent attention: q_a_proj, kv_a_proj_with_mqa): each module lands on its matrix at every block, dense or not, and the directions equal the merged model's. (PEFT turns MLP targets of these models into the fused experts, which is refused: `test_lora_on_a_mixture_of_experts`.)"
     import transformers as T
     from peft import LoraConfig, get_peft_model
     b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
-    attn, ms = ((['q_a_proj', 'kv_a_proj_with_mqa'], ['attn_out', 'attn_q', 'attn_kv']) if VARIANTS[arch][0] in MLA else
+    q = 'q_proj' if arch == 'youtu_q' else 'q_a_proj'   # (without `q_lora_rank`, the query straight from the stream)
+    attn, ms = (([q, 'kv_a_proj_with_mqa'], ['attn_out', 'attn_q', 'attn_kv']) if VARIANTS.get(arch, (arch,))[0] in (*MLA, 'youtu') else
                 (['q_proj', 'k_proj'], ['attn_out', 'attn_q', 'attn_k']))
     torch.manual_seed(0)
     pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=[*attn, 'o_proj']))

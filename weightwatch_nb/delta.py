@@ -13,8 +13,8 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS', 'MOE_ONLY',
-           'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT', 'NEMOTRON_H_BLOCKS',
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS',
+           'MOE_ONLY', 'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT', 'NEMOTRON_H_BLOCKS',
            'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'MIXER_SPECS',
            'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
            'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented',
@@ -101,6 +101,8 @@ _DEEPSEEK_V2 = {m: s for m, s in _GLM4_MOE.items() if m not in ('attn_k', 'attn_
     attn_q=('layers.{layer}.self_attn.q_a_proj.weight', 'linear', 'in', 'q_read', None, ('layers.{layer}.self_attn.q_proj.weight',)),   # (q_proj without q_lora_rank)
     attn_kv=('layers.{layer}.self_attn.kv_a_proj_with_mqa.weight', 'linear', 'in', 'kv_latent'))   # keys and values, jointly into a latent (and the rotary key)
 MLA = ('deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa')   # model types with multi-head latent attention (GLM-4.7-Flash, GLM-5: DeepSeek-V3's attention, GLM-4-MoE's experts)
+DENSE_MLA = ('youtu',)   # model types with DeepSeek-V3's latent attention and Llama's MLP in every block (Youtu-LLM)
+_YOUTU = {m: s for m, s in _LLAMA.items() if m not in ('attn_k', 'attn_v')} | {m: _DEEPSEEK_V2[m] for m in ('attn_out', 'attn_q', 'attn_kv')}
 FIRST_DENSE = ('glm4_moe', *MLA)   # mixtures of experts whose first `first_k_dense_replace` blocks are dense (`LAYER_TYPED`: as `mlp_layer_types` says), and whose `n_shared_experts` form one MLP
 LAYER_TYPED = ('glm4_moe_lite', 'glm_moe_dsa')   # model types whose config lists each block's MLP, 'dense' or 'sparse' (`mlp_layer_types`)
 PAIRS = 'pairs'   # GPT-OSS interleaves its experts' gate and up outputs: gate, up, gate, up, ...
@@ -190,11 +192,11 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, 'youtu': _YOUTU, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2')},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2', 'seed_oss', *DENSE_MLA)},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe')}}
@@ -269,7 +271,7 @@ def arch_info(config, # a Hugging Face config or its dict
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE},
                           'afmoe': (d.get('moe_intermediate_size') or 1408) * (2 if d.get('num_shared_experts') is None else d['num_shared_experts']),
                           'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
-                **(_mla_sizes(d) if mt in MLA else {}), q_gated=2*n_heads*head_dim,
+                **(_mla_sizes(d) if mt in (*MLA, *DENSE_MLA) else {}), q_gated=2*n_heads*head_dim,
                 **(dict(linear_layers=tuple(l for l, t in enumerate(d.get('layer_types') or ()) if t == 'linear_attention'),
                         lin_v=d['linear_num_value_heads'] * d['linear_value_head_dim'], lin_k=d['linear_num_key_heads'] * d['linear_key_head_dim'], lin_groups=d['linear_num_key_heads']) if mt in HYBRID else {}),
                 q=n_heads*head_dim, kv=kv_heads*head_dim, n_heads=n_heads, tied=d.get('tie_word_embeddings', True),
