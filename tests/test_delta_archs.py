@@ -212,6 +212,8 @@ ARCH_KW |= {'qwen3_5_text': {k: v for k, v in _MOE_KW.items() if k != 'num_exper
 ARCH_KW['deepseek_v3'] = ARCH_KW['deepseek_v2'] | dict(num_key_value_heads=4, head_dim=8)   # (its rotary key is shared by every head; head_dim: the rotary part)
 ARCH_KW['glm4_moe_lite'] = {k: v for k, v in ARCH_KW['deepseek_v3'].items() if k not in ('first_k_dense_replace', 'head_dim')} | dict(mlp_layer_types=['sparse', 'sparse'])   # GLM-4.7-Flash: V3's attention, dense blocks by `mlp_layer_types`
 ARCH_KW['glm_moe_dsa'] = ARCH_KW['glm4_moe_lite'] | dict(q_lora_rank=32, index_topk=4, index_head_dim=16, index_n_heads=2)   # GLM-5: and a sparse-attention indexer (not mapped)
+ARCH_KW['laguna'] = _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80, mlp_layer_types=['sparse', 'sparse'])   # Laguna: GLM-4-MoE's
+# names (stored as Qwen2-MoE's), dense blocks by `mlp_layer_types`, a gate on each attention head's output (`g_proj`, not mapped)
 ARCH_KW['youtu'] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,   # Youtu-LLM: DeepSeek-V3's
                        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)   # latent attention, Llama's MLP in every block
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
@@ -247,6 +249,7 @@ VARIANTS = {'stablelm_parallel': ('stablelm', dict(use_parallel_residual=True)),
             'jamba_dense': ('jamba', dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_offset=0)),
             'afmoe_dense': ('afmoe', dict(num_dense_layers=1)),
             'lfm2_moe_dense': ('lfm2_moe', dict(num_dense_layers=1, layer_types=['full_attention', 'conv'])),   # (its first `num_dense_layers` blocks dense)   # (attention, then Mamba; a dense MLP, then experts)   # (Granite 4.0-H Micro: no experts, the MLP alone)
+            'laguna_dense': ('laguna', dict(mlp_layer_types=['dense', 'sparse'])),
             'youtu_q': ('youtu', dict(q_lora_rank=None)),   # (the query straight from the stream, `q_proj`)
             'falcon_sequential': ('falcon', dict(parallel_attn=False))}   # (attention, then the MLP on a norm of its own)   # (Llama 4 Maverick: experts every other block)
 
@@ -1048,6 +1051,26 @@ def test_gemma4_with_experts_beside_the_mlp(tmp_path):
     with pytest.warns(UserWarning, match=r"also changes 1 matrix that no gemma4_text matrix maps to \(e.g. \['model.layers.1.router.proj.weight'\]\)"):
         compute_directions(b, f, k=1, matrices=['mlp_in', 'mlp_gate', 'mlp_shared_in', 'mlp_shared_gate'], progress=False)
 
+def test_laguna_heads_gate_and_stored_names(tmp_path):
+    "Laguna: its checkpoints store Qwen2-MoE's names (`shared_expert`, experts one by one), read as transformers 5 loads them; its blocks' head count comes from `num_attention_heads_per_layer` (different counts are refused); the gate on each head's output (`g_proj`) is not mapped, and named when changed."
+    import transformers as T
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    b, f, truth = _plain_pair('laguna', tmp_path, {(1, 'mlp_shared_out'): 1, (0, 'mlp_out'): 1})
+    with safe_open(str(f/'model.safetensors'), 'pt') as fh: stored = list(fh.keys())
+    assert 'model.layers.1.mlp.shared_expert.down_proj.weight' in stored and 'model.layers.1.mlp.experts.2.up_proj.weight' in stored
+    d = compute_directions(b, f, k=1, matrices=['mlp_out', 'mlp_shared_out'], progress=False)
+    for key, U0 in truth.items(): assert subspace_cosines(d[key].T, U0).min() >= 0.999, key
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))   # the stored names' fingerprint is the loaded model's
+    cfg = _config('laguna').to_dict() | dict(num_attention_heads=8, num_attention_heads_per_layer=[2, 2])   # (the blocks' own count wins)
+    with torch.device('meta'): q = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(**cfg)).model.layers[0].self_attn.q_proj
+    assert arch_info(cfg)['q'] == q.out_features == 32
+    with pytest.raises(WeightwatchError, match=r"different numbers of attention heads \(num_attention_heads_per_layer: \[2, 4\]\)"):
+        arch_info(cfg | dict(num_attention_heads_per_layer=[2, 4]))
+    sd = load_file(f/'model.safetensors'); sd['model.layers.1.self_attn.g_proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.warns(UserWarning, match=r"also changes 1 matrix that no laguna matrix maps to \(e.g. \['model.layers.1.self_attn.g_proj.weight'\]\)"):
+        compute_directions(b, f, k=1, matrices=['mlp_out', 'mlp_shared_out'], progress=False)
+
 def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class, or a GLM-4.7-Flash config its dense blocks, is read with the class's."
     from weightwatch_nb.core import WeightwatchError
@@ -1224,8 +1247,8 @@ def test_update_reaches_a_bridge_cast_after_loading(arch, tmp_path):
     assert (plain.float() - want).abs().max() > 0.1 * want.abs().max()   # the plant matters (relative: Cohere scales its logits by 1/16)
     assert torch.allclose(on.float(), want, atol=1e-4) and torch.allclose(edited.float(), want, atol=1e-4)
 
-@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|afmoe|llama4_text) model has a shared expert")   # (its shared expert: the next test)
-@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'lfm2_moe', 'afmoe', 'llama4_text'])
+@pytest.mark.filterwarnings("ignore:this (qwen2_moe|qwen3_next|qwen3_5_moe_text|ernie4_5_moe|glm4_moe|deepseek_v2|deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|afmoe|llama4_text|laguna) model has a shared expert")   # (its shared expert: the next test)
+@pytest.mark.parametrize('arch', ['mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen3_moe', 'qwen2_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'jamba', 'lfm2_moe', 'afmoe', 'llama4_text', 'laguna'])
 def test_mixture_of_experts_end_to_end(arch, tmp_path):
     "Updates planted in a mixture of experts' experts (stored one by one, loaded fused) are found from the checkpoint; the directions belong to the loaded model, are compared with what the experts read and write, and steering and weight edits remove them."
     from weightwatch_nb.calibrate import calibrate
@@ -1297,7 +1320,7 @@ def test_mixture_of_experts_end_to_end(arch, tmp_path):
     assert len(reps) == 2 and all(len(r.generated) == 4 for r in reps)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
-@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'lfm2_moe_dense', 'afmoe_dense', 'llama4_text_dense'])
+@pytest.mark.parametrize('arch', ['qwen3_moe_dense', 'qwen2_moe_dense', 'glm4_moe_dense', 'ernie4_5_moe_dense', 'deepseek_v2_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'jamba_dense', 'lfm2_moe_dense', 'afmoe_dense', 'llama4_text_dense', 'laguna_dense'])
 def test_mixture_of_experts_with_dense_layers(arch, tmp_path):
     "A mixture of experts whose block 0 has an ordinary dense MLP (Qwen-MoE's `mlp_only_layers` or `decoder_sparse_step`, GLM-4-MoE's `first_k_dense_replace`): each block's matrices are found where that block keeps them, and steering and edits remove updates planted in both kinds."
     from weightwatch_nb.calibrate import calibrate
@@ -1553,9 +1576,10 @@ EXPERT_LORA = {   # PEFT LoRA on fused experts: `target_parameters`, or MLP `tar
     'granitemoehybrid': dict(target_modules=['out_proj', 'o_proj', 'input_linear', 'output_linear'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),   # (Mamba's out_proj, the MLP beside the experts)
     'phimoe': dict(target_modules=['o_proj', 'router'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']),   # (and the router, `mlp.router`)
     'granitemoe': dict(target_modules=['q_proj'], target_parameters=['block_sparse_moe.experts.gate_up_proj', 'block_sparse_moe.experts.down_proj']),
-    'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj'])}   # [experts, in, out], chunked
+    'llama4_text': dict(target_modules=['q_proj'], target_parameters=['feed_forward.experts.gate_up_proj', 'feed_forward.experts.down_proj']),   # [experts, in, out], chunked
+    'laguna_dense': dict(target_modules=['q_proj', 'g_proj'], target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'])}   # (and the heads' gate, not mapped)
 
-@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text) model has a shared expert", "ignore:this gemma4_text model has an MLP beside", "ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together: only their equality is tested)
+@pytest.mark.filterwarnings("ignore:this (deepseek_v3|glm4_moe_lite|glm_moe_dsa|granitemoehybrid|llama4_text|laguna) model has a shared expert", "ignore:this gemma4_text model has an MLP beside", "ignore:directions of", "ignore:gemma4_text normalises")   # (read and write matrices together: only their equality is tested)
 @pytest.mark.parametrize('arch', list(EXPERT_LORA))
 def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     "LoRA on a mixture of experts' fused experts (PEFT's `target_parameters`), read without merging, is PEFT's own merge: its factors, the merged tensors (bit for bit), the fingerprint, the directions, and the weights with directions removed."
@@ -1807,7 +1831,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss', 'laguna_dense'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main

@@ -478,7 +478,7 @@ def hf_state_dict(model, # HF model or TransformerBridge
     return {k: norm[k] for k in ref if k in norm}
 
 # %% ../nbs/00_core.ipynb #c2823f95
-FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
+FUSED_EXPERTS = ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', 'glm4_moe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa', 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe', 'laguna')   # model types whose loaded experts are fused (stored one by one, transformers 5 fuses them as it loads; GraniteMoE's and Llama 4's are stored fused)
 _EXPERT_KEY = re.compile(r'^(.*)\.(block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$')
 _EXPERT_PART = {'w1': ('gate_up_proj', 0), 'gate_proj': ('gate_up_proj', 0), 'w3': ('gate_up_proj', 1), 'up_proj': ('gate_up_proj', 1),
                 'w2': ('down_proj', 0), 'down_proj': ('down_proj', 0)}
@@ -513,7 +513,8 @@ _RENAMED = {**{t: (('.block_sparse_moe.', '.mlp.'),) for t in ('mixtral', 'minim
             'granitemoe': (('.block_sparse_moe.input_linear.weight', '.block_sparse_moe.experts.gate_up_proj'), ('.block_sparse_moe.output_linear.weight', '.block_sparse_moe.experts.down_proj'),
                            ('.block_sparse_moe.router.layer.', '.block_sparse_moe.router.'))}
 _RENAMED['granitemoehybrid'] = _RENAMED['granitemoe']   # (Granite 4.0-H stores its experts as GraniteMoE does)
-_RENAMED['nemotron_h'] = (('backbone.', 'model.'),)   # (Nemotron-H checkpoints call the model `backbone`)   # what transformers 5 renames when it loads these model types, in order
+_RENAMED['nemotron_h'] = (('backbone.', 'model.'),)   # (Nemotron-H checkpoints call the model `backbone`)
+_RENAMED['laguna'] = (('.mlp.experts.e_score_correction_bias', '.mlp.gate.e_score_correction_bias'), ('.mlp.shared_expert.', '.mlp.shared_experts.'))   # (Laguna's shared expert, stored as Qwen2-MoE's)   # what transformers 5 renames when it loads these model types, in order
 
 def _renamed(name:str, model_type:str|None)->str:
     "A stored tensor's (or an adapter module's) name as transformers 5 names it when it loads `model_type`."

@@ -104,7 +104,7 @@ MLA = ('deepseek_v2', 'deepseek_v3', 'glm4_moe_lite', 'glm_moe_dsa')   # model t
 DENSE_MLA = ('youtu',)   # model types with DeepSeek-V3's latent attention and Llama's MLP in every block (Youtu-LLM)
 _YOUTU = {m: s for m, s in _LLAMA.items() if m not in ('attn_k', 'attn_v')} | {m: _DEEPSEEK_V2[m] for m in ('attn_out', 'attn_q', 'attn_kv')}
 FIRST_DENSE = ('glm4_moe', *MLA)   # mixtures of experts whose first `first_k_dense_replace` blocks are dense (`LAYER_TYPED`: as `mlp_layer_types` says), and whose `n_shared_experts` form one MLP
-LAYER_TYPED = ('glm4_moe_lite', 'glm_moe_dsa')   # model types whose config lists each block's MLP, 'dense' or 'sparse' (`mlp_layer_types`)
+LAYER_TYPED = ('glm4_moe_lite', 'glm_moe_dsa', 'laguna')   # model types whose config lists each block's MLP, 'dense' or 'sparse' (`mlp_layer_types`)
 PAIRS = 'pairs'   # GPT-OSS interleaves its experts' gate and up outputs: gate, up, gate, up, ...
 _GPT_OSS = _LLAMA | _specs(   # experts stored [experts, in, out], gate and up interleaved; the router is `mlp.router`
     mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts_t', 'out', 'd_mlp'),
@@ -192,14 +192,14 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, 'youtu': _YOUTU, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, 'laguna': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, 'youtu': _YOUTU, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2', 'seed_oss', *DENSE_MLA)},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
-            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe')}}
+            **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe', 'laguna')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4', 'afmoe')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'flex_olmo', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
 SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
@@ -230,6 +230,10 @@ def arch_info(config, # a Hugging Face config or its dict
                                                   "models with Mamba, attention and MLP blocks only (Nemotron-H 8B, Nemotron Nano 9B/12B v2) are")
         from transformers import AutoConfig   # (a config without `head_dim` gets the class's, not hidden_size / heads)
         d = d | dict(num_hidden_layers=len(kinds), head_dim=d.get('head_dim') or AutoConfig.for_model('nemotron_h').head_dim)
+    if mt == 'laguna' and len(set(d.get('num_attention_heads_per_layer') or [0])) > 1:
+        raise WeightwatchError(f"this Laguna checkpoint has blocks with different numbers of attention heads (num_attention_heads_per_layer: "
+                               f"{sorted(set(d['num_attention_heads_per_layer']))}), which are not mapped; Laguna checkpoints with one head count in every block are")
+    if mt == 'laguna' and d.get('num_attention_heads_per_layer'): d = d | dict(num_attention_heads=d['num_attention_heads_per_layer'][0])   # (its blocks' own count)
     if mt == 'bloom' and d.get('apply_residual_connection_post_layernorm'):
         raise WeightwatchError("this BLOOM checkpoint adds each block's output to the normalised stream (apply_residual_connection_post_layernorm), "
                                "so its blocks do not write to one residual stream; its deltas are not mapped (released BLOOMs do not do this)")
@@ -267,7 +271,7 @@ def arch_info(config, # a Hugging Face config or its dict
     return dict(family=FAMILIES[mt], model_type=mt, d_model=d_model, n_layers=n_layers,
                 d_mlp=(mt in MOE_WIDTH and d.get('moe_intermediate_size')) or first('intermediate_size', 'n_inner', 'ffn_dim', 'ffn_hidden_size') or 4*d_model,
                 n_experts=_n_experts(d), vocab=d['vocab_size'], dense_layers=dense_layers(d, n_layers), d_dense=d.get('intermediate_size_mlp' if mt == 'llama4_text' else 'intermediate_size'),
-                d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2])}, 'llama4_text': d.get('intermediate_size'),
+                d_shared={**{t: d.get('shared_expert_intermediate_size') for t in ('qwen2_moe', *HYBRID[::2], 'laguna')}, 'llama4_text': d.get('intermediate_size'),
                           **{t: (d.get('moe_intermediate_size') or 0) * (d.get('n_shared_experts') or 0) for t in FIRST_DENSE},
                           'afmoe': (d.get('moe_intermediate_size') or 1408) * (2 if d.get('num_shared_experts') is None else d['num_shared_experts']),
                           'ernie4_5_moe': (d.get('moe_intermediate_size') or 0) * (d.get('moe_num_shared_experts') or 0)}.get(mt),
@@ -281,7 +285,7 @@ def arch_info(config, # a Hugging Face config or its dict
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (lfm2 or {}) | (gemma4_moe or {}) | (
                 dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
 
-MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe', 'afmoe')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
+MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe', 'afmoe', 'laguna')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
 def _gemma4_layers(c, n_heads:int)->dict:
     "Gemma 4's sizes block by block ('q@3', 'kv@3', 'd_mlp@3'), its blocks that reuse an earlier block's keys and values (no k or v of their own), and those whose keys are their values too (`attention_k_eq_v`, full attention)."
