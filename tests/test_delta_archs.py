@@ -177,6 +177,7 @@ def test_neox_unembedding_in_files_and_loaded_models(tmp_path):
     assert torch.allclose(w['lm_head.weight'], hb.state_dict()['lm_head.weight'], atol=1e-5)   # the planted update, and only it, removed
 
 ARCH_KW = {'gptj': dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, rotary_dim=8),   # GPT-J's own config names
+           'codegen': dict(n_embd=64, n_inner=128, n_layer=2, n_head=8, n_positions=128, n_ctx=128, rotary_dim=4),   # (and CodeGen's: q, v, k fused in four groups of heads)
            'gpt_neox': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)}   # no grouped-query attention
 _MOE_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                max_position_embeddings=128, num_experts_per_tok=2)
@@ -388,7 +389,7 @@ def test_mlp_matrices_are_what_the_mlp_computes(arch, tmp_path):
 
 BRIDGE_SITES = {'attn_q': 'attn.q', 'attn_k': 'attn.k', 'attn_v': 'attn.v', 'attn_out': 'attn.o', 'mlp_in': 'mlp.in', 'mlp_gate': 'mlp.gate', 'mlp_out': 'mlp.out'}
 
-@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text', 'falcon', 'falcon_sequential', 'seed_oss'])
+@pytest.mark.parametrize('arch', [*OLDER, 'gpt_neox', 'phi3', 'gemma4_text', 'falcon', 'falcon_sequential', 'seed_oss', 'codegen'])
 def test_matrices_are_what_the_bridge_computes(arch, tmp_path):
     "Each block matrix, as `orient` reads it, is what the TransformerLens bridge (whose logits equal Hugging Face's) multiplies at that site: its output minus input @ matrix is the same for every token (the bias), also where q, k and v are fused."
     from weightwatch_nb.core import hf_state_dict
@@ -422,6 +423,21 @@ def test_neox_qkv_rows_are_what_attention_computes(tmp_path):
         put_oriented(W, spec, info, torch.zeros(64, 64))                             # writing one part: only its rows change
         assert torch.equal(orient(W, spec, info), torch.zeros(64, 64))
         for m in ('attn_q', 'attn_v'): assert torch.equal(orient(W, info['specs'][m], info), orient(att.query_key_value.weight, info['specs'][m], info))
+
+def test_codegen_qkv_rows_are_what_attention_computes(tmp_path):
+    "CodeGen keeps q, v and k in one matrix, in four groups of heads (q, v, k in each): `orient` picks exactly the rows its attention splits off as each."
+    import transformers as T
+    info = arch_info(_config('codegen'))
+    att = T.AutoModelForCausalLM.from_config(_config('codegen')).transformer.h[0].attn
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():   # as CodeGenAttention.forward splits its output: four groups, then query | value | key in each
+        q, v, k = torch.split(att.qkv_proj(x).reshape(2, 5, 4, -1), info['q'] // 4, dim=-1)
+        for m, want in (('attn_q', q), ('attn_v', v), ('attn_k', k)):
+            assert torch.allclose(x @ orient(att.qkv_proj.weight, info['specs'][m], info, m), want.reshape(2, 5, -1), atol=1e-5), m
+        W = att.qkv_proj.weight.clone()
+        put_oriented(W, info['specs']['attn_v'], info, torch.zeros(64, 64))   # writing one part: only its rows change
+        assert torch.equal(orient(W, info['specs']['attn_v'], info), torch.zeros(64, 64))
+        for m in ('attn_q', 'attn_k'): assert torch.equal(orient(W, info['specs'][m], info), orient(att.qkv_proj.weight, info['specs'][m], info))
 
 def _lora_matches_merged(b, hf, tmp_path, ms, k, **cfg):
     "A LoRA adapter (`cfg`, random B so that ΔW ≠ 0) on `hf`, the model of `b`: its directions of `ms`, read without merging, equal the merged model's."
@@ -1146,7 +1162,7 @@ def test_unembed_delta_when_only_the_base_ties(tmp_path):
     assert abs(float(d['L1.unembed.u0'] @ v)) > 0.999            # the d_model side of the planted change
     assert float(d.S[(1, 'unembed')][0]) == pytest.approx(6 ** 0.5, rel=1e-5)
 
-@pytest.mark.parametrize('arch', ['gemma3_text', 'gemma4_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER, 'falcon', 'falcon_sequential'])
+@pytest.mark.parametrize('arch', ['gemma3_text', 'gemma4_text', 'phi3', 'phi', 'gptj', 'gpt_neox', *NEWER, 'stablelm_parallel', *OLDER, 'falcon', 'falcon_sequential', 'codegen'])
 def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     "Gemma 3 (norms after attention and the MLP), Phi-3 (q, k, v fused with narrower k and v; gate and up fused), Phi-2 and GPT-J (attention and MLP side by side on one norm), GPT-NeoX (q, k, v interleaved per head), and the newer families: planted updates are found, and `ClipWeights` removes them in the same pass."
     from weightwatch_nb.calibrate import calibrate
@@ -1179,20 +1195,21 @@ def test_fused_and_post_norm_architectures_end_to_end(arch, tmp_path):
     assert [r.generated.tolist() for r in steered] == [r.generated.tolist() for r in want]
     assert [r.generated.tolist() for r in plain] != [r.generated.tolist() for r in want]   # and the plant changes what is generated
 
-@pytest.mark.parametrize('arch', ['phi3', 'glm'])
+@pytest.mark.parametrize('arch', ['phi3', 'glm', 'codegen'])
 def test_lora_on_fused_matrices_equals_merged(arch, tmp_path):
-    "A LoRA adapter on Phi-3's fused qkv_proj and gate_up_proj (GLM: gate_up_proj beside separate q, k, v): each of q, k, v, gate and up gets its own rows of the update."
+    "A LoRA adapter on Phi-3's fused qkv_proj and gate_up_proj (GLM: gate_up_proj beside separate q, k, v; CodeGen: q, v, k fused in four groups of heads): each of q, k, v, gate and up gets its own rows of the update."
     from peft import LoraConfig, get_peft_model
     b, _, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1})
     torch.manual_seed(0)
-    attn = ['qkv_proj'] if arch == 'phi3' else ['q_proj', 'k_proj', 'v_proj']
-    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=[*attn, 'gate_up_proj', 'o_proj']))
+    attn = ['qkv_proj'] if arch in ('phi3', 'codegen') else ['q_proj', 'k_proj', 'v_proj']
+    mlp, out, ms_in = (['fc_in'], 'out_proj', ['attn_q', 'attn_k', 'attn_v', 'mlp_in']) if arch == 'codegen' else (['gate_up_proj'], 'o_proj', ['attn_q', 'attn_k', 'attn_v', 'mlp_gate', 'mlp_in'])
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=3, lora_alpha=6, target_modules=[*attn, *mlp, out]))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path/'lora')
     merged = pm.merge_and_unload()
-    for ms in (['attn_out'], ['attn_q', 'attn_k', 'attn_v', 'mlp_gate', 'mlp_in']):
+    for ms in (['attn_out'], ms_in):
         dlo = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
         dme = compute_directions(b, merged, k=3, matrices=ms, method='exact', progress=False)
         assert dlo.names() == dme.names() and len(dlo) == 3 * len(ms) * 2
@@ -1831,7 +1848,7 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss', 'laguna_dense'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss', 'laguna_dense', 'codegen'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main

@@ -13,14 +13,14 @@ from torch import Tensor
 from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config
 
 # %% auto #0
-__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS', 'DENSE_SPECS',
-           'MOE_ONLY', 'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT', 'NEMOTRON_H_BLOCKS',
-           'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH', 'MIXER_SPECS',
-           'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED', 'MatrixSpec',
-           'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient', 'put_oriented',
-           'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys', 'unmapped_changes',
-           'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method',
-           'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+__all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS',
+           'DENSE_SPECS', 'MOE_ONLY', 'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT',
+           'NEMOTRON_H_BLOCKS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
+           'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED',
+           'MatrixSpec', 'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient',
+           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
+           'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix',
+           'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -85,6 +85,8 @@ _GPTJ = _specs(attn_out=('h.{layer}.attn.out_proj.weight', 'linear', 'out', 'q')
                mlp_in=('h.{layer}.mlp.fc_in.weight', 'linear', 'in', 'd_mlp'),
                embed=('wte.weight', 'embedding', 'out', 'vocab'),
                unembed=('lm_head.weight', 'linear', 'in', 'vocab'))
+MP4 = 'mp4'   # CodeGen fuses q, v and k in `qkv_proj` in four groups of heads (its `mp_num`): rows [group 0: q v k, group 1: q v k, ...]
+_CODEGEN = _GPTJ | {m: MatrixSpec('h.{layer}.attn.qkv_proj.weight', 'linear', 'in', 'q', (i, MP4)) for i, m in enumerate(('attn_q', 'attn_v', 'attn_k'))}
 _MOE = _LLAMA | _specs(   # Mixtral, OLMoE, Qwen2/3-MoE: Llama's attention; every expert's MLP matrices fused in one tensor per layer
               mlp_out=('layers.{layer}.mlp.experts.down_proj', 'experts', 'out', 'd_mlp'),
               mlp_gate=('layers.{layer}.mlp.experts.gate_up_proj', 'experts', 'in', 'd_mlp', (0, 2)),
@@ -191,18 +193,18 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     **{m: ('h.{layer}.self_attention.query_key_value.weight', 'linear', 'in', o, (i, _QKV)) for i, (m, o) in enumerate((('attn_q', 'q'), ('attn_k', 'kv'), ('attn_v', 'kv')))},
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
-ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'moe': _MOE, 'glm': _GLM,
+ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'codegen': _CODEGEN, 'moe': _MOE, 'glm': _GLM,
               'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, 'laguna': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, 'youtu': _YOUTU, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
                                     'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2', 'seed_oss', *DENSE_MLA)},
-            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'glm': 'glm', 'glm4': 'glm',
+            'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'codegen': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe', 'laguna')}}
 POST_NORM = ('gemma2', 'gemma3_text', 'gemma4_text', 'olmo2', 'olmo3', 'flex_olmo', 'exaone4', 'glm4', 'afmoe')   # model types that normalise each attention and MLP output before adding it to the residual stream
 NO_PRE_NORM = ('olmo2', 'olmo3', 'flex_olmo', 'exaone4')   # model types whose attention and MLP read the residual stream with no norm first
-SHARED_NORM = ('phi', 'gptj', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
+SHARED_NORM = ('phi', 'gptj', 'codegen', 'cohere', 'cohere2')   # model types whose attention and MLP run side by side on the output of one norm (StableLM: where its config says so)
 
 # %% ../nbs/03_delta.ipynb #73ce5693
 def arch_info(config, # a Hugging Face config or its dict
@@ -369,6 +371,7 @@ def _part_rows(spec:MatrixSpec, info:dict)->tuple[int|None, int|None, int]:
     if n == HEADS: return None, None, 3 * info['q']
     if n == PAIRS: return None, None, 2 * info[spec.other]
     if n == QKVZ: return None, None, 2 * (info['lin_k'] + info['lin_v'])
+    if n == MP4: return None, None, 3 * info['q']
     sizes = [info[s] for s in n] if isinstance(n, tuple) else [info[spec.other]] * n
     return sum(sizes[:i]), sum(sizes[:i+1]), sum(sizes)
 
@@ -382,6 +385,9 @@ def _rows(spec:MatrixSpec, info:dict)->slice|Tensor:
         g = info['lin_groups']; sizes = [info['lin_k'] // g] * 2 + [info['lin_v'] // g] * 2
         start = sum(sizes[:spec.part[0]])
         return (torch.arange(g)[:, None] * sum(sizes) + start + torch.arange(sizes[spec.part[0]])).reshape(-1)
+    if spec.part[1] == MP4:   # CodeGen: per group of heads (four), its q, then its v, then its k
+        w = info['q'] // 4
+        return (torch.arange(4)[:, None] * 3 * w + spec.part[0] * w + torch.arange(w)).reshape(-1)
     hd = info['q'] // info['n_heads']   # GPT-NeoX: rows go head by head, each head's q, then its k, then its v
     return (torch.arange(info['n_heads'])[:, None] * 3 * hd + spec.part[0] * hd + torch.arange(hd)).reshape(-1)
 
