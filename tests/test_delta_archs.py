@@ -1131,6 +1131,17 @@ def test_configs_that_leave_fields_to_the_class(arch):
     assert arch_summary(short) == arch_summary(cfg)   # the fingerprint's config part: a checkpoint's file is the model it loads
     if cfg.model_type in FAMILIES: assert arch_info(short) == arch_info(cfg)
 
+def test_multimodal_configs_with_their_text_sizes_at_the_top(tmp_path):
+    "Qwen2.5-VL's config.json gives its language model's sizes at the top level, which its class moves into `text_config`: a 7B base and a 3B fine-tune are still told apart."
+    from weightwatch_nb.core import check_comparable
+    vl7 = dict(architectures=['Qwen2_5_VLForConditionalGeneration'], model_type='qwen2_5_vl', hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+               num_hidden_layers=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_scaling=dict(type='mrope', mrope_section=[16, 24, 24]),
+               vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14, fullatt_block_indexes=[7, 15, 23, 31]))
+    vl3 = vl7 | dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_hidden_layers=36, num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936)
+    for name, c in (('a', vl7), ('b', vl3), ('c', vl7)): (tmp_path/name).mkdir(); (tmp_path/name/'config.json').write_text(json.dumps(c))
+    with pytest.raises(WeightwatchError, match=r"differ in their language model's `hidden_size`: 3584 vs 2048"): check_comparable(tmp_path/'a', tmp_path/'b', check_tokenizer=False)
+    check_comparable(tmp_path/'a', tmp_path/'c', check_tokenizer=False)
+
 def test_checkpoint_whose_config_leaves_fields_out(tmp_path):
     "A base whose config.json leaves `num_key_value_heads` to the class is comparable with a fine-tune whose config states it, and its file and its loaded model have one fingerprint."
     from weightwatch_nb.core import check_comparable
@@ -1140,6 +1151,13 @@ def test_checkpoint_whose_config_leaves_fields_out(tmp_path):
     (b/'config.json').write_text(json.dumps(c))
     assert fingerprint(b) == fingerprint(load_model(b))
     check_comparable(b, tmp_path/'ft')
+    # artifacts made before configs were read through their class recorded this folder's fingerprint from the config.json as stored
+    # (the block hash below, computed by that code, 3da1736): they still match the folder and the model loaded from it, and nothing else
+    old = dict(dtype='float32', sha256='8bd1958876dbd0695c3e3fee6a2d0f681147cd68f41229c7bc56ac6d34763345', rounded={
+        'bfloat16': 'cf61abbc44c73c7f0f0c775791b58890028b7731d8c1168ba194e168e2de47ac', 'float16': '5e3da357814e18c0cf9f7ab3f583840d2a3e562fda126ee436320551212695e3'})
+    old['embed'] = dict(sha256='5f36f5ec35bec9a22117466dc579cd2b4dbe034be1956bc2eceac0b7f8058571', rounded={})
+    assert fingerprint(b)['sha256'] != old['sha256'] and fingerprint(b)['legacy']['sha256'] == old['sha256']
+    assert same_weights(old, fingerprint(b)) == same_weights(old, fingerprint(load_model(b))) == 'exact' and same_weights(old, fingerprint(tmp_path/'ft')) is None
     d = compute_directions(b, tmp_path/'ft', k=1, progress=False)
     assert subspace_cosines(d[(1, 'mlp_out')].T, truth[(1, 'mlp_out')]).min() >= 0.999
     Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'ft'))

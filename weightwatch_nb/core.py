@@ -443,7 +443,10 @@ def _class_config(config:dict, # a config.json's dict
 def arch_summary(config, # a Hugging Face `PretrainedConfig` or its dict
                 )->dict:
     "The config fields that determine weight shapes and vocabulary."
-    d = config.to_dict() if not isinstance(config, dict) else _class_config(config) or config   # (a config.json, as the loaded model's config reads it)
+    return _summary(config.to_dict() if not isinstance(config, dict) else _class_config(config) or config)   # (a config.json, as the loaded model's config reads it)
+
+def _summary(d:dict)->dict:
+    "`arch_summary` of a config dict taken as it is (as artifacts made before configs were read through their class summarised a config.json)."
     out = {k: d[k] for k in _ARCH_KEYS if d.get(k) is not None}
     if d.get('model_type') == 'lfm2' and d.get('block_ff_dim') is not None: out['intermediate_size'] = d['block_ff_dim']   # (LFM2's older name, which its class reads first)
     if d.get('model_type') == 'nemotron_h' and (kinds := d.get('layers_block_type') or d.get('layer_types') or d.get('hybrid_override_pattern')):
@@ -600,23 +603,28 @@ def _named_tensors(model):
 
 def _fingerprint(cfg, # the model's config (object or dict)
                  tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order
+                 raw:dict|None=None, # its config.json as stored, where there is one (see below)
                 )->dict:
-    head = json.dumps(arch_summary(cfg), sort_keys=True).encode()
+    heads = [arch_summary(cfg)]   # a config.json that leaves fields to its class was summarised as stored before (session 29): its hash
+    if raw is not None and (old := _summary(raw)) != heads[0]: heads.append(old)   # that way too (`legacy`), so that artifacts made then still match
     hashes = lambda start: (hashlib.sha256(start), {n: hashlib.sha256(start) for n in _PRECISIONS})
-    (h, low), (he, lowe), seen, n_embed = hashes(head), hashes(b'embeddings'), [], 0
+    sets, (he, lowe), seen, n_embed = [hashes(json.dumps(a, sort_keys=True).encode()) for a in heads], hashes(b'embeddings'), [], 0
     for k, t in tensors:
         emb = bool(_SKIP.search(k))   # the embeddings get a hash of their own: the block hash stays what it was before they were hashed
         if emb: n_embed += 1
         elif t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
-        hk, lk = (he, lowe) if emb else (h, low)
-        hk.update(k.encode()); hk.update(_sample(t))
-        for n, g in lk.items(): g.update(k.encode()); g.update(_sample(t, rounded=_PRECISIONS[n] if t.is_floating_point() else None))
+        s, rs = _sample(t), {n: _sample(t, rounded=p if t.is_floating_point() else None) for n, p in _PRECISIONS.items()}
+        for hk, lk in ([(he, lowe)] if emb else sets):
+            hk.update(k.encode()); hk.update(s)
+            for n, g in lk.items(): g.update(k.encode()); g.update(rs[n])
+    (h, low) = sets[0]
     # the model's precision is its blocks' narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
     # then the hash at its own precision (those modules rounded too) is kept, to match the checkpoint's rounded hash
     dtype = min(seen, key=lambda d: d.itemsize) if seen else None
     keep = lambda p: dtype is not None and ((p != dtype and p.itemsize <= dtype.itemsize) or (p == dtype and len(seen) > 1))
     rounded = lambda low: {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n])}
-    out = {'arch': arch_summary(cfg), 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype), 'rounded': rounded(low)}
+    out = {'arch': heads[0], 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype), 'rounded': rounded(low)}
+    if len(sets) > 1: out['legacy'] = {'sha256': sets[1][0].hexdigest(), 'rounded': rounded(sets[1][1])}
     if n_embed:
         out['embed'] = {'sha256': he.hexdigest(), 'rounded': rounded(lowe)}
         out['id'] = hashlib.sha256((out['sha256'] + he.hexdigest()).encode()).hexdigest()[:16]   # shown in messages: it tells models apart
@@ -627,9 +635,13 @@ def fingerprint(model, # HF model, TransformerBridge, checkpoint source ('zoo:NA
     "Architecture summary, weight hash and weight dtype that identify `model` for artifacts, with the hashes of its lower-precision copies."
     if callable(getattr(type(model), 'ww_fingerprint', None)): return model.ww_fingerprint()
     if isinstance(model, (str, os.PathLike)):
-        cfg = json.loads((Path(resolve_source(model).ref)/'config.json').read_text())
-    else: cfg = getattr(model, 'original_model', model).config
-    return _fingerprint(cfg, _named_tensors(model))
+        cfg = raw = json.loads((Path(resolve_source(model).ref)/'config.json').read_text())
+    else:   # (a model loaded from a folder: that folder's config.json, as stored, for the `legacy` hash)
+        cfg, raw = getattr(model, 'original_model', model).config, None
+        if (p := str(getattr(cfg, '_name_or_path', '') or '')) and (Path(p)/'config.json').is_file():
+            try: raw = json.loads((Path(p)/'config.json').read_text())
+            except (OSError, ValueError): raw = None
+    return _fingerprint(cfg, _named_tensors(model), raw)
 
 def same_weights(want:dict|None, # the fingerprint an artifact recorded
                  have:dict|None, # the fingerprint of the model at hand
@@ -638,6 +650,8 @@ def same_weights(want:dict|None, # the fingerprint an artifact recorded
     want, have = want or {}, have or {}
     da, db = want.get('dtype'), have.get('dtype')
     blocks = _same_hashes(want, have, da, db)
+    for w, h in ((want, have.get('legacy')), (want.get('legacy'), have)):   # an artifact from before configs were read through their class
+        if blocks is None and w and h: blocks = _same_hashes(w, h, da, db)
     if blocks is None or not (want.get('embed') and have.get('embed')): return blocks   # an artifact from before embeddings were hashed: its blocks
     embed = _same_hashes(want['embed'], have['embed'], da, db)
     return None if embed is None else 'exact' if blocks == embed == 'exact' else 'precision'
@@ -704,6 +718,11 @@ def check_comparable(base, # base model or source
             raise WeightwatchError(f"base and fine-tuned models differ in `{k}`: {a.get(k)} vs {b.get(k)}; "
                                    "a weight delta needs the same architecture and sizes: pass the base model this fine-tune started from")
     fa, fb = _class_config(ca), _class_config(cb)   # a saved config.json leaves out fields at their defaults (Qwen3's head_dim of 128): filled in
+    ta, tb = (((f or c).get('text_config') or {}) for f, c in ((fa, ca), (fb, cb)))   # a multimodal model's language model (Qwen2.5-VL's class keeps its sizes there)
+    for k in _ARCH_KEYS:
+        if ta.get(k) != tb.get(k):
+            raise WeightwatchError(f"base and fine-tuned models differ in their language model's `{k}`: {ta.get(k)} vs {tb.get(k)}; "
+                                   "a weight delta needs the same architecture and sizes: pass the base model this fine-tune started from")
     if fa is None or fb is None: fa, fb = ({k: v for k, v in x.items() if k in ca and k in cb} for x in (ca, cb))   # as stored, where both say
     for k in ('head_dim', 'kv_channels', 'n_positions', 'multi_query', 'num_local_experts', 'num_experts', 'n_routed_experts',
               'n_shared_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step', 'mlp_only_layers',

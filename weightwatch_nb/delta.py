@@ -873,7 +873,7 @@ class LoraTensors:
     def ww_fingerprint(self)->dict:
         "`core.fingerprint` of the merged model, computed one tensor at a time."
         from weightwatch_nb.core import _fingerprint, _UNEMBED
-        return _fingerprint(self.config, ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n)))
+        return _fingerprint(self.config, ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n)), raw=self.config)
 
 # %% ../nbs/03_delta.ipynb #d4eaf2cd
 def sign_fix(U:Tensor, # [d, k] singular vectors as columns
