@@ -605,8 +605,8 @@ def _fingerprint(cfg, # the model's config (object or dict)
                  tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order
                  raw:dict|None=None, # its config.json as stored, where there is one (see below)
                 )->dict:
-    heads = [arch_summary(cfg)]   # a config.json that leaves fields to its class was summarised as stored before (session 29): its hash
-    if raw is not None and (old := _summary(raw)) != heads[0]: heads.append(old)   # that way too (`legacy`), so that artifacts made then still match
+    heads = [arch_summary(cfg)]   # before configs were read through their class, a config.json that leaves fields to it was summarised as stored:
+    if raw is not None and (old := _summary(raw)) != heads[0]: heads.append(old)   # its hash that way too (`legacy`), so that artifacts made then still match
     hashes = lambda start: (hashlib.sha256(start), {n: hashlib.sha256(start) for n in _PRECISIONS})
     sets, (he, lowe), seen, n_embed = [hashes(json.dumps(a, sort_keys=True).encode()) for a in heads], hashes(b'embeddings'), [], 0
     for k, t in tensors:
