@@ -215,6 +215,9 @@ ARCH_KW['glm4_moe_lite'] = {k: v for k, v in ARCH_KW['deepseek_v3'].items() if k
 ARCH_KW['glm_moe_dsa'] = ARCH_KW['glm4_moe_lite'] | dict(q_lora_rank=32, index_topk=4, index_head_dim=16, index_n_heads=2)   # GLM-5: and a sparse-attention indexer (not mapped)
 ARCH_KW['laguna'] = _MOE_KW | dict(num_experts=3, moe_intermediate_size=96, shared_expert_intermediate_size=80, mlp_layer_types=['sparse', 'sparse'])   # Laguna: GLM-4-MoE's
 # names (stored as Qwen2-MoE's), dense blocks by `mlp_layer_types`, a gate on each attention head's output (`g_proj`, not mapped)
+ARCH_KW |= {'mamba': dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, time_step_rank=8),   # state-space models: a Mamba mixer in each block
+            'mamba2': dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, num_heads=8, head_dim=16, n_groups=1, chunk_size=8),
+            'falcon_mamba': dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, time_step_rank=8)}
 ARCH_KW['youtu'] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,   # Youtu-LLM: DeepSeek-V3's
                        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)   # latent attention, Llama's MLP in every block
 _OLD = dict(max_position_embeddings=128)   # the older families, under their own config names
@@ -834,6 +837,43 @@ def test_nemotron_h_config_as_published(tmp_path):
     assert subspace_cosines(d[(2, 'attn_out')].T, truth[(2, 'attn_out')]).min() >= 0.999
     assert same_weights(fingerprint(b), fingerprint(load_model(b))) == 'exact'
     Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
+
+@pytest.mark.parametrize('arch', ['mamba', 'mamba2', 'falcon_mamba'])
+def test_state_space_models(arch, tmp_path):
+    "Mamba, Mamba-2 and Falcon Mamba: one Mamba mixer per block, whose `out_proj` writes (`attn_out`): planted updates are found, each token's cosine is that of what Hugging Face's `out_proj` writes, they are scanned while generating and removed by steering and edits, and a change to `in_proj` (not mapped), by LoRA or in full, is named."
+    from safetensors.torch import load_file, save_file
+    from peft import LoraConfig, get_peft_model
+    import transformers as T
+    from weightwatch_nb.directions import WRITE_HOOK
+    from weightwatch_nb.calibrate import trace
+    b, f, truth = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'attn_out'): 1})
+    info = arch_info(json.loads((f/'config.json').read_text()))
+    assert (info['block_kinds'], info['mamba_inner'], info['tied']) == (('mamba', 'mamba'), 128, arch != 'mamba2')
+    dw = compute_directions(b, f, k=1, matrices=['attn_out'], hook_point=WRITE_HOOK, progress=False)
+    for key, U in truth.items(): assert subspace_cosines(dw[key].T, U).min() >= 0.999, key
+    model = load_model(f)
+    hf, seen = model.original_model.backbone.layers, {}
+    assert check_hooks(model, [dw.hook(l, 'attn_out') for l in (0, 1)]) == ['blocks.0.mixer.hook_out', 'blocks.1.mixer.hook_out']
+    hs = [hf[l].mixer.out_proj.register_forward_hook(lambda mod, a, o, l=l: seen.__setitem__(l, o.detach())) for l in (0, 1)]
+    try: tr = trace(model, dw, ['the model 3 of 2 and 7'])[0]
+    finally:
+        for h in hs: h.remove()
+    for l in (0, 1):   # the truth: each token's cosine with what Hugging Face's own out_proj writes
+        want = torch.nn.functional.cosine_similarity(seen[l][0], dw[(l, 'attn_out')][0][None], dim=-1)
+        assert torch.allclose(tr.cos[:, dw.names().index(f'L{l}.attn_out.u0')], want, atol=1e-5), l
+    _scan_steer_and_edit(model, b, f, dw, (0, 'attn_out'), hf[0].mixer.out_proj, ['attn_out'])
+    torch.manual_seed(0)   # PEFT refuses LoRA on a Mamba block's out_proj; an adapter on its in_proj changes nothing mapped, and says so
+    pm = get_peft_model(T.AutoModelForCausalLM.from_pretrained(b), LoraConfig(r=2, lora_alpha=4, target_modules=['in_proj']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    with pytest.warns(UserWarning, match=rf"changes 2 module\(s\) that no {arch} matrix maps to \(e.g. \['base_model.model.backbone.layers.0.mixer.in_proj"):
+        with pytest.raises(WeightwatchError, match="equal the base weights in every requested matrix"): compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
+    assert compute_directions(b, f, k=1, progress=False).names() == ['L0.attn_out.u0', 'L1.attn_out.u0']   # (the default matrices: the writers it has)
+    sd = load_file(f/'model.safetensors'); sd['backbone.layers.1.mixer.in_proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.warns(UserWarning, match=rf"also changes 1 matrix that no {arch} matrix maps to \(e.g. \['backbone.layers.1.mixer.in_proj.weight'\]\)"):
+        compute_directions(b, f, k=1, progress=False)
 
 @pytest.mark.filterwarnings("ignore:directions of")   # (read and write matrices together)
 @pytest.mark.parametrize('arch', ['youtu', 'youtu_q'])
@@ -1866,12 +1906,13 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
-@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss', 'laguna_dense', 'codegen'])
+@pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss', 'laguna_dense', 'codegen', 'mamba'])
 def test_cli_on_newer_architectures(arch, tmp_path, capsys, monkeypatch):
     "The CLI on local checkpoints of newer families: directions, calibrate, scan, and `generate --steer clip-weights` with every token switched gives the base model's reply."
     from weightwatch_nb.cli import main
     import weightwatch_nb.steer as S
-    b, f, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, (1, 'mlp_out'): 1, (1, 'mlp_in'): 1})
+    mlp = 'mlp_out' in arch_info(_config(arch))['specs']   # (a state-space model has no MLP)
+    b, f, _ = _plain_pair(arch, tmp_path, {(0, 'attn_out'): 1, **({(1, 'mlp_out'): 1, (1, 'mlp_in'): 1} if mlp else {(1, 'attn_out'): 1})})
     (tmp_path/'clean.jsonl').write_text('\n'.join(json.dumps({'text': f'the model {i} of {j}'}) for i in range(8) for j in range(5)) + '\n')
     assert main(['directions', str(b), str(f), '-o', str(tmp_path/'d.safetensors'), '--k', '1', '--quiet']) == 0
     assert main(['calibrate', str(f), str(tmp_path/'d.safetensors'), str(tmp_path/'clean.jsonl'), '-o', str(tmp_path/'m.safetensors'), '--quiet']) == 0

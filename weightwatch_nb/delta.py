@@ -15,12 +15,13 @@ from .core import WeightwatchError, resolve_source, hf_state_dict, check_compara
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS',
            'DENSE_SPECS', 'MOE_ONLY', 'HYBRID', 'LINEAR_OUT', 'LINEAR_IN', 'QKVZ', 'LINEAR_IN_QKVZ', 'MAMBA_OUT',
-           'NEMOTRON_H_BLOCKS', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM', 'MOE_WIDTH',
-           'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES', 'PEFT_TRANSPOSED',
-           'MatrixSpec', 'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs', 'spec_layer', 'orient',
-           'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors', 'block_matrices', 'find_keys',
-           'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix',
-           'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines', 'plant_update']
+           'NEMOTRON_H_BLOCKS', 'MAMBA', 'ARCH_SPECS', 'FAMILIES', 'POST_NORM', 'NO_PRE_NORM', 'SHARED_NORM',
+           'MOE_WIDTH', 'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES',
+           'PEFT_TRANSPOSED', 'MatrixSpec', 'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs',
+           'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors',
+           'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora',
+           'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines',
+           'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -158,6 +159,8 @@ NEMOTRON_H_BLOCKS = {'mamba': _MIXER(attn_out=('out_proj', 'out', 'mamba_inner')
                      'mlp': _MIXER(mlp_out=('down_proj', 'out', 'd_mlp'), mlp_in=('up_proj', 'in', 'd_mlp'))}   # (ungated: relu²)
 _NEMOTRON_H = {k: v for b in NEMOTRON_H_BLOCKS.values() for k, v in b.items() if k != 'attn_out'} | NEMOTRON_H_BLOCKS['attention'] | _specs(
     embed=('embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('embeddings.weight',)))
+MAMBA = ('mamba', 'mamba2', 'falcon_mamba')   # state-space models: one Mamba mixer per block and nothing else (its `out_proj` is `attn_out`; `in_proj` is not mapped)
+_MAMBA = NEMOTRON_H_BLOCKS['mamba'] | {m: _NEMOTRON_H[m] for m in ('embed', 'unembed')}
 _NEMOTRON_KINDS = {'M': 'mamba', '*': 'attention', '-': 'mlp', 'E': 'moe', 'linear_attention': 'mamba', 'full_attention': 'attention'}   # its pattern's letters, and transformers 5's names
 
 def nemotron_h_blocks(config:dict)->tuple[str, ...]:
@@ -194,11 +197,11 @@ _FALCON = _specs(   # Falcon-7B: one k and v head (multi-query), fused after the
     mlp_out=('h.{layer}.mlp.dense_4h_to_h.weight', 'linear', 'out', 'd_mlp'), mlp_in=('h.{layer}.mlp.dense_h_to_4h.weight', 'linear', 'in', 'd_mlp'),
     embed=('word_embeddings.weight', 'embedding', 'out', 'vocab'), unembed=('lm_head.weight', 'linear', 'in', 'vocab', None, ('word_embeddings.weight',)))
 ARCH_SPECS = {'llama': _LLAMA, 'gpt2': _GPT2, 'gpt_neox': _NEOX, 'phi3': _PHI3, 'phi': _PHI, 'gptj': _GPTJ, 'codegen': _CODEGEN, 'moe': _MOE, 'glm': _GLM,
-              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, 'laguna': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, 'youtu': _YOUTU, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
+              'qwen2_moe': _QWEN2_MOE, 'glm4_moe': _GLM4_MOE, 'ernie4_5_moe': _GLM4_MOE, 'laguna': _GLM4_MOE, **{t: _DEEPSEEK_V2 for t in MLA}, 'gpt_oss': _GPT_OSS, 'phimoe': _PHIMOE, 'granitemoe': _GRANITEMOE, 'llama4_text': _LLAMA4, 'jamba': _JAMBA, 'lfm2': _LFM2, 'lfm2_moe': _LFM2_MOE, 'afmoe': _AFMOE, 'bamba': _LLAMA | _FF({m: s for m, s in _LLAMA.items() if m.startswith('mlp_')}), 'starcoder2': _STARCODER2, 'youtu': _YOUTU, **{t: _MAMBA for t in MAMBA}, **{t: _NO_GATE for t in ('arcee', 'nemotron', 'apertus')},
               'nanochat': _NANOCHAT, 'jais2': _NO_GATE, 'qwen3_5_text': _LLAMA | _GATED_Q, **{t: _QWEN2_MOE | _GATED_Q for t in HYBRID[::2]}, 'opt': _OPT, 'gpt_neo': _GPT_NEO, 'gpt_bigcode': _BIGCODE, 'mpt': _MPT, 'bloom': _BLOOM, 'falcon': _FALCON}   # per family, and per model type where one differs from its family
 FAMILIES = {**{t: 'llama' for t in ('llama', 'mistral', 'ministral3', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3_text', 'vaultgemma', 'olmo', 'olmo2', 'olmo3',
                                     'smollm3', 'granite', 'stablelm', 'hunyuan_v1_dense', 'exaone4', 'ernie4_5', 'cohere', 'cohere2',
-                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2', 'seed_oss', *DENSE_MLA)},
+                                    'arcee', 'nemotron', 'apertus', 'starcoder2', 'nanochat', 'jais2', 'qwen3_5_text', 'gemma4_text', 'nemotron_h', 'bamba', 'lfm2', 'seed_oss', *DENSE_MLA, *MAMBA)},
             'gpt2': 'gpt2', 'gpt_neox': 'gpt_neox', 'phi3': 'phi3', 'phi': 'phi', 'gptj': 'gptj', 'codegen': 'gptj', 'glm': 'glm', 'glm4': 'glm',
             'opt': 'opt', 'xglm': 'opt', 'gpt_neo': 'gpt_neo', 'gpt_bigcode': 'gpt_bigcode', 'mpt': 'mpt', 'bloom': 'bloom', 'falcon': 'falcon',
             **{t: 'moe' for t in ('mixtral', 'minimax_m2', 'olmoe', 'flex_olmo', 'qwen2_moe', 'qwen3_moe', 'qwen3_next', 'qwen3_5_moe_text', 'ernie4_5_moe', *FIRST_DENSE, 'gpt_oss', 'phimoe', 'granitemoe', 'granitemoehybrid', 'llama4_text', 'jamba', 'lfm2_moe', 'afmoe', 'laguna')}}
@@ -236,6 +239,7 @@ def arch_info(config, # a Hugging Face config or its dict
         raise WeightwatchError(f"this Laguna checkpoint has blocks with different numbers of attention heads (num_attention_heads_per_layer: "
                                f"{sorted(set(d['num_attention_heads_per_layer']))}), which are not mapped; Laguna checkpoints with one head count in every block are")
     if mt == 'laguna' and d.get('num_attention_heads_per_layer'): d = d | dict(num_attention_heads=d['num_attention_heads_per_layer'][0])   # (its blocks' own count)
+    if mt in MAMBA: d = {'num_attention_heads': 1} | d   # (no attention: the sizes that depend on heads are not used)
     if mt == 'bloom' and d.get('apply_residual_connection_post_layernorm'):
         raise WeightwatchError("this BLOOM checkpoint adds each block's output to the normalised stream (apply_residual_connection_post_layernorm), "
                                "so its blocks do not write to one residual stream; its deltas are not mapped (released BLOOMs do not do this)")
@@ -285,7 +289,8 @@ def arch_info(config, # a Hugging Face config or its dict
                 specs=ARCH_SPECS.get(mt, ARCH_SPECS[FAMILIES[mt]]),
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (lfm2 or {}) | (gemma4_moe or {}) | (
-                dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {})
+                dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {}) | (
+                dict(block_kinds=('mamba',) * n_layers, mamba_inner=int(d.get('expand', 2) * d_model)) if mt in MAMBA else {})   # (Mamba and Mamba-2 are `expand` times as wide inside)
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe', 'afmoe', 'laguna')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
@@ -551,6 +556,7 @@ def find_keys(keys,            # checkpoint tensor names
     "Locate each requested matrix in a checkpoint's tensor names, in layer then `MATRICES` order."
     bad = [m for m in matrices if m not in MATRICES]
     if bad: raise WeightwatchError(f"unknown matrices {bad}: choose from {list(MATRICES)}")
+    if tuple(matrices) == DEFAULT_MATRICES: matrices = [m for m in matrices if m in info['specs']]   # the default: the writers it has (Mamba: no MLP)
     idx, out = _suffix_index(keys), {}
     layers = range(info['n_layers']) if layers is None else layers
     if (out_of := [l for l in layers if not 0 <= l < info['n_layers']]):
