@@ -1123,9 +1123,33 @@ def test_laguna_heads_gate_and_stored_names(tmp_path):
     assert arch_info(cfg)['q'] == q.out_features == 32
     with pytest.raises(WeightwatchError, match=r"different numbers of attention heads \(num_attention_heads_per_layer: \[2, 4\]\)"):
         arch_info(cfg | dict(num_attention_heads_per_layer=[2, 4]))
+    from weightwatch_nb.core import check_comparable   # a gate per unit is another model (g_proj of another shape)
+    c = json.loads((b/'config.json').read_text()); (tmp_path/'pe').mkdir(); (tmp_path/'pe'/'config.json').write_text(json.dumps(c | dict(gating='per-element')))
+    with pytest.raises(WeightwatchError, match="differ in `gating`: True vs per-element"): check_comparable(b, tmp_path/'pe', check_tokenizer=False)
     sd = load_file(f/'model.safetensors'); sd['model.layers.1.self_attn.g_proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
     with pytest.warns(UserWarning, match=r"also changes 1 matrix that no laguna matrix maps to \(e.g. \['model.layers.1.self_attn.g_proj.weight'\]\)"):
         compute_directions(b, f, k=1, matrices=['mlp_out', 'mlp_shared_out'], progress=False)
+
+def test_laguna_transformers4_adapter_on_its_shared_expert(tmp_path):
+    "A transformers 4 style adapter on Laguna's shared expert, under the names its checkpoints store (`shared_expert`): PEFT renames it as transformers 5 renames the checkpoint and loads it there, and so does the reader (the directions are the PEFT-loaded model's)."
+    import transformers as T
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    b, _, _ = _plain_pair('laguna_dense', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    sd = {f'base_model.model.model.layers.1.mlp.shared_expert.{n}.lora_{x}.weight': 0.1 * torch.randn(*s) for n, (i, o) in
+          (('gate_proj', (64, 80)), ('up_proj', (64, 80)), ('down_proj', (80, 64))) for x, s in (('A', (2, i)), ('B', (o, 2)))}
+    (tmp_path/'lora').mkdir(); save_file(sd, tmp_path/'lora'/'adapter_model.safetensors')
+    (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=2, lora_alpha=4, target_modules=['gate_proj', 'up_proj', 'down_proj'], base_model_name_or_path=str(b))))
+    ms = ['mlp_shared_out', 'mlp_shared_in', 'mlp_shared_gate']
+    dl = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
+    merged = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(b), tmp_path/'lora').merge_and_unload()
+    dm = compute_directions(b, merged, k=2, matrices=ms, method='exact', progress=False)
+    assert sorted(dl.vectors) == sorted(dm.vectors) == [(1, m) for m in ('mlp_shared_gate', 'mlp_shared_in', 'mlp_shared_out')]
+    assert all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
+    cfg = json.loads((tmp_path/'lora'/'adapter_config.json').read_text()) | dict(target_modules=['q_proj'])   # one PEFT would not wrap there: refused
+    (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(cfg))
+    with pytest.raises(WeightwatchError, match="a module of transformers 4's laguna, which PEFT does not convert"): compute_directions(b, lora=tmp_path/'lora', k=2, matrices=ms, progress=False)
 
 def test_older_configs_read_as_their_classes_read_them():
     "BLOOM's `n_embed` is its hidden size; OPT's `word_embed_proj_dim: null` means the hidden size; BLOOM adding blocks to the normalised stream is refused; a Llama 4 config that leaves sizes to its class, or a GLM-4.7-Flash config its dense blocks, is read with the class's."
@@ -1198,6 +1222,9 @@ def test_checkpoint_whose_config_leaves_fields_out(tmp_path):
     old['embed'] = dict(sha256='5f36f5ec35bec9a22117466dc579cd2b4dbe034be1956bc2eceac0b7f8058571', rounded={})
     assert fingerprint(b)['sha256'] != old['sha256'] and fingerprint(b)['legacy']['sha256'] == old['sha256']
     assert same_weights(old, fingerprint(b)) == same_weights(old, fingerprint(load_model(b))) == 'exact' and same_weights(old, fingerprint(tmp_path/'ft')) is None
+    import transformers as T   # the same weights loaded as another model (twice the heads, each half as wide): no legacy hash of the folder's, and no match
+    other = T.AutoModelForCausalLM.from_pretrained(b, num_attention_heads=2 * c['num_attention_heads'], num_key_value_heads=2 * c['num_attention_heads'], head_dim=c['head_dim'] // 2)
+    assert 'legacy' not in fingerprint(other) and same_weights(old, fingerprint(other)) is None and same_weights(fingerprint(b), fingerprint(other)) is None
     d = compute_directions(b, tmp_path/'ft', k=1, progress=False)
     assert subspace_cosines(d[(1, 'mlp_out')].T, truth[(1, 'mlp_out')]).min() >= 0.999
     Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'ft'))
@@ -1817,7 +1844,8 @@ def test_single_expert_adapters_peft_would_rescale_are_refused(extra, tmp_path):
     with pytest.raises(WeightwatchError, match="that PEFT changes when it loads this adapter onto transformers 5's fused experts"): LoraTensors(b, tmp_path/'lora')
 
 @pytest.mark.parametrize('arch,names,prefix,router', [('phimoe', ('w1', 'w3', 'w2'), 'block_sparse_moe', False), ('qwen2_moe', ('gate_proj', 'up_proj', 'down_proj'), 'mlp', False),
-                                                     ('qwen3_5_moe_text', ('gate_proj', 'up_proj', 'down_proj'), 'mlp', False), ('granitemoe', (), 'block_sparse_moe.router', True)])
+                                                     ('qwen3_5_moe_text', ('gate_proj', 'up_proj', 'down_proj'), 'mlp', False), ('granitemoe', (), 'block_sparse_moe.router', True),
+                                                     ('laguna', ('gate_proj', 'up_proj', 'down_proj'), 'mlp', False)])
 def test_transformers4_adapters_peft_does_not_convert_are_refused(arch, names, prefix, router, tmp_path):
     "A transformers 4 adapter on single experts (or, GraniteMoE, on its router's `layer`) of a model type PEFT does not convert when it loads it onto transformers 5 (it refuses it or drops those weights): refused with what to do, not read as if some model held it."
     import transformers as T

@@ -606,7 +606,8 @@ def _fingerprint(cfg, # the model's config (object or dict)
                  raw:dict|None=None, # its config.json as stored, where there is one (see below)
                 )->dict:
     heads = [arch_summary(cfg)]   # before configs were read through their class, a config.json that leaves fields to it was summarised as stored:
-    if raw is not None and (old := _summary(raw)) != heads[0]: heads.append(old)   # its hash that way too (`legacy`), so that artifacts made then still match
+    if raw is not None and arch_summary(raw) == heads[0] and (old := _summary(raw)) != heads[0]: heads.append(old)   # its hash that way too (`legacy`),
+    # so that artifacts made then still match (only where `raw` describes this model: one loaded with other sizes is another model)
     hashes = lambda start: (hashlib.sha256(start), {n: hashlib.sha256(start) for n in _PRECISIONS})
     sets, (he, lowe), seen, n_embed = [hashes(json.dumps(a, sort_keys=True).encode()) for a in heads], hashes(b'embeddings'), [], 0
     for k, t in tensors:
@@ -726,7 +727,8 @@ def check_comparable(base, # base model or source
     if fa is None or fb is None: fa, fb = ({k: v for k, v in x.items() if k in ca and k in cb} for x in (ca, cb))   # as stored, where both say
     for k in ('head_dim', 'kv_channels', 'n_positions', 'multi_query', 'num_local_experts', 'num_experts', 'n_routed_experts',
               'n_shared_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step', 'mlp_only_layers',
-              'first_k_dense_replace', 'q_lora_rank', 'kv_lora_rank', 'qk_rope_head_dim', 'qk_nope_head_dim', 'v_head_dim'):   # more shapes
+              'first_k_dense_replace', 'q_lora_rank', 'kv_lora_rank', 'qk_rope_head_dim', 'qk_nope_head_dim', 'v_head_dim',
+              'mlp_layer_types', 'num_attention_heads_per_layer', 'gating'):   # more shapes (Laguna's gate: one per head, or per unit)
         if fa.get(k) != fb.get(k):
             raise WeightwatchError(f"base and fine-tuned models differ in `{k}`: {fa.get(k)} vs {fb.get(k)}, so their weights have different shapes; "
                                    "a weight delta needs the same architecture and sizes: pass the base model this fine-tune started from")

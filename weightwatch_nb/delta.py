@@ -19,9 +19,9 @@ __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', '
            'MOE_WIDTH', 'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES',
            'PEFT_TRANSPOSED', 'MatrixSpec', 'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs',
            'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors',
-           'block_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter', 'expert_lora',
-           'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd', 'subspace_cosines',
-           'plant_update']
+           'block_matrices', 'wanted_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter',
+           'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
+           'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -546,6 +546,12 @@ def _suffix_index(keys)->dict:
         for i in range(len(parts)): idx.setdefault('.'.join(parts[i:]), []).append(k)
     return idx
 
+def wanted_matrices(matrices, # names from `MATRICES`
+                    info:dict, # from `arch_info`
+                   )->list[str]:
+    "`matrices`, less those the architecture lacks where they are the default list (`DEFAULT_MATRICES`: a state-space model has no MLP)."
+    return [m for m in matrices if m in info['specs']] if tuple(matrices) == DEFAULT_MATRICES else list(matrices)
+
 def find_keys(keys,            # checkpoint tensor names
               info:dict,       # from `arch_info`
               matrices=DEFAULT_MATRICES, # which matrices, from `MATRICES`
@@ -556,7 +562,7 @@ def find_keys(keys,            # checkpoint tensor names
     "Locate each requested matrix in a checkpoint's tensor names, in layer then `MATRICES` order."
     bad = [m for m in matrices if m not in MATRICES]
     if bad: raise WeightwatchError(f"unknown matrices {bad}: choose from {list(MATRICES)}")
-    if tuple(matrices) == DEFAULT_MATRICES: matrices = [m for m in matrices if m in info['specs']]   # the default: the writers it has (Mamba: no MLP)
+    matrices = wanted_matrices(matrices, info)
     idx, out = _suffix_index(keys), {}
     layers = range(info['n_layers']) if layers is None else layers
     if (out_of := [l for l in layers if not 0 <= l < info['n_layers']]):
@@ -740,18 +746,32 @@ def _per_expert(fac:dict, cfg:dict, config)->tuple[dict, set]:
         out[name] = (A.reshape(E * R, cols), B.permute(1, 2, 0).reshape(rows, R * E))   # PEFT's layout (`expert_lora` undoes it)
     return out, {m for name in out for m, _, _ in parts[name].values()}
 
-def _not_linear(fac:dict, config)->list[tuple[str, str]]:
-    "(module, its class) for the adapter's LoRA modules that the model of `config` has, but not as a linear layer, embedding or Conv1D."
+def _meta_modules(config)->dict:
+    "{name: module} of an empty model of `config` on the meta device ({} where this transformers cannot build it)."
     from transformers import AutoConfig, PretrainedConfig
-    from transformers.pytorch_utils import Conv1D
     from weightwatch_nb.core import _meta_model
-    try: meta = _meta_model(config if not isinstance(config, dict) else AutoConfig.for_model(**PretrainedConfig._decode_special_floats(config)))
-    except Exception: return []   # (a model this transformers cannot build: nothing to check against)
-    mods, out = dict(meta.named_modules()), []
-    for m in fac:
-        name = m.removeprefix('base_model.model.')
-        if (mod := mods.get(name)) is not None and not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding, Conv1D)): out.append((m, type(mod).__name__))
-    return out
+    try: return dict(_meta_model(config if not isinstance(config, dict) else AutoConfig.for_model(**PretrainedConfig._decode_special_floats(config))).named_modules())
+    except Exception: return {}
+
+def _lora_able(mod)->bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(mod, (torch.nn.Linear, torch.nn.Embedding, Conv1D))
+
+def _not_linear(fac:dict, config, mods:dict|None=None)->list[tuple[str, str]]:
+    "(module, its class) for the adapter's LoRA modules that the model of `config` has, but not as a linear layer, embedding or Conv1D."
+    mods = _meta_modules(config) if mods is None else mods
+    return [(m, type(mod).__name__) for m in fac if (mod := mods.get(m.removeprefix('base_model.model.'))) is not None and not _lora_able(mod)]
+
+def _peft_renames(module:str, model_type:str, cfg:dict, mods:dict)->bool:
+    "Whether PEFT, loading a transformers 4 adapter, puts `module`'s LoRA where transformers 5 renamed it (Laguna's `shared_expert` to `shared_experts`): it renames the adapter's weights as transformers renames checkpoints, and the renamed module is a linear layer its `target_modules` name."
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers   # (a PEFT that renames adapters)
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError: return False
+    name = _renamed(module + '.', model_type)[:-1].removeprefix('base_model.model.')
+    if get_checkpoint_conversion_mapping(model_type) is None or _EXPERT_KEY.match(module + '.weight') or not _lora_able(mods.get(name)): return False
+    t = cfg.get('target_modules') or ()
+    return bool(re.fullmatch(t, name)) if isinstance(t, str) else any(name == x or name.endswith('.' + x) for x in t)   # (PEFT's matching)
 
 def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
                  config=None,          # the base model's config: needed to read LoRA on a mixture of experts' fused experts (else refused)
@@ -775,7 +795,9 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
     stored = {m: m for m in fac}   # (named as the adapter names them in messages)
     if config is not None:   # the modules as transformers 5 names them (as PEFT renames them when it loads the adapter)
         mt = arch_info(config)['model_type']
-        if not _peft_converts(mt) and (moved := sorted(m for m in fac if _renamed(m + '.', mt) != m + '.')): raise _v4_refused(stored[moved[0]], mt)
+        if not _peft_converts(mt) and (moved := sorted(m for m in fac if _renamed(m + '.', mt) != m + '.')):   # renamed by transformers 5: refused unless PEFT
+            mods = _meta_modules(config)                                                                        # renames them too and loads them there
+            if (lost := [m for m in moved if not _peft_renames(m, mt, cfg, mods)]): raise _v4_refused(stored[lost[0]], mt)
         stored, fac = {_renamed(m + '.', mt)[:-1]: m for m in fac}, {_renamed(m + '.', mt)[:-1]: f for m, f in fac.items()}
         if (lost := _peft_drops(fac, mt)):   # modules PEFT's conversion takes for single experts' (the shared expert's, a dense block's, AFMoE's attention gate)
             warnings.warn(f"PEFT, loading this adapter onto transformers 5's {mt}, takes its LoRA on {sorted({m.rpartition('.')[2] for m in lost})} for the experts' "

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT, extract_language_model
-from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas,
+from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas, wanted_matrices,
                                   read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, unmapped_changes, _safe_open, _origin)
 
 # %% auto #0
@@ -379,7 +379,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if mode != 'sub': raise WeightwatchError("mode 'raw' needs the full fine-tuned weights; a LoRA adapter only has the delta: use mode 'sub'")
         if finetuned is not None: raise WeightwatchError("with `lora=` the fine-tuned model is base + adapter: leave `finetuned` empty")
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
-        bt = open_tensors(base); info = arch_info(bt.config); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
+        bt = open_tensors(base); info = arch_info(bt.config); matrices = wanted_matrices(matrices, info); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(bt.keys(), info, matrices, layers)
         mods = list(read_adapter(lora, bt.config)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
@@ -398,7 +398,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
         ft = open_tensors(finetuned); bt = open_tensors(base) if mode == 'sub' else None
-        info = arch_info(ft.config); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
+        info = arch_info(ft.config); matrices = wanted_matrices(matrices, info); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(ft.keys(), info, matrices, layers)
         with _pbar(len(plan), progress, 'directions') as pb:
             for l, m, D in iter_deltas(bt, ft, matrices, mode, layers):
