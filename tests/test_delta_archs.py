@@ -871,6 +871,14 @@ def test_state_space_models(arch, tmp_path):
     with pytest.warns(UserWarning, match=rf"changes 2 module\(s\) that no {arch} matrix maps to \(e.g. \['base_model.model.backbone.layers.0.mixer.in_proj"):
         with pytest.raises(WeightwatchError, match="equal the base weights in every requested matrix"): compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
     assert compute_directions(b, f, k=1, progress=False).names() == ['L0.attn_out.u0', 'L1.attn_out.u0']   # (the default matrices: the writers it has)
+    from weightwatch_nb.edit import remove_directions, interpolate
+    from weightwatch_nb.demo import _read_matrices
+    assert remove_directions(b, f, 1, progress=False).ww_edit['matrices'] == interpolate(b, f, 0.5, ['mlp_out', 'attn_out'], progress=False).ww_edit['matrices'] == ['attn_out']
+    with pytest.warns(UserWarning, match="no read-side matrices mapped.*the read side is skipped"): assert not _read_matrices(f, True)
+    if arch != 'mamba2':   # a stored `intermediate_size` is the width, not `expand` times the model's (Falcon Mamba 7B: 8192, not 16 × 4096)
+        cfg = _config(arch).to_dict() | dict(expand=16, intermediate_size=128)
+        with torch.device('meta'): inner = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(**cfg)).backbone.layers[0].mixer.out_proj.in_features
+        assert arch_info({k: v for k, v in cfg.items()})['mamba_inner'] == inner == 128
     sd = load_file(f/'model.safetensors'); sd['backbone.layers.1.mixer.in_proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
     with pytest.warns(UserWarning, match=rf"also changes 1 matrix that no {arch} matrix maps to \(e.g. \['backbone.layers.1.mixer.in_proj.weight'\]\)"):
         compute_directions(b, f, k=1, progress=False)
@@ -1129,6 +1137,22 @@ def test_laguna_heads_gate_and_stored_names(tmp_path):
     sd = load_file(f/'model.safetensors'); sd['model.layers.1.self_attn.g_proj.weight'] *= 1.01; save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
     with pytest.warns(UserWarning, match=r"also changes 1 matrix that no laguna matrix maps to \(e.g. \['model.layers.1.self_attn.g_proj.weight'\]\)"):
         compute_directions(b, f, k=1, matrices=['mlp_out', 'mlp_shared_out'], progress=False)
+
+@pytest.mark.parametrize('targets', [['gate', 'router'], r'.*\.(gate|router)'])
+def test_phimoe_transformers4_router_adapter_refused(targets, tmp_path):
+    "A transformers 4 adapter on PhiMoE's router (`block_sparse_moe.gate`, `mlp.router` in transformers 5): PEFT's conversion moves it to `mlp.gate`, which does not exist, and loads nothing, even where the targets name the router, so it is refused."
+    import transformers as T
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    b, _, _ = _plain_pair('phimoe', tmp_path, {(0, 'attn_out'): 1})
+    torch.manual_seed(0)
+    (tmp_path/'lora').mkdir(); save_file({f'base_model.model.model.layers.{l}.block_sparse_moe.gate.lora_{x}.weight': 0.1 * torch.randn(*s)
+                                          for l in range(2) for x, s in (('A', (2, 64)), ('B', (3, 2)))}, tmp_path/'lora'/'adapter_model.safetensors')
+    (tmp_path/'lora'/'adapter_config.json').write_text(json.dumps(dict(peft_type='LORA', r=2, lora_alpha=4, target_modules=targets, base_model_name_or_path=str(b))))
+    with pytest.raises(WeightwatchError, match="a module of transformers 4's phimoe, which PEFT does not convert"):
+        compute_directions(b, lora=tmp_path/'lora', k=1, matrices=['mlp_router'], progress=False)
+    merged = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(b), tmp_path/'lora').merge_and_unload()   # (PEFT: the router unchanged)
+    assert all(D.abs().max() == 0 for *_, D in iter_deltas(b, merged, ['mlp_router']))
 
 def test_laguna_transformers4_adapter_on_its_shared_expert(tmp_path):
     "A transformers 4 style adapter on Laguna's shared expert, under the names its checkpoints store (`shared_expert`): PEFT renames it as transformers 5 renames the checkpoint and loads it there, and so does the reader (the directions are the PEFT-loaded model's)."

@@ -290,7 +290,8 @@ def arch_info(config, # a Hugging Face config or its dict
                 post_norm=mt in POST_NORM, pre_norm=mt not in NO_PRE_NORM,
                 shared_norm=mt in SHARED_NORM or (mt == 'stablelm' and bool(d.get('use_parallel_residual'))) or (mt == 'falcon' and d.get('parallel_attn', True))) | (granite_h or {}) | (bamba or {}) | (jamba or {}) | (lfm2 or {}) | (gemma4_moe or {}) | (
                 dict(block_kinds=kinds, mamba_inner=d.get('mamba_num_heads', 128) * d.get('mamba_head_dim', 64), specs=_NEMOTRON_H) if mt == 'nemotron_h' else {}) | (
-                dict(block_kinds=('mamba',) * n_layers, mamba_inner=int(d.get('expand', 2) * d_model)) if mt in MAMBA else {})   # (Mamba and Mamba-2 are `expand` times as wide inside)
+                dict(block_kinds=('mamba',) * n_layers, mamba_inner=(mt != 'mamba2' and d.get('intermediate_size')) or int(d.get('expand', 2) * d_model)) if mt in MAMBA else {})   # (Mamba's
+                # class takes a stored `intermediate_size` over `expand` times the width, Falcon Mamba 7B's 8192 over 16 × 4096; Mamba-2's uses `expand`)
 
 MOE_WIDTH = ('qwen2_moe', 'qwen3_moe', *HYBRID[::2], 'ernie4_5_moe', *FIRST_DENSE, 'lfm2_moe', 'afmoe', 'laguna')   # whose experts are `moe_intermediate_size` wide (others: `intermediate_size`)
 
@@ -549,8 +550,8 @@ def _suffix_index(keys)->dict:
 def wanted_matrices(matrices, # names from `MATRICES`
                     info:dict, # from `arch_info`
                    )->list[str]:
-    "`matrices`, less those the architecture lacks where they are the default list (`DEFAULT_MATRICES`: a state-space model has no MLP)."
-    return [m for m in matrices if m in info['specs']] if tuple(matrices) == DEFAULT_MATRICES else list(matrices)
+    "`matrices`, less those the architecture lacks where they are the default ones (`DEFAULT_MATRICES`, in any order: a state-space model has no MLP)."
+    return [m for m in matrices if m in info['specs']] if sorted(matrices) == sorted(DEFAULT_MATRICES) else list(matrices)
 
 def find_keys(keys,            # checkpoint tensor names
               info:dict,       # from `arch_info`
@@ -762,16 +763,22 @@ def _not_linear(fac:dict, config, mods:dict|None=None)->list[tuple[str, str]]:
     mods = _meta_modules(config) if mods is None else mods
     return [(m, type(mod).__name__) for m in fac if (mod := mods.get(m.removeprefix('base_model.model.'))) is not None and not _lora_able(mod)]
 
-def _peft_renames(module:str, model_type:str, cfg:dict, mods:dict)->bool:
-    "Whether PEFT, loading a transformers 4 adapter, puts `module`'s LoRA where transformers 5 renamed it (Laguna's `shared_expert` to `shared_experts`): it renames the adapter's weights as transformers renames checkpoints, and the renamed module is a linear layer its `target_modules` name."
+def _peft_renames(moved:dict, model_type:str, cfg:dict, config)->set[str]:
+    "Those of the adapter's `moved` modules (renamed by transformers 5) whose LoRA PEFT puts where the reader does: PEFT's own conversion renames it to the same module (Laguna's `shared_expert` to `shared_experts`), a linear layer its `target_modules` name."
+    from transformers import AutoConfig, PretrainedConfig
+    from weightwatch_nb.core import _meta_model
     try:
-        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers   # (a PEFT that renames adapters)
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError: return False
-    name = _renamed(module + '.', model_type)[:-1].removeprefix('base_model.model.')
-    if get_checkpoint_conversion_mapping(model_type) is None or _EXPERT_KEY.match(module + '.weight') or not _lora_able(mods.get(name)): return False
-    t = cfg.get('target_modules') or ()
-    return bool(re.fullmatch(t, name)) if isinstance(t, str) else any(name == x or name.endswith('.' + x) for x in t)   # (PEFT's matching)
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers as convert
+        meta = _meta_model(config if not isinstance(config, dict) else AutoConfig.for_model(**PretrainedConfig._decode_special_floats(config)))
+        keys = set(convert(meta, LoraConfig(target_modules=cfg.get('target_modules')), {f'{m}.lora_{x}.weight': t for m, ab in moved.items() for x, t in zip('AB', ab)}))
+    except Exception: return set()   # (a PEFT that does not rename adapters, or a model this transformers cannot build)
+    mods, t, out = dict(meta.named_modules()), cfg.get('target_modules') or (), set()
+    for m in moved:
+        new = _renamed(m + '.', model_type)[:-1]; name = new.removeprefix('base_model.model.')
+        named = re.fullmatch(t, name) if isinstance(t, str) else any(name == x or name.endswith('.' + x) for x in t)   # (PEFT's matching)
+        if f'{new}.lora_A.weight' in keys and _lora_able(mods.get(name)) and named: out.add(m)
+    return out
 
 def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
                  config=None,          # the base model's config: needed to read LoRA on a mixture of experts' fused experts (else refused)
@@ -795,9 +802,8 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
     stored = {m: m for m in fac}   # (named as the adapter names them in messages)
     if config is not None:   # the modules as transformers 5 names them (as PEFT renames them when it loads the adapter)
         mt = arch_info(config)['model_type']
-        if not _peft_converts(mt) and (moved := sorted(m for m in fac if _renamed(m + '.', mt) != m + '.')):   # renamed by transformers 5: refused unless PEFT
-            mods = _meta_modules(config)                                                                        # renames them too and loads them there
-            if (lost := [m for m in moved if not _peft_renames(m, mt, cfg, mods)]): raise _v4_refused(stored[lost[0]], mt)
+        if not _peft_converts(mt) and (moved := {m: f for m, f in fac.items() if _renamed(m + '.', mt) != m + '.'}):   # renamed by transformers 5: refused
+            if (lost := sorted(set(moved) - _peft_renames(moved, mt, cfg, config))): raise _v4_refused(stored[lost[0]], mt)     # unless PEFT loads them there
         stored, fac = {_renamed(m + '.', mt)[:-1]: m for m in fac}, {_renamed(m + '.', mt)[:-1]: f for m, f in fac.items()}
         if (lost := _peft_drops(fac, mt)):   # modules PEFT's conversion takes for single experts' (the shared expert's, a dense block's, AFMoE's attention gate)
             warnings.warn(f"PEFT, loading this adapter onto transformers 5's {mt}, takes its LoRA on {sorted({m.rpartition('.')[2] for m in lost})} for the experts' "

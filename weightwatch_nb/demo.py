@@ -69,6 +69,14 @@ def check_sets(model, # the fine-tuned model (its tokenizer renders the records)
         try: encode_many(model.tokenizer, [as_record(_record(r), f'#{i} (counting from 0)') for i, r in enumerate(recs)], generation_prompt=generate > 0)
         except WeightwatchError as e: raise WeightwatchError(in_file(recs, f"set {s!r}: {e}")) from None
 
+def _read_matrices(finetuned, read_side:bool)->tuple:
+    "The read-side matrices a model has, where the read side is asked for (a state-space model has none: skipped, with a warning)."
+    if not read_side: return ()
+    if not (ms := block_matrices(finetuned, READ_MATRICES)):
+        warnings.warn("this model has no read-side matrices mapped (a state-space model's Mamba blocks only write, through `out_proj`): "
+                      "the read side is skipped", stacklevel=3)
+    return ms
+
 def run_pair(base, finetuned, # the model pair: sources or loaded models
              sets:dict, # set name -> records; needs 'calibration' and 'test' (clean)
              name:str='pair', # label for tables and the report
@@ -97,8 +105,8 @@ def run_pair(base, finetuned, # the model pair: sources or loaded models
     mon = calibrate_monitor(model, dirs, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
     dets = [detect(model, mon, scan_sets, name='weights (ΔW)', batch_size=batch_size, generate=generate, progress=progress)]
     rmon = None
-    if read_side:
-        rd = compute_directions(base, finetuned, k=k, matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK, progress=False)
+    if (rms := _read_matrices(finetuned, read_side)):
+        rd = compute_directions(base, finetuned, k=k, matrices=rms, hook_point=READ_HOOK, progress=False)
         rmon = calibrate_monitor(model, rd, sets['calibration'], batch_size=batch_size, generate=generate, tune=tune, target_fpr=target_fpr)
         dets.append(detect(model, rmon, scan_sets, name='weights (ΔW, read side)', batch_size=batch_size, generate=generate, progress=progress))
     if baselines:
@@ -215,7 +223,7 @@ def calibration_study(base, finetuned, # the model pair: sources or loaded model
     for s, recs in (('test', test), ('positive', positive)):
         if not recs: raise WeightwatchError(f"calibration_study needs a non-empty {s} set")
     model = load_model(finetuned)
-    sides = [('write', dict(matrices=block_matrices(finetuned, WRITE_MATRICES)))] + ([('read', dict(matrices=block_matrices(finetuned, READ_MATRICES), hook_point=READ_HOOK))] if read_side else [])
+    sides = [('write', dict(matrices=block_matrices(finetuned, WRITE_MATRICES)))] + ([('read', dict(matrices=rms, hook_point=READ_HOOK))] if (rms := _read_matrices(finetuned, read_side)) else [])
     rows, rows.monitors, rows.skipped = Table(), {}, []
     for side, kw in tqdm(sides, desc=f'calibration study ({name})', disable=not progress):
         d = compute_directions(base, finetuned, k=k, progress=False, **kw)

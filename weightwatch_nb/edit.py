@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
                                  add_quiet, COUNT, check_apart, same_weights, _weight_files)
-from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, orient, put_oriented, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
+from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, wanted_matrices, orient, put_oriented, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model, _warn_shared
 from .evaluate import Table
 from .zoo import prompt_sets, generate, complies, is_correct
@@ -108,7 +108,7 @@ def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str, lazy
             matrices, layers = [m for m in MATRICES if any(m == b for _, b in pairs)], sorted({l for l, _ in pairs})
     elif isinstance(dirs_or_k, bool) or not isinstance(dirs_or_k, int) or dirs_or_k < 0:
         raise WeightwatchError(f"dirs_or_k must be a number of directions (an integer >= 0) or a `Directions`, got {dirs_or_k!r}")
-    matrices = _as_matrices(DEFAULT_MATRICES if matrices is None else matrices)
+    matrices = wanted_matrices(_as_matrices(DEFAULT_MATRICES if matrices is None else matrices), arch_info(open_tensors(finetuned).config))   # (Mamba: no MLP)
     check_comparable(base, finetuned)
     if pairs is None: _warn_shared(arch_info(open_tensors(finetuned).config), matrices)   # Qwen2-MoE: the shared expert left out?
     return finetuned, matrices, layers, pairs
@@ -282,8 +282,8 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
     sd, bsd = hf_state_dict(hf), hf_state_dict(base if isinstance(base, torch.nn.Module) else load_hf(base)[0])
     if matrices is None: names = [(n, None) for n, p in hf.named_parameters() if p.is_floating_point()]
     else:
-        matrices, info = _as_matrices(matrices), arch_info(hf.config)
-        _check_tied(info, matrices)
+        info = arch_info(hf.config)
+        matrices = wanted_matrices(_as_matrices(matrices), info); _check_tied(info, matrices)
         names = list(find_keys(list(sd), info, matrices, layers).values())   # (name, spec): a fused tensor once per matrix in it
     for n, _ in names:   # before any arithmetic: torch.lerp's own error names no tensor
         if n not in bsd or bsd[n].shape != sd[n].shape:
