@@ -839,7 +839,7 @@ def test_nemotron_h_config_as_published(tmp_path):
     Directions.load(d.save(tmp_path/'d.safetensors'), model=load_model(f))
 
 @pytest.mark.parametrize('arch', ['mamba', 'mamba2', 'falcon_mamba'])
-def test_state_space_models(arch, tmp_path):
+def test_state_space_models(arch, tmp_path, monkeypatch):
     "Mamba, Mamba-2 and Falcon Mamba: one Mamba mixer per block, whose `out_proj` writes (`attn_out`): planted updates are found, each token's cosine is that of what Hugging Face's `out_proj` writes, they are scanned while generating and removed by steering and edits, and a change to `in_proj` (not mapped), by LoRA or in full, is named."
     from safetensors.torch import load_file, save_file
     from peft import LoraConfig, get_peft_model
@@ -874,6 +874,8 @@ def test_state_space_models(arch, tmp_path):
     from weightwatch_nb.edit import remove_directions, interpolate
     from weightwatch_nb.demo import _read_matrices
     assert remove_directions(b, f, 1, progress=False).ww_edit['matrices'] == interpolate(b, f, 0.5, ['mlp_out', 'attn_out'], progress=False).ww_edit['matrices'] == ['attn_out']
+    import weightwatch_nb.edit as E; monkeypatch.setattr(E, 'measure', lambda *a, **kw: {})   # (the sweep's table too; its behaviours are not what is tested here)
+    assert [r['matrices'] for r in E.sweep(b, f, ks=(1,), alphas=(), sets={'x': []}, progress=False)] == ['attn_out']
     with pytest.warns(UserWarning, match="no read-side matrices mapped.*the read side is skipped"): assert not _read_matrices(f, True)
     if arch != 'mamba2':   # a stored `intermediate_size` is the width, not `expand` times the model's (Falcon Mamba 7B: 8192, not 16 × 4096)
         cfg = _config(arch).to_dict() | dict(expand=16, intermediate_size=128)

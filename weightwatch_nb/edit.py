@@ -412,7 +412,8 @@ def sweep(base,                  # base model (source or loaded)
           progress:bool=True,    # progress bar over sweep points
          )->Table:               # rows: organism, edit, amount, matrices, one column per metric
     "Measure behaviours after removing k directions per matrix and after interpolating with weight α."
-    S, name, matrices = sets or prompt_sets(seed=0, n=90), _label(finetuned), _as_matrices(matrices)
+    S, name = sets or prompt_sets(seed=0, n=90), _label(finetuned)
+    matrices = wanted_matrices(_as_matrices(matrices), arch_info(open_tensors(base).config))   # (the ones the architecture has)
     points = [('remove', k) for k in ks] + [('interpolate', float(a)) for a in alphas]
     rows = Table()
     for edit, x in tqdm(points, desc=f'sweep {name}', disable=not progress):
