@@ -1221,6 +1221,23 @@ def test_configs_that_leave_fields_to_the_class(arch):
     assert arch_summary(short) == arch_summary(cfg)   # the fingerprint's config part: a checkpoint's file is the model it loads
     if cfg.model_type in FAMILIES: assert arch_info(short) == arch_info(cfg)
 
+def test_old_artifacts_of_a_hub_model(tmp_path):
+    "The same checkpoint as a hub model (filed in a local hub cache): its id, the model loaded by its id and its folder have one fingerprint, and the hash the old code recorded matches them."
+    import os, subprocess, sys
+    from weightwatch_nb.core import cache_as_hub_model
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    c = json.loads((b/'config.json').read_text()); c.pop('num_key_value_heads'); (b/'config.json').write_text(json.dumps(c))
+    cache_as_hub_model(b, 'weightwatch-test/old', tmp_path/'hub')
+    code = f"""
+from weightwatch_nb.core import fingerprint, load_model, same_weights
+a, m = fingerprint('weightwatch-test/old'), fingerprint(load_model('weightwatch-test/old'))
+assert a == m == fingerprint({str(b)!r}) and 'legacy' in a, (a, m)
+assert same_weights({OLD_FINGERPRINT!r}, a) == same_weights({OLD_FINGERPRINT!r}, m) == 'exact'
+print('ok')
+"""
+    r = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'HF_HUB_CACHE': str(tmp_path/'hub'), 'HF_HUB_OFFLINE': '1'}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
+
 def test_multimodal_configs_with_their_text_sizes_at_the_top(tmp_path):
     "Qwen2.5-VL's config.json gives its language model's sizes at the top level, which its class moves into `text_config`: a 7B base and a 3B fine-tune are still told apart."
     from weightwatch_nb.core import check_comparable
@@ -1231,6 +1248,10 @@ def test_multimodal_configs_with_their_text_sizes_at_the_top(tmp_path):
     for name, c in (('a', vl7), ('b', vl3), ('c', vl7)): (tmp_path/name).mkdir(); (tmp_path/name/'config.json').write_text(json.dumps(c))
     with pytest.raises(WeightwatchError, match=r"differ in their language model's `hidden_size`: 3584 vs 2048"): check_comparable(tmp_path/'a', tmp_path/'b', check_tokenizer=False)
     check_comparable(tmp_path/'a', tmp_path/'c', check_tokenizer=False)
+
+OLD_FINGERPRINT = dict(dtype='float32', sha256='8bd1958876dbd0695c3e3fee6a2d0f681147cd68f41229c7bc56ac6d34763345', rounded={   # what the code before configs were
+    'bfloat16': 'cf61abbc44c73c7f0f0c775791b58890028b7731d8c1168ba194e168e2de47ac', 'float16': '5e3da357814e18c0cf9f7ab3f583840d2a3e562fda126ee436320551212695e3'},   # read through their class
+    embed=dict(sha256='5f36f5ec35bec9a22117466dc579cd2b4dbe034be1956bc2eceac0b7f8058571', rounded={}))   # (3da1736) recorded for `make_tiny_checkpoint(..., 'llama')` without `num_key_value_heads`
 
 def test_checkpoint_whose_config_leaves_fields_out(tmp_path):
     "A base whose config.json leaves `num_key_value_heads` to the class is comparable with a fine-tune whose config states it, and its file and its loaded model have one fingerprint."
@@ -1243,9 +1264,7 @@ def test_checkpoint_whose_config_leaves_fields_out(tmp_path):
     check_comparable(b, tmp_path/'ft')
     # artifacts made before configs were read through their class recorded this folder's fingerprint from the config.json as stored
     # (the block hash below, computed by that code, 3da1736): they still match the folder and the model loaded from it, and nothing else
-    old = dict(dtype='float32', sha256='8bd1958876dbd0695c3e3fee6a2d0f681147cd68f41229c7bc56ac6d34763345', rounded={
-        'bfloat16': 'cf61abbc44c73c7f0f0c775791b58890028b7731d8c1168ba194e168e2de47ac', 'float16': '5e3da357814e18c0cf9f7ab3f583840d2a3e562fda126ee436320551212695e3'})
-    old['embed'] = dict(sha256='5f36f5ec35bec9a22117466dc579cd2b4dbe034be1956bc2eceac0b7f8058571', rounded={})
+    old = OLD_FINGERPRINT
     assert fingerprint(b)['sha256'] != old['sha256'] and fingerprint(b)['legacy']['sha256'] == old['sha256']
     assert same_weights(old, fingerprint(b)) == same_weights(old, fingerprint(load_model(b))) == 'exact' and same_weights(old, fingerprint(tmp_path/'ft')) is None
     import transformers as T   # the same weights loaded as another model (twice the heads, each half as wide): no legacy hash of the folder's, and no match

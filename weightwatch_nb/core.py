@@ -636,13 +636,25 @@ def fingerprint(model, # HF model, TransformerBridge, checkpoint source ('zoo:NA
     "Architecture summary, weight hash and weight dtype that identify `model` for artifacts, with the hashes of its lower-precision copies."
     if callable(getattr(type(model), 'ww_fingerprint', None)): return model.ww_fingerprint()
     if isinstance(model, (str, os.PathLike)):
+        s = resolve_source(model)
+        if s.kind == 'hub': model = _hub_folder(s.ref)   # (its snapshot, as `open_tensors` reads it)
         cfg = raw = json.loads((Path(resolve_source(model).ref)/'config.json').read_text())
-    else:   # (a model loaded from a folder: that folder's config.json, as stored, for the `legacy` hash)
+    else:   # (a model loaded from a folder, or by hub id from its cached snapshot: that config.json, as stored, for the `legacy` hash)
         cfg, raw = getattr(model, 'original_model', model).config, None
-        if (p := str(getattr(cfg, '_name_or_path', '') or '')) and (Path(p)/'config.json').is_file():
-            try: raw = json.loads((Path(p)/'config.json').read_text())
-            except (OSError, ValueError): raw = None
+        if p := str(getattr(cfg, '_name_or_path', '') or ''):
+            try: raw = json.loads((Path(p if Path(p).is_dir() else _hub_folder(p, local=True))/'config.json').read_text())
+            except Exception: raw = None
     return _fingerprint(cfg, _named_tensors(model), raw)
+
+def _hub_folder(ref:str, # a hub id
+                local:bool=False, # only from the local cache
+               )->str: # the folder of its snapshot
+    "A hub model's snapshot folder (its config and safetensors), fetched unless `local`."
+    from huggingface_hub import snapshot_download
+    try: return snapshot_download(ref, allow_patterns=['*.json', '*.safetensors'], local_files_only=local)
+    except Exception as e:
+        raise WeightwatchError(f"could not fetch {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                               "check the id and the network, or download it and pass the folder") from e
 
 def same_weights(want:dict|None, # the fingerprint an artifact recorded
                  have:dict|None, # the fingerprint of the model at hand

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS',
@@ -516,13 +516,7 @@ def open_tensors(src, # 'zoo:NAME', checkpoint dir, hub id, HF model, Transforme
         base = json.loads((Path(s.ref)/'adapter_config.json').read_text()).get('base_model_name_or_path')
         if not base: raise WeightwatchError(f"adapter {str(src)!r} does not name its base model: pass `LoraTensors(base, adapter)`")
         return LoraTensors(base, s.ref)
-    if s.kind == 'hub':
-        from huggingface_hub import snapshot_download
-        try: ref = snapshot_download(s.ref, allow_patterns=['*.json', '*.safetensors'])
-        except Exception as e:
-            raise WeightwatchError(f"could not fetch {s.ref!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                                   "check the id and the network, or download it and pass the folder") from e
-        return CheckpointTensors(ref)
+    if s.kind == 'hub': return CheckpointTensors(_hub_folder(s.ref))
     return CheckpointTensors(s.ref)
 
 # %% ../nbs/03_delta.ipynb #26f5ef99
