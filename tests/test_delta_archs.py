@@ -487,6 +487,12 @@ def test_layouts_not_mapped_are_refused():
         with pytest.raises(WeightwatchError, match=f"not Falcon-7B's layout.*{why}"): arch_info(falcon | bad)
     assert arch_info(opt)['d_mlp'] == 128 and arch_info(_config('gpt_bigcode'))['kv'] == 16 and arch_info(falcon)['kv'] == 16   # (ffn_dim; one key and value head)
 
+def _planted_found(truth, *ds):
+    "Each planted update's directions are in whichever of the `Directions` `ds` has its (layer, matrix)."
+    for d in ds:
+        for key, U in truth.items():
+            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+
 def _switched_and_edited_give_base(model, b, f, mon, ms, ids):
     "`ClipWeights` with every token switched, and the weights without `ms`'s rank-1 updates, both give the base model (and the fine-tune does not)."
     from weightwatch_nb.steer import steering, swapped_weights, _AllOn as AllOn
@@ -767,9 +773,7 @@ def test_granite_hybrid_of_mamba_and_attention(arch, tmp_path):
         dw = compute_directions(b, f, k=1, matrices=['attn_out', out], hook_point=WRITE_HOOK, progress=False)
     assert moe == any('compared with what the experts write' in str(x.message) for x in w)   # (with experts, no hook has the shared MLP's output alone)
     dr = compute_directions(b, f, k=1, matrices=[up], layers=[1], progress=False)
-    for d in (dw, dr):
-        for key, U in truth.items():
-            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+    _planted_found(truth, dw, dr)
     model = load_model(f)
     hf, seen = model.original_model.model.layers, {}
     assert hf[0].mamba is not None and hf[0].self_attn is None and hf[1].self_attn is not None   # block 0: Mamba-2, block 1: attention
@@ -799,9 +803,7 @@ def test_nemotron_h_blocks_of_one_mixer(tmp_path):
     dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], hook_point=WRITE_HOOK, progress=False)
     dr = compute_directions(b, f, k=1, matrices=['attn_q', 'mlp_in'], progress=False)
     assert sorted(dw.vectors) == [(0, 'attn_out'), (1, 'mlp_out'), (2, 'attn_out')] and sorted(dr.vectors) == [(2, 'attn_q'), (3, 'mlp_in')]   # each where its block has it
-    for d in (dw, dr):
-        for key, U in truth.items():
-            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+    _planted_found(truth, dw, dr)
     model = load_model(f)
     hf, seen = model.original_model.model.layers, {}
     keys = [(0, 'attn_out'), (1, 'mlp_out'), (2, 'attn_out'), (2, 'attn_q'), (3, 'mlp_in')]
@@ -926,9 +928,7 @@ def test_hybrid_of_mamba_or_convolution_and_attention(arch, tmp_path):
     assert (info['linear_layers'], info['d_mlp'], info.get('mamba_inner')) == (((0,), 96, 128) if arch == 'bamba' else ((0,), 128, None))
     dw = compute_directions(b, f, k=1, matrices=['attn_out', 'mlp_out'], hook_point=WRITE_HOOK, progress=False)
     dr = compute_directions(b, f, k=1, matrices=['mlp_in'], progress=False)
-    for d in (dw, dr):
-        for key, U in truth.items():
-            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+    _planted_found(truth, dw, dr)
     model = load_model(f)
     hf, seen = model.original_model.model.layers, {}
     keys = [(0, 'attn_out'), (1, 'attn_out'), (0, 'mlp_out'), (1, 'mlp_in')]
@@ -1076,9 +1076,7 @@ def test_gemma4_with_experts_beside_the_mlp(tmp_path):
     with pytest.warns(UserWarning, match=r"has an MLP beside its experts \(mapped as a shared expert\), and \['mlp_shared_out'\] are not among"):
         assert compute_directions(b, f, k=1, matrices=['mlp_out'], hook_point=WRITE_HOOK, progress=False).hook_point == dw.hook_point   # (either template means the same)
     assert compute_directions(b, f, k=1, matrices=['mlp_in'], hook_point=READ_HOOK, progress=False).hook_point == dr.hook_point
-    for d in (dw, dr):
-        for key, U in truth.items():
-            if key in d.vectors: assert subspace_cosines(d[key].T, U).min() >= 0.999, key
+    _planted_found(truth, dw, dr)
     model = load_model(f)
     hf, seen = model.original_model.model.layers, {}
     keys = [(0, 'attn_out'), (0, 'mlp_out'), (0, 'mlp_shared_out'), (1, 'mlp_in'), (1, 'mlp_shared_in')]
