@@ -1,5 +1,5 @@
 "Weight deltas and directions beyond the notebooks' two architectures: Llama-family relatives, GPT-NeoX, sharded and bf16 checkpoints, GPT-2 LoRA."
-import json, warnings
+import contextlib, io, json, warnings
 from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
@@ -75,6 +75,28 @@ def test_gpt2_lora_equals_merged_and_fingerprint(tmp_path):
     for key in dlo.vectors: assert torch.allclose(dlo.vectors[key], dme.vectors[key], atol=1e-4)
     assert dlo.meta['fingerprints']['finetuned'] == fingerprint(load_model(tmp_path/'lora'))
     Directions.load(dlo.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))
+
+def test_lora_that_also_trains_biases_and_whole_modules(tmp_path):
+    "An adapter that trains biases (`bias='all'`), LoRA biases and a whole module (`modules_to_save`) besides B·A: its fingerprint is the model PEFT loads and merges, its directions are the merged model's, and the vectors it changed are on record."
+    from peft import LoraConfig, get_peft_model
+    from weightwatch_nb.delta import changed_vectors
+    b = make_tiny_checkpoint(tmp_path/'base', 'gpt2')
+    torch.manual_seed(0)
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=2, lora_alpha=4, target_modules=['c_attn', 'c_proj'], fan_in_fan_out=True, bias='all',
+                                                  lora_bias=True, modules_to_save=['ln_f']))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad and 'lora_A' not in n: p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path/'lora')
+    merged = pm.merge_and_unload(); merged.save_pretrained(tmp_path/'merged')
+    with pytest.warns(UserWarning, match=r"also fully retrains \['ln_f'\]"):
+        dlo = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=['attn_out', 'mlp_out'], progress=False)
+    dme = compute_directions(b, tmp_path/'merged', k=2, matrices=['attn_out', 'mlp_out'], method='exact', progress=False)
+    assert dlo.names() == dme.names() and all(torch.allclose(dlo.vectors[k], dme.vectors[k], atol=1e-4) for k in dlo.vectors)
+    assert dlo.meta['fingerprints']['finetuned'] == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))   # before: the base's biases
+    Directions.load(dlo.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))
+    want = changed_vectors(open_tensors(b), open_tensors(tmp_path/'merged'))
+    assert dlo.meta['changed_vectors'] == dme.meta['changed_vectors'] == want and {'transformer.ln_f.weight', 'transformer.h.0.attn.c_proj.bias'} <= set(want)
 
 def test_bad_pairs(tmp_path):
     b = make_tiny_checkpoint(tmp_path/'a', 'llama')
@@ -875,7 +897,17 @@ def test_state_space_models(arch, tmp_path, monkeypatch):
     assert compute_directions(b, f, k=1, progress=False).names() == ['L0.attn_out.u0', 'L1.attn_out.u0']   # (the default matrices: the writers it has)
     from weightwatch_nb.edit import remove_directions, interpolate
     from weightwatch_nb.demo import _read_matrices
-    assert remove_directions(b, f, 1, progress=False).ww_edit['matrices'] == interpolate(b, f, 0.5, ['mlp_out', 'attn_out'], progress=False).ww_edit['matrices'] == ['attn_out']
+    assert remove_directions(b, f, 1, progress=False).ww_edit['matrices'] == interpolate(b, f, 0.5, ['attn_out'], progress=False).ww_edit['matrices'] == ['attn_out']
+    for ask in (['attn_out', 'mlp_out'], 'mlp_out,attn_out'):   # the default matrices asked for by name: refused, not quietly narrowed to the one it has
+        for call in (lambda: compute_directions(b, f, k=1, matrices=ask, progress=False), lambda: interpolate(b, f, 0.5, ask, progress=False),
+                     lambda: remove_directions(b, f, 1, ask, progress=False)):
+            with pytest.raises(WeightwatchError, match=rf"{arch} has no `mlp_out` matrix; choose from \['attn_out', 'embed', 'unembed'\] \(or leave the matrices out"): call()
+    from weightwatch_nb.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err): assert main(['directions', str(b), str(f), '-o', str(tmp_path/'d.safetensors'), '--matrices', 'attn_out,mlp_out', '--quiet']) == 2
+    assert 'has no `mlp_out` matrix' in err.getvalue() and not (tmp_path/'d.safetensors').exists(), err.getvalue()
+    assert main(['directions', str(b), str(f), '-o', str(tmp_path/'d.safetensors'), '--k', '1', '--quiet']) == 0
+    assert Directions.load(tmp_path/'d.safetensors').meta['matrices'] == ['attn_out']
     import weightwatch_nb.edit as E; monkeypatch.setattr(E, 'measure', lambda *a, **kw: {})   # (the sweep's table too; its behaviours are not what is tested here)
     assert [r['matrices'] for r in E.sweep(b, f, ks=(1,), alphas=(), sets={'x': []}, progress=False)] == ['attn_out']
     with pytest.warns(UserWarning, match="no read-side matrices mapped.*the read side is skipped"): assert not _read_matrices(f, True)

@@ -19,9 +19,9 @@ __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', '
            'MOE_WIDTH', 'MIXER_SPECS', 'READ_MATRICES', 'BLOCK_MATRICES', 'WRITE_MATRICES', 'EXPERT_STORES',
            'PEFT_TRANSPOSED', 'MatrixSpec', 'nemotron_h_blocks', 'arch_info', 'dense_layers', 'layer_specs',
            'spec_layer', 'orient', 'put_oriented', 'CheckpointTensors', 'StateDictTensors', 'open_tensors',
-           'block_matrices', 'wanted_matrices', 'find_keys', 'unmapped_changes', 'iter_deltas', 'read_adapter',
-           'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd', 'lowrank_svd',
-           'subspace_cosines', 'plant_update']
+           'block_matrices', 'wanted_matrices', 'find_keys', 'unmapped_changes', 'changed_vectors', 'iter_deltas',
+           'read_adapter', 'expert_lora', 'lora_factors', 'LoraTensors', 'sign_fix', 'svd_method', 'top_svd',
+           'lowrank_svd', 'subspace_cosines', 'plant_update']
 
 # %% ../nbs/03_delta.ipynb #56290ed5
 MATRICES = ('attn_out', 'mlp_out', 'attn_q', 'attn_k', 'attn_v', 'attn_kv', 'mlp_in', 'mlp_gate', 'mlp_router',
@@ -541,30 +541,31 @@ def _suffix_index(keys)->dict:
         for i in range(len(parts)): idx.setdefault('.'.join(parts[i:]), []).append(k)
     return idx
 
-def wanted_matrices(matrices, # names from `MATRICES`
+def wanted_matrices(matrices, # names from `MATRICES`, or None: the default ones
                     info:dict, # from `arch_info`
                    )->list[str]:
-    "`matrices`, less those the architecture lacks where they are the default ones (`DEFAULT_MATRICES`, in any order: a state-space model has no MLP)."
-    return [m for m in matrices if m in info['specs']] if sorted(matrices) == sorted(DEFAULT_MATRICES) else list(matrices)
+    "`matrices` as asked for; for None, the default ones (`DEFAULT_MATRICES`) that the architecture has (a state-space model has no MLP)."
+    return [m for m in DEFAULT_MATRICES if m in info['specs']] if matrices is None else list(matrices)
 
 def find_keys(keys,            # checkpoint tensor names
               info:dict,       # from `arch_info`
-              matrices=DEFAULT_MATRICES, # which matrices, from `MATRICES`
+              matrices=None,   # which matrices, from `MATRICES` (default: `DEFAULT_MATRICES`, those the architecture has)
               layers=None,     # block indices (default: all)
               suffix:str='',   # strip this from templates before matching (e.g. '.weight' for adapters)
               required:bool=True, # raise if a matrix is missing (else skip it)
              )->dict:          # {(layer, matrix): (key, MatrixSpec)}
     "Locate each requested matrix in a checkpoint's tensor names, in layer then `MATRICES` order."
+    matrices = wanted_matrices(matrices, info)
     bad = [m for m in matrices if m not in MATRICES]
     if bad: raise WeightwatchError(f"unknown matrices {bad}: choose from {list(MATRICES)}")
-    matrices = wanted_matrices(matrices, info)
+    if (no := [m for m in matrices if m not in info['specs']]):
+        raise WeightwatchError(f"{info['model_type']} has no {', '.join(f'`{m}`' for m in no)} matri{'x' if len(no) == 1 else 'ces'}; choose from {list(info['specs'])}"
+                               + (" (or leave the matrices out: the default ones are those the model has)" if set(no) <= set(DEFAULT_MATRICES) else ""))
     idx, out = _suffix_index(keys), {}
     layers = range(info['n_layers']) if layers is None else layers
     if (out_of := [l for l in layers if not 0 <= l < info['n_layers']]):
         raise WeightwatchError(f"layers {out_of} do not exist: this {info['model_type']} model has blocks 0..{info['n_layers']-1}")
     for m in matrices:
-        spec = info['specs'].get(m)
-        if spec is None: raise WeightwatchError(f"{info['model_type']} has no `{m}` matrix; choose from {list(info['specs'])}")
         for l in ([None] if m in ('embed', 'unembed') else layers):
             if (spec := layer_specs(info, l).get(m)) is None: continue   # a router or shared expert at a dense layer of a mixture of experts
             names = [n.format(layer=l).removesuffix(suffix) for n in (spec.key, *spec.alt)]
@@ -607,6 +608,14 @@ def unmapped_changes(base, # the base model's tensor source (`open_tensors`)
         if not torch.equal(_rows_of(base, k, idx), _rows_of(finetuned, k, idx)): out.append(k)
     return out
 
+def changed_vectors(base, # the base model's tensor source (`open_tensors`)
+                    finetuned, # the fine-tuned model's
+                   )->list[str]: # names of the changed vectors, as loaded
+    "Vectors (1-D tensors: norm gains, biases) and scalars of the fine-tuned model that differ from the base's: changes no singular direction can show."
+    have = set(base.keys())
+    return [k for k in finetuned.keys() if k in have and len(shape := tuple(finetuned.shape(k))) <= 1 and tuple(base.shape(k)) == shape
+            and not torch.equal(base.get(k), finetuned.get(k))]
+
 # %% ../nbs/03_delta.ipynb #8ec7aff3
 def _origin(t): return str(t.path) if isinstance(t, CheckpointTensors) else t if hasattr(type(t), 'ww_fingerprint') else t.model   # what `fingerprint` takes
 
@@ -622,7 +631,7 @@ def _check_finite(W:Tensor, key:str, which:str)->Tensor:
 
 def iter_deltas(base,            # base model: source or loaded model (ignored in mode 'raw', may be None)
                 finetuned,       # fine-tuned model: source or loaded model
-                matrices=DEFAULT_MATRICES, # which matrices, from `MATRICES`
+                matrices=None,   # which matrices, from `MATRICES` (default: `DEFAULT_MATRICES`, those the architecture has)
                 mode:str='sub',  # 'sub': W_ft - W_base (the paper); 'raw': W_ft alone
                 layers=None,     # block indices (default: all)
                )->Iterator[tuple[int, str, Tensor]]: # (layer, matrix, ΔW float32 [d_model, d_in])
@@ -847,7 +856,7 @@ def _expert_lora(A:Tensor, B:Tensor, spec:MatrixSpec, info:dict, scale:float)->t
 
 def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
                  config,           # the base model's config (dict or `PretrainedConfig`)
-                 matrices=DEFAULT_MATRICES, # which matrices, from `MATRICES`
+                 matrices=None,    # which matrices, from `MATRICES` (default: `DEFAULT_MATRICES`, those the architecture has)
                  layers=None,      # block indices (default: all)
                 )->Iterator[tuple[int, str, Tensor, Tensor]]: # (layer, matrix, L [d_model, r], R [r, d_in]), ΔW = L @ R (fused experts: R sparse, its rows orthonormal)
     "Yield each LoRA delta as float32 factors oriented [d_model, d_in]; modules the adapter leaves alone are skipped."
@@ -865,6 +874,17 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
         yield (l, m, B, A) if spec.residual == 'out' else (l, m, A.T, B.T)
 
 # %% ../nbs/03_delta.ipynb #8a2850bc
+def _adapter_tensors(adapter:Path, model_type:str)->tuple[dict, dict]:
+    "An adapter's tensors that are not LoRA factors: those it trains in full ({param name as loaded: tensor}) and LoRA biases ({module: tensor})."
+    full, lbias = {}, {}
+    with _safe_open(adapter/'adapter_model.safetensors', 'adapter') as fh:
+        for k in fh.keys():
+            if (mt := re.match(r'^(.*)\.lora_B\.bias$', k)): lbias[_renamed(mt[1] + '.', model_type)[:-1]] = fh.get_tensor(k).float()
+            elif not re.search(r'\.lora_(?:embedding_)?[AB](?:\.weight)?$|\.lora_magnitude_vector|\.original_module\.', k):   # biases (`bias='all'`), `modules_to_save`
+                n = _renamed(k.removeprefix('base_model.model.').replace('.base_layer.', '.'), model_type)   # (with `bias='all'`, PEFT also saves a
+                full.setdefault(n.replace('.modules_to_save.', '.'), fh.get_tensor(k))   # module's copies' biases: the base's, skipped, and the trained one twice)
+    return full, lbias
+
 class LoraTensors:
     "Base model + LoRA adapter as a lazy tensor source: each adapted weight merged (in float32, as PEFT merges it) when it is read."
     tensor_source = True
@@ -880,11 +900,23 @@ class LoraTensors:
         self.loaded = dict(_as_loaded(self.base.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
         self.changed = {k: (mods[0], stored.get(k)) for n, k in self.loaded.items()
                         if (mods := idx.get(n.removesuffix('.weight'), []) or idx.get(k.removesuffix('.weight'), []))}
-    def __repr__(self): return f"LoraTensors({self.base!r} + {str(self.path)!r}, {len(self.changed)} tensors changed)"
+        full, lbias = _adapter_tensors(self.path, info['model_type'])   # what the adapter trains in full (biases, `modules_to_save`), and LoRA biases
+        fidx, bidx = _suffix_index(full), _suffix_index(lbias)
+        hit = lambda ix, *names: next((h[0] for x in names if (h := ix.get(x))), None)   # the adapter's name for a base tensor, if it has one
+        self.full = {k: a for n, k in self.loaded.items() if (a := hit(fidx, n, k))}                     # base name -> the adapter's
+        self.bias = {k: m for n, k in self.loaded.items() if n.endswith('.bias') and (m := hit(bidx, n[:-5], k[:-5]))}   # base name -> module
+        if (odd := sorted(set(full) - set(self.full.values())) + sorted(set(lbias) - set(self.bias.values()))):
+            raise WeightwatchError(f"adapter {str(self.path)!r} trains {len(odd)} tensor(s) the base model does not have (e.g. {odd[:2]}): "
+                                   "it was trained on another model; pass the base it names (adapter_config.json's base_model_name_or_path)")
+        self.full, self.bias = {k: full[a] for k, a in self.full.items()}, {k: (lbias[m], m) for k, m in self.bias.items()}
+    def __repr__(self): return f"LoraTensors({self.base!r} + {str(self.path)!r}, {len(self.changed) + len(self.full) + len(self.bias)} tensors changed)"
     def keys(self)->list[str]: return self.base.keys()
     def shape(self, k:str)->tuple: return self.base.shape(k)
     def get(self, k:str)->Tensor:
-        t = self.base.get(k)
+        t = self.base.get(k) if k not in self.full else self.full[k].float()   # (trained in full: the adapter's copy replaces the base's)
+        if k in self.bias:                                   # LoRA's own bias (`lora_bias=True`): added, scaled, as PEFT merges it
+            b, mod = self.bias[k]
+            return t.float() + b * _lora_scale(mod, self.fac[mod][0].shape[0], self.lora)
         if k not in self.changed: return t
         mod, kind = self.changed[k]
         A, B = self.fac[mod]

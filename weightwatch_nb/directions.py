@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT, extract_language_model
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas, wanted_matrices,
-                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, unmapped_changes, _safe_open, _origin)
+                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, unmapped_changes, changed_vectors, _safe_open, _origin)
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
@@ -224,7 +224,9 @@ def _repr_markdown_(self:Directions)->str:
     rows = ["| layer | matrix | k | top singular values |", "|---|---|---|---|"]
     rows += [f"| {l} | {m} | {v.shape[0]} | {', '.join(f'{s:.3g}' for s in self.S[(l, m)][:5].tolist())}{' ...' if v.shape[0] > 5 else ''} |"
              for (l, m), v in self.vectors.items()]
-    return head + '\n'.join(rows)
+    left = [f"{len(v)} {what}" for what, v in (('matrices no matrix maps to', self.meta.get('unmapped')),
+                                                 ('vectors (norm gains, biases)', self.meta.get('changed_vectors'))) if v]
+    return head + '\n'.join(rows) + (f"\n\nAlso changed by the fine-tune, not in these directions: {', '.join(left)}" if left else '')
 
 @patch
 def __repr__(self:Directions)->str:
@@ -297,7 +299,8 @@ def load(cls:Directions,
     return d
 
 # %% ../nbs/04_directions.ipynb #830e75c6
-def _as_matrices(matrices)->tuple:
+def _as_matrices(matrices)->tuple|None:
+    if matrices is None: return None   # the default ones the architecture has (`wanted_matrices`)
     ms = tuple(m.strip() for m in matrices.split(',')) if isinstance(matrices, str) else tuple(matrices)
     bad = [m for m in ms if m not in MATRICES]
     if bad or not ms: raise WeightwatchError(f"unknown matrices {bad or ms}: choose from {','.join(MATRICES)}")
@@ -358,7 +361,7 @@ def _pbar(total, progress, desc):
 def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or loaded model (None in mode 'raw')
                        finetuned=None,  # fine-tuned model: same kinds, or a LoRA adapter dir
                        k:int=20,        # directions per (layer, matrix), at most
-                       matrices=DEFAULT_MATRICES, # names from `MATRICES`, or a comma-separated string
+                       matrices=None,   # names from `MATRICES`, or a comma-separated string (default: `DEFAULT_MATRICES`, those the architecture has)
                        method:str='auto', # SVD: 'exact', 'randomized' or 'auto' (by size)
                        mode:str='sub',  # 'sub': ΔW = W_ft - W_base (the paper); 'raw': W_ft alone
                        lora=None,       # LoRA adapter dir: ΔW = B·A·scale on top of `base`, read without merging
@@ -374,7 +377,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
     if isinstance(finetuned, (str, os.PathLike)) and resolve_source(finetuned).kind == 'adapter':
         if lora is not None and Path(lora) != Path(finetuned): raise WeightwatchError("pass the LoRA adapter once: as `finetuned` or as `lora=`, not both")
         finetuned, lora = None, finetuned
-    V, S, norms, used = {}, {}, {}, set()
+    V, S, norms, used, other, vecs = {}, {}, {}, set(), [], []
     if lora is not None:
         if mode != 'sub': raise WeightwatchError("mode 'raw' needs the full fine-tuned weights; a LoRA adapter only has the delta: use mode 'sub'")
         if finetuned is not None: raise WeightwatchError("with `lora=` the fine-tuned model is base + adapter: leave `finetuned` empty")
@@ -394,7 +397,8 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                 norms[f"L{l}.{m}"] = float(L.norm()) if ortho else float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
                 if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
                 used.add('lowrank'); pb.update()
-        fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(LoraTensors(bt, lora))}
+        lt = LoraTensors(bt, lora); vecs = changed_vectors(bt, lt)   # (biases and norms the adapter trains: `bias='all'`, `modules_to_save`)
+        fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(lt)}
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
         ft = open_tensors(finetuned); bt = open_tensors(base) if mode == 'sub' else None
@@ -412,15 +416,20 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if bt is not None and (other := unmapped_changes(bt, ft, info, progress=progress)):   # e.g. Qwen3.5's gate and decay projections, Gemma 4's per-layer inputs
             warnings.warn(f"the fine-tune also changes {len(other)} matri{'x' if len(other) == 1 else 'ces'} that no {info['model_type']} matrix maps to "
                           f"(e.g. {other[:2]}); their changes are not in these directions", stacklevel=2)
+        if bt is not None: vecs = changed_vectors(bt, ft)   # norm gains, biases: recorded (a full fine-tune changes them all), not warned about
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
     if not V:
+        also = (f" The fine-tune does change {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), which have no singular directions"
+                f"{f', and {len(other)} matrices no matrix maps to' if other else ''}: a fine-tune of those alone (BitFit, norm tuning) "
+                "is outside what weight directions see." if vecs else "")
         raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}): there is no "
-                               "delta to take directions from. Check that FINETUNED really is a fine-tune of BASE (not the same model twice), "
-                               "or ask for other matrices (--matrices)")
+                               "delta to take directions from." + (also or " Check that FINETUNED really is a fine-tune of BASE (not the same "
+                               "model twice), or ask for other matrices (--matrices)"))
     meta = dict(fingerprints=fps, k=k, mode=mode, svd=used.pop() if len(used) == 1 else 'mixed', matrices=list(matrices),
                 sources={'base': _label(base) if mode == 'sub' else None, 'finetuned': _label(finetuned) if lora is None else None,
                          'lora': str(lora) if lora is not None else None},
-                svd_params={'niter': 4, 'oversample': 'max(k, 10)', 'seed': 0}, delta_norm=norms, unchanged=unchanged)
+                svd_params={'niter': 4, 'oversample': 'max(k, 10)', 'seed': 0}, delta_norm=norms, unchanged=unchanged,
+                unmapped=other, changed_vectors=vecs)
     return Directions(V, S, hook_point, meta)
 
 # %% ../nbs/04_directions.ipynb #caff7031
@@ -536,7 +545,7 @@ class DirectionsBrowser:
 
 # %% ../nbs/04_directions.ipynb #6bb6f376
 def delta_spectra(base, finetuned, # model pair, as for `compute_directions`
-                  matrices=DEFAULT_MATRICES, # which matrices
+                  matrices=None,   # which matrices (default: `DEFAULT_MATRICES`, those the architecture has)
                   layers=None,     # block indices (default: all)
                   mode:str='sub',  # 'sub' or 'raw'
                  )->dict:          # {(layer, matrix): all singular values, descending}
@@ -567,7 +576,8 @@ def _directions_cmd(args):
     p = d.save(args.output)
     print(f"wrote {p}: {len(d)} directions over layers {d.layers[0]}..{d.layers[-1]} x {','.join(d.matrices)} "
           f"(k={args.k}, mode={args.mode}, svd={d.meta['svd']}, fine-tuned {d.meta['fingerprints']['finetuned']['id']})"
-          + (f"; unchanged (no directions): {', '.join(d.meta['unchanged'])}" if d.meta['unchanged'] else ''))
+          + (f"; unchanged (no directions): {', '.join(d.meta['unchanged'])}" if d.meta['unchanged'] else '')
+          + (f"; also changed, not in the directions: {len(d.meta['changed_vectors'])} vector(s) (norm gains, biases)" if d.meta['changed_vectors'] else ''))
 
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser
                 ):
@@ -579,7 +589,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('finetuned', metavar='FINETUNED', nargs='?', help='fine-tuned model (same kinds) or a LoRA adapter directory; optional with --lora')
     add_output(p, 'directions file to write (.safetensors)', metavar='OUT.safetensors')
     p.add_argument('--k', type=POSITIVE_INT, default=20, help='directions per layer and matrix (default 20)')
-    p.add_argument('--matrices', default='attn_out,mlp_out', help=f"comma-separated, from {','.join(MATRICES)} (default attn_out,mlp_out)")
+    p.add_argument('--matrices', help=f"comma-separated, from {','.join(MATRICES)} (default: attn_out,mlp_out, those the model has)")
     g = p.add_mutually_exclusive_group()
     g.add_argument('--exact', action='store_true', help='exact SVD for every matrix')
     g.add_argument('--randomized', action='store_true', help='randomized SVD for every matrix (default: chosen by size)')

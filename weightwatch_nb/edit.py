@@ -108,7 +108,7 @@ def _check_removal(base, finetuned, dirs_or_k, matrices, layers, where:str, lazy
             matrices, layers = [m for m in MATRICES if any(m == b for _, b in pairs)], sorted({l for l, _ in pairs})
     elif isinstance(dirs_or_k, bool) or not isinstance(dirs_or_k, int) or dirs_or_k < 0:
         raise WeightwatchError(f"dirs_or_k must be a number of directions (an integer >= 0) or a `Directions`, got {dirs_or_k!r}")
-    matrices = wanted_matrices(_as_matrices(DEFAULT_MATRICES if matrices is None else matrices), arch_info(open_tensors(finetuned).config))   # (Mamba: no MLP)
+    matrices = wanted_matrices(_as_matrices(matrices), arch_info(open_tensors(finetuned).config))   # (default: those the model has; Mamba: no MLP)
     check_comparable(base, finetuned)
     if pairs is None: _warn_shared(arch_info(open_tensors(finetuned).config), matrices)   # Qwen2-MoE: the shared expert left out?
     return finetuned, matrices, layers, pairs
@@ -404,7 +404,7 @@ def sweep(base,                  # base model (source or loaded)
           finetuned,             # fine-tuned model (source or loaded)
           ks=(0, 1, 2, 4, 8, 128), # directions removed per matrix (128 = d_model of the zoo: the matrices reset)
           alphas=(0., .25, .5, .75, 1.), # interpolation weights
-          matrices=DEFAULT_MATRICES, # matrices edited by direction removal
+          matrices=None,   # matrices edited by direction removal (default: `DEFAULT_MATRICES`, those the model has)
           sets:dict=None,        # prompt sets; default `zoo.prompt_sets(seed=0, n=90)`
           metrics=tuple(EDIT_METRICS), # what to measure, from `EDIT_METRICS`
           per_set:int=40,        # prompts per set
@@ -450,7 +450,7 @@ def _edit_cmd(args)->int:
     quiet_hf(args.quiet)
     check_apart(args.output, [args.base, args.finetuned], 'checkpoint folder')   # before any work, and never replaced with --force
     if args.remove is not None:
-        m = remove_directions(args.base, args.finetuned, args.remove, args.matrices or DEFAULT_MATRICES, args.layers, progress=not args.quiet)
+        m = remove_directions(args.base, args.finetuned, args.remove, args.matrices, args.layers, progress=not args.quiet)
         rm = m.ww_edit['removed']; n = sum(1 for v in rm.values() if v)   # a matrix with ΔW = 0 has nothing to remove: unchanged
         ms = ','.join(m.ww_edit['matrices'])
         what = (f"removed {'' if all(v == args.remove for v in rm.values() if v) else 'up to '}{args.remove} direction(s) per matrix "
