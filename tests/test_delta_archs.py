@@ -98,6 +98,70 @@ def test_lora_that_also_trains_biases_and_whole_modules(tmp_path):
     want = changed_vectors(open_tensors(b), open_tensors(tmp_path/'merged'))
     assert dlo.meta['changed_vectors'] == dme.meta['changed_vectors'] == want and {'transformer.ln_f.weight', 'transformer.h.0.attn.c_proj.bias'} <= set(want)
 
+def _adapter(b, out, seed=0, **kw):
+    "Save a PEFT adapter on checkpoint `b` with everything it trains (B, LoRA biases, biases, modules' copies, token rows) moved off its start; return PEFT's merged model."
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    pm = get_peft_model(load_hf(b)[0], LoraConfig(r=2, lora_alpha=4, **kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad and 'lora_A' not in n and 'lora_embedding_A' not in n: p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(out)
+    return pm.merge_and_unload()
+
+@pytest.mark.filterwarnings("ignore:adapter .* also fully retrains", "ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`")
+@pytest.mark.parametrize('arch, kw', [('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['lm_head'])),   # tied: PEFT's own copy
+                                      ('gpt2', dict(target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True)),   # tied: merged into the shared tensor
+                                      ('gpt2', dict(target_modules=['c_attn', 'wte'], fan_in_fan_out=True)),       # (an embedding's LoRA, stored [in, out])
+                                      ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, trainable_token_indices=[3, 5, 7])),
+                                      ('llama', dict(target_modules=['q_proj', 'down_proj'], trainable_token_indices={'embed_tokens': [2, 9]})),
+                                      ('llama', dict(target_modules=['q_proj'], modules_to_save=['o_proj', 'embed_tokens']))])
+def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
+    "Adapters that train a tied unembedding (a copy of it, or LoRA merged into the tensor it shares), an embedding, token rows or whole matrices: every tensor is PEFT's merge, and so is the fingerprint, also after a delta was read from it."
+    from weightwatch_nb.delta import LoraTensors
+    from weightwatch_nb.core import hf_state_dict
+    from weightwatch_nb.edit import removed_weights, remove_directions
+    b = make_tiny_checkpoint(tmp_path/'base', arch)
+    merged = _adapter(b, tmp_path/'lora', **kw); want = hf_state_dict(merged)
+    lt = LoraTensors(b, tmp_path/'lora')
+    for _ in range(2):   # twice: reading deltas must not change what it holds (it hands out copies)
+        assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want), [n for n, k in lt.loaded.items() if n in want and not torch.equal(lt.get(k).to(want[n]), want[n])]
+        list(iter_deltas(b, lt, list(MATRICES[:2])))
+    assert fingerprint(lt) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))
+    if 'modules_to_save' in kw and arch == 'llama':   # an edit of the lazily merged adapter is the edit of PEFT's merged model
+        merged.save_pretrained(tmp_path/'merged'); load_hf(b)[1].save_pretrained(tmp_path/'merged')
+        lazy, full = removed_weights(b, tmp_path/'lora', 1, progress=False), hf_state_dict(remove_directions(b, tmp_path/'merged', 1, progress=False))
+        assert lazy and all(torch.equal(v.to(full[n]), full[n]) for n, v in lazy.items())
+
+def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
+    "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."
+    from weightwatch_nb.delta import LoraTensors
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    with pytest.raises(RuntimeError, match='Impossible to merge LoRA with `lora_bias=True`'): _adapter(b, tmp_path/'lora', target_modules=['o_proj'], lora_bias=True)
+    with pytest.raises(WeightwatchError, match=r"trains a LoRA bias \(lora_bias=True\) on 2 layer\(s\) that have no bias.*cannot merge it"): LoraTensors(b, tmp_path/'lora')
+
+def test_changed_vectors_are_named_as_loaded_at_the_narrower_precision(tmp_path):
+    "Changed norm gains are found whatever the base's checkpoint calls them (the hub's GPT-2 drops `transformer.`), named as loaded; a fine-tune saved in bfloat16 has not changed every vector."
+    from safetensors.torch import load_file, save_file
+    import shutil
+    b = make_tiny_checkpoint(tmp_path/'base', 'gpt2')
+    torch.manual_seed(0)   # vectors that bfloat16 cannot hold exactly (a fresh model's ones and zeros it can)
+    save_file({k: v + 0.01 * torch.randn_like(v) if v.ndim == 1 else v for k, v in load_file(b/'model.safetensors').items()}, b/'model.safetensors', metadata={'format': 'pt'})
+    plant_update(b, tmp_path/'ft', {(1, 'mlp_out'): 1})
+    sd = load_file(tmp_path/'ft'/'model.safetensors'); sd['transformer.h.0.ln_1.weight'] += 0.25; save_file(sd, tmp_path/'ft'/'model.safetensors', metadata={'format': 'pt'})
+    shutil.copytree(b, tmp_path/'old'); save_file({k.removeprefix('transformer.'): v for k, v in load_file(b/'model.safetensors').items()}, tmp_path/'old'/'model.safetensors', metadata={'format': 'pt'})
+    for base, ft in ((b, tmp_path/'ft'), (tmp_path/'old', tmp_path/'ft'), (tmp_path/'old', load_hf(tmp_path/'ft')[0])):
+        assert compute_directions(base, ft, k=1, progress=False).meta['changed_vectors'] == ['transformer.h.0.ln_1.weight'], (base, ft)
+    load_hf(tmp_path/'ft', dtype=torch.bfloat16)[0].save_pretrained(tmp_path/'ft16')   # every tensor rounded, one vector changed
+    exact = {k for k, v in load_file(b/'model.safetensors').items() if v.ndim == 1 and torch.equal(v, v.bfloat16().float())}
+    assert not exact and compute_directions(b, tmp_path/'ft16', k=1, progress=False).meta['changed_vectors'] == ['transformer.h.0.ln_1.weight']
+
+def test_no_delta_in_the_requested_matrices_names_the_changed_ones(tmp_path):
+    "A LoRA on q and v, asked for the default matrices: the error names the matrices it did change, as --matrices."
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    _adapter(b, tmp_path/'lora', target_modules=['q_proj', 'v_proj'])
+    with pytest.raises(WeightwatchError, match=r"changes other matrices: ask for them \(--matrices attn_q,attn_v\)"): compute_directions(b, lora=tmp_path/'lora', progress=False)
+
 def test_bad_pairs(tmp_path):
     b = make_tiny_checkpoint(tmp_path/'a', 'llama')
     w = make_tiny_checkpoint(tmp_path/'w', 'llama', d_model=32)

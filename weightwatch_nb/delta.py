@@ -590,6 +590,23 @@ def _rows_of(src, k:str, idx:Tensor)->Tensor:
             return torch.cat([sl[int(i):int(i) + 1] for i in idx])
     return src.get(k)[idx]
 
+def _by_loaded_name(src)->dict:
+    "A tensor source's stored names, by the name a loaded model gives each (older GPT-2 checkpoints drop `transformer.`; transformers 5 renames some)."
+    from weightwatch_nb.core import _as_loaded
+    return {_renamed(n, src.config.get('model_type')): k for n, k in _as_loaded(src.keys(), json.dumps(src.config, sort_keys=True, default=str))}
+
+def _same_values(a:Tensor, b:Tensor)->bool:
+    "Equal values, compared at the narrower precision of the two: a fine-tune saved in bfloat16 has not changed every tensor of a float32 base."
+    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
+        lo = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)
+        a, b = a.to(lo), b.to(lo)
+    return torch.equal(a, b)
+
+def _common(base, finetuned, keep)->list[tuple[str, str, str]]:
+    "(loaded name, base's stored name, fine-tune's stored name) of the tensors both sources hold with one shape, where `keep(shape)`."
+    lb, lf = _by_loaded_name(base), _by_loaded_name(finetuned)
+    return [(n, lb[n], k) for n, k in lf.items() if n in lb and keep(shape := tuple(finetuned.shape(k))) and tuple(base.shape(lb[n])) == shape]
+
 def unmapped_changes(base, # the base model's tensor source (`open_tensors`)
                      finetuned, # the fine-tuned model's
                      info:dict, # `arch_info` of the pair
@@ -600,21 +617,18 @@ def unmapped_changes(base, # the base model's tensor source (`open_tensors`)
     "Matrices of the fine-tuned model that no matrix of its architecture maps to and that differ from the base's (whole, or on `rows` rows of a large one)."
     from tqdm.auto import tqdm
     mapped = {k for k, _ in find_keys(finetuned.keys(), info, list(info['specs']), required=False).values()}
-    have, out = set(base.keys()), []
-    todo = [k for k in finetuned.keys() if k not in mapped and k in have and len(shape := finetuned.shape(k)) >= 2 and tuple(base.shape(k)) == tuple(shape)]
-    for k in tqdm(todo, disable=not progress or not todo, desc='unmapped matrices', unit='matrix', leave=False):
+    todo, out = [(n, bk, k) for n, bk, k in _common(base, finetuned, lambda s: len(s) >= 2) if k not in mapped], []
+    for n, bk, k in tqdm(todo, disable=not progress or not todo, desc='unmapped matrices', unit='matrix', leave=False):
         shape = finetuned.shape(k)
         idx = torch.arange(shape[0]) if torch.Size(shape).numel() <= whole else torch.linspace(0, shape[0] - 1, min(rows, shape[0])).round().long().unique()
-        if not torch.equal(_rows_of(base, k, idx), _rows_of(finetuned, k, idx)): out.append(k)
+        if not _same_values(_rows_of(base, bk, idx), _rows_of(finetuned, k, idx)): out.append(n)
     return out
 
 def changed_vectors(base, # the base model's tensor source (`open_tensors`)
                     finetuned, # the fine-tuned model's
                    )->list[str]: # names of the changed vectors, as loaded
     "Vectors (1-D tensors: norm gains, biases) and scalars of the fine-tuned model that differ from the base's: changes no singular direction can show."
-    have = set(base.keys())
-    return [k for k in finetuned.keys() if k in have and len(shape := tuple(finetuned.shape(k))) <= 1 and tuple(base.shape(k)) == shape
-            and not torch.equal(base.get(k), finetuned.get(k))]
+    return [n for n, bk, k in _common(base, finetuned, lambda s: len(s) <= 1) if not _same_values(base.get(bk), finetuned.get(k))]
 
 # %% ../nbs/03_delta.ipynb #8ec7aff3
 def _origin(t): return str(t.path) if isinstance(t, CheckpointTensors) else t if hasattr(type(t), 'ww_fingerprint') else t.model   # what `fingerprint` takes
@@ -874,16 +888,24 @@ def lora_factors(adapter:str|os.PathLike, # PEFT LoRA adapter directory
         yield (l, m, B, A) if spec.residual == 'out' else (l, m, A.T, B.T)
 
 # %% ../nbs/03_delta.ipynb #8a2850bc
-def _adapter_tensors(adapter:Path, model_type:str)->tuple[dict, dict]:
-    "An adapter's tensors that are not LoRA factors: those it trains in full ({param name as loaded: tensor}) and LoRA biases ({module: tensor})."
-    full, lbias = {}, {}
+def _adapter_tensors(adapter:Path, model_type:str)->tuple[dict, dict, dict]:
+    "An adapter's tensors besides its LoRA factors: {loaded name: tensor} it trains in full, {module: LoRA bias}, {module: trainable token rows}."
+    full, lbias, tokens = {}, {}, {}
     with _safe_open(adapter/'adapter_model.safetensors', 'adapter') as fh:
         for k in fh.keys():
-            if (mt := re.match(r'^(.*)\.lora_B\.bias$', k)): lbias[_renamed(mt[1] + '.', model_type)[:-1]] = fh.get_tensor(k).float()
+            name = lambda m: _renamed(m + '.', model_type)[:-1]   # (modules named as `read_adapter` names them)
+            if (mt := re.match(r'^(.*)\.lora_B\.bias$', k)): lbias[name(mt[1])] = fh.get_tensor(k).float()
+            elif (mt := re.match(r'^(.*)\.token_adapter\.trainable_tokens_delta$', k)): tokens[name(mt[1])] = fh.get_tensor(k)   # `trainable_token_indices`
             elif not re.search(r'\.lora_(?:embedding_)?[AB](?:\.weight)?$|\.lora_magnitude_vector|\.original_module\.', k):   # biases (`bias='all'`), `modules_to_save`
-                n = _renamed(k.removeprefix('base_model.model.').replace('.base_layer.', '.'), model_type)   # (with `bias='all'`, PEFT also saves a
-                full.setdefault(n.replace('.modules_to_save.', '.'), fh.get_tensor(k))   # module's copies' biases: the base's, skipped, and the trained one twice)
-    return full, lbias
+                n = name(k.removeprefix('base_model.model.').replace('.base_layer.', '.'))   # (with `bias='all'`, PEFT also saves a module's copies' biases: the base's, skipped, and the
+                full.setdefault(n.replace('.modules_to_save.', '.'), fh.get_tensor(k))   # trained one twice)
+    return full, lbias, tokens
+
+def _token_rows(cfg:dict, module:str)->list[int]:
+    "The token rows PEFT's `trainable_token_indices` trains in `module`: one list for the input embedding, or a list per module name."
+    t = cfg.get('trainable_token_indices')
+    if isinstance(t, dict): return next((v for m, v in t.items() if module == m or module.endswith('.' + m)), [])
+    return list(t or [])
 
 class LoraTensors:
     "Base model + LoRA adapter as a lazy tensor source: each adapted weight merged (in float32, as PEFT merges it) when it is read."
@@ -891,29 +913,45 @@ class LoraTensors:
     def __init__(self, base, # the base model: any source `open_tensors` takes
                  adapter:str|os.PathLike, # PEFT LoRA adapter directory
                 ):
-        from weightwatch_nb.core import _as_loaded
+        from weightwatch_nb.core import _as_loaded, _UNEMBED
         self.base, self.path = open_tensors(base), Path(adapter)
         self.config, self.fresh = self.base.config, self.base.fresh   # an unchanged tensor is the base's own
         self.lora, self.fac = read_adapter(adapter, self.config)
         info, idx = arch_info(self.config), _suffix_index(self.fac)
-        stored = {key: spec.stored for key, spec in find_keys(self.base.keys(), info, list(info['specs']), required=False).values()}
+        stored = {}
+        for key, spec in find_keys(self.base.keys(), info, list(info['specs']), required=False).values(): stored.setdefault(key, spec.stored)   # (tied: the embedding's layout)
         self.loaded = dict(_as_loaded(self.base.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
         self.changed = {k: (mods[0], stored.get(k)) for n, k in self.loaded.items()
                         if (mods := idx.get(n.removesuffix('.weight'), []) or idx.get(k.removesuffix('.weight'), []))}
-        full, lbias = _adapter_tensors(self.path, info['model_type'])   # what the adapter trains in full (biases, `modules_to_save`), and LoRA biases
-        fidx, bidx = _suffix_index(full), _suffix_index(lbias)
+        if info['tied'] and (ul := [m for m in self.fac if _UNEMBED.search(m.rpartition('.')[2]) and m not in {v[0] for v in self.changed.values()}]):
+            ek = next(iter(find_keys(self.base.keys(), info, ['embed'], required=False).values()), (None,))[0]   # a tied unembedding: LoRA on it merges into
+            if ek in self.changed or ek is None:                                                              # the one tensor it shares with the embedding
+                raise WeightwatchError(f"adapter {str(self.path)!r} has LoRA on both the embedding and the unembedding (`{ul[0]}`), which this model ties "
+                                       "into one tensor; merge it with PEFT (`merge_and_unload()`), save the merged model and pass that as FINETUNED")
+            self.changed[ek] = (ul[0], 'linear')   # ([vocab, d_model], as the embedding stores it)
+        full, lbias, tokens = _adapter_tensors(self.path, info['model_type'])   # trained in full (biases, `modules_to_save`), LoRA biases, token rows
+        if info['tied']: full = {n: t for n, t in full.items() if not _UNEMBED.search(n)}   # a tied base stores no unembedding (nor is it fingerprinted)
+        fidx, bidx, tidx = _suffix_index(full), _suffix_index(lbias), _suffix_index(tokens)
         hit = lambda ix, *names: next((h[0] for x in names if (h := ix.get(x))), None)   # the adapter's name for a base tensor, if it has one
         self.full = {k: a for n, k in self.loaded.items() if (a := hit(fidx, n, k))}                     # base name -> the adapter's
         self.bias = {k: m for n, k in self.loaded.items() if n.endswith('.bias') and (m := hit(bidx, n[:-5], k[:-5]))}   # base name -> module
-        if (odd := sorted(set(full) - set(self.full.values())) + sorted(set(lbias) - set(self.bias.values()))):
+        self.tokens = {k: m for n, k in self.loaded.items() if n.endswith('.weight') and (m := hit(tidx, n[:-7], k[:-7]))}
+        if (nob := [m for m in lbias if m in self.fac and m not in self.bias.values()]):
+            raise WeightwatchError(f"adapter {str(self.path)!r} trains a LoRA bias (lora_bias=True) on {len(nob)} layer(s) that have no bias (e.g. {nob[:2]}): PEFT runs "
+                                   "such an adapter but cannot merge it, and weight directions, fingerprints and edits read an adapter as its merged weights")
+        if (odd := sorted(set(full) - set(self.full.values())) + sorted(set(lbias) - set(self.bias.values())) + sorted(set(tokens) - set(self.tokens.values()))):
             raise WeightwatchError(f"adapter {str(self.path)!r} trains {len(odd)} tensor(s) the base model does not have (e.g. {odd[:2]}): "
                                    "it was trained on another model; pass the base it names (adapter_config.json's base_model_name_or_path)")
         self.full, self.bias = {k: full[a] for k, a in self.full.items()}, {k: (lbias[m], m) for k, m in self.bias.items()}
+        self.tokens = {k: (torch.tensor(_token_rows(self.lora, m), dtype=torch.long), tokens[m]) for k, m in self.tokens.items()}
     def __repr__(self): return f"LoraTensors({self.base!r} + {str(self.path)!r}, {len(self.changed) + len(self.full) + len(self.bias)} tensors changed)"
     def keys(self)->list[str]: return self.base.keys()
     def shape(self, k:str)->tuple: return self.base.shape(k)
     def get(self, k:str)->Tensor:
-        t = self.base.get(k) if k not in self.full else self.full[k].float()   # (trained in full: the adapter's copy replaces the base's)
+        t = self.base.get(k) if k not in self.full else self.full[k].to(torch.float32, copy=True)   # (trained in full: the adapter's copy replaces the
+        if k in self.tokens:                                 # base's; a copy, which callers may change) trained token rows: replaced, as PEFT merges them
+            rows, new = self.tokens[k]
+            t = t.float().index_copy(0, rows, new.float())
         if k in self.bias:                                   # LoRA's own bias (`lora_bias=True`): added, scaled, as PEFT merges it
             b, mod = self.bias[k]
             return t.float() + b * _lora_scale(mod, self.fac[mod][0].shape[0], self.lora)

@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .core import HOOK_SITES, WeightwatchError, fingerprint, resolve_source, atomic_path, check_output, check_device, LAYERS, add_output, add_quiet, same_weights, precision_hint, POSITIVE_INT, extract_language_model
 from .delta import (MATRICES, DEFAULT_MATRICES, arch_info, open_tensors, find_keys, iter_deltas, wanted_matrices,
-                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, unmapped_changes, changed_vectors, _safe_open, _origin)
+                                  read_adapter, lora_factors, LoraTensors, EXPERT_STORES, top_svd, lowrank_svd, svd_method, subspace_cosines, unmapped_changes, changed_vectors, _rows_of, _same_values, _safe_open, _origin)
 
 # %% auto #0
 __all__ = ['FORMAT', 'SCHEMA_VERSION', 'DEFAULT_HOOK', 'INPUT_HOOKS', 'READ_HOOK', 'OUTPUT_HOOKS', 'WRITE_HOOK',
@@ -358,6 +358,16 @@ def _pbar(total, progress, desc):
     return tqdm(total=total, disable=not progress, desc=desc, unit='matrix', leave=False)
 
 # %% ../nbs/04_directions.ipynb #ab3450f7
+def _changed_matrices(bt, ft, info:dict, matrices:list, rows:int=64)->list[str]:
+    "Which of `matrices` the fine-tune changed in some block (read on `rows` rows of each tensor: enough to say which to ask for)."
+    fk, bk = (find_keys(t.keys(), info, matrices, required=False) for t in (ft, bt))
+    moved = set()
+    for (l, m), (key, _) in fk.items():
+        if m in moved or (l, m) not in bk: continue
+        idx = torch.linspace(0, ft.shape(key)[0] - 1, min(rows, ft.shape(key)[0])).round().long().unique()
+        if not _same_values(_rows_of(bt, bk[(l, m)][0], idx), _rows_of(ft, key, idx)): moved.add(m)
+    return sorted(moved, key=MATRICES.index)
+
 def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or loaded model (None in mode 'raw')
                        finetuned=None,  # fine-tuned model: same kinds, or a LoRA adapter dir
                        k:int=20,        # directions per (layer, matrix), at most
@@ -419,12 +429,15 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if bt is not None: vecs = changed_vectors(bt, ft)   # norm gains, biases: recorded (a full fine-tune changes them all), not warned about
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
     if not V:
-        also = (f" The fine-tune does change {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), which have no singular directions"
-                f"{f', and {len(other)} matrices no matrix maps to' if other else ''}: a fine-tune of those alone (BitFit, norm tuning) "
-                "is outside what weight directions see." if vecs else "")
+        if mode == 'sub':   # what the fine-tune did change instead: other matrices (ask for them), or only vectors
+            moved = (sorted({m for _, m in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False)} - set(matrices), key=MATRICES.index)
+                     if lora is not None else _changed_matrices(bt, ft, info, [m for m in info['specs'] if m not in matrices]))
+        why = (f" The fine-tune changes other matrices: ask for them (--matrices {','.join(moved)})." if mode == 'sub' and moved else
+               f" It changes no other matrix{' that a matrix name maps to' if other else ''}, but {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), "
+               "which have no singular directions: a fine-tune of those alone (BitFit, norm tuning) is outside what weight directions see." if vecs else
+               " Check that FINETUNED really is a fine-tune of BASE (not the same model twice), or ask for other matrices (--matrices).")
         raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}): there is no "
-                               "delta to take directions from." + (also or " Check that FINETUNED really is a fine-tune of BASE (not the same "
-                               "model twice), or ask for other matrices (--matrices)"))
+                               "delta to take directions from." + why)
     meta = dict(fingerprints=fps, k=k, mode=mode, svd=used.pop() if len(used) == 1 else 'mixed', matrices=list(matrices),
                 sources={'base': _label(base) if mode == 'sub' else None, 'finetuned': _label(finetuned) if lora is None else None,
                          'lora': str(lora) if lora is not None else None},
