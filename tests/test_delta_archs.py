@@ -89,8 +89,7 @@ def test_lora_that_also_trains_biases_and_whole_modules(tmp_path):
             if p.requires_grad and 'lora_A' not in n: p.add_(torch.randn_like(p) * 0.1)
     pm.save_pretrained(tmp_path/'lora')
     merged = pm.merge_and_unload(); merged.save_pretrained(tmp_path/'merged')
-    with pytest.warns(UserWarning, match=r"also fully retrains \['ln_f'\]"):
-        dlo = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=['attn_out', 'mlp_out'], progress=False)
+    dlo = compute_directions(b, lora=tmp_path/'lora', k=2, matrices=['attn_out', 'mlp_out'], progress=False)   # (`ln_f`, retrained in full: a changed vector)
     dme = compute_directions(b, tmp_path/'merged', k=2, matrices=['attn_out', 'mlp_out'], method='exact', progress=False)
     assert dlo.names() == dme.names() and all(torch.allclose(dlo.vectors[k], dme.vectors[k], atol=1e-4) for k in dlo.vectors)
     assert dlo.meta['fingerprints']['finetuned'] == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))   # before: the base's biases
@@ -109,25 +108,42 @@ def _adapter(b, out, seed=0, **kw):
     pm.save_pretrained(out)
     return pm.merge_and_unload()
 
-@pytest.mark.filterwarnings("ignore:adapter .* also fully retrains", "ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`")
+@pytest.mark.filterwarnings("ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`")
 @pytest.mark.parametrize('arch, kw', [('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['lm_head'])),   # tied: PEFT's own copy
                                       ('gpt2', dict(target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True)),   # tied: merged into the shared tensor
                                       ('gpt2', dict(target_modules=['c_attn', 'wte'], fan_in_fan_out=True)),       # (an embedding's LoRA, stored [in, out])
                                       ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, trainable_token_indices=[3, 5, 7])),
                                       ('llama', dict(target_modules=['q_proj', 'down_proj'], trainable_token_indices={'embed_tokens': [2, 9]})),
-                                      ('llama', dict(target_modules=['q_proj'], modules_to_save=['o_proj', 'embed_tokens']))])
+                                      ('llama', dict(target_modules=['q_proj'], modules_to_save=['o_proj', 'embed_tokens'])),
+                                      ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['wte'])),   # a tied pair: PEFT's copy
+                                      ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['wte', 'lm_head'])),   # unties it
+                                      ('gpt2', dict(target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True, modules_to_save=['wte'])),
+                                      ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, trainable_token_indices={'wte': [3, 5], 'lm_head': [4, 6]})),
+                                      ('gpt_neox', dict(target_modules=['query_key_value', 'lm_head'])),   # its stored `embed_out` is PEFT's `lm_head`
+                                      ('gpt_neox', dict(target_modules=['query_key_value'], modules_to_save=['lm_head'])),
+                                      ('gpt_neox', dict(target_modules=['query_key_value'], trainable_token_indices={'lm_head': [4, 6]}))])
 def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
-    "Adapters that train a tied unembedding (a copy of it, or LoRA merged into the tensor it shares), an embedding, token rows or whole matrices: every tensor is PEFT's merge, and so is the fingerprint, also after a delta was read from it."
+    "Adapters that train a tied unembedding (a copy, which unties it, or LoRA merged into the tensor it shares), an embedding, token rows or whole matrices: every tensor and the unembedding are PEFT's merge, and so is the fingerprint, also after a delta was read from it and on a base loaded in memory; directions are the merged model's."
     from weightwatch_nb.delta import LoraTensors
     from weightwatch_nb.core import hf_state_dict
     from weightwatch_nb.edit import removed_weights, remove_directions
     b = make_tiny_checkpoint(tmp_path/'base', arch)
     merged = _adapter(b, tmp_path/'lora', **kw); want = hf_state_dict(merged)
     lt = LoraTensors(b, tmp_path/'lora')
+    if (un := next((n for n in want if n in ('lm_head.weight', 'embed_out.weight')), None)):   # the unembedding PEFT's model has, untied or not
+        plan = find_keys(lt.keys(), arch_info(lt.config), ['unembed'])
+        assert torch.equal(lt.get(next(iter(plan.values()))[0]).to(want[un]), want[un])
     for _ in range(2):   # twice: reading deltas must not change what it holds (it hands out copies)
         assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want), [n for n, k in lt.loaded.items() if n in want and not torch.equal(lt.get(k).to(want[n]), want[n])]
         list(iter_deltas(b, lt, list(MATRICES[:2])))
     assert fingerprint(lt) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))
+    if arch == 'gpt2':   # the base loaded in memory: a tied model's state lists its unembedding too, the same tensor
+        assert fingerprint(LoraTensors(load_hf(b)[0], tmp_path/'lora')) == fingerprint(merged)
+    if arch == 'llama':   # directions: what it trains in full or by rows is decomposed whole, as from PEFT's merged model
+        ms = ['attn_out', 'attn_q', 'mlp_out', 'embed']
+        dl, dm = (compute_directions(b, f, k=2, matrices=ms, progress=False, **x) for f, x in ((None, dict(lora=tmp_path/'lora')), (merged, {})))
+        assert dl.names() == dm.names() and {m for _, m in dl.vectors} == {'attn_q', 'embed', *(['attn_out'] if 'modules_to_save' in kw else ['mlp_out'])}, dl.names()
+        assert all(subspace_cosines(dl[key].T, dm[key].T).min() > 0.999 for key in dl.vectors)
     if 'modules_to_save' in kw and arch == 'llama':   # an edit of the lazily merged adapter is the edit of PEFT's merged model
         merged.save_pretrained(tmp_path/'merged'); load_hf(b)[1].save_pretrained(tmp_path/'merged')
         lazy, full = removed_weights(b, tmp_path/'lora', 1, progress=False), hf_state_dict(remove_directions(b, tmp_path/'merged', 1, progress=False))
@@ -155,6 +171,22 @@ def test_changed_vectors_are_named_as_loaded_at_the_narrower_precision(tmp_path)
     load_hf(tmp_path/'ft', dtype=torch.bfloat16)[0].save_pretrained(tmp_path/'ft16')   # every tensor rounded, one vector changed
     exact = {k for k, v in load_file(b/'model.safetensors').items() if v.ndim == 1 and torch.equal(v, v.bfloat16().float())}
     assert not exact and compute_directions(b, tmp_path/'ft16', k=1, progress=False).meta['changed_vectors'] == ['transformer.h.0.ln_1.weight']
+
+@pytest.mark.filterwarnings("ignore:directions of")
+def test_no_delta_messages_say_what_did_change(tmp_path):
+    "Nothing changed where asked: the error names the blocks where the asked-for matrices did change, a few new token rows of the embedding, or (raw mode) says the matrices are zero."
+    from safetensors.torch import load_file, save_file
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    plant_update(b, tmp_path/'ft', {(1, 'attn_out'): 1})
+    with pytest.raises(WeightwatchError, match=r"in every requested matrix \(attn_out, mlp_out of blocks \[0\]\).*It changes attn_out in blocks \[1\]: pass those blocks \(--layers\)"):
+        compute_directions(b, tmp_path/'ft', layers=[0], progress=False)
+    import shutil; shutil.copytree(b, tmp_path/'tok')   # two new tokens' rows: 2 of the embedding's rows, which 64 sampled rows of a real vocabulary would miss
+    sd = load_file(b/'model.safetensors'); sd['model.embed_tokens.weight'][[3, 7]] += 0.5; save_file(sd, tmp_path/'tok'/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(WeightwatchError, match=r"changes other matrices: ask for them \(--matrices embed\)"): compute_directions(b, tmp_path/'tok', progress=False)
+    assert compute_directions(b, tmp_path/'tok', matrices=['embed'], k=1, progress=False).names() == ['L0.embed.u0']
+    zero = {k: torch.zeros_like(v) if 'o_proj' in k or 'down_proj' in k else v for k, v in load_file(b/'model.safetensors').items()}
+    shutil.copytree(b, tmp_path/'zero'); save_file(zero, tmp_path/'zero'/'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(WeightwatchError, match=r"every requested matrix of the fine-tuned model \(attn_out, mlp_out\) is zero"): compute_directions(None, tmp_path/'zero', mode='raw', progress=False)
 
 def test_no_delta_in_the_requested_matrices_names_the_changed_ones(tmp_path):
     "A LoRA on q and v, asked for the default matrices: the error names the matrices it did change, as --matrices."

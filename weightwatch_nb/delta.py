@@ -814,7 +814,6 @@ def read_adapter(path:str|os.PathLike, # PEFT adapter directory (adapter_config.
         for k in fh.keys():
             mt = re.match(r'^(.*)\.lora_(?:embedding_)?([AB])(?:\.weight)?$', k)
             if mt: fac.setdefault(mt[1], {})[mt[2]] = fh.get_tensor(k).to(torch.float32)
-    if cfg.get('modules_to_save'): warnings.warn(f"adapter {str(d)!r} also fully retrains {cfg['modules_to_save']}; those changes are not in B·A")
     fac = {m: (ab['A'], ab['B']) for m, ab in fac.items() if len(ab) == 2}
     stored = {m: m for m in fac}   # (named as the adapter names them in messages)
     if config is not None:   # the modules as transformers 5 names them (as PEFT renames them when it loads the adapter)
@@ -917,40 +916,57 @@ class LoraTensors:
         self.base, self.path = open_tensors(base), Path(adapter)
         self.config, self.fresh = self.base.config, self.base.fresh   # an unchanged tensor is the base's own
         self.lora, self.fac = read_adapter(adapter, self.config)
-        info, idx = arch_info(self.config), _suffix_index(self.fac)
-        stored = {}
-        for key, spec in find_keys(self.base.keys(), info, list(info['specs']), required=False).values(): stored.setdefault(key, spec.stored)   # (tied: the embedding's layout)
-        self.loaded = dict(_as_loaded(self.base.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
-        self.changed = {k: (mods[0], stored.get(k)) for n, k in self.loaded.items()
-                        if (mods := idx.get(n.removesuffix('.weight'), []) or idx.get(k.removesuffix('.weight'), []))}
-        if info['tied'] and (ul := [m for m in self.fac if _UNEMBED.search(m.rpartition('.')[2]) and m not in {v[0] for v in self.changed.values()}]):
-            ek = next(iter(find_keys(self.base.keys(), info, ['embed'], required=False).values()), (None,))[0]   # a tied unembedding: LoRA on it merges into
-            if ek in self.changed or ek is None:                                                              # the one tensor it shares with the embedding
-                raise WeightwatchError(f"adapter {str(self.path)!r} has LoRA on both the embedding and the unembedding (`{ul[0]}`), which this model ties "
-                                       "into one tensor; merge it with PEFT (`merge_and_unload()`), save the merged model and pass that as FINETUNED")
-            self.changed[ek] = (ul[0], 'linear')   # ([vocab, d_model], as the embedding stores it)
+        info = arch_info(self.config)
         full, lbias, tokens = _adapter_tensors(self.path, info['model_type'])   # trained in full (biases, `modules_to_save`), LoRA biases, token rows
-        if info['tied']: full = {n: t for n, t in full.items() if not _UNEMBED.search(n)}   # a tied base stores no unembedding (nor is it fingerprinted)
+        ek = next((key for (_, m), (key, _) in find_keys(self.base.keys(), info, ['embed'], required=False).items()), None) if 'embed' in info['specs'] else None
+        mts = self.lora.get('modules_to_save') or []
+        self.extra, self.alias = {}, {}   # a virtual unembedding -> the embedding it starts as; a tied one -> the embedding it is
+        if info['tied'] and ek and not self.lora.get('ensure_weight_tying') and any(_UNEMBED.search(x) or ek.removesuffix('.weight').endswith(x) for x in mts):
+            self.config = {**self.config, 'tie_word_embeddings': False}   # PEFT's copy of either side unties them: the model it loads has both
+            if (uk := info['specs']['unembed'].key) not in self.base.keys(): self.extra[uk] = ek
+            info = arch_info(self.config)
+        self.loaded = dict(_as_loaded(self.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
+        if info['tied']: self.alias = {k: ek for n, k in self.loaded.items() if _UNEMBED.search(n) and k != ek}   # (a loaded tied model lists both)
+        plan = find_keys(self.keys(), info, list(info['specs']), required=False)
+        stored, alts = {}, {}
+        for (l, m), (key, spec) in plan.items():
+            stored.setdefault(key, spec.stored)   # (tied: the embedding's layout)
+            alts.setdefault(key, [x.format(layer=l) for x in spec.alt])   # other names of it (GPT-NeoX's stored `embed_out` is PEFT's `lm_head`)
+        names = [(k, (n, k, *alts.get(k, ()))) for n, k in self.loaded.items() if k not in self.alias]   # each base tensor and the names it goes by
+        hit = lambda ix, cands, cut='': next((h[0] for x in cands if (h := ix.get(x.removesuffix(cut)))), None)   # the adapter's name for it, if any
+        idx = _suffix_index(self.fac)
+        self.changed = {k: (mod, stored.get(k)) for k, c in names if (mod := hit(idx, c, '.weight'))}
+        if info['tied'] and (ul := [m for m in self.fac if _UNEMBED.search(m.rpartition('.')[2]) and m not in {v[0] for v in self.changed.values()}]):
+            if ek in self.changed or ek is None or tokens:   # a tied unembedding: LoRA on it merges into the one tensor it shares with the embedding
+                raise WeightwatchError(f"adapter {str(self.path)!r} has LoRA on the unembedding (`{ul[0]}`), which this model ties to its embedding, and also "
+                                       f"{'LoRA on the embedding' if ek in self.changed else 'trainable token rows'}: the merged weights of that combination are "
+                                       "PEFT's to define; merge it with PEFT (`merge_and_unload()`), save the merged model and pass that as FINETUNED")
+            self.changed[ek] = (ul[0], 'linear')   # ([vocab, d_model], as the embedding stores it)
+        if info['tied']: full = {n: t for n, t in full.items() if not _UNEMBED.search(n)}   # its copies: the shared tensor's (nor is it fingerprinted)
         fidx, bidx, tidx = _suffix_index(full), _suffix_index(lbias), _suffix_index(tokens)
-        hit = lambda ix, *names: next((h[0] for x in names if (h := ix.get(x))), None)   # the adapter's name for a base tensor, if it has one
-        self.full = {k: a for n, k in self.loaded.items() if (a := hit(fidx, n, k))}                     # base name -> the adapter's
-        self.bias = {k: m for n, k in self.loaded.items() if n.endswith('.bias') and (m := hit(bidx, n[:-5], k[:-5]))}   # base name -> module
-        self.tokens = {k: m for n, k in self.loaded.items() if n.endswith('.weight') and (m := hit(tidx, n[:-7], k[:-7]))}
+        self.full = {k: a for k, c in names if (a := hit(fidx, c))}                              # base name -> the adapter's
+        self.bias = {k: m for k, c in names if c[0].endswith('.bias') and (m := hit(bidx, c, '.bias'))}   # base name -> module
+        self.tokens = {}
+        for k, c in names:
+            if c[0].endswith('.weight') and (m := hit(tidx, c, '.weight')): self.tokens.setdefault(k, []).append(m)
+        if info['tied'] and ek:   # token rows of a tied unembedding: written into the shared tensor, after the embedding's own (PEFT's order)
+            self.tokens.setdefault(ek, []).extend(m for m in tokens if _UNEMBED.search(m.rpartition('.')[2]) and m not in self.tokens.get(ek, []))
+        used_tokens = {m for ms in self.tokens.values() for m in ms}
         if (nob := [m for m in lbias if m in self.fac and m not in self.bias.values()]):
             raise WeightwatchError(f"adapter {str(self.path)!r} trains a LoRA bias (lora_bias=True) on {len(nob)} layer(s) that have no bias (e.g. {nob[:2]}): PEFT runs "
                                    "such an adapter but cannot merge it, and weight directions, fingerprints and edits read an adapter as its merged weights")
-        if (odd := sorted(set(full) - set(self.full.values())) + sorted(set(lbias) - set(self.bias.values())) + sorted(set(tokens) - set(self.tokens.values()))):
+        if (odd := sorted(set(full) - set(self.full.values())) + sorted(set(lbias) - set(self.bias.values())) + sorted(set(tokens) - used_tokens)):
             raise WeightwatchError(f"adapter {str(self.path)!r} trains {len(odd)} tensor(s) the base model does not have (e.g. {odd[:2]}): "
                                    "it was trained on another model; pass the base it names (adapter_config.json's base_model_name_or_path)")
         self.full, self.bias = {k: full[a] for k, a in self.full.items()}, {k: (lbias[m], m) for k, m in self.bias.items()}
-        self.tokens = {k: (torch.tensor(_token_rows(self.lora, m), dtype=torch.long), tokens[m]) for k, m in self.tokens.items()}
-    def __repr__(self): return f"LoraTensors({self.base!r} + {str(self.path)!r}, {len(self.changed) + len(self.full) + len(self.bias)} tensors changed)"
-    def keys(self)->list[str]: return self.base.keys()
-    def shape(self, k:str)->tuple: return self.base.shape(k)
+        self.tokens = {k: [(torch.tensor(_token_rows(self.lora, m), dtype=torch.long), tokens[m]) for m in ms] for k, ms in self.tokens.items()}
+    def __repr__(self): return f"LoraTensors({self.base!r} + {str(self.path)!r}, {len(self.changed) + len(self.full) + len(self.bias) + len(self.tokens)} tensors changed)"
+    def keys(self)->list[str]: return [*self.base.keys(), *self.extra]
+    def shape(self, k:str)->tuple: return self.base.shape(self.extra.get(k, k))
     def get(self, k:str)->Tensor:
-        t = self.base.get(k) if k not in self.full else self.full[k].to(torch.float32, copy=True)   # (trained in full: the adapter's copy replaces the
-        if k in self.tokens:                                 # base's; a copy, which callers may change) trained token rows: replaced, as PEFT merges them
-            rows, new = self.tokens[k]
+        if k in self.alias: return self.get(self.alias[k])   # a loaded tied model's unembedding: its embedding
+        t = self.base.get(self.extra.get(k, k)) if k not in self.full else self.full[k].to(torch.float32, copy=True)   # (trained in full: the adapter's
+        for rows, new in self.tokens.get(k, ()):             # copy, which callers may change) trained token rows: replaced, as PEFT merges them
             t = t.float().index_copy(0, rows, new.float())
         if k in self.bias:                                   # LoRA's own bias (`lora_bias=True`): added, scaled, as PEFT merges it
             b, mod = self.bias[k]

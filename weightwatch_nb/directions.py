@@ -358,15 +358,17 @@ def _pbar(total, progress, desc):
     return tqdm(total=total, disable=not progress, desc=desc, unit='matrix', leave=False)
 
 # %% ../nbs/04_directions.ipynb #ab3450f7
-def _changed_matrices(bt, ft, info:dict, matrices:list, rows:int=64)->list[str]:
-    "Which of `matrices` the fine-tune changed in some block (read on `rows` rows of each tensor: enough to say which to ask for)."
-    fk, bk = (find_keys(t.keys(), info, matrices, required=False) for t in (ft, bt))
-    moved = set()
+def _changed_matrices(bt, ft, info:dict, matrices:list, layers=None, rows:int=64, whole:int=2**26)->dict[str, list]:
+    "Where the fine-tune changed each of `matrices`: {matrix: its blocks}, in `layers` (default: all). Tensors of at most `whole` numbers, and embeddings (new tokens change a few rows), are compared whole, others on `rows` rows."
+    fk, bk = (find_keys(t.keys(), info, matrices, layers, required=False) for t in (ft, bt))
+    moved = {}
     for (l, m), (key, _) in fk.items():
-        if m in moved or (l, m) not in bk: continue
-        idx = torch.linspace(0, ft.shape(key)[0] - 1, min(rows, ft.shape(key)[0])).round().long().unique()
-        if not _same_values(_rows_of(bt, bk[(l, m)][0], idx), _rows_of(ft, key, idx)): moved.add(m)
-    return sorted(moved, key=MATRICES.index)
+        if (l, m) not in bk: continue
+        n = ft.shape(key)[0]
+        if m in ('embed', 'unembed') or torch.Size(ft.shape(key)).numel() <= whole: same = _same_values(bt.get(bk[(l, m)][0]), ft.get(key))
+        else: same = _same_values(_rows_of(bt, bk[(l, m)][0], i := torch.linspace(0, n - 1, min(rows, n)).round().long().unique()), _rows_of(ft, key, i))
+        if not same: moved.setdefault(m, []).append(l)
+    return {m: moved[m] for m in sorted(moved, key=MATRICES.index)}
 
 def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or loaded model (None in mode 'raw')
                        finetuned=None,  # fine-tuned model: same kinds, or a LoRA adapter dir
@@ -399,15 +401,29 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if other := sorted(set(mods) - mapped):   # e.g. a module of an architecture's own that no matrix stands for
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
                           "their update is not in these directions", stacklevel=2)
+        ft = lt = LoraTensors(bt, lora)   # the merged model, read lazily: what the adapter trains besides B·A (`modules_to_save`, token rows) is a
+        dense = {(l, m) for (l, m), (key, _) in plan.items() if key in lt.full or key in lt.tokens}   # full delta, not factors: decomposed whole
+        known = {kk for kk, _ in find_keys(lt.keys(), info, list(info['specs']), required=False).values()}
+        if (full2 := [n for n, key in lt.loaded.items() if key in lt.full and len(lt.shape(key)) >= 2 and key not in known]):
+            warnings.warn(f"the adapter also retrains in full {len(full2)} matri{'x' if len(full2) == 1 else 'ces'} that no {info['model_type']} matrix maps "
+                          f"to (e.g. {full2[:2]}); their changes are not in these directions", stacklevel=2); other += full2
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:
             for l, m, L, R in lora_factors(lora, bt.config, matrices, layers):
+                if (l, m) in dense: continue   # (below, whole)
                 if dev: L, R = L.to(dev), R.to(dev)
                 ortho = plan[(l, m)][1].stored in EXPERT_STORES   # fused experts: R has orthonormal rows (`lora_factors`)
                 U, s = lowrank_svd(L, R, k, orthonormal=ortho)
                 norms[f"L{l}.{m}"] = float(L.norm()) if ortho else float(((L.T @ L) * (R @ R.T)).sum().clamp(min=0).sqrt())
                 if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
                 used.add('lowrank'); pb.update()
-        lt = LoraTensors(bt, lora); vecs = changed_vectors(bt, lt)   # (biases and norms the adapter trains: `bias='all'`, `modules_to_save`)
+            if dense:
+                for l, m, D in iter_deltas(bt, lt, sorted({m for _, m in dense}, key=MATRICES.index), layers=layers):
+                    if (l, m) not in dense: continue
+                    U, s, meth = top_svd(D.to(dev) if dev else D, k, method)
+                    norms[f"L{l}.{m}"] = float(D.norm())
+                    if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
+                    used.add(meth); pb.update()
+        vecs = changed_vectors(bt, lt)   # (biases and norms the adapter trains: `bias='all'`, `modules_to_save`)
         fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(lt)}
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
@@ -429,15 +445,17 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if bt is not None: vecs = changed_vectors(bt, ft)   # norm gains, biases: recorded (a full fine-tune changes them all), not warned about
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
     if not V:
-        if mode == 'sub':   # what the fine-tune did change instead: other matrices (ask for them), or only vectors
-            moved = (sorted({m for _, m in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False)} - set(matrices), key=MATRICES.index)
-                     if lora is not None else _changed_matrices(bt, ft, info, [m for m in info['specs'] if m not in matrices]))
-        why = (f" The fine-tune changes other matrices: ask for them (--matrices {','.join(moved)})." if mode == 'sub' and moved else
+        if mode == 'raw': raise WeightwatchError(f"every requested matrix of the fine-tuned model ({', '.join(matrices)}) is zero: there are no "
+                                                 "directions to take; ask for other matrices (--matrices)")
+        here = _changed_matrices(bt, ft, info, [m for m in info['specs'] if m not in matrices], layers)   # what the fine-tune did change instead
+        there = _changed_matrices(bt, ft, info, list(matrices)) if layers is not None else {}
+        why = (f" The fine-tune changes other matrices{' in these blocks' if layers is not None else ''}: ask for them (--matrices {','.join(here)})." if here else
+               f" It changes {', '.join(f'{m} in blocks {ls}' for m, ls in there.items())}: pass those blocks (--layers), or leave --layers out." if there else
                f" It changes no other matrix{' that a matrix name maps to' if other else ''}, but {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), "
                "which have no singular directions: a fine-tune of those alone (BitFit, norm tuning) is outside what weight directions see." if vecs else
                " Check that FINETUNED really is a fine-tune of BASE (not the same model twice), or ask for other matrices (--matrices).")
-        raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}): there is no "
-                               "delta to take directions from." + why)
+        raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}"
+                               f"{f' of blocks {list(layers)}' if layers is not None else ''}): there is no delta to take directions from." + why)
     meta = dict(fingerprints=fps, k=k, mode=mode, svd=used.pop() if len(used) == 1 else 'mixed', matrices=list(matrices),
                 sources={'base': _label(base) if mode == 'sub' else None, 'finetuned': _label(finetuned) if lora is None else None,
                          'lora': str(lora) if lora is not None else None},
