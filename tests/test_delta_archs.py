@@ -139,11 +139,12 @@ def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
     assert fingerprint(lt) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))
     if arch == 'gpt2':   # the base loaded in memory: a tied model's state lists its unembedding too, the same tensor
         assert fingerprint(LoraTensors(load_hf(b)[0], tmp_path/'lora')) == fingerprint(merged)
-    if arch == 'llama':   # directions: what it trains in full or by rows is decomposed whole, as from PEFT's merged model
-        ms = ['attn_out', 'attn_q', 'mlp_out', 'embed']
-        dl, dm = (compute_directions(b, f, k=2, matrices=ms, progress=False, **x) for f, x in ((None, dict(lora=tmp_path/'lora')), (merged, {})))
-        assert dl.names() == dm.names() and {m for _, m in dl.vectors} == {'attn_q', 'embed', *(['attn_out'] if 'modules_to_save' in kw else ['mlp_out'])}, dl.names()
-        assert all(subspace_cosines(dl[key].T, dm[key].T).min() > 0.999 for key in dl.vectors)
+    # directions: what it trains in full or by rows (and a tied unembedding) is decomposed whole, as from PEFT's merged model
+    ms = ['attn_out', 'attn_q', 'mlp_out', 'embed', 'unembed']
+    dl, dm = (compute_directions(b, f, k=2, matrices=ms, progress=False, **x) for f, x in ((None, dict(lora=tmp_path/'lora')), (merged, {})))
+    assert dl.names() == dm.names() and all(subspace_cosines(dl[key].T, dm[key].T).min() > 0.999 for key in dl.vectors), (dl.names(), dm.names())
+    assert all(dl.meta['delta_norm'][n] == pytest.approx(v, rel=1e-4) for n, v in dm.meta['delta_norm'].items() if v), (dl.meta['delta_norm'], dm.meta['delta_norm'])
+    if arch == 'llama': assert {m for _, m in dl.vectors} == {'attn_q', 'embed', *(['attn_out'] if 'modules_to_save' in kw else ['mlp_out'])}, dl.names()
     if 'modules_to_save' in kw and arch == 'llama':   # an edit of the lazily merged adapter is the edit of PEFT's merged model
         merged.save_pretrained(tmp_path/'merged'); load_hf(b)[1].save_pretrained(tmp_path/'merged')
         lazy, full = removed_weights(b, tmp_path/'lora', 1, progress=False), hf_state_dict(remove_directions(b, tmp_path/'merged', 1, progress=False))
@@ -180,6 +181,11 @@ def test_no_delta_messages_say_what_did_change(tmp_path):
     plant_update(b, tmp_path/'ft', {(1, 'attn_out'): 1})
     with pytest.raises(WeightwatchError, match=r"in every requested matrix \(attn_out, mlp_out of blocks \[0\]\).*It changes attn_out in blocks \[1\]: pass those blocks \(--layers\)"):
         compute_directions(b, tmp_path/'ft', layers=[0], progress=False)
+    with pytest.raises(WeightwatchError, match=r"\(mlp_out of blocks \[0\]\).*It changes attn_out in blocks \[1\]: ask for those"):   # another matrix, another block
+        compute_directions(b, tmp_path/'ft', matrices=['mlp_out'], layers=[0], progress=False)
+    hb, hf_, _ = _plain_pair('bamba', tmp_path/'bamba', {(1, 'attn_q'): 1})   # block 0 is a Mamba block: no attention to ask for
+    with pytest.raises(WeightwatchError, match=r"this bamba model has no attn_q in blocks \[0\]: it has attn_q in blocks \[1\]"):
+        compute_directions(hb, hf_, matrices=['attn_q'], layers=[0], progress=False)
     import shutil; shutil.copytree(b, tmp_path/'tok')   # two new tokens' rows: 2 of the embedding's rows, which 64 sampled rows of a real vocabulary would miss
     sd = load_file(b/'model.safetensors'); sd['model.embed_tokens.weight'][[3, 7]] += 0.5; save_file(sd, tmp_path/'tok'/'model.safetensors', metadata={'format': 'pt'})
     with pytest.raises(WeightwatchError, match=r"changes other matrices: ask for them \(--matrices embed\)"): compute_directions(b, tmp_path/'tok', progress=False)

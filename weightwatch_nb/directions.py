@@ -358,14 +358,15 @@ def _pbar(total, progress, desc):
     return tqdm(total=total, disable=not progress, desc=desc, unit='matrix', leave=False)
 
 # %% ../nbs/04_directions.ipynb #ab3450f7
-def _changed_matrices(bt, ft, info:dict, matrices:list, layers=None, rows:int=64, whole:int=2**26)->dict[str, list]:
-    "Where the fine-tune changed each of `matrices`: {matrix: its blocks}, in `layers` (default: all). Tensors of at most `whole` numbers, and embeddings (new tokens change a few rows), are compared whole, others on `rows` rows."
+def _changed_matrices(bt, ft, info:dict, matrices:list, layers=None, blocks:bool=False, rows:int=64)->dict[str, list]:
+    "Which of `matrices` the fine-tune changed, in `layers` (default: all): {matrix: blocks}, every block with `blocks`, else the first. Embeddings are compared whole (new tokens change a few rows), block matrices on `rows` rows; an adapter's untouched tensors are not read."
     fk, bk = (find_keys(t.keys(), info, matrices, layers, required=False) for t in (ft, bt))
+    touched = (lambda key: ft.alias.get(key, key) in (ft.changed.keys() | ft.full.keys() | ft.tokens.keys())) if isinstance(ft, LoraTensors) else (lambda key: True)
     moved = {}
     for (l, m), (key, _) in fk.items():
-        if (l, m) not in bk: continue
+        if (l, m) not in bk or (m in moved and not blocks) or not touched(key): continue
         n = ft.shape(key)[0]
-        if m in ('embed', 'unembed') or torch.Size(ft.shape(key)).numel() <= whole: same = _same_values(bt.get(bk[(l, m)][0]), ft.get(key))
+        if m in ('embed', 'unembed'): same = _same_values(bt.get(bk[(l, m)][0]), ft.get(key))
         else: same = _same_values(_rows_of(bt, bk[(l, m)][0], i := torch.linspace(0, n - 1, min(rows, n)).round().long().unique()), _rows_of(ft, key, i))
         if not same: moved.setdefault(m, []).append(l)
     return {m: moved[m] for m in sorted(moved, key=MATRICES.index)}
@@ -402,13 +403,15 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
             warnings.warn(f"the adapter also changes {len(other)} module(s) that no {info['model_type']} matrix maps to (e.g. {other[:2]}); "
                           "their update is not in these directions", stacklevel=2)
         ft = lt = LoraTensors(bt, lora)   # the merged model, read lazily: what the adapter trains besides B·A (`modules_to_save`, token rows) is a
-        dense = {(l, m) for (l, m), (key, _) in plan.items() if key in lt.full or key in lt.tokens}   # full delta, not factors: decomposed whole
-        known = {kk for kk, _ in find_keys(lt.keys(), info, list(info['specs']), required=False).values()}
+        info = li = arch_info(lt.config); plan = find_keys(lt.keys(), li, matrices, layers)   # (an adapter's copy of a tied side unties the pair)
+        dense = {(l, m) for (l, m), (key, _) in plan.items()   # full delta, not factors: decomposed whole (so is a tied unembedding: its LoRA is the embedding's)
+                 if (kk := lt.alias.get(key, key)) in lt.full or kk in lt.tokens or (m == 'unembed' and li['tied'])}
+        known = {kk for kk, _ in find_keys(lt.keys(), li, list(li['specs']), required=False).values()}
         if (full2 := [n for n, key in lt.loaded.items() if key in lt.full and len(lt.shape(key)) >= 2 and key not in known]):
             warnings.warn(f"the adapter also retrains in full {len(full2)} matri{'x' if len(full2) == 1 else 'ces'} that no {info['model_type']} matrix maps "
                           f"to (e.g. {full2[:2]}); their changes are not in these directions", stacklevel=2); other += full2
         with _pbar(len(plan), progress, 'directions (LoRA)') as pb:
-            for l, m, L, R in lora_factors(lora, bt.config, matrices, layers):
+            for l, m, L, R in lora_factors(lora, lt.config, [m for m in matrices if not (m == 'unembed' and li['tied'])], layers):
                 if (l, m) in dense: continue   # (below, whole)
                 if dev: L, R = L.to(dev), R.to(dev)
                 ortho = plan[(l, m)][1].stored in EXPERT_STORES   # fused experts: R has orthonormal rows (`lora_factors`)
@@ -445,12 +448,21 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if bt is not None: vecs = changed_vectors(bt, ft)   # norm gains, biases: recorded (a full fine-tune changes them all), not warned about
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
     if not V:
-        if mode == 'raw': raise WeightwatchError(f"every requested matrix of the fine-tuned model ({', '.join(matrices)}) is zero: there are no "
-                                                 "directions to take; ask for other matrices (--matrices)")
-        here = _changed_matrices(bt, ft, info, [m for m in info['specs'] if m not in matrices], layers)   # what the fine-tune did change instead
-        there = _changed_matrices(bt, ft, info, list(matrices)) if layers is not None else {}
+        if not plan and layers is not None and (has := find_keys(ft.keys(), info, matrices, required=False)):
+            raise WeightwatchError(f"this {info['model_type']} model has no {', '.join(matrices)} in blocks {list(layers)}: it has "
+                                   f"{', '.join(f'{m} in blocks {sorted(l for l, mm in has if mm == m)}' for m in matrices if any(mm == m for _, mm in has))}; "
+                                   "pass those blocks (--layers), or leave --layers out")
+        if mode == 'raw': raise WeightwatchError(f"every requested matrix of the fine-tuned model ({', '.join(matrices)}"
+                                                 f"{f' of blocks {list(layers)}' if layers is not None else ''}) is zero: there are no directions to "
+                                                 "take; ask for other matrices (--matrices)")
+        others = [m for m in info['specs'] if m not in matrices]   # what the fine-tune did change instead
+        here = _changed_matrices(bt, ft, info, others, layers)
+        there = _changed_matrices(bt, ft, info, list(matrices), blocks=True) if layers is not None and not here else {}
+        elsewhere = _changed_matrices(bt, ft, info, others, blocks=True) if layers is not None and not here and not there else {}
+        blocks = lambda ch: ', '.join(f'{m} in blocks {ls}' for m, ls in ch.items())
         why = (f" The fine-tune changes other matrices{' in these blocks' if layers is not None else ''}: ask for them (--matrices {','.join(here)})." if here else
-               f" It changes {', '.join(f'{m} in blocks {ls}' for m, ls in there.items())}: pass those blocks (--layers), or leave --layers out." if there else
+               f" It changes {blocks(there)}: pass those blocks (--layers), or leave --layers out." if there else
+               f" It changes {blocks(elsewhere)}: ask for those (--matrices, --layers)." if elsewhere else
                f" It changes no other matrix{' that a matrix name maps to' if other else ''}, but {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), "
                "which have no singular directions: a fine-tune of those alone (BitFit, norm tuning) is outside what weight directions see." if vecs else
                " Check that FINETUNED really is a fine-tune of BASE (not the same model twice), or ask for other matrices (--matrices).")
