@@ -40,3 +40,22 @@ def test_outputs_never_land_in_a_model_folder(tmp_path):
         r = run(*args)
         assert r.returncode == 2 and 'Traceback' not in r.stderr and 'model folder' in r.stderr, (args, r.stderr)
     assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in ft.iterdir()} == before
+
+
+def test_warnings_name_the_library_they_come_from(monkeypatch, capsys):
+    "Warnings of weightwatch read as the command's; another library's (transformers, PEFT) are named as that library's."
+    import argparse, warnings as W
+    import weightwatch_nb.cli as C
+    def fake(args):
+        W.warn_explicit('`x` is deprecated', FutureWarning, '/venv/lib/python3.11/site-packages/transformers/modeling_utils.py', 1)
+        W.warn_explicit('the read side is skipped', UserWarning, '/somewhere/weightwatch_nb/demo.py', 1)
+    def parser():
+        ap = argparse.ArgumentParser(prog='weightwatch'); sub = ap.add_subparsers(dest='command')
+        sub.add_parser('x').set_defaults(func=fake); return ap
+    monkeypatch.setattr(C, 'build_parser', parser)
+    with W.catch_warnings():
+        W.simplefilter('always')   # shown as the command shows them (pytest would otherwise record them)
+        W.showwarning = lambda m, c, f, l, file=None, line=None: sys.stderr.write(W.formatwarning(m, c, f, l, line))
+        assert C.main(['x']) == 0
+    err = capsys.readouterr().err
+    assert 'weightwatch x: warning from transformers: `x` is deprecated' in err and 'weightwatch x: warning: the read side is skipped' in err, err

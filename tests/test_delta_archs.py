@@ -194,6 +194,34 @@ def test_no_delta_messages_say_what_did_change(tmp_path):
     shutil.copytree(b, tmp_path/'zero'); save_file(zero, tmp_path/'zero'/'model.safetensors', metadata={'format': 'pt'})
     with pytest.raises(WeightwatchError, match=r"every requested matrix of the fine-tuned model \(attn_out, mlp_out\) is zero"): compute_directions(None, tmp_path/'zero', mode='raw', progress=False)
 
+@pytest.mark.filterwarnings("ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`")
+def test_no_delta_messages_for_adapters_of_tied_models(tmp_path):
+    "A tied GPT-2 whose adapter retrains only lm_head (a copy: it unties the pair), or only the position embedding (no matrix name maps it): the error names what did change; a matrix it lacks is refused before any warning about where it would be compared."
+    b = make_tiny_checkpoint(tmp_path/'base', 'gpt2')
+    _adapter(b, tmp_path/'head', target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['lm_head'], init_lora_weights=True)
+    _adapter(b, tmp_path/'wpe', target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['wpe'])
+    for a in ('head', 'wpe'):   # (their LoRA left at zero: only the copies changed)
+        from safetensors.torch import load_file, save_file
+        sd = load_file(tmp_path/a/'adapter_model.safetensors'); save_file({k: torch.zeros_like(v) if 'lora_B' in k else v for k, v in sd.items()}, tmp_path/a/'adapter_model.safetensors')
+    with pytest.raises(WeightwatchError, match=r"changes other matrices: ask for them \(--matrices unembed\)"):
+        compute_directions(b, lora=tmp_path/'head', matrices=['attn_out', 'mlp_out'], progress=False)
+    with pytest.warns(UserWarning, match=r"retrains in full 1 matrix that no gpt2 matrix maps to"):
+        with pytest.raises(WeightwatchError, match=r"It changes only matrices that no matrix name maps to \(e.g. \['transformer.wpe.weight'\]"):
+            compute_directions(b, lora=tmp_path/'wpe', progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # refused first: no warning about a hook point for a matrix it does not have
+        with pytest.raises(WeightwatchError, match="gpt2 has no `mlp_gate` matrix"): compute_directions(b, lora=tmp_path/'head', matrices=['attn_out', 'mlp_gate'], progress=False)
+
+def test_adapter_loaded_in_bfloat16_is_the_float32_merge_rounded(tmp_path):
+    "An adapter loaded at bfloat16 on a float32 base is merged in float32 and then rounded, so it is the model its float32 directions and monitors were made for, at another precision."
+    from weightwatch_nb.core import same_weights
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama')
+    _adapter(b, tmp_path/'lora', target_modules=['q_proj', 'o_proj', 'down_proj', 'embed_tokens'])
+    d = compute_directions(b, lora=tmp_path/'lora', k=2, progress=False)
+    m16 = load_model(tmp_path/'lora', dtype=torch.bfloat16)
+    assert same_weights(d.meta['fingerprints']['finetuned'], fingerprint(m16)) == 'precision'
+    Directions.load(d.save(tmp_path/'d.safetensors'), model=m16)
+
 def test_no_delta_in_the_requested_matrices_names_the_changed_ones(tmp_path):
     "A LoRA on q and v, asked for the default matrices: the error names the matrices it did change, as --matrices."
     b = make_tiny_checkpoint(tmp_path/'base', 'llama')

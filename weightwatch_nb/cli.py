@@ -69,7 +69,11 @@ def main(argv:list[str]|None=None, # arguments (default: `sys.argv[1:]`)
     ap = build_parser()
     args = ap.parse_args(argv)
     fmt = warnings.formatwarning   # warnings read as messages, not as source lines
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"weightwatch {args.command}: warning: {msg}\n"
+    def own(msg, cat, filename, *a, **k):   # ours as the command's; another library's named as its own
+        f = str(filename).replace('\\', '/')
+        lib = f.split('site-packages/')[1].split('/')[0] if 'site-packages/' in f and '/weightwatch_nb/' not in f else None
+        return f"weightwatch {args.command}: warning{f' from {lib}' if lib else ''}: {msg}\n"
+    warnings.formatwarning = own
     try: rc = args.func(args)
     except WeightwatchError as e:
         print(f"weightwatch {args.command}: error: {e}", file=sys.stderr)

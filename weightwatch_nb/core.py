@@ -226,9 +226,9 @@ def load_hf(src:str|os.PathLike, # 'zoo:NAME', checkpoint dir, adapter dir or hu
         cfg = json.loads((Path(s.ref)/'adapter_config.json').read_text())
         b = base if base is not None else cfg.get('base_model_name_or_path')
         if not b: raise WeightwatchError(f"adapter {s.ref!r} does not name its base model; pass `base=`")
-        hf, tok = load_hf(b, dtype=dtype, device=device)
-        hf = PeftModel.from_pretrained(hf, s.ref).merge_and_unload()
-        return hf.eval(), tok
+        hf, tok = load_hf(b, dtype=torch.float32, device=device)   # merged in float32, then cast: bfloat16(W + ΔW), the precision fingerprints round
+        hf = PeftModel.from_pretrained(hf, s.ref).merge_and_unload()   # (PEFT merging at bfloat16 would round W and ΔW apart first)
+        return hf.to(dtype).eval(), tok
     try: hf, info = AutoModelForCausalLM.from_pretrained(s.ref, dtype=dtype, output_loading_info=True)
     except Exception as e:
         hint = "check the hub id and your network connection" if s.kind=='hub' else "the checkpoint may be incomplete or corrupt; save it again with `save_pretrained`"

@@ -360,7 +360,7 @@ def _pbar(total, progress, desc):
 # %% ../nbs/04_directions.ipynb #ab3450f7
 def _changed_matrices(bt, ft, info:dict, matrices:list, layers=None, blocks:bool=False, rows:int=64)->dict[str, list]:
     "Which of `matrices` the fine-tune changed, in `layers` (default: all): {matrix: blocks}, every block with `blocks`, else the first. Embeddings are compared whole (new tokens change a few rows), block matrices on `rows` rows; an adapter's untouched tensors are not read."
-    fk, bk = (find_keys(t.keys(), info, matrices, layers, required=False) for t in (ft, bt))
+    fk, bk = find_keys(ft.keys(), info, matrices, layers, required=False), find_keys(bt.keys(), arch_info(bt.config), matrices, layers, required=False)   # (the base's own tying)
     touched = (lambda key: ft.alias.get(key, key) in (ft.changed.keys() | ft.full.keys() | ft.tokens.keys())) if isinstance(ft, LoraTensors) else (lambda key: True)
     moved = {}
     for (l, m), (key, _) in fk.items():
@@ -395,7 +395,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
         if mode != 'sub': raise WeightwatchError("mode 'raw' needs the full fine-tuned weights; a LoRA adapter only has the delta: use mode 'sub'")
         if finetuned is not None: raise WeightwatchError("with `lora=` the fine-tuned model is base + adapter: leave `finetuned` empty")
         if base is None: base = json.loads((Path(lora)/'adapter_config.json').read_text()).get('base_model_name_or_path')
-        bt = open_tensors(base); info = arch_info(bt.config); matrices = wanted_matrices(matrices, info); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
+        bt = open_tensors(base); info = arch_info(bt.config); matrices = wanted_matrices(matrices, info); find_keys((), info, matrices, required=False); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(bt.keys(), info, matrices, layers)
         mods = list(read_adapter(lora, bt.config)[1])
         mapped = {k for k, _ in find_keys(mods, info, list(info['specs']), suffix='.weight', required=False).values()}
@@ -431,7 +431,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
     else:
         if finetuned is None: raise WeightwatchError("no fine-tuned model: pass FINETUNED (a checkpoint, zoo:NAME or hub id) or a LoRA adapter")
         ft = open_tensors(finetuned); bt = open_tensors(base) if mode == 'sub' else None
-        info = arch_info(ft.config); matrices = wanted_matrices(matrices, info); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
+        info = arch_info(ft.config); matrices = wanted_matrices(matrices, info); find_keys((), info, matrices, required=False); hook_point = _hook_for(info, matrices, hook_point); _warn_shared(info, matrices)
         plan = find_keys(ft.keys(), info, matrices, layers)
         with _pbar(len(plan), progress, 'directions') as pb:
             for l, m, D in iter_deltas(bt, ft, matrices, mode, layers):
@@ -465,6 +465,8 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                f" It changes {blocks(elsewhere)}: ask for those (--matrices, --layers)." if elsewhere else
                f" It changes no other matrix{' that a matrix name maps to' if other else ''}, but {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), "
                "which have no singular directions: a fine-tune of those alone (BitFit, norm tuning) is outside what weight directions see." if vecs else
+               f" It changes only matrices that no matrix name maps to (e.g. {other[:2]}, named in the warning above): weight directions are not taken "
+               "from those." if other else
                " Check that FINETUNED really is a fine-tune of BASE (not the same model twice), or ask for other matrices (--matrices).")
         raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}"
                                f"{f' of blocks {list(layers)}' if layers is not None else ''}): there is no delta to take directions from." + why)
@@ -620,7 +622,8 @@ def _directions_cmd(args):
     print(f"wrote {p}: {len(d)} directions over layers {d.layers[0]}..{d.layers[-1]} x {','.join(d.matrices)} "
           f"(k={args.k}, mode={args.mode}, svd={d.meta['svd']}, fine-tuned {d.meta['fingerprints']['finetuned']['id']})"
           + (f"; unchanged (no directions): {', '.join(d.meta['unchanged'])}" if d.meta['unchanged'] else '')
-          + (f"; also changed, not in the directions: {len(d.meta['changed_vectors'])} vector(s) (norm gains, biases)" if d.meta['changed_vectors'] else ''))
+          + (f"; changed vectors (norm gains, biases), which no direction shows: {len(d.meta['changed_vectors'])}" if d.meta['changed_vectors'] else '')
+          + (f"; changed matrices no matrix name maps to (not in the directions): {len(d.meta['unmapped'])}" if d.meta['unmapped'] else ''))
 
 def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parser
                 ):
