@@ -357,7 +357,7 @@ def _pbar(total, progress, desc):
     from tqdm.auto import tqdm
     return tqdm(total=total, disable=not progress, desc=desc, unit='matrix', leave=False)
 
-# %% ../nbs/04_directions.ipynb #ab3450f7
+# %% ../nbs/04_directions.ipynb #d08b8c76
 def _changed_matrices(bt, ft, info:dict, matrices:list, layers=None, blocks:bool=False, rows:int=64)->dict[str, list]:
     "Which of `matrices` the fine-tune changed, in `layers` (default: all): {matrix: blocks}, every block with `blocks`, else the first. Embeddings are compared whole (new tokens change a few rows), block matrices on `rows` rows; an adapter's untouched tensors are not read."
     fk, bk = find_keys(ft.keys(), info, matrices, layers, required=False), find_keys(bt.keys(), arch_info(bt.config), matrices, layers, required=False)   # (the base's own tying)
@@ -371,6 +371,32 @@ def _changed_matrices(bt, ft, info:dict, matrices:list, layers=None, blocks:bool
         if not same: moved.setdefault(m, []).append(l)
     return {m: moved[m] for m in sorted(moved, key=MATRICES.index)}
 
+def _no_delta(bt, ft, info:dict, matrices, layers, mode:str, plan:dict, other:list, vecs:list)->WeightwatchError:
+    "The error for a pair with no delta in the requested matrices, saying what the fine-tune did change instead."
+    if not plan and layers is not None and (has := find_keys(ft.keys(), info, matrices, required=False)):
+        return WeightwatchError(f"this {info['model_type']} model has no {', '.join(matrices)} in blocks {list(layers)}: it has "
+                                f"{', '.join(f'{m} in blocks {sorted(l for l, mm in has if mm == m)}' for m in matrices if any(mm == m for _, mm in has))}; "
+                                "pass those blocks (--layers), or leave --layers out")
+    if mode == 'raw': return WeightwatchError(f"every requested matrix of the fine-tuned model ({', '.join(matrices)}"
+                                              f"{f' of blocks {list(layers)}' if layers is not None else ''}) is zero: there are no directions to "
+                                              "take; ask for other matrices (--matrices)")
+    others = [m for m in info['specs'] if m not in matrices]   # what the fine-tune did change instead
+    here = _changed_matrices(bt, ft, info, others, layers)
+    there = _changed_matrices(bt, ft, info, list(matrices), blocks=True) if layers is not None and not here else {}
+    elsewhere = _changed_matrices(bt, ft, info, others, blocks=True) if layers is not None and not here and not there else {}
+    blocks = lambda ch: ', '.join(f'{m} in blocks {ls}' for m, ls in ch.items())
+    why = (f" The fine-tune changes other matrices{' in these blocks' if layers is not None else ''}: ask for them (--matrices {','.join(here)})." if here else
+           f" It changes {blocks(there)}: pass those blocks (--layers), or leave --layers out." if there else
+           f" It changes {blocks(elsewhere)}: ask for those (--matrices, --layers)." if elsewhere else
+           f" It changes no other matrix{' that a matrix name maps to' if other else ''}, but {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), "
+           "which have no singular directions: a fine-tune of those alone (BitFit, norm tuning) is outside what weight directions see." if vecs else
+           f" It changes only matrices that no matrix name maps to (e.g. {other[:2]}, named in the warning above): weight directions are not taken "
+           "from those." if other else
+           " Check that FINETUNED really is a fine-tune of BASE (not the same model twice), or ask for other matrices (--matrices).")
+    return WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}"
+                            f"{f' of blocks {list(layers)}' if layers is not None else ''}): there is no delta to take directions from." + why)
+
+# %% ../nbs/04_directions.ipynb #ab3450f7
 def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or loaded model (None in mode 'raw')
                        finetuned=None,  # fine-tuned model: same kinds, or a LoRA adapter dir
                        k:int=20,        # directions per (layer, matrix), at most
@@ -447,29 +473,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                           f"(e.g. {other[:2]}); their changes are not in these directions", stacklevel=2)
         if bt is not None: vecs = changed_vectors(bt, ft)   # norm gains, biases: recorded (a full fine-tune changes them all), not warned about
     unchanged = [f"L{l}.{m}" for l, m in plan if (l, m) not in V]
-    if not V:
-        if not plan and layers is not None and (has := find_keys(ft.keys(), info, matrices, required=False)):
-            raise WeightwatchError(f"this {info['model_type']} model has no {', '.join(matrices)} in blocks {list(layers)}: it has "
-                                   f"{', '.join(f'{m} in blocks {sorted(l for l, mm in has if mm == m)}' for m in matrices if any(mm == m for _, mm in has))}; "
-                                   "pass those blocks (--layers), or leave --layers out")
-        if mode == 'raw': raise WeightwatchError(f"every requested matrix of the fine-tuned model ({', '.join(matrices)}"
-                                                 f"{f' of blocks {list(layers)}' if layers is not None else ''}) is zero: there are no directions to "
-                                                 "take; ask for other matrices (--matrices)")
-        others = [m for m in info['specs'] if m not in matrices]   # what the fine-tune did change instead
-        here = _changed_matrices(bt, ft, info, others, layers)
-        there = _changed_matrices(bt, ft, info, list(matrices), blocks=True) if layers is not None and not here else {}
-        elsewhere = _changed_matrices(bt, ft, info, others, blocks=True) if layers is not None and not here and not there else {}
-        blocks = lambda ch: ', '.join(f'{m} in blocks {ls}' for m, ls in ch.items())
-        why = (f" The fine-tune changes other matrices{' in these blocks' if layers is not None else ''}: ask for them (--matrices {','.join(here)})." if here else
-               f" It changes {blocks(there)}: pass those blocks (--layers), or leave --layers out." if there else
-               f" It changes {blocks(elsewhere)}: ask for those (--matrices, --layers)." if elsewhere else
-               f" It changes no other matrix{' that a matrix name maps to' if other else ''}, but {len(vecs)} vector(s) (norm gains, biases, e.g. {vecs[:2]}), "
-               "which have no singular directions: a fine-tune of those alone (BitFit, norm tuning) is outside what weight directions see." if vecs else
-               f" It changes only matrices that no matrix name maps to (e.g. {other[:2]}, named in the warning above): weight directions are not taken "
-               "from those." if other else
-               " Check that FINETUNED really is a fine-tune of BASE (not the same model twice), or ask for other matrices (--matrices).")
-        raise WeightwatchError(f"the fine-tuned weights equal the base weights in every requested matrix ({', '.join(matrices)}"
-                               f"{f' of blocks {list(layers)}' if layers is not None else ''}): there is no delta to take directions from." + why)
+    if not V: raise _no_delta(bt, ft, info, matrices, layers, mode, plan, other, vecs)
     meta = dict(fingerprints=fps, k=k, mode=mode, svd=used.pop() if len(used) == 1 else 'mixed', matrices=list(matrices),
                 sources={'base': _label(base) if mode == 'sub' else None, 'finetuned': _label(finetuned) if lora is None else None,
                          'lora': str(lora) if lora is not None else None},
