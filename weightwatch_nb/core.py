@@ -550,20 +550,23 @@ def split_experts(W:Tensor, # fused [experts, out, in]
 # %% ../nbs/00_core.ipynb #3d3beae2
 @functools.lru_cache(maxsize=16)
 def _loaded_names(config_json:str)->tuple|None:
-    "What a model of this config loads: its state-dict names, module names, buffer names, its computed tables' `module.buffer` tails, and the checkpoint names it ignores (None: unknown)."
+    "What a model of this config loads: its state-dict names, module names, buffer names, its computed tables' `module.buffer` tails, the checkpoint names it ignores, and its unembedding (None: unknown)."
     from transformers import AutoConfig, PretrainedConfig
     try: m = _meta_model(AutoConfig.for_model(**PretrainedConfig._decode_special_floats(json.loads(config_json))))   # (Mamba's `time_step_limit` holds an infinity)
     except Exception: return None   # e.g. an architecture this transformers does not know: names are taken as stored
     names, buffers = frozenset(m.state_dict()), frozenset(n for n, _ in m.named_buffers())
     tails = frozenset('.'.join(b.split('.')[-2:]) for b in buffers - names)   # tables it computes, never loads: `rotary_emb.inv_freq`
-    return (names, m.base_model_prefix or '', frozenset(n for n, _ in m.named_modules()), buffers, tails,
-            tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ()))
+    mods = {id(x): n for n, x in m.named_modules()}
+    o, e = m.get_output_embeddings(), m.get_input_embeddings()   # the unembedding: (its name, the input embedding's name, whether it is that tensor)
+    out = (f'{mods[id(o)]}.weight', f'{mods[id(e)]}.weight', o.weight is e.weight) if o is not None and e is not None and id(o) in mods and id(e) in mods else None
+    return (names, m.base_model_prefix or '', frozenset(mods.values()), buffers, tails,
+            tuple(getattr(m, '_keys_to_ignore_on_load_unexpected', None) or ()), out)
 
 def _as_loaded(keys, config_json:str)->list[tuple[str, str]]:
     "(name in the loaded model, checkpoint name) of the checkpoint tensors a model loads, sorted by the first."
     info, out = _loaded_names(config_json), []
     if info is None: return sorted((k, k) for k in keys)
-    names, prefix, modules, buffers, tails, ignore = info
+    names, prefix, modules, buffers, tails, ignore, _ = info
     known = lambda x: x in names or x.rpartition('.')[0] in modules   # a weight of the model, or a tensor of one of its modules
     for k in keys:
         n = f'{prefix}.{k}' if prefix and not known(k) and known(f'{prefix}.{k}') else k   # older checkpoints drop the prefix (GPT-2's `h.0...`)
@@ -580,8 +583,21 @@ def _weight_files(d:Path)->list[Path]:
     if idx.is_file(): return sorted({d/f for f in json.loads(idx.read_text())['weight_map'].values()})
     return sorted(f for f in d.glob('*.safetensors') if 'adapter' not in f.name)
 
+_OUT = '<unembedding>'   # what `_named_tensors` yields the unembedding as, last
+
+def _unembedding(pairs, # (loaded name, stored name) of a checkpoint's tensors, as `_as_loaded` gives them
+                 config_json:str, # its config
+                )->tuple[str, str]|None: # ('tied', the input embedding's loaded name) or ('own', the stored name); None: none known
+    "Where a checkpoint's loaded model gets its unembedding: its input embedding (tied), or a stored tensor of its own."
+    info = _loaded_names(config_json)
+    if info is None or info[6] is None: return None   # an architecture this transformers does not know: not hashed
+    out, emb, tied = info[6]
+    if tied: return ('tied', emb) if any(n == emb for n, _ in pairs) else None   # (a stored copy of a tied unembedding is not what the model uses)
+    own = [k for n, k in pairs if n == out] or [k for n, k in pairs if _UNEMBED.search(n)]   # (GPT-NeoX stores `embed_out`, loaded as `lm_head`)
+    return ('own', own[0]) if len(own) == 1 else None   # (untied but not stored: the loaded model's is freshly initialised)
+
 def _named_tensors(model):
-    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them."
+    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them; then (`_OUT`, its unembedding), or (`_OUT`, the embedding's name) where they are one tensor."
     if isinstance(model, (str, os.PathLike)):
         from safetensors import safe_open
         d = Path(resolve_source(model).ref)
@@ -594,15 +610,20 @@ def _named_tensors(model):
             with safe_open(str(names[k]), 'pt') as fh: return fh.get_tensor(k)
         text = (d/'config.json').read_text()
         lay = loaded_layout(names, json.loads(text).get('model_type'), _n_experts(json.loads(text)))   # a mixture of experts' experts, fused as it loads them
-        for n, k in _as_loaded(lay, text):
+        pairs = _as_loaded(lay, text)
+        for n, k in pairs:
             if _UNEMBED.search(n): continue
             yield n, fuse_experts(lay[k], get) if isinstance(lay[k], list) else get(lay[k])
+        if (u := _unembedding(pairs, text)): yield _OUT, u[1] if u[0] == 'tied' else get(lay[u[1]])
     else:
-        for k, v in sorted(hf_state_dict(model).items()):
+        sd = hf_state_dict(model)
+        for k, v in sorted(sd.items()):
             if not _UNEMBED.search(k): yield k, v
+        cfg = getattr(model, 'original_model', model).config
+        if (info := _loaded_names(json.dumps(cfg.to_dict(), sort_keys=True, default=str))) and info[6] and info[6][0] in sd: yield _OUT, sd[info[6][0]]   # (tied: the embedding itself)
 
 def _fingerprint(cfg, # the model's config (object or dict)
-                 tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order
+                 tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order, then (`_OUT`, its unembedding or the embedding's name)
                  raw:dict|None=None, # its config.json as stored, where there is one (see below)
                 )->dict:
     heads = [arch_summary(cfg)]   # before configs were read through their class, a config.json that leaves fields to it was summarised as stored:
@@ -610,11 +631,14 @@ def _fingerprint(cfg, # the model's config (object or dict)
     # so that artifacts made then still match (only where `raw` describes this model: one loaded with other sizes is another model)
     hashes = lambda start: (hashlib.sha256(start), {n: hashlib.sha256(start) for n in _PRECISIONS})
     sets, (he, lowe), seen, n_embed = [hashes(json.dumps(a, sort_keys=True).encode()) for a in heads], hashes(b'embeddings'), [], 0
+    samples, unembed = {}, None
     for k, t in tensors:
+        if k == _OUT: unembed = samples.get(t) if isinstance(t, str) else (_sample(t), {n: _sample(t, rounded=p) for n, p in _PRECISIONS.items()}); continue
         emb = bool(_SKIP.search(k))   # the embeddings get a hash of their own: the block hash stays what it was before they were hashed
         if emb: n_embed += 1
         elif t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
         s, rs = _sample(t), {n: _sample(t, rounded=p if t.is_floating_point() else None) for n, p in _PRECISIONS.items()}
+        if emb: samples[k] = (s, rs)   # (a tied unembedding is hashed from its embedding's samples)
         for hk, lk in ([(he, lowe)] if emb else sets):
             hk.update(k.encode()); hk.update(s)
             for n, g in lk.items(): g.update(k.encode()); g.update(rs[n])
@@ -629,6 +653,13 @@ def _fingerprint(cfg, # the model's config (object or dict)
     if n_embed:
         out['embed'] = {'sha256': he.hexdigest(), 'rounded': rounded(lowe)}
         out['id'] = hashlib.sha256((out['sha256'] + he.hexdigest()).encode()).hexdigest()[:16]   # shown in messages: it tells models apart
+    if unembed is not None:   # the unembedding's values, under no name: tied or a tensor of its own, stored as `lm_head` or `embed_out`, alike
+        hu, lowu = hashes(b'unembedding')
+        hu.update(unembed[0])
+        for n, g in lowu.items(): g.update(unembed[1][n])
+        out['unembed'] = {'sha256': hu.hexdigest(), 'rounded': rounded(lowu)}
+        if all(unembed[0] != s for s, _ in samples.values()):   # values of its own (untied): they tell models apart too
+            out['id'] = hashlib.sha256((out['id'] + hu.hexdigest()).encode()).hexdigest()[:16]
     return out
 
 def fingerprint(model, # HF model, TransformerBridge, checkpoint source ('zoo:NAME', a directory), or a tensor source that computes its own (`delta.LoraTensors`)
@@ -665,9 +696,10 @@ def same_weights(want:dict|None, # the fingerprint an artifact recorded
     blocks = _same_hashes(want, have, da, db)
     for w, h in ((want, have.get('legacy')), (want.get('legacy'), have)):   # an artifact from before configs were read through their class
         if blocks is None and w and h: blocks = _same_hashes(w, h, da, db)
-    if blocks is None or not (want.get('embed') and have.get('embed')): return blocks   # an artifact from before embeddings were hashed: its blocks
-    embed = _same_hashes(want['embed'], have['embed'], da, db)
-    return None if embed is None else 'exact' if blocks == embed == 'exact' else 'precision'
+    found = [blocks]
+    for part in ('embed', 'unembed'):   # an artifact from before embeddings (or the unembedding) were hashed: what it has
+        if blocks is not None and want.get(part) and have.get(part): found.append(_same_hashes(want[part], have[part], da, db))
+    return None if None in found else 'exact' if all(f == 'exact' for f in found) else 'precision'
 
 def _same_hashes(want:dict, have:dict, da:str|None, db:str|None)->str|None:
     "`same_weights` for one hash (the blocks', or the embeddings'), the models' precisions `da` and `db`."
@@ -687,6 +719,9 @@ def precision_hint(want:dict|None, # the fingerprint an artifact recorded
     if not want or not b: return ''
     if want.get('embed') and have.get('embed') and _same_hashes(want, have, a, b) and not _same_hashes(want['embed'], have['embed'], a, b):
         return " (its transformer blocks are the artifact's model's, but its input embeddings differ: retrained or resized embeddings make another model)"
+    if want.get('unembed') and have.get('unembed') and _same_hashes(want, have, a, b) and not _same_hashes(want['unembed'], have['unembed'], a, b):
+        return (" (its transformer blocks and embeddings are the artifact's model's, but its unembedding (`lm_head`) differs: "
+                "a fine-tune of the output layer makes another model)")
     if not a:   # an artifact from before precisions were recorded: it was made at float32 unless its maker said otherwise
         return '' if b == 'float32' else " (the artifact records no precision: if it is the same model, load it in float32, `--dtype float32` / `dtype=torch.float32`)"
     size = lambda n: getattr(getattr(torch, n, None), 'itemsize', 0)

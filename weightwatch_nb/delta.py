@@ -986,8 +986,12 @@ class LoraTensors:
         return t.float() + (D * _lora_scale(mod, A.shape[0], self.lora)).float()
     def ww_fingerprint(self)->dict:
         "`core.fingerprint` of the merged model, computed one tensor at a time."
-        from weightwatch_nb.core import _fingerprint, _UNEMBED
-        return _fingerprint(self.config, ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n)), raw=self.config)
+        from weightwatch_nb.core import _fingerprint, _UNEMBED, _OUT, _unembedding
+        u = _unembedding(list(self.loaded.items()), json.dumps(self.config, sort_keys=True, default=str))   # (tied: its embedding's; or one of its own)
+        def tensors():
+            yield from ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n))
+            if u is not None: yield _OUT, u[1] if u[0] == 'tied' else self.get(u[1]).float()
+        return _fingerprint(self.config, tensors(), raw=self.config)
 
 # %% ../nbs/03_delta.ipynb #d4eaf2cd
 def sign_fix(U:Tensor, # [d, k] singular vectors as columns
