@@ -104,7 +104,7 @@ def _adapter(b, out, seed=0, **kw):
     pm = get_peft_model(load_hf(b)[0], LoraConfig(r=2, lora_alpha=4, **kw))
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if p.requires_grad and 'lora_A' not in n and 'lora_embedding_A' not in n: p.add_(torch.randn_like(p) * 0.1)
+            if p.requires_grad: p.add_(torch.randn_like(p) * 0.1)   # (A too: PEFT starts an embedding's A at zero, and its B at random)
     pm.save_pretrained(out)
     return pm.merge_and_unload()
 
@@ -115,6 +115,8 @@ def _adapter(b, out, seed=0, **kw):
                                       ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, trainable_token_indices=[3, 5, 7])),
                                       ('llama', dict(target_modules=['q_proj', 'down_proj'], trainable_token_indices={'embed_tokens': [2, 9]})),
                                       ('llama', dict(target_modules=['q_proj'], modules_to_save=['o_proj', 'embed_tokens'])),
+                                      ('llama', dict(target_modules=['q_proj'], modules_to_save=['lm_head'])),   # an untied unembedding: trained in full
+                                      ('llama', dict(target_modules=['q_proj', 'lm_head'])),                     # or by LoRA
                                       ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['wte'])),   # a tied pair: PEFT's copy
                                       ('gpt2', dict(target_modules=['c_attn'], fan_in_fan_out=True, modules_to_save=['wte', 'lm_head'])),   # unties it
                                       ('gpt2', dict(target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True, modules_to_save=['wte'])),
@@ -137,6 +139,8 @@ def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
         assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want), [n for n, k in lt.loaded.items() if n in want and not torch.equal(lt.get(k).to(want[n]), want[n])]
         list(iter_deltas(b, lt, list(MATRICES[:2])))
     assert fingerprint(lt) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))
+    base_un = hf_state_dict(load_hf(b)[0])['lm_head.weight']   # the unembedding's hash moves exactly when PEFT's merge moves it
+    assert (fingerprint(lt)['unembed'] != fingerprint(b)['unembed']) == (not torch.equal(want['lm_head.weight'], base_un))
     if arch == 'gpt2':   # the base loaded in memory: a tied model's state lists its unembedding too, the same tensor
         assert fingerprint(LoraTensors(load_hf(b)[0], tmp_path/'lora')) == fingerprint(merged)
     # directions: what it trains in full or by rows (and a tied unembedding) is decomposed whole, as from PEFT's merged model
@@ -144,11 +148,32 @@ def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
     dl, dm = (compute_directions(b, f, k=2, matrices=ms, progress=False, **x) for f, x in ((None, dict(lora=tmp_path/'lora')), (merged, {})))
     assert dl.names() == dm.names() and all(subspace_cosines(dl[key].T, dm[key].T).min() > 0.999 for key in dl.vectors), (dl.names(), dm.names())
     assert all(dl.meta['delta_norm'][n] == pytest.approx(v, rel=1e-4) for n, v in dm.meta['delta_norm'].items() if v), (dl.meta['delta_norm'], dm.meta['delta_norm'])
-    if arch == 'llama': assert {m for _, m in dl.vectors} == {'attn_q', 'embed', *(['attn_out'] if 'modules_to_save' in kw else ['mlp_out'])}, dl.names()
+    if arch == 'llama':
+        want_ms = {'attn_q', *(['unembed'] if 'lm_head' in str(kw) else ['embed', 'attn_out'] if 'modules_to_save' in kw else ['embed', 'mlp_out'])}
+        assert {m for _, m in dl.vectors} == want_ms, dl.names()
     if 'modules_to_save' in kw and arch == 'llama':   # an edit of the lazily merged adapter is the edit of PEFT's merged model
         merged.save_pretrained(tmp_path/'merged'); load_hf(b)[1].save_pretrained(tmp_path/'merged')
-        lazy, full = removed_weights(b, tmp_path/'lora', 1, progress=False), hf_state_dict(remove_directions(b, tmp_path/'merged', 1, progress=False))
+        ms = ['attn_q', 'unembed'] if 'lm_head' in str(kw) else None   # (an untied unembedding trained in full: edited as a matrix of its own)
+        lazy, full = (removed_weights(b, tmp_path/'lora', 1, ms, progress=False),
+                      hf_state_dict(remove_directions(b, tmp_path/'merged', 1, ms, progress=False)))
         assert lazy and all(torch.equal(v.to(full[n]), full[n]) for n, v in lazy.items())
+
+def test_a_fine_tune_of_the_output_layer_alone_is_another_model(tmp_path):
+    "Directions of a fine-tune that changed only `lm_head` are refused for its base (their fingerprints differ in the unembedding alone), and an edit of it reads back."
+    from weightwatch_nb.calibrate import check_directions
+    from weightwatch_nb.edit import interpolate, save_edited
+    b = make_tiny_checkpoint(tmp_path/'base', 'llama', n_layers=2)
+    h, tok = load_hf(b)
+    with torch.no_grad(): h.lm_head.weight[:, :4] += 0.3 * torch.randn(h.lm_head.weight.shape[0], 1)   # a rank-one update of the output layer
+    h.save_pretrained(tmp_path/'ft'); tok.save_pretrained(tmp_path/'ft')
+    fb, ff = fingerprint(b), fingerprint(tmp_path/'ft')
+    assert (fb['sha256'], fb['embed']) == (ff['sha256'], ff['embed']) and fb['unembed'] != ff['unembed'] and fb['id'] != ff['id']
+    d = compute_directions(b, tmp_path/'ft', k=2, matrices=['unembed'], progress=False)
+    check_directions(load_model(tmp_path/'ft'), d)
+    with pytest.raises(WeightwatchError, match=r"its unembedding \(`lm_head`\) differs"): check_directions(load_model(b), d)
+    half = save_edited(interpolate(b, tmp_path/'ft', 0.5, progress=False), None, tmp_path/'half')   # read back against its own fingerprint
+    fh = fingerprint(half)
+    assert same_weights(fh, fb) is None and same_weights(fh, ff) is None and same_weights(fh, fingerprint(load_model(half))) == 'exact'
 
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."

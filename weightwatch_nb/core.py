@@ -702,7 +702,7 @@ def same_weights(want:dict|None, # the fingerprint an artifact recorded
     return None if None in found else 'exact' if all(f == 'exact' for f in found) else 'precision'
 
 def _same_hashes(want:dict, have:dict, da:str|None, db:str|None)->str|None:
-    "`same_weights` for one hash (the blocks', or the embeddings'), the models' precisions `da` and `db`."
+    "`same_weights` for one hash (the blocks', the embeddings' or the unembedding's), the models' precisions `da` and `db`."
     a, b = want.get('sha256'), have.get('sha256')
     if not a or not b: return None
     if a == b: return 'exact' if not da or not db or da == db else 'precision'   # e.g. bfloat16 weights upcast to float32
