@@ -157,6 +157,13 @@ def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
         lazy, full = (removed_weights(b, tmp_path/'lora', 1, ms, progress=False),
                       hf_state_dict(remove_directions(b, tmp_path/'merged', 1, ms, progress=False)))
         assert lazy and all(torch.equal(v.to(full[n]), full[n]) for n, v in lazy.items())
+    if arch == 'gpt2' and 'modules_to_save' in kw:   # an adapter that unties a tied pair: its edited checkpoint is saved untied and loads back as such
+        from weightwatch_nb.edit import save_edited
+        out = save_edited(remove_directions(b, tmp_path/'lora', 1, ['attn_q', 'embed'], progress=False), None, tmp_path/'edited')
+        back = load_model(out); sd = hf_state_dict(back)
+        assert json.loads((out/'config.json').read_text())['tie_word_embeddings'] is False and sd['lm_head.weight'].data_ptr() != sd['transformer.wte.weight'].data_ptr()
+        assert torch.equal(sd['lm_head.weight'], want['lm_head.weight'].to(sd['lm_head.weight']))   # the unembedding PEFT's merge has (not the edited embedding)
+        assert same_weights(json.loads((out/'weightwatch_edit.json').read_text())['fingerprints']['edited'], fingerprint(back)) == 'exact'
 
 def test_a_fine_tune_of_the_output_layer_alone_is_another_model(tmp_path):
     "Directions of a fine-tune that changed only `lm_head` are refused for its base (their fingerprints differ in the unembedding alone), and an edit of it reads back."
