@@ -147,7 +147,7 @@ def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
     ms = ['attn_out', 'attn_q', 'mlp_out', 'embed', 'unembed']
     dl, dm = (compute_directions(b, f, k=2, matrices=ms, progress=False, **x) for f, x in ((None, dict(lora=tmp_path/'lora')), (merged, {})))
     assert dl.names() == dm.names() and all(subspace_cosines(dl[key].T, dm[key].T).min() > 0.999 for key in dl.vectors), (dl.names(), dm.names())
-    assert all(dl.meta['delta_norm'][n] == pytest.approx(v, rel=1e-4) for n, v in dm.meta['delta_norm'].items() if v), (dl.meta['delta_norm'], dm.meta['delta_norm'])
+    assert dl.meta['delta_norm'].keys() == dm.meta['delta_norm'].keys() and all(dl.meta['delta_norm'][n] == pytest.approx(v, rel=1e-4, abs=1e-6) for n, v in dm.meta['delta_norm'].items()), (dl.meta['delta_norm'], dm.meta['delta_norm'])
     if arch == 'llama':
         want_ms = {'attn_q', *(['unembed'] if 'lm_head' in str(kw) else ['embed', 'attn_out'] if 'modules_to_save' in kw else ['embed', 'mlp_out'])}
         assert {m for _, m in dl.vectors} == want_ms, dl.names()
@@ -1950,7 +1950,7 @@ def test_lora_on_fused_experts_equals_merged(arch, tmp_path):
     dl = compute_directions(b, lora=tmp_path/'lora', k=3, matrices=ms, progress=False)
     dm = compute_directions(b, tmp_path/'merged', k=3, matrices=ms, method='exact', progress=False)
     assert dl.names() == dm.names() and all(torch.allclose(dl.vectors[k], dm.vectors[k], atol=1e-4) for k in dl.vectors)
-    assert all(dl.meta['delta_norm'][k] == pytest.approx(v, rel=1e-5) for k, v in dm.meta['delta_norm'].items() if v)
+    assert dl.meta['delta_norm'].keys() == dm.meta['delta_norm'].keys() and all(dl.meta['delta_norm'][k] == pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in dm.meta['delta_norm'].items())
     Directions.load(dl.save(tmp_path/'d.safetensors'), model=load_model(tmp_path/'lora'))   # PEFT loads the adapter: the same model
     wl = removed_weights(b, tmp_path/'lora', 2, matrices=ms, progress=False)
     wm = removed_weights(b, tmp_path/'merged', 2, matrices=ms, progress=False)

@@ -452,6 +452,7 @@ def compute_directions(base,            # base model: 'zoo:NAME', dir, hub id or
                     norms[f"L{l}.{m}"] = float(D.norm())
                     if s.numel(): V[(l, m)], S[(l, m)] = U.T.contiguous().cpu(), s.cpu()
                     used.add(meth); pb.update()
+        norms |= {f"L{l}.{m}": 0.0 for l, m in plan if f"L{l}.{m}" not in norms}   # matrices the adapter leaves alone: a zero update, as full mode records it
         vecs = changed_vectors(bt, lt)   # (biases and norms the adapter trains: `bias='all'`, `modules_to_save`)
         fps = {'base': fingerprint(_origin(bt)), 'finetuned': fingerprint(lt)}
     else:
