@@ -151,7 +151,7 @@ def test_adapters_on_embeddings_tokens_and_whole_modules(arch, kw, tmp_path):
     if arch == 'llama':
         want_ms = {'attn_q', *(['unembed'] if 'lm_head' in str(kw) else ['embed', 'attn_out'] if 'modules_to_save' in kw else ['embed', 'mlp_out'])}
         assert {m for _, m in dl.vectors} == want_ms, dl.names()
-    if 'modules_to_save' in kw and arch == 'llama':   # an edit of the lazily merged adapter is the edit of PEFT's merged model
+    if arch == 'llama' and ('modules_to_save' in kw or 'lm_head' in kw['target_modules']):   # an edit of the lazily merged adapter is the edit of PEFT's merged model
         merged.save_pretrained(tmp_path/'merged'); load_hf(b)[1].save_pretrained(tmp_path/'merged')
         ms = ['attn_q', 'unembed'] if 'lm_head' in str(kw) else None   # (an untied unembedding trained in full: edited as a matrix of its own)
         lazy, full = (removed_weights(b, tmp_path/'lora', 1, ms, progress=False),

@@ -583,21 +583,30 @@ def _weight_files(d:Path)->list[Path]:
     if idx.is_file(): return sorted({d/f for f in json.loads(idx.read_text())['weight_map'].values()})
     return sorted(f for f in d.glob('*.safetensors') if 'adapter' not in f.name)
 
-_OUT = '<unembedding>'   # what `_named_tensors` yields the unembedding as, last
+_OUT = '<unembedding>'   # what `_named_tensors` yields the unembedding as: first (the input embedding's name, tied?), last its own tensor if untied
 
 def _unembedding(pairs, # (loaded name, stored name) of a checkpoint's tensors, as `_as_loaded` gives them
                  config_json:str, # its config
-                )->tuple[str, str]|None: # ('tied', the input embedding's loaded name) or ('own', the stored name); None: none known
+                 get, # stored name -> tensor
+                )->tuple[str|None, str|None]|None: # (the input embedding's loaded name, the stored name of an unembedding of its own, None if tied); None: none known
     "Where a checkpoint's loaded model gets its unembedding: its input embedding (tied), or a stored tensor of its own."
     info = _loaded_names(config_json)
     if info is None or info[6] is None: return None   # an architecture this transformers does not know: not hashed
     out, emb, tied = info[6]
-    if tied: return ('tied', emb) if any(n == emb for n, _ in pairs) else None   # (a stored copy of a tied unembedding is not what the model uses)
-    own = [k for n, k in pairs if n == out] or [k for n, k in pairs if _UNEMBED.search(n)]   # (GPT-NeoX stores `embed_out`, loaded as `lm_head`)
-    return ('own', own[0]) if len(own) == 1 else None   # (untied but not stored: the loaded model's is freshly initialised)
+    ek = next((k for n, k in pairs if n == emb), None)
+    own = [k for n, k in pairs if n == out] or [k for n, k in pairs if _UNEMBED.search(n) and n.endswith('.weight')]   # (GPT-NeoX stores `embed_out`, loaded as `lm_head`)
+    own = own[0] if len(own) == 1 else None
+    if tied:   # a stored copy is the embedding's, unless it differs: then transformers loads the two untied, as the config does not say
+        if ek is None: return None   # (only the unembedding stored: the model ties the embedding to it)
+        return (emb, own if own is not None and not torch.equal(get(own), get(ek)) else None)
+    return (emb if ek is not None else None, own) if own is not None else None   # (untied but not stored: the loaded model's is freshly initialised)
+
+def _same_tensor(a:Tensor, b:Tensor)->bool:
+    "Whether two loaded weights are one tensor (tied)."
+    return a is b or (a.device == b.device and a.device.type != 'meta' and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 def _named_tensors(model):
-    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them; then (`_OUT`, its unembedding), or (`_OUT`, the embedding's name) where they are one tensor."
+    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them; first (`_OUT`, (the input embedding's name, whether the unembedding is it)), last (`_OUT`, the unembedding) where it is a tensor of its own."
     if isinstance(model, (str, os.PathLike)):
         from safetensors import safe_open
         d = Path(resolve_source(model).ref)
@@ -611,54 +620,79 @@ def _named_tensors(model):
         text = (d/'config.json').read_text()
         lay = loaded_layout(names, json.loads(text).get('model_type'), _n_experts(json.loads(text)))   # a mixture of experts' experts, fused as it loads them
         pairs = _as_loaded(lay, text)
+        u = _unembedding(pairs, text, lambda k: get(lay[k]))
+        if u: yield _OUT, (u[0], u[1] is None)
         for n, k in pairs:
-            if _UNEMBED.search(n): continue
+            if _UNEMBED.search(n) or (u and k == u[1]): continue   # (the unembedding: hashed apart, also where its name is not one of the usual)
             yield n, fuse_experts(lay[k], get) if isinstance(lay[k], list) else get(lay[k])
-        if (u := _unembedding(pairs, text)): yield _OUT, u[1] if u[0] == 'tied' else get(lay[u[1]])
+        if u and u[1] is not None: yield _OUT, get(lay[u[1]])
     else:
         sd = hf_state_dict(model)
-        for k, v in sorted(sd.items()):
-            if not _UNEMBED.search(k): yield k, v
         cfg = getattr(model, 'original_model', model).config
-        if (info := _loaded_names(json.dumps(cfg.to_dict(), sort_keys=True, default=str))) and info[6] and info[6][0] in sd: yield _OUT, sd[info[6][0]]   # (tied: the embedding itself)
+        info = _loaded_names(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+        out, emb, _ = info[6] if info and info[6] and info[6][0] in sd else (None, None, None)
+        tied = out is not None and emb in sd and _same_tensor(sd[out], sd[emb])   # (what the model holds: a config may say tied of a pair transformers left untied)
+        if out is not None: yield _OUT, (emb if emb in sd else None, tied)
+        for k, v in sorted(sd.items()):
+            if not _UNEMBED.search(k) and k != out: yield k, v
+        if out is not None and not tied: yield _OUT, sd[out]
+
+def _sample_rows(t:Tensor, rounded:torch.dtype|None=None)->bytes:
+    "One value of every row of a matrix, its column moving from row to row: a change to any one token's row shows (the strided sample skips most rows)."
+    if t.ndim != 2 or not t.is_floating_point(): return b''
+    r = torch.arange(t.shape[0], device=t.device)
+    f = t.detach()[r, (r * 7919) % t.shape[1]]
+    if rounded is not None: f = f.to(rounded)
+    return f.to(torch.float32).cpu().contiguous().numpy().tobytes()
 
 def _fingerprint(cfg, # the model's config (object or dict)
-                 tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order, then (`_OUT`, its unembedding or the embedding's name)
+                 tensors, # (name, tensor) pairs of its block weights and input embeddings, in name order, with its unembedding as `_named_tensors` gives it
                  raw:dict|None=None, # its config.json as stored, where there is one (see below)
                 )->dict:
     heads = [arch_summary(cfg)]   # before configs were read through their class, a config.json that leaves fields to it was summarised as stored:
     if raw is not None and arch_summary(raw) == heads[0] and (old := _summary(raw)) != heads[0]: heads.append(old)   # its hash that way too (`legacy`),
     # so that artifacts made then still match (only where `raw` describes this model: one loaded with other sizes is another model)
     hashes = lambda start: (hashlib.sha256(start), {n: hashlib.sha256(start) for n in _PRECISIONS})
-    sets, (he, lowe), seen, n_embed = [hashes(json.dumps(a, sort_keys=True).encode()) for a in heads], hashes(b'embeddings'), [], 0
-    samples, unembed = {}, None
+    sets, (he, lowe), (hr, lowr) = [hashes(json.dumps(a, sort_keys=True).encode()) for a in heads], hashes(b'embeddings'), hashes(b'embedding rows')
+    seen, wide, n_embed, n_rows = [], {'embed': set(), 'unembed': set()}, 0, 0
+    both = lambda t, p=None: _sample(t, rounded=p) + _sample_rows(t, rounded=p)   # the unembedding: strided and row by row
+    sampled = lambda t: (both(t), {n: both(t, p) for n, p in _PRECISIONS.items()})
+    head, emb_s, emb_dt, unembed = None, None, None, None
     for k, t in tensors:
-        if k == _OUT: unembed = samples.get(t) if isinstance(t, str) else (_sample(t), {n: _sample(t, rounded=p) for n, p in _PRECISIONS.items()}); continue
+        if k == _OUT:
+            if isinstance(t, tuple): head = t                          # first: (the input embedding's name, tied?)
+            else: unembed = sampled(t); wide['unembed'].add(t.dtype)   # last: an unembedding of its own
+            continue
+        if head and k == head[0]: emb_s, emb_dt = sampled(t), t.dtype   # (the input embedding: a tied unembedding's values, an untied one's to compare)
         emb = bool(_SKIP.search(k))   # the embeddings get a hash of their own: the block hash stays what it was before they were hashed
-        if emb: n_embed += 1
+        if emb: n_embed += 1; wide['embed'].add(t.dtype)
         elif t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
         s, rs = _sample(t), {n: _sample(t, rounded=p if t.is_floating_point() else None) for n, p in _PRECISIONS.items()}
-        if emb: samples[k] = (s, rs)   # (a tied unembedding is hashed from its embedding's samples)
         for hk, lk in ([(he, lowe)] if emb else sets):
             hk.update(k.encode()); hk.update(s)
             for n, g in lk.items(): g.update(k.encode()); g.update(rs[n])
+        if emb and (r := _sample_rows(t)):   # every token's row: a fine-tune of a few tokens' embeddings shows (a hash apart: older artifacts lack it)
+            n_rows += 1; hr.update(k.encode()); hr.update(r)
+            for n, g in lowr.items(): g.update(k.encode()); g.update(_sample_rows(t, rounded=_PRECISIONS[n]))
+    if head and head[1] and emb_s is not None: unembed = emb_s; wide['unembed'].add(emb_dt)   # tied: the unembedding is the input embedding
     (h, low) = sets[0]
     # the model's precision is its blocks' narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
     # then the hash at its own precision (those modules rounded too) is kept, to match the checkpoint's rounded hash
     dtype = min(seen, key=lambda d: d.itemsize) if seen else None
-    keep = lambda p: dtype is not None and ((p != dtype and p.itemsize <= dtype.itemsize) or (p == dtype and len(seen) > 1))
-    rounded = lambda low: {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n])}
+    keep = lambda p, also=(): dtype is not None and ((p != dtype and p.itemsize <= dtype.itemsize) or (p == dtype and (len(seen) > 1 or any(d != dtype for d in also))))
+    rounded = lambda low, also=(): {n: g.hexdigest() for n, g in low.items() if keep(_PRECISIONS[n], also)}   # `also`: a part held wider than the blocks
     out = {'arch': heads[0], 'sha256': h.hexdigest(), 'id': h.hexdigest()[:16], 'dtype': _dtype_name(dtype), 'rounded': rounded(low)}
     if len(sets) > 1: out['legacy'] = {'sha256': sets[1][0].hexdigest(), 'rounded': rounded(sets[1][1])}
     if n_embed:
-        out['embed'] = {'sha256': he.hexdigest(), 'rounded': rounded(lowe)}
+        out['embed'] = {'sha256': he.hexdigest(), 'rounded': rounded(lowe, wide['embed'])}
         out['id'] = hashlib.sha256((out['sha256'] + he.hexdigest()).encode()).hexdigest()[:16]   # shown in messages: it tells models apart
+    if n_rows: out['embed_rows'] = {'sha256': hr.hexdigest(), 'rounded': rounded(lowr, wide['embed'])}
     if unembed is not None:   # the unembedding's values, under no name: tied or a tensor of its own, stored as `lm_head` or `embed_out`, alike
         hu, lowu = hashes(b'unembedding')
         hu.update(unembed[0])
         for n, g in lowu.items(): g.update(unembed[1][n])
-        out['unembed'] = {'sha256': hu.hexdigest(), 'rounded': rounded(lowu)}
-        if all(unembed[0] != s for s, _ in samples.values()):   # values of its own (untied): they tell models apart too
+        out['unembed'] = {'sha256': hu.hexdigest(), 'rounded': rounded(lowu, wide['unembed'])}
+        if emb_s is None or unembed[0] != emb_s[0]:   # values of its own (not the embedding's, tied or copied): they tell models apart too
             out['id'] = hashlib.sha256((out['id'] + hu.hexdigest()).encode()).hexdigest()[:16]
     return out
 
@@ -697,7 +731,7 @@ def same_weights(want:dict|None, # the fingerprint an artifact recorded
     for w, h in ((want, have.get('legacy')), (want.get('legacy'), have)):   # an artifact from before configs were read through their class
         if blocks is None and w and h: blocks = _same_hashes(w, h, da, db)
     found = [blocks]
-    for part in ('embed', 'unembed'):   # an artifact from before embeddings (or the unembedding) were hashed: what it has
+    for part in ('embed', 'embed_rows', 'unembed'):   # an artifact from before embeddings (or the unembedding) were hashed: what it has
         if blocks is not None and want.get(part) and have.get(part): found.append(_same_hashes(want[part], have[part], da, db))
     return None if None in found else 'exact' if all(f == 'exact' for f in found) else 'precision'
 
@@ -717,9 +751,9 @@ def precision_hint(want:dict|None, # the fingerprint an artifact recorded
     "A sentence for a mismatch message when loading at another precision might explain it."
     a, b = (want or {}).get('dtype'), (have or {}).get('dtype')
     if not want or not b: return ''
-    if want.get('embed') and have.get('embed') and _same_hashes(want, have, a, b) and not _same_hashes(want['embed'], have['embed'], a, b):
+    if _same_hashes(want, have, a, b) and any(want.get(p) and have.get(p) and not _same_hashes(want[p], have[p], a, b) for p in ('embed', 'embed_rows')):
         return " (its transformer blocks are the artifact's model's, but its input embeddings differ: retrained or resized embeddings make another model)"
-    if want.get('unembed') and have.get('unembed') and _same_hashes(want, have, a, b) and not _same_hashes(want['unembed'], have['unembed'], a, b):
+    if want.get('unembed') and have.get('unembed') and _same_hashes(want, have, a, b) and not _same_hashes(want['unembed'], have['unembed'], a, b):   # (embeddings alike)
         return (" (its transformer blocks and embeddings are the artifact's model's, but its unembedding (`lm_head`) differs: "
                 "a fine-tune of the output layer makes another model)")
     if not a:   # an artifact from before precisions were recorded: it was made at float32 unless its maker said otherwise

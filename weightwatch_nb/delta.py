@@ -987,10 +987,11 @@ class LoraTensors:
     def ww_fingerprint(self)->dict:
         "`core.fingerprint` of the merged model, computed one tensor at a time."
         from weightwatch_nb.core import _fingerprint, _UNEMBED, _OUT, _unembedding
-        u = _unembedding(list(self.loaded.items()), json.dumps(self.config, sort_keys=True, default=str))   # (tied: its embedding's; or one of its own)
+        u = _unembedding(list(self.loaded.items()), json.dumps(self.config, sort_keys=True, default=str), self.get)   # (tied: its embedding; or one of its own)
         def tensors():
-            yield from ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n))
-            if u is not None: yield _OUT, u[1] if u[0] == 'tied' else self.get(u[1]).float()
+            if u: yield _OUT, (u[0], u[1] is None)
+            yield from ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n) and not (u and k == u[1]))
+            if u and u[1] is not None: yield _OUT, self.get(u[1]).float()
         return _fingerprint(self.config, tensors(), raw=self.config)
 
 # %% ../nbs/03_delta.ipynb #d4eaf2cd
