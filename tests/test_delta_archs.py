@@ -182,6 +182,30 @@ def test_a_fine_tune_of_the_output_layer_alone_is_another_model(tmp_path):
     fh = fingerprint(half)
     assert same_weights(fh, fb) is None and same_weights(fh, ff) is None and same_weights(fh, fingerprint(load_model(half))) == 'exact'
 
+@pytest.mark.filterwarnings("ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`")
+def test_a_tied_config_over_a_stored_head_of_its_own_is_read_untied(tmp_path):
+    "A checkpoint whose config says tied but which stores an lm_head that differs from its embedding loads untied (transformers keeps both): so it is read, fingerprinted, adapted and edited."
+    from safetensors.torch import load_file, save_file
+    from weightwatch_nb.delta import LoraTensors
+    from weightwatch_nb.core import hf_state_dict
+    from weightwatch_nb.edit import interpolate, save_edited
+    b, f = make_tiny_checkpoint(tmp_path/'base', 'gpt2', n_layers=2), make_tiny_checkpoint(tmp_path/'ft', 'gpt2', n_layers=2)
+    sd = load_file(f/'model.safetensors'); sd['lm_head.weight'] = sd['transformer.wte.weight'].clone(); sd['lm_head.weight'][:, :3] += 0.5
+    save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
+    hf = load_hf(f)[0]
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)   # what transformers makes of it
+    assert arch_info(open_tensors(f).config)['tied'] is False and arch_info(open_tensors(b).config)['tied'] is True
+    assert fingerprint(f) == fingerprint(hf) == fingerprint(load_model(f)) and same_weights(fingerprint(f), fingerprint(b)) is None
+    for i, targets in enumerate((['c_attn'], ['c_attn', 'lm_head'])):   # an adapter on it: its unembedding is the stored one (LoRA on it merged there)
+        merged = _adapter(f, tmp_path/f'lora{i}', target_modules=targets, fan_in_fan_out=True)
+        lt = LoraTensors(f, tmp_path/f'lora{i}')
+        assert fingerprint(lt) == fingerprint(merged) == fingerprint(load_model(tmp_path/f'lora{i}'))
+        assert torch.equal(lt.get('lm_head.weight'), hf_state_dict(merged)['lm_head.weight'])
+    d = compute_directions(b, f, k=2, matrices=['unembed'], progress=False)   # the head's own update: rank one, ||[0.5]*3 columns||
+    assert torch.allclose(d.S[(1, 'unembed')], torch.tensor([0.5 * (3 * 300) ** 0.5]), rtol=1e-4)
+    half = save_edited(interpolate(b, f, 0.5, matrices=['unembed'], progress=False), None, tmp_path/'half')   # it reads back
+    assert same_weights(fingerprint(half), fingerprint(load_model(half))) == 'exact'
+
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."
     from weightwatch_nb.delta import LoraTensors

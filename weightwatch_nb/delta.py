@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder, _as_loaded, _unembedding
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS',
@@ -478,6 +478,9 @@ class CheckpointTensors:
             self.files = {k: f for k, f in self.files.items()                                      # collide with block 0
                           if k in names or f'{pre}.{k}' in names or not any(re.search(p, k) for p in ln[5])}
         self.layout = loaded_layout(self.files, self.config.get('model_type'), _n_experts(self.config))   # names as loaded (a mixture of experts' experts fused)
+        text = json.dumps(self.config, sort_keys=True, default=str)
+        if ln and ln[6] and ln[6][2] and (u := _unembedding(_as_loaded(self.layout, text), text, self.get)) and u[1] is not None:
+            self.config = {**self.config, 'tie_word_embeddings': False}   # a tied config over a stored unembedding that differs: transformers loads them untied
     def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.layout)} tensors)"
     def keys(self)->list[str]: return list(self.layout)
     def _stored_shape(self, k:str)->tuple:
