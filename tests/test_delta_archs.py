@@ -1,5 +1,5 @@
 "Weight deltas and directions beyond the notebooks' two architectures: Llama-family relatives, GPT-NeoX, sharded and bf16 checkpoints, GPT-2 LoRA."
-import contextlib, io, json, warnings
+import contextlib, io, json, shutil, warnings
 from pathlib import Path
 import pytest, torch
 from weightwatch_nb.core import WeightwatchError, make_tiny_checkpoint, load_hf, load_model, fingerprint, same_weights
@@ -188,7 +188,7 @@ def test_a_tied_config_over_a_stored_head_of_its_own_is_read_untied(tmp_path):
     from safetensors.torch import load_file, save_file
     from weightwatch_nb.delta import LoraTensors
     from weightwatch_nb.core import hf_state_dict
-    from weightwatch_nb.edit import interpolate, save_edited
+    from weightwatch_nb.edit import interpolate, save_edited, remove_directions
     b, f = make_tiny_checkpoint(tmp_path/'base', 'gpt2', n_layers=2), make_tiny_checkpoint(tmp_path/'ft', 'gpt2', n_layers=2)
     sd = load_file(f/'model.safetensors'); sd['lm_head.weight'] = sd['transformer.wte.weight'].clone(); sd['lm_head.weight'][:, :3] += 0.5
     save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
@@ -205,6 +205,33 @@ def test_a_tied_config_over_a_stored_head_of_its_own_is_read_untied(tmp_path):
     assert torch.allclose(d.S[(1, 'unembed')], torch.tensor([0.5 * (3 * 300) ** 0.5]), rtol=1e-4)
     half = save_edited(interpolate(b, f, 0.5, matrices=['unembed'], progress=False), None, tmp_path/'half')   # it reads back
     assert same_weights(fingerprint(half), fingerprint(load_model(half))) == 'exact'
+    e = remove_directions(load_model(b), load_model(f), 1, ['attn_q'], progress=False)   # an edit from bridges: the copy it edits is untied too
+    esd = hf_state_dict(e)
+    assert torch.equal(esd['transformer.wte.weight'], sd['transformer.wte.weight']) and torch.equal(esd['lm_head.weight'], sd['lm_head.weight'])
+
+def test_what_else_the_unembedding_fingerprint_covers(tmp_path):
+    "The unembedding's bias (Phi, GPT-J) is part of its hash; a tied checkpoint that stores only lm_head is read as transformers ties it; an lm_head offloaded to disk is left out, not a crash."
+    from safetensors.torch import load_file, save_file
+    import transformers as T
+    for arch in ('phi', 'gptj'):
+        b = tiny(arch, tmp_path/arch); h = load_hf(b)[0]
+        with torch.no_grad(): h.lm_head.bias.add_(0.1)   # only the output layer's bias
+        h.save_pretrained(tmp_path/f'{arch}-bias')
+        assert same_weights(fingerprint(b), fingerprint(tmp_path/f'{arch}-bias')) is None and fingerprint(tmp_path/f'{arch}-bias') == fingerprint(h)
+    d = make_tiny_checkpoint(tmp_path/'llama', 'llama', n_layers=2); sd = load_file(d/'model.safetensors')
+    def only_head(name, W):   # a tied config whose checkpoint stores the shared tensor as lm_head only
+        e = tmp_path/name; shutil.copytree(d, e)
+        save_file({k: v for k, v in sd.items() if k not in ('model.embed_tokens.weight', 'lm_head.weight')} | {'lm_head.weight': W}, str(e/'model.safetensors'), metadata={'format': 'pt'})
+        c = json.loads((e/'config.json').read_text()); c['tie_word_embeddings'] = True; (e/'config.json').write_text(json.dumps(c))
+        return e
+    W2 = sd['model.embed_tokens.weight'].clone(); W2[5] += 0.5
+    ob, of = only_head('only-base', sd['model.embed_tokens.weight']), only_head('only-ft', W2)
+    assert fingerprint(ob) == fingerprint(load_hf(ob)[0]) and same_weights(fingerprint(ob), fingerprint(of)) is None
+    pytest.importorskip('accelerate')
+    off = T.AutoModelForCausalLM.from_pretrained(d, device_map={'model': 'cpu', 'lm_head': 'disk'}, offload_folder=str(tmp_path/'off'))
+    assert off.lm_head.weight.device.type == 'meta'
+    fo = fingerprint(off)
+    assert 'unembed' not in fo and same_weights(fingerprint(d), fo) == 'exact'
 
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."

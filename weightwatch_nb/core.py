@@ -583,30 +583,43 @@ def _weight_files(d:Path)->list[Path]:
     if idx.is_file(): return sorted({d/f for f in json.loads(idx.read_text())['weight_map'].values()})
     return sorted(f for f in d.glob('*.safetensors') if 'adapter' not in f.name)
 
-_OUT = '<unembedding>'   # what `_named_tensors` yields the unembedding as: first (the input embedding's name, tied?), last its own tensor if untied
+_OUT, _OUT_BIAS = '<unembedding>', '<unembedding bias>'   # how `_named_tensors` yields the unembedding (see there)
 
 def _unembedding(pairs, # (loaded name, stored name) of a checkpoint's tensors, as `_as_loaded` gives them
                  config_json:str, # its config
                  get, # stored name -> tensor
-                )->tuple[str|None, str|None]|None: # (the input embedding's loaded name, the stored name of an unembedding of its own, None if tied); None: none known
-    "Where a checkpoint's loaded model gets its unembedding: its input embedding (tied), or a stored tensor of its own."
+                )->dict|None: # {'emb': the input embedding's loaded name, 'own': stored name of an untied unembedding, 'bias': of its bias, 'as_emb': stored name of a tied one that is stored alone}; None: none known
+    "Where a checkpoint's loaded model gets its unembedding: its input embedding (tied), or a stored tensor of its own; tying decided as transformers decides it."
     info = _loaded_names(config_json)
     if info is None or info[6] is None: return None   # an architecture this transformers does not know: not hashed
     out, emb, tied = info[6]
+    one = lambda ks: ks[0] if len(ks) == 1 else None
     ek = next((k for n, k in pairs if n == emb), None)
-    own = [k for n, k in pairs if n == out] or [k for n, k in pairs if _UNEMBED.search(n) and n.endswith('.weight')]   # (GPT-NeoX stores `embed_out`, loaded as `lm_head`)
-    own = own[0] if len(own) == 1 else None
-    if tied:   # a stored copy is the embedding's, unless it differs: then transformers loads the two untied, as the config does not say
-        if ek is None: return None   # (only the unembedding stored: the model ties the embedding to it)
-        return (emb, own if own is not None and not torch.equal(get(own), get(ek)) else None)
-    return (emb if ek is not None else None, own) if own is not None else None   # (untied but not stored: the loaded model's is freshly initialised)
+    own = one([k for n, k in pairs if n == out] or [k for n, k in pairs if _UNEMBED.search(n) and n.endswith('.weight')])   # (GPT-NeoX stores `embed_out`, loaded as `lm_head`)
+    bias = one([k for n, k in pairs if n == out.removesuffix('weight') + 'bias'] or [k for n, k in pairs if _UNEMBED.search(n) and n.endswith('.bias')])
+    if tied:   # a stored copy is the embedding's, unless it differs: then transformers loads the two untied (the config is wrong)
+        if ek is None: return {'emb': emb, 'own': None, 'bias': bias, 'as_emb': own} if own is not None else None   # (only the unembedding stored: the embedding is tied to it)
+        return {'emb': emb, 'own': own if own is not None and not torch.equal(get(own), get(ek)) else None, 'bias': bias, 'as_emb': None}
+    if own is None: return None   # (untied but not stored: the loaded model's is freshly initialised)
+    return {'emb': emb if ek is not None else None, 'own': own, 'bias': bias, 'as_emb': None}
 
 def _same_tensor(a:Tensor, b:Tensor)->bool:
     "Whether two loaded weights are one tensor (tied)."
     return a is b or (a.device == b.device and a.device.type != 'meta' and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
+def _unembedding_tensors(pairs, u:dict|None, get):
+    "`_named_tensors`' items for a checkpoint read as `pairs` (loaded name, stored name), its `_unembedding` `u`, with `get` reading a stored name."
+    if u and u['as_emb']: pairs = sorted([*pairs, (u['emb'], u['as_emb'])])   # a tied unembedding stored alone: the embedding is it
+    names = dict((k, n) for n, k in pairs)
+    own_n = names.get(u['own']) if u and u['own'] is not None and not _UNEMBED.search(names.get(u['own'], '')) else None
+    if u: yield _OUT, (u['emb'], u['own'] is None, own_n)
+    for n, k in pairs:
+        if not _UNEMBED.search(n): yield n, get(k)
+    if u and u['own'] is not None and own_n is None: yield _OUT, get(u['own'])
+    if u and u['bias'] is not None and _UNEMBED.search(names[u['bias']]): yield _OUT_BIAS, get(u['bias'])
+
 def _named_tensors(model):
-    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them; first (`_OUT`, (the input embedding's name, whether the unembedding is it)), last (`_OUT`, the unembedding) where it is a tensor of its own."
+    "Yield (name, tensor) for the block weights and input embeddings of an HF model, a bridge, or a checkpoint dir (lazily), named as the loaded model names them; with the unembedding: first (`_OUT`, (the input embedding's name, whether the unembedding is it, the name it has among the others if it is one of them)), last (`_OUT`, the unembedding) where it is a tensor of its own and (`_OUT_BIAS`, its bias) where it has one."
     if isinstance(model, (str, os.PathLike)):
         from safetensors import safe_open
         d = Path(resolve_source(model).ref)
@@ -619,23 +632,21 @@ def _named_tensors(model):
             with safe_open(str(names[k]), 'pt') as fh: return fh.get_tensor(k)
         text = (d/'config.json').read_text()
         lay = loaded_layout(names, json.loads(text).get('model_type'), _n_experts(json.loads(text)))   # a mixture of experts' experts, fused as it loads them
+        read = lambda k: fuse_experts(lay[k], get) if isinstance(lay[k], list) else get(lay[k])
         pairs = _as_loaded(lay, text)
-        u = _unembedding(pairs, text, lambda k: get(lay[k]))
-        if u: yield _OUT, (u[0], u[1] is None)
-        for n, k in pairs:
-            if _UNEMBED.search(n) or (u and k == u[1]): continue   # (the unembedding: hashed apart, also where its name is not one of the usual)
-            yield n, fuse_experts(lay[k], get) if isinstance(lay[k], list) else get(lay[k])
-        if u and u[1] is not None: yield _OUT, get(lay[u[1]])
+        yield from _unembedding_tensors(pairs, _unembedding(pairs, text, read), read)
     else:
         sd = hf_state_dict(model)
         cfg = getattr(model, 'original_model', model).config
         info = _loaded_names(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-        out, emb, _ = info[6] if info and info[6] and info[6][0] in sd else (None, None, None)
+        out, emb, _ = info[6] if info and info[6] and info[6][0] in sd and sd[info[6][0]].device.type != 'meta' else (None, None, None)   # (offloaded to disk: not read)
         tied = out is not None and emb in sd and _same_tensor(sd[out], sd[emb])   # (what the model holds: a config may say tied of a pair transformers left untied)
-        if out is not None: yield _OUT, (emb if emb in sd else None, tied)
+        own_n = out if out is not None and not tied and not _UNEMBED.search(out) else None
+        if out is not None: yield _OUT, (emb if emb in sd else None, tied, own_n)
         for k, v in sorted(sd.items()):
-            if not _UNEMBED.search(k) and k != out: yield k, v
-        if out is not None and not tied: yield _OUT, sd[out]
+            if not _UNEMBED.search(k): yield k, v
+        if out is not None and not tied and own_n is None: yield _OUT, sd[out]
+        if out is not None and (b := out.removesuffix('weight') + 'bias') in sd and _UNEMBED.search(b): yield _OUT_BIAS, sd[b]
 
 def _sample_rows(t:Tensor, rounded:torch.dtype|None=None)->bytes:
     "One value of every row of a matrix, its column moving from row to row: a change to any one token's row shows (the strided sample skips most rows)."
@@ -657,13 +668,16 @@ def _fingerprint(cfg, # the model's config (object or dict)
     seen, wide, n_embed, n_rows = [], {'embed': set(), 'unembed': set()}, 0, 0
     both = lambda t, p=None: _sample(t, rounded=p) + _sample_rows(t, rounded=p)   # the unembedding: strided and row by row
     sampled = lambda t: (both(t), {n: both(t, p) for n, p in _PRECISIONS.items()})
-    head, emb_s, emb_dt, unembed = None, None, None, None
+    head, emb_s, emb_dt, weight, bias = None, None, None, None, None
     for k, t in tensors:
-        if k == _OUT:
-            if isinstance(t, tuple): head = t                          # first: (the input embedding's name, tied?)
-            else: unembed = sampled(t); wide['unembed'].add(t.dtype)   # last: an unembedding of its own
-            continue
+        if k == _OUT and isinstance(t, tuple): head = t; continue   # first: (the input embedding's name, tied?, the unembedding's name among the rest)
+        if t.device.type == 'meta':
+            raise WeightwatchError(f"`{k if k not in (_OUT, _OUT_BIAS) else 'the unembedding'}` is offloaded (a meta tensor), so its values cannot be read to "
+                                   "fingerprint the model: fingerprint its checkpoint folder instead, or load it without offloading to disk")
+        if k == _OUT: weight = sampled(t); wide['unembed'].add(t.dtype); continue       # an unembedding of its own
+        if k == _OUT_BIAS: bias = sampled(t); wide['unembed'].add(t.dtype); continue    # its bias (Phi's, GPT-J's)
         if head and k == head[0]: emb_s, emb_dt = sampled(t), t.dtype   # (the input embedding: a tied unembedding's values, an untied one's to compare)
+        if head and k == head[2]: weight = sampled(t); wide['unembed'].add(t.dtype)   # (an unembedding of its own under another name: RWKV's `head`)
         emb = bool(_SKIP.search(k))   # the embeddings get a hash of their own: the block hash stays what it was before they were hashed
         if emb: n_embed += 1; wide['embed'].add(t.dtype)
         elif t.is_floating_point() and t.dtype not in seen: seen.append(t.dtype)   # integer and bool buffers keep their type
@@ -674,7 +688,7 @@ def _fingerprint(cfg, # the model's config (object or dict)
         if emb and (r := _sample_rows(t)):   # every token's row: a fine-tune of a few tokens' embeddings shows (a hash apart: older artifacts lack it)
             n_rows += 1; hr.update(k.encode()); hr.update(r)
             for n, g in lowr.items(): g.update(k.encode()); g.update(_sample_rows(t, rounded=_PRECISIONS[n]))
-    if head and head[1] and emb_s is not None: unembed = emb_s; wide['unembed'].add(emb_dt)   # tied: the unembedding is the input embedding
+    if head and head[1] and emb_s is not None: weight = emb_s; wide['unembed'].add(emb_dt)   # tied: the unembedding is the input embedding
     (h, low) = sets[0]
     # the model's precision is its blocks' narrowest: a bfloat16 model may keep a few modules in float32 (`_keep_in_fp32_modules`);
     # then the hash at its own precision (those modules rounded too) is kept, to match the checkpoint's rounded hash
@@ -687,12 +701,13 @@ def _fingerprint(cfg, # the model's config (object or dict)
         out['embed'] = {'sha256': he.hexdigest(), 'rounded': rounded(lowe, wide['embed'])}
         out['id'] = hashlib.sha256((out['sha256'] + he.hexdigest()).encode()).hexdigest()[:16]   # shown in messages: it tells models apart
     if n_rows: out['embed_rows'] = {'sha256': hr.hexdigest(), 'rounded': rounded(lowr, wide['embed'])}
-    if unembed is not None:   # the unembedding's values, under no name: tied or a tensor of its own, stored as `lm_head` or `embed_out`, alike
+    if weight is not None:   # the unembedding's values (and bias), under no name: tied or a tensor of its own, stored as `lm_head` or `embed_out`, alike
         hu, lowu = hashes(b'unembedding')
-        hu.update(unembed[0])
-        for n, g in lowu.items(): g.update(unembed[1][n])
+        for part in (weight, bias or (b'', {n: b'' for n in _PRECISIONS})):
+            hu.update(part[0])
+            for n, g in lowu.items(): g.update(part[1][n])
         out['unembed'] = {'sha256': hu.hexdigest(), 'rounded': rounded(lowu, wide['unembed'])}
-        if emb_s is None or unembed[0] != emb_s[0]:   # values of its own (not the embedding's, tied or copied): they tell models apart too
+        if emb_s is None or weight[0] != emb_s[0] or bias is not None:   # values of its own (not the embedding's, tied or copied): they tell models apart too
             out['id'] = hashlib.sha256((out['id'] + hu.hexdigest()).encode()).hexdigest()[:16]
     return out
 

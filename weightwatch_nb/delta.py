@@ -479,7 +479,7 @@ class CheckpointTensors:
                           if k in names or f'{pre}.{k}' in names or not any(re.search(p, k) for p in ln[5])}
         self.layout = loaded_layout(self.files, self.config.get('model_type'), _n_experts(self.config))   # names as loaded (a mixture of experts' experts fused)
         text = json.dumps(self.config, sort_keys=True, default=str)
-        if ln and ln[6] and ln[6][2] and (u := _unembedding(_as_loaded(self.layout, text), text, self.get)) and u[1] is not None:
+        if ln and ln[6] and ln[6][2] and (u := _unembedding(_as_loaded(self.layout, text), text, self.get)) and u['own'] is not None:
             self.config = {**self.config, 'tie_word_embeddings': False}   # a tied config over a stored unembedding that differs: transformers loads them untied
     def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.layout)} tensors)"
     def keys(self)->list[str]: return list(self.layout)
@@ -989,13 +989,11 @@ class LoraTensors:
         return t.float() + (D * _lora_scale(mod, A.shape[0], self.lora)).float()
     def ww_fingerprint(self)->dict:
         "`core.fingerprint` of the merged model, computed one tensor at a time."
-        from weightwatch_nb.core import _fingerprint, _UNEMBED, _OUT, _unembedding
-        u = _unembedding(list(self.loaded.items()), json.dumps(self.config, sort_keys=True, default=str), self.get)   # (tied: its embedding; or one of its own)
-        def tensors():
-            if u: yield _OUT, (u[0], u[1] is None)
-            yield from ((n, self.get(k).float()) for n, k in self.loaded.items() if not _UNEMBED.search(n) and not (u and k == u[1]))
-            if u and u[1] is not None: yield _OUT, self.get(u[1]).float()
-        return _fingerprint(self.config, tensors(), raw=self.config)
+        from weightwatch_nb.core import _fingerprint, _unembedding
+        from weightwatch_nb.core import _unembedding_tensors
+        pairs, get = list(self.loaded.items()), lambda k: self.get(k).float()
+        u = _unembedding(pairs, json.dumps(self.config, sort_keys=True, default=str), get)   # (tied: its embedding; or one of its own)
+        return _fingerprint(self.config, _unembedding_tensors(pairs, u, get), raw=self.config)
 
 # %% ../nbs/03_delta.ipynb #d4eaf2cd
 def sign_fix(U:Tensor, # [d, k] singular vectors as columns
