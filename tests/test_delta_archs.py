@@ -183,8 +183,8 @@ def test_a_fine_tune_of_the_output_layer_alone_is_another_model(tmp_path):
     assert same_weights(fh, fb) is None and same_weights(fh, ff) is None and same_weights(fh, fingerprint(load_model(half))) == 'exact'
 
 @pytest.mark.filterwarnings("ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`")
-def test_a_tied_config_over_a_stored_head_of_its_own_is_read_untied(tmp_path):
-    "A checkpoint whose config says tied but which stores an lm_head that differs from its embedding loads untied (transformers keeps both): so it is read, fingerprinted, adapted and edited."
+def test_a_tied_config_over_a_stored_head_of_its_own(tmp_path):
+    "A checkpoint whose config says tied but which stores an lm_head that differs from its embedding loads untied (transformers keeps both): it is fingerprinted so, its edits keep both, and an adapter on it (which PEFT ties by the config) is refused with the fix."
     from safetensors.torch import load_file, save_file
     from weightwatch_nb.delta import LoraTensors
     from weightwatch_nb.core import hf_state_dict
@@ -194,13 +194,7 @@ def test_a_tied_config_over_a_stored_head_of_its_own_is_read_untied(tmp_path):
     save_file(sd, f/'model.safetensors', metadata={'format': 'pt'})
     hf = load_hf(f)[0]
     assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)   # what transformers makes of it
-    assert arch_info(open_tensors(f).config)['tied'] is False and arch_info(open_tensors(b).config)['tied'] is True
     assert fingerprint(f) == fingerprint(hf) == fingerprint(load_model(f)) and same_weights(fingerprint(f), fingerprint(b)) is None
-    for i, targets in enumerate((['c_attn'], ['c_attn', 'lm_head'])):   # an adapter on it: its unembedding is the stored one (LoRA on it merged there)
-        merged = _adapter(f, tmp_path/f'lora{i}', target_modules=targets, fan_in_fan_out=True)
-        lt = LoraTensors(f, tmp_path/f'lora{i}')
-        assert fingerprint(lt) == fingerprint(merged) == fingerprint(load_model(tmp_path/f'lora{i}'))
-        assert torch.equal(lt.get('lm_head.weight'), hf_state_dict(merged)['lm_head.weight'])
     d = compute_directions(b, f, k=2, matrices=['unembed'], progress=False)   # the head's own update: rank one, ||[0.5]*3 columns||
     assert torch.allclose(d.S[(1, 'unembed')], torch.tensor([0.5 * (3 * 300) ** 0.5]), rtol=1e-4)
     half = save_edited(interpolate(b, f, 0.5, matrices=['unembed'], progress=False), None, tmp_path/'half')   # it reads back
@@ -208,6 +202,13 @@ def test_a_tied_config_over_a_stored_head_of_its_own_is_read_untied(tmp_path):
     e = remove_directions(load_model(b), load_model(f), 1, ['attn_q'], progress=False)   # an edit from bridges: the copy it edits is untied too
     esd = hf_state_dict(e)
     assert torch.equal(esd['transformer.wte.weight'], sd['transformer.wte.weight']) and torch.equal(esd['lm_head.weight'], sd['lm_head.weight'])
+    _adapter(f, tmp_path/'lora', target_modules=['c_attn'], fan_in_fan_out=True)
+    for base in (f, load_hf(f)[0]):   # from the folder or loaded: the adapter's model is ambiguous, so refused with the fix
+        with pytest.raises(WeightwatchError, match='set `tie_word_embeddings` to false'): LoraTensors(base, tmp_path/'lora')
+    assert fingerprint(LoraTensors(b, tmp_path/'lora'))   # (an ordinary tied base: read as ever)
+    c = json.loads((f/'config.json').read_text()); c['tie_word_embeddings'] = False; (f/'config.json').write_text(json.dumps(c))   # the fix, as the message gives it
+    lt, merged = LoraTensors(f, tmp_path/'lora'), _adapter(f, tmp_path/'lora2', target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True)
+    assert fingerprint(LoraTensors(f, tmp_path/'lora2')) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora2')) and fingerprint(lt)
 
 def test_what_else_the_unembedding_fingerprint_covers(tmp_path):
     "The unembedding's bias (Phi, GPT-J) is part of its hash; a tied checkpoint that stores only lm_head is read as transformers ties it; an lm_head offloaded to disk is left out, not a crash."

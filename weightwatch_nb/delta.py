@@ -4,13 +4,13 @@
 
 # %% ../nbs/03_delta.ipynb #0551fc8d
 from __future__ import annotations
-import json, os, re, warnings
+import functools, json, os, re, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder, _as_loaded, _unembedding
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder, _as_loaded, _unembedding, _same_tensor, _UNEMBED
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS',
@@ -478,9 +478,6 @@ class CheckpointTensors:
             self.files = {k: f for k, f in self.files.items()                                      # collide with block 0
                           if k in names or f'{pre}.{k}' in names or not any(re.search(p, k) for p in ln[5])}
         self.layout = loaded_layout(self.files, self.config.get('model_type'), _n_experts(self.config))   # names as loaded (a mixture of experts' experts fused)
-        text = json.dumps(self.config, sort_keys=True, default=str)
-        if ln and ln[6] and ln[6][2] and (u := _unembedding(_as_loaded(self.layout, text), text, self.get)) and u['own'] is not None:
-            self.config = {**self.config, 'tie_word_embeddings': False}   # a tied config over a stored unembedding that differs: transformers loads them untied
     def __repr__(self): return f"CheckpointTensors({str(self.path)!r}, {len(self.layout)} tensors)"
     def keys(self)->list[str]: return list(self.layout)
     def _stored_shape(self, k:str)->tuple:
@@ -909,6 +906,25 @@ def _token_rows(cfg:dict, module:str)->list[int]:
     if isinstance(t, dict): return next((v for m, v in t.items() if module == m or module.endswith('.' + m)), [])
     return list(t or [])
 
+@functools.lru_cache(maxsize=8)
+def _untied_stored_head(path:str, stamp:tuple)->bool:
+    "Whether the checkpoint at `path` (its files' sizes and times: `stamp`) has a config that says tied over a stored lm_head that differs from its embedding."
+    t = CheckpointTensors(path)
+    text = json.dumps(t.config, sort_keys=True, default=str)
+    u = _unembedding(_as_loaded(t.layout, text), text, t.get)
+    return bool(u and u['own'] is not None)   # (called for tied configs only: a stored copy counts only where it differs)
+
+def _untied_despite_config(t)->bool:
+    "Whether tensor source `t` has a config that ties its unembedding while the model it holds has one of its own (transformers keeps a differing stored lm_head)."
+    info = _loaded_names(json.dumps(t.config, sort_keys=True, default=str))
+    if not (info and info[6] and info[6][2]): return False
+    if isinstance(t, CheckpointTensors):
+        if not any(_UNEMBED.search(k) for k in t.keys()): return False   # (nothing stored to differ: the usual tied checkpoint, at no cost)
+        return _untied_stored_head(str(t.path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(set(t.files.values()))))
+    sd = getattr(t, 'sd', None) or {}
+    out, emb, _ = info[6]
+    return out in sd and emb in sd and not _same_tensor(sd[out], sd[emb])
+
 class LoraTensors:
     "Base model + LoRA adapter as a lazy tensor source: each adapted weight merged (in float32, as PEFT merges it) when it is read."
     tensor_source = True
@@ -919,6 +935,11 @@ class LoraTensors:
         self.base, self.path = open_tensors(base), Path(adapter)
         self.config, self.fresh = self.base.config, self.base.fresh   # an unchanged tensor is the base's own
         self.lora, self.fac = read_adapter(adapter, self.config)
+        if _untied_despite_config(self.base):
+            raise WeightwatchError(f"the base model's config ties its unembedding to its embedding (`tie_word_embeddings`), but its checkpoint stores an lm_head that "
+                                   "differs from the embedding: transformers loads the two untied, while PEFT ties (and merges) by the config, so the model this "
+                                   "adapter makes is ambiguous; set `tie_word_embeddings` to false in the base's config.json (LFM2: `tie_embedding`), save it, "
+                                   "and pass that base")
         info = arch_info(self.config)
         full, lbias, tokens = _adapter_tensors(self.path, info['model_type'])   # trained in full (biases, `modules_to_save`), LoRA biases, token rows
         ek = next((key for (_, m), (key, _) in find_keys(self.base.keys(), info, ['embed'], required=False).items()), None) if 'embed' in info['specs'] else None
