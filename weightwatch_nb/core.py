@@ -607,6 +607,15 @@ def _same_tensor(a:Tensor, b:Tensor)->bool:
     "Whether two loaded weights are one tensor (tied)."
     return a is b or (a.device == b.device and a.device.type != 'meta' and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
+def _tied_apart(config:dict, # a loaded model's config, as a dict
+                sd:dict, # its `hf_state_dict`
+               )->bool:
+    "Whether a loaded model's config ties its unembedding to its embedding while the model holds two tensors (transformers keeps a stored lm_head that differs)."
+    info = _loaded_names(json.dumps(config, sort_keys=True, default=str))
+    if not (info and info[6] and info[6][2]): return False
+    out, emb, _ = info[6]
+    return out in sd and emb in sd and not _same_tensor(sd[out], sd[emb])
+
 def _unembedding_tensors(pairs, u:dict|None, get):
     "`_named_tensors`' items for a checkpoint read as `pairs` (loaded name, stored name), its `_unembedding` `u`, with `get` reading a stored name."
     if u and u['as_emb']: pairs = sorted([*pairs, (u['emb'], u['as_emb'])])   # a tied unembedding stored alone: the embedding is it

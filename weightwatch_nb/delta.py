@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import torch
 from torch import Tensor
-from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder, _as_loaded, _unembedding, _same_tensor, _UNEMBED
+from .core import WeightwatchError, resolve_source, hf_state_dict, check_comparable, loaded_layout, fuse_experts, split_experts, _n_experts, _EXPERT_KEY, _EXPERT_PART, _renamed, _loaded_names, _class_config, _hub_folder, _as_loaded, _unembedding, _tied_apart, _UNEMBED
 
 # %% auto #0
 __all__ = ['MATRICES', 'DEFAULT_MATRICES', 'HEADS', 'MP4', 'MLA', 'DENSE_MLA', 'FIRST_DENSE', 'LAYER_TYPED', 'PAIRS',
@@ -921,9 +921,7 @@ def _untied_despite_config(t)->bool:
     if isinstance(t, CheckpointTensors):
         if not any(_UNEMBED.search(k) for k in t.keys()): return False   # (nothing stored to differ: the usual tied checkpoint, at no cost)
         return _untied_stored_head(str(t.path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(set(t.files.values()))))
-    sd = getattr(t, 'sd', None) or {}
-    out, emb, _ = info[6]
-    return out in sd and emb in sd and not _same_tensor(sd[out], sd[emb])
+    return _tied_apart(t.config, getattr(t, 'sd', None) or {})
 
 class LoraTensors:
     "Base model + LoRA adapter as a lazy tensor source: each adapted weight merged (in float32, as PEFT merges it) when it is read."
@@ -1010,8 +1008,7 @@ class LoraTensors:
         return t.float() + (D * _lora_scale(mod, A.shape[0], self.lora)).float()
     def ww_fingerprint(self)->dict:
         "`core.fingerprint` of the merged model, computed one tensor at a time."
-        from weightwatch_nb.core import _fingerprint, _unembedding
-        from weightwatch_nb.core import _unembedding_tensors
+        from weightwatch_nb.core import _fingerprint, _unembedding_tensors
         pairs, get = list(self.loaded.items()), lambda k: self.get(k).float()
         u = _unembedding(pairs, json.dumps(self.config, sort_keys=True, default=str), get)   # (tied: its embedding; or one of its own)
         return _fingerprint(self.config, _unembedding_tensors(pairs, u, get), raw=self.config)

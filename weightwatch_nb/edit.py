@@ -12,7 +12,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
-                                 add_quiet, COUNT, check_apart, same_weights, _weight_files, _loaded_names, _same_tensor)
+                                 add_quiet, COUNT, check_apart, same_weights, _weight_files, _tied_apart)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, wanted_matrices, orient, put_oriented, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model, _warn_shared
 from .evaluate import Table
@@ -45,9 +45,7 @@ def _hf_copy(src, base=None):
     if any('_original_component' in k for k in hf.state_dict()):   # a bridge has wrapped its model's modules: rebuild
         from transformers import AutoModelForCausalLM
         p, sd, cfg = next(hf.parameters()), hf_state_dict(src), hf.config
-        info = _loaded_names(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-        if info and info[6] and info[6][2] and all(n in sd for n in info[6][:2]) and not _same_tensor(sd[info[6][0]], sd[info[6][1]]):
-            cfg = copy.deepcopy(cfg); cfg.tie_word_embeddings = False   # a tied config over a pair transformers loaded untied: the copy keeps both
+        if _tied_apart(cfg.to_dict(), sd): cfg = copy.deepcopy(cfg); cfg.tie_word_embeddings = False   # a tied config over a pair transformers loaded untied: the copy keeps both
         out = AutoModelForCausalLM.from_config(cfg).to(device=p.device, dtype=p.dtype)
         out.load_state_dict(sd); hf = out
     else: hf = copy.deepcopy(hf)
