@@ -202,17 +202,24 @@ def test_a_tied_config_over_a_stored_head_of_its_own(tmp_path):
     e = remove_directions(load_model(b), load_model(f), 1, ['attn_q'], progress=False)   # an edit from bridges: the copy it edits is untied too
     esd = hf_state_dict(e)
     assert torch.equal(esd['transformer.wte.weight'], sd['transformer.wte.weight']) and torch.equal(esd['lm_head.weight'], sd['lm_head.weight'])
-    _adapter(f, tmp_path/'lora', target_modules=['c_attn'], fan_in_fan_out=True)
-    for base in (f, load_hf(f)[0]):   # from the folder or loaded: the adapter's model is ambiguous, so refused with the fix
-        with pytest.raises(WeightwatchError, match='set `tie_word_embeddings` to false'): LoraTensors(base, tmp_path/'lora')
-    assert fingerprint(LoraTensors(b, tmp_path/'lora'))   # (an ordinary tied base: read as ever)
+    blocks = _adapter(f, tmp_path/'lora', target_modules=['c_attn'], fan_in_fan_out=True)   # an adapter of the blocks alone: unambiguous, read
+    assert fingerprint(LoraTensors(f, tmp_path/'lora')) == fingerprint(blocks) == fingerprint(LoraTensors(load_hf(f)[0], tmp_path/'lora'))
+    kinds = [dict(target_modules=['c_attn', 'lm_head']), dict(target_modules=['c_attn', 'wte']), dict(target_modules=['c_attn'], modules_to_save=['lm_head']),
+             dict(target_modules=['c_attn'], trainable_token_indices=[3, 5])]
+    for i, kw in enumerate(kinds):   # adapters that train the pair: what they make is ambiguous, so refused with the fix, from the folder or loaded
+        _adapter(f, tmp_path/f'pair{i}', fan_in_fan_out=True, **kw)
+        for base in (f, load_hf(f)[0]):
+            with pytest.raises(WeightwatchError, match='set `tie_word_embeddings` to false'): LoraTensors(base, tmp_path/f'pair{i}')
+        assert fingerprint(LoraTensors(b, tmp_path/f'pair{i}' if i else tmp_path/'lora'))   # (an ordinary tied base: read as ever)
     c = json.loads((f/'config.json').read_text()); c['tie_word_embeddings'] = False; (f/'config.json').write_text(json.dumps(c))   # the fix, as the message gives it
-    lt, merged = LoraTensors(f, tmp_path/'lora'), _adapter(f, tmp_path/'lora2', target_modules=['c_attn', 'lm_head'], fan_in_fan_out=True)
-    assert fingerprint(LoraTensors(f, tmp_path/'lora2')) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora2')) and fingerprint(lt)
+    for i, kw in enumerate(kinds):
+        merged = _adapter(f, tmp_path/f'fixed{i}', fan_in_fan_out=True, **kw)
+        assert fingerprint(LoraTensors(f, tmp_path/f'fixed{i}')) == fingerprint(merged) == fingerprint(load_model(tmp_path/f'fixed{i}'))
 
 def test_what_else_the_unembedding_fingerprint_covers(tmp_path):
     "The unembedding's bias (Phi, GPT-J) is part of its hash; a tied checkpoint that stores only lm_head is read as transformers ties it; an lm_head offloaded to disk is left out, not a crash."
     from safetensors.torch import load_file, save_file
+    from weightwatch_nb.core import hf_state_dict
     import transformers as T
     for arch in ('phi', 'gptj'):
         b = tiny(arch, tmp_path/arch); h = load_hf(b)[0]
@@ -233,6 +240,12 @@ def test_what_else_the_unembedding_fingerprint_covers(tmp_path):
     assert off.lm_head.weight.device.type == 'meta'
     fo = fingerprint(off)
     assert 'unembed' not in fo and same_weights(fingerprint(d), fo) == 'exact'
+    from weightwatch_nb.delta import LoraTensors   # a tied base whose pair is offloaded: not taken for one held apart
+    g = make_tiny_checkpoint(tmp_path/'gpt2', 'gpt2', n_layers=2); merged = _adapter(g, tmp_path/'g-lora', target_modules=['c_attn'], fan_in_fan_out=True)
+    goff = T.AutoModelForCausalLM.from_pretrained(g, device_map={'transformer.wte': 'disk', 'lm_head': 'disk', 'transformer.wpe': 'cpu', 'transformer.h': 'cpu',
+                                                                 'transformer.ln_f': 'cpu'}, offload_folder=str(tmp_path/'goff'))
+    lt = LoraTensors(goff, tmp_path/'g-lora')
+    assert torch.equal(lt.get('transformer.h.0.attn.c_attn.weight'), hf_state_dict(merged)['transformer.h.0.attn.c_attn.weight'])
 
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."

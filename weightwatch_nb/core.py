@@ -614,7 +614,8 @@ def _tied_apart(config:dict, # a loaded model's config, as a dict
     info = _loaded_names(json.dumps(config, sort_keys=True, default=str))
     if not (info and info[6] and info[6][2]): return False
     out, emb, _ = info[6]
-    return out in sd and emb in sd and not _same_tensor(sd[out], sd[emb])
+    if out not in sd or emb not in sd or 'meta' in (sd[out].device.type, sd[emb].device.type): return False   # (offloaded: not known, as transformers skips it)
+    return not _same_tensor(sd[out], sd[emb])
 
 def _unembedding_tensors(pairs, u:dict|None, get):
     "`_named_tensors`' items for a checkpoint read as `pairs` (loaded name, stored name), its `_unembedding` `u`, with `get` reading a stored name."

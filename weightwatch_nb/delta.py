@@ -933,15 +933,22 @@ class LoraTensors:
         self.base, self.path = open_tensors(base), Path(adapter)
         self.config, self.fresh = self.base.config, self.base.fresh   # an unchanged tensor is the base's own
         self.lora, self.fac = read_adapter(adapter, self.config)
-        if _untied_despite_config(self.base):
-            raise WeightwatchError(f"the base model's config ties its unembedding to its embedding (`tie_word_embeddings`), but its checkpoint stores an lm_head that "
-                                   "differs from the embedding: transformers loads the two untied, while PEFT ties (and merges) by the config, so the model this "
-                                   "adapter makes is ambiguous; set `tie_word_embeddings` to false in the base's config.json (LFM2: `tie_embedding`), save it, "
-                                   "and pass that base")
         info = arch_info(self.config)
         full, lbias, tokens = _adapter_tensors(self.path, info['model_type'])   # trained in full (biases, `modules_to_save`), LoRA biases, token rows
         ek = next((key for (_, m), (key, _) in find_keys(self.base.keys(), info, ['embed'], required=False).items()), None) if 'embed' in info['specs'] else None
         mts = self.lora.get('modules_to_save') or []
+        stem = ek.removesuffix('.weight') if ek else None   # what the adapter trains of the embedding and unembedding pair (LoRA, copies, biases, token rows):
+        same = lambda a, b: a == b or a.endswith('.' + b) or b.endswith('.' + a)   # (module names, with or without their model's prefix)
+        mod = lambda x: x.removesuffix('.weight').removesuffix('.bias')
+        pair = [x for x in [*self.fac, *full, *lbias, *tokens] if _UNEMBED.search(mod(x).rpartition('.')[2]) or (stem and same(mod(x), stem))]
+        if (apart := _untied_despite_config(self.base)) and pair:
+            raise WeightwatchError(f"adapter {str(self.path)!r} trains `{pair[0]}`, but the base model's config ties its unembedding to its embedding "
+                                   "(`tie_word_embeddings`) while its checkpoint stores an lm_head that differs from the embedding: transformers loads the two "
+                                   "untied, while PEFT ties (and merges) by the config, so the model this adapter makes is ambiguous; set `tie_word_embeddings` "
+                                   "to false in the base's config.json (LFM2: `tie_embedding`), save it, and pass that base")
+        if apart:   # an adapter of the rest: the pair stays as transformers loads it, apart
+            self.config = {**self.config, 'tie_word_embeddings': False} | ({'tie_embedding': False} if 'tie_embedding' in self.config else {})
+            info = arch_info(self.config)
         self.extra, self.alias = {}, {}   # a virtual unembedding -> the embedding it starts as; a tied one -> the embedding it is
         if info['tied'] and ek and not self.lora.get('ensure_weight_tying') and any(_UNEMBED.search(x) or ek.removesuffix('.weight').endswith(x) for x in mts):
             self.config = {**self.config, 'tie_word_embeddings': False}   # PEFT's copy of either side unties them: the model it loads has both
