@@ -247,6 +247,18 @@ def test_what_else_the_unembedding_fingerprint_covers(tmp_path):
     lt = LoraTensors(goff, tmp_path/'g-lora')
     assert torch.equal(lt.get('transformer.h.0.attn.c_attn.weight'), hf_state_dict(merged)['transformer.h.0.attn.c_attn.weight'])
 
+def test_lfm2_copy_of_a_tied_side_unties_under_its_older_key_too(tmp_path):
+    "LiquidAI's LFM2 configs say `tie_embedding`, which the class reads before `tie_word_embeddings`: an adapter's copy of lm_head unties the pair there too."
+    import transformers as T
+    from weightwatch_nb.core import tiny_tokenizer
+    from weightwatch_nb.delta import LoraTensors
+    cfg = T.AutoConfig.for_model('lfm2', vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, layer_types=['conv', 'full_attention'])
+    torch.manual_seed(0); T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path/'b'); tiny_tokenizer(300).save_pretrained(tmp_path/'b')
+    c = json.loads((tmp_path/'b'/'config.json').read_text()); c['tie_embedding'] = True; (tmp_path/'b'/'config.json').write_text(json.dumps(c))   # as on the hub
+    merged = _adapter(tmp_path/'b', tmp_path/'lora', target_modules=['q_proj'], modules_to_save=['lm_head'])
+    assert fingerprint(LoraTensors(tmp_path/'b', tmp_path/'lora')) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))
+
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."
     from weightwatch_nb.delta import LoraTensors

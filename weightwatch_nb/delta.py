@@ -923,6 +923,18 @@ def _untied_despite_config(t)->bool:
         return _untied_stored_head(str(t.path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(set(t.files.values()))))
     return _tied_apart(t.config, getattr(t, 'sd', None) or {})
 
+def _untie(config:dict)->dict:
+    "`config` with its unembedding untied from its embedding (also under LFM2's older key, which its class reads first)."
+    return {**config, 'tie_word_embeddings': False} | ({'tie_embedding': False} if 'tie_embedding' in config else {})
+
+def _of_pair(names, # an adapter's module or tensor names
+             ek:str|None, # the base's stored embedding name
+            )->list[str]: # those of the embedding or the unembedding
+    "The names of an adapter's trained modules or tensors that belong to the embedding or the unembedding (with or without the model's prefix)."
+    stem, mod = ek and ek.removesuffix('.weight'), lambda x: x.removesuffix('.weight').removesuffix('.bias')
+    same = lambda a, b: a == b or a.endswith('.' + b) or b.endswith('.' + a)
+    return [x for x in names if _UNEMBED.search(mod(x).rpartition('.')[2]) or (stem and same(mod(x), stem))]
+
 class LoraTensors:
     "Base model + LoRA adapter as a lazy tensor source: each adapted weight merged (in float32, as PEFT merges it) when it is read."
     tensor_source = True
@@ -937,21 +949,16 @@ class LoraTensors:
         full, lbias, tokens = _adapter_tensors(self.path, info['model_type'])   # trained in full (biases, `modules_to_save`), LoRA biases, token rows
         ek = next((key for (_, m), (key, _) in find_keys(self.base.keys(), info, ['embed'], required=False).items()), None) if 'embed' in info['specs'] else None
         mts = self.lora.get('modules_to_save') or []
-        stem = ek.removesuffix('.weight') if ek else None   # what the adapter trains of the embedding and unembedding pair (LoRA, copies, biases, token rows):
-        same = lambda a, b: a == b or a.endswith('.' + b) or b.endswith('.' + a)   # (module names, with or without their model's prefix)
-        mod = lambda x: x.removesuffix('.weight').removesuffix('.bias')
-        pair = [x for x in [*self.fac, *full, *lbias, *tokens] if _UNEMBED.search(mod(x).rpartition('.')[2]) or (stem and same(mod(x), stem))]
+        pair = _of_pair([*self.fac, *full, *lbias, *tokens], ek)   # what it trains of the embedding and unembedding (LoRA, copies, biases, token rows)
         if (apart := _untied_despite_config(self.base)) and pair:
             raise WeightwatchError(f"adapter {str(self.path)!r} trains `{pair[0]}`, but the base model's config ties its unembedding to its embedding "
                                    "(`tie_word_embeddings`) while its checkpoint stores an lm_head that differs from the embedding: transformers loads the two "
                                    "untied, while PEFT ties (and merges) by the config, so the model this adapter makes is ambiguous; set `tie_word_embeddings` "
                                    "to false in the base's config.json (LFM2: `tie_embedding`), save it, and pass that base")
-        if apart:   # an adapter of the rest: the pair stays as transformers loads it, apart
-            self.config = {**self.config, 'tie_word_embeddings': False} | ({'tie_embedding': False} if 'tie_embedding' in self.config else {})
-            info = arch_info(self.config)
+        if apart: self.config = _untie(self.config); info = arch_info(self.config)   # an adapter of the rest: the pair stays apart, as transformers loads it
         self.extra, self.alias = {}, {}   # a virtual unembedding -> the embedding it starts as; a tied one -> the embedding it is
         if info['tied'] and ek and not self.lora.get('ensure_weight_tying') and any(_UNEMBED.search(x) or ek.removesuffix('.weight').endswith(x) for x in mts):
-            self.config = {**self.config, 'tie_word_embeddings': False}   # PEFT's copy of either side unties them: the model it loads has both
+            self.config = _untie(self.config)   # PEFT's copy of either side unties them: the model it loads has both
             if (uk := info['specs']['unembed'].key) not in self.base.keys(): self.extra[uk] = ek
             info = arch_info(self.config)
         self.loaded = dict(_as_loaded(self.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
