@@ -82,3 +82,11 @@ def main(argv:list[str]|None=None, # arguments (default: `sys.argv[1:]`)
         print(f"weightwatch {args.command}: interrupted", file=sys.stderr); return 130
     finally: warnings.formatwarning = fmt
     return int(rc or 0)
+
+# %% ../nbs/90_cli.ipynb #673c3d62
+def _ran_as(module:str)->bool:
+    "Whether Python is running `module` itself (`python -m module`), not importing it."
+    spec = sys.modules['__main__'].__dict__.get('__spec__')
+    return getattr(spec, 'name', None) == module
+
+if __name__ == '__main__' and _ran_as('weightwatch_nb.cli'): sys.exit(main())   # (an import of it elsewhere is not run)
