@@ -906,9 +906,13 @@ def _token_rows(cfg:dict, module:str)->list[int]:
     if isinstance(t, dict): return next((v for m, v in t.items() if module == m or module.endswith('.' + m)), [])
     return list(t or [])
 
+def _stamp(files:list[Path])->tuple:
+    "What identifies the contents of `files` without reading them: size, inode and both times (any rewrite moves the change time, even one that restores the modification time)."
+    return tuple((str(f), (s := f.stat()).st_size, s.st_ino, s.st_mtime_ns, s.st_ctime_ns) for f in files)
+
 @functools.lru_cache(maxsize=8)
 def _untied_stored_head(path:str, stamp:tuple)->bool:
-    "Whether the checkpoint at `path` (its files' sizes and times: `stamp`) has a config that says tied over a stored lm_head that differs from its embedding."
+    "Whether the checkpoint at `path` (its files' identities: `stamp`) has a config that says tied over a stored lm_head that differs from its embedding."
     t = CheckpointTensors(path)
     text = json.dumps(t.config, sort_keys=True, default=str)
     u = _unembedding(_as_loaded(t.layout, text), text, t.get)
@@ -920,7 +924,7 @@ def _untied_despite_config(t)->bool:
     if not (info and info[6] and info[6][2]): return False
     if isinstance(t, CheckpointTensors):
         if not any(_UNEMBED.search(k) for k in t.keys()): return False   # (nothing stored to differ: the usual tied checkpoint, at no cost)
-        return _untied_stored_head(str(t.path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(set(t.files.values()))))
+        return _untied_stored_head(str(t.path), _stamp([t.path/'config.json', *sorted(set(t.files.values()))]))
     return _tied_apart(t.config, getattr(t, 'sd', None) or {})
 
 def _untie(config:dict)->dict:
@@ -978,7 +982,10 @@ class LoraTensors:
                                        f"{'LoRA on the embedding' if ek in self.changed else 'trainable token rows'}: the merged weights of that combination are "
                                        "PEFT's to define; merge it with PEFT (`merge_and_unload()`), save the merged model and pass that as FINETUNED")
             self.changed[ek] = (ul[0], 'linear')   # ([vocab, d_model], as the embedding stores it)
-        if info['tied']: full = {n: t for n, t in full.items() if not _UNEMBED.search(n)}   # its copies: the shared tensor's (nor is it fingerprinted)
+        if info['tied']:   # a copy of a tied unembedding (PEFT saves an adapted lm_head's base weight) is loaded into the one tensor both share, after the embedding's
+            for n in [n for n in full if _UNEMBED.search(n)]:
+                if ek: full[ek] = full.pop(n)
+                else: del full[n]
         fidx, bidx, tidx = _suffix_index(full), _suffix_index(lbias), _suffix_index(tokens)
         self.full = {k: a for k, c in names if (a := hit(fidx, c))}                              # base name -> the adapter's
         self.bias = {k: m for k, c in names if c[0].endswith('.bias') and (m := hit(bidx, c, '.bias'))}   # base name -> module
