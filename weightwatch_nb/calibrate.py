@@ -23,12 +23,12 @@ from .directions import hook_name, parse_name, DEFAULT_HOOK
 __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'HOOK_ALIASES', 'GENERATION_REFUSED', 'GENERATION_DEFAULTS', 'FLOAT_TOL',
            'MIN_RESPONSE_RECORDS', 'MONITOR_FORMAT', 'MONITOR_SCHEMA', 'PERCENTILE', 'as_record', 'record_keys',
            'repeats', 'Records', 'in_file', 'read_jsonl', 'response_spans', 'Encoded', 'encode', 'encode_many', 'Batch',
-           'collate', 'batches', 'truncate', 'direction_groups', 'direction_names', 'Tracer', 'check_hooks', 'Trace',
-           'context_window', 'reply_end', 'check_generation', 'same_directions', 'forward_blocks', 'run_batches',
-           'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats', 'collect_stats', 'merge_stats',
-           'thresholds', 'excess', 'record_scores', 'check_settings', 'cp_upper', 'prompts_needed', 'Monitor',
-           'response_records', 'CannotCertify', 'tune_thresholds', 'check_directions', 'calibrate', 'merge_monitors',
-           'quiet_hf', 'register_cli']
+           'collate', 'batches', 'truncate', 'direction_groups', 'direction_names', 'directions_sketch', 'Tracer',
+           'check_hooks', 'Trace', 'context_window', 'reply_end', 'check_generation', 'same_directions',
+           'forward_blocks', 'run_batches', 'trace_batches', 'trace', 'extrema', 'batch_extrema', 'CalStats',
+           'collect_stats', 'merge_stats', 'thresholds', 'excess', 'record_scores', 'check_settings', 'cp_upper',
+           'prompts_needed', 'Monitor', 'response_records', 'CannotCertify', 'tune_thresholds', 'check_directions',
+           'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
@@ -135,7 +135,7 @@ def response_spans(tok, # tokenizer with a chat template
             if s < 0: raise WeightwatchError(f"cannot locate assistant message {i} in the chat-template rendering; the template rewrites it")
             e = s + len(m['content'])
         j = full.find(m['content'], s, e)   # the turn ends with its end-of-turn marker: whitespace the template adds after it is not a reply
-        if j >= 0 and m['content']: k = j + len(m['content']); e = k + len(full[k:e].rstrip())
+        if j >= 0: k = j + len(m['content']); e = k + len(full[k:e].rstrip())   # (an empty reply: its marker alone)
         spans.append((s, e)); cursor = e
     return full, spans
 
@@ -171,9 +171,11 @@ def encode(tok, # the model's tokenizer
     else: ids, roles = _token_roles(tok, *response_spans(tok, rec['messages'], generation_prompt))
     return _with_bos(tok, ids, roles or [PROMPT]*len(ids))
 
-def _with_bos(tok, ids, roles)->Encoded:
+def _with_bos(tok, ids, roles, i:int|None=None)->Encoded:
     bos = tok.bos_token_id
     if bos is not None and (not ids or ids[0] != bos): ids, roles = [bos] + ids, [PROMPT] + roles
+    if not ids: raise WeightwatchError(f"record{'' if i is None else f' #{i} (counting from 0)'} has no tokens: its text is empty and this tokenizer "
+                                       "adds no BOS token, so there is nothing to run the model on; drop the record or give it some text")
     return Encoded(list(ids), list(roles))
 
 def encode_many(tok, # the model's tokenizer
@@ -185,10 +187,15 @@ def encode_many(tok, # the model's tokenizer
     for i, r in enumerate(records):   # render every conversation first, so a template error names its record on either path
         try: texts.append((r['text'], []) if 'text' in r else response_spans(tok, r['messages'], generation_prompt))
         except WeightwatchError as e: raise WeightwatchError(f"record #{i} (counting from 0): {e}") from None
-    if not records or not getattr(tok, 'is_fast', False): return [encode(tok, r, generation_prompt) for r in records]
+    if not records or not getattr(tok, 'is_fast', False):
+        out = []
+        for i, r in enumerate(records):
+            try: out.append(encode(tok, r, generation_prompt))
+            except WeightwatchError as e: raise WeightwatchError(f"record #{i} (counting from 0): {e}") from None
+        return out
     enc = tok([t for t, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
-    return [_with_bos(tok, ids, _offset_roles(offs, spans))
-            for (_, spans), ids, offs in zip(texts, enc['input_ids'], enc['offset_mapping'])]
+    return [_with_bos(tok, ids, _offset_roles(offs, spans), i)
+            for i, ((_, spans), ids, offs) in enumerate(zip(texts, enc['input_ids'], enc['offset_mapping']))]
 
 # %% ../nbs/05_calibrate.ipynb #ddf4dcd5
 @dataclass
@@ -256,6 +263,19 @@ def direction_names(dirs, # `Directions` or `Monitor`
                    )->list[str]:
     "All direction names, in the global (layer-major) order used by every score tensor."
     return [n for *_, names, _ in direction_groups(dirs) for n in names]
+
+def directions_sketch(dirs, # `Directions` or `Monitor`
+                     )->list[list[float]]: # [n][4]
+    "Each direction's projections on four fixed random unit vectors: a short record of which vectors statistics were measured along."
+    U = torch.cat([U for *_, U in direction_groups(dirs)]).double()
+    R = torch.randn(U.shape[1], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return [[round(x, 7) for x in row] for row in (U @ (R / R.norm(dim=0))).tolist()]
+
+def _same_sketch(a, b)->bool:
+    "Whether two `directions_sketch`es are of the same directions (to float rounding; a missing one, from an older version, matches)."
+    if a is None or b is None: return True
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0, atol=1e-4))   # (rows of another direction differ by ~1/sqrt(d_model))
 
 # %% ../nbs/05_calibrate.ipynb #6007498a
 class Tracer:
@@ -523,7 +543,7 @@ def collect_stats(model, # fine-tuned model (source or bridge)
         if seqs is None: mins[b.index], maxs[b.index], counts[b.index] = batch_extrema(cos, b.roles, b.mask)
         else:
             for i, t in zip(b.index, _split(b, cos, seqs, eos)): mins[i], maxs[i], counts[i] = extrema(t.cos, t.roles)
-    meta = dict(hook_point=dirs.hook_point, model=fingerprint(model), generate=generate)
+    meta = dict(hook_point=dirs.hook_point, model=fingerprint(model), generate=generate, directions_sketch=directions_sketch(dirs))
     return CalStats(direction_names(dirs), mins, maxs, counts, meta, record_keys(records))
 
 # %% ../nbs/05_calibrate.ipynb #a5960bb7
@@ -536,6 +556,9 @@ def merge_stats(parts:list[CalStats], # statistics of several shards of the cali
         if p.names != a.names or p.meta.get('hook_point') != a.meta.get('hook_point'):
             raise WeightwatchError(f"shard {i} was calibrated on other directions ({len(p.names)} at {p.meta.get('hook_point')!r}) "
                                    f"than shard 0 ({len(a.names)} at {a.meta.get('hook_point')!r}); calibrate every shard with the same directions file")
+        if not _same_sketch(p.meta.get('directions_sketch'), a.meta.get('directions_sketch')):
+            raise WeightwatchError(f"shard {i} was measured along other vectors than shard 0, under the same {len(a.names)} direction names "
+                                   "(e.g. directions of another mode, method or fine-tune); calibrate every shard with the same directions file")
         if p.meta.get('generate', 0) != a.meta.get('generate', 0):
             raise WeightwatchError(f"shard {i} generated {p.meta.get('generate', 0)} response tokens per prompt, shard 0 {a.meta.get('generate', 0)}; "
                                    "calibrate every shard with the same --generate")
@@ -722,6 +745,9 @@ def from_stats(cls:Monitor, stats:CalStats, # calibration statistics
     names = direction_names(dirs)
     if names != stats.names: raise WeightwatchError(f"the statistics are for {len(stats.names)} directions {stats.names[:3]}..., "
                                                     f"not the {len(names)} given {names[:3]}...; pass the directions they were collected with")
+    if not _same_sketch(stats.meta.get('directions_sketch'), directions_sketch(dirs)):
+        raise WeightwatchError(f"the statistics were measured along other vectors than the {len(names)} directions given, under the same names "
+                               "(e.g. directions of another mode, method or fine-tune); pass the directions they were collected with")
     groups = direction_groups(dirs)
     layer_of = torch.tensor([l for l, _, s, n, _ in groups for _ in n])
     U = torch.cat([U for *_, U in groups])
@@ -877,7 +903,9 @@ def check(self:Monitor, model=None, # model the monitor will watch (its fingerpr
     if dirs is not None:
         names = direction_names(dirs)
         U = torch.cat([U for *_, U in direction_groups(dirs)])
-        if names != self.names or dirs.hook_point != self.hook_point or U.shape != self.U.shape or not torch.allclose(U, self.U, atol=1e-5):
+        layer_of = torch.tensor([l for l, _, _, n, _ in direction_groups(dirs) for _ in n], dtype=torch.long)
+        if (names != self.names or dirs.hook_point != self.hook_point or U.shape != self.U.shape or not torch.allclose(U, self.U, atol=1e-5)
+                or not torch.equal(layer_of, self.layer_of.long())):
             raise WeightwatchError(f"{where} was calibrated for other directions ({len(self.names)} at {self.hook_point!r}, e.g. {self.names[:2]}) "
                                    f"than the ones given ({len(names)} at {dirs.hook_point!r}, e.g. {names[:2]}); calibrate again with these directions")
     return self
@@ -916,6 +944,15 @@ def load(cls:Monitor, path:str|os.PathLike, # a file written by `Monitor.save`
         if not t[k].is_floating_point() or not torch.isfinite(t[k]).all(): raise _bad(path, f"`{k}` has non-finite or non-float values")
     if n and (t['U'].norm(dim=1) - 1).abs().max() > 1e-3: raise _bad(path, "the rows of `U` are not unit vectors (the directions were altered)")
     if (t['lo'] > t['hi']).any(): raise _bad(path, "some ranges have `lo` above `hi`")
+    if t['layer_of'].is_floating_point() or t['layer_of'].dtype == torch.bool or (t['layer_of'] < 0).any():
+        raise _bad(path, "`layer_of` must hold layer numbers (non-negative integers)")
+    for i, (nm, l) in enumerate(zip(names, t['layer_of'].tolist())):
+        try: want = parse_name(nm)[0]
+        except WeightwatchError: raise _bad(path, f"direction name {nm!r} is not of the form 'L{{layer}}.{{matrix}}.u{{i}}'") from None
+        if want != l: raise _bad(path, f"direction {nm!r} is stored at layer {l} (`layer_of`), but its name says layer {want}")
+    for k, typ in (('percentile', (int, float)), ('margin', (int, float)), ('holdout', (int, float)), ('seed', int), ('conf', (int, float)),
+                   ('n_calibration', int), ('fingerprints', dict)):
+        if not isinstance(meta.get(k), typ) or isinstance(meta.get(k), bool): raise _bad(path, f"metadata `meta` lacks a valid `{k}` (got {meta.get(k)!r})")
     stats = CalStats(names, t['stats.mins'], t['stats.maxs'], t['stats.counts'], stats_meta, t.get('stats.keys'))
     mon = cls(names, t['layer_of'], t['U'], hook, t['lo'], t['hi'], stats, t['heldout'].bool(), meta)
     return mon.check(model, dirs, where=f"monitor {p.name!r}")

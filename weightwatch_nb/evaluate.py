@@ -366,10 +366,11 @@ def operating_point(mon, # calibrated `Monitor` (its calibration statistics are 
                     negative:str='test', # the clean set that defines false positives
                    )->Table:
     "Flag rate and AUROC of every set under the thresholds `percentile` and `margin` give (no model call)."
-    from weightwatch_nb.calibrate import record_scores
+    from weightwatch_nb.calibrate import record_scores, directions_sketch, _same_sketch
     if negative not in stats: raise WeightwatchError(f"no statistics for the negative set {negative!r}; sets are {sorted(stats)}")
+    sk = directions_sketch(mon)
     for s, st in stats.items():
-        if st.names != mon.names: raise WeightwatchError(f"the statistics of set {s!r} are along other directions than the monitor's; "
+        if st.names != mon.names or not _same_sketch(st.meta.get('directions_sketch'), sk): raise WeightwatchError(f"the statistics of set {s!r} are along other directions than the monitor's; "
                                                          "collect them with `set_stats(model, mon, sets)` for this monitor")
     m = mon.rethreshold(percentile, margin)
     sc = {s: record_scores(st, m.lo, m.hi).numpy().astype(float) for s, st in stats.items()}
