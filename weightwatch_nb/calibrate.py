@@ -5,6 +5,7 @@
 # %% ../nbs/05_calibrate.ipynb #4c2dc58d
 from __future__ import annotations
 import codecs, hashlib, json, math, numbers, os, re, warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -294,6 +295,7 @@ class Tracer:
               batch:int|None=None, # sequences in the batch (default: from `valid`; needed for a hook that sees them flattened)
              ):
         "Begin a batch; `valid`, `roles`: [b, t] masks of its prompt (default: all real, all prompt)."
+        if valid is None and roles is not None: valid = torch.ones_like(roles, dtype=torch.bool)   # (roles known, no padding)
         self.valid, self.roles = valid, (roles if roles is not None or valid is None else torch.zeros_like(valid, dtype=torch.long))
         self.batch = batch or (None if valid is None else valid.shape[0])
         self.dots, self.norms = {h: [] for _, h, *_ in self.groups}, {h: [] for _, h, *_ in self.groups}
@@ -454,13 +456,14 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
         trs = [Tracer(dirs, dev, None if own else steer)] + ([Tracer(steer.dirs, dev, steer, record=False)] if own else [])
         for t in trs: t.start(b.mask.bool().to(dev), b.roles.to(dev))
         ids, mask = b.ids.to(dev), b.mask.to(dev)
-        extra = steer.attach(model) if hasattr(steer, 'attach') else []   # hooks a steerer needs beyond the directions' (e.g. `ClipWeights`)
-        try:
-            with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks(model)]):
-                if generate: seqs = model.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate, pad_token_id=pad, **gen)
-                else: seqs = None; forward_blocks(model, ids, mask, max(dirs.layers))
-        finally:
-            for h in extra: h.remove()
+        with steer.engaged(model) if hasattr(steer, 'engaged') else nullcontext():   # (refuses a steerer already acting on the model)
+            extra = steer.attach(model) if hasattr(steer, 'attach') else []   # hooks a steerer needs beyond the directions' (e.g. `ClipWeights`)
+            try:
+                with torch.no_grad(), model.hooks(fwd_hooks=[h for t in trs for h in t.hooks(model)]):
+                    if generate: seqs = model.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate, pad_token_id=pad, **gen)
+                    else: seqs = None; forward_blocks(model, ids, mask, max(dirs.layers))
+            finally:
+                for h in extra: h.remove()
         yield b, trs[0].cosines().cpu(), (None if seqs is None else seqs.cpu())
 
 def trace_batches(model, # fine-tuned model (`TransformerBridge`)

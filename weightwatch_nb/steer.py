@@ -20,8 +20,8 @@ from .monitor import scan, Report, _mismatch, _error_html
 
 # %% auto #0
 __all__ = ['REORDERING', 'orthonormalize', 'remove_span', 'remove_masked', 'one_sequence_per_row', 'Steerer', 'check_steerer',
-           'steering', 'ProjectOut', 'Add', 'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip', 'clip',
-           'Rewind', 'steered_generate', 'rewind_generate', 'WeightCopy', 'weight_copies', 'swapped_weights',
+           'PassRoles', 'steering', 'ProjectOut', 'Add', 'project_out', 'add', 'set_cosines', 'Clamp', 'clamp', 'Clip',
+           'clip', 'Rewind', 'steered_generate', 'rewind_generate', 'WeightCopy', 'weight_copies', 'swapped_weights',
            'changed_weights', 'low_rank_factors', 'weight_users', 'tensor_users', 'ClipWeights', 'clip_weights',
            'make_steerer', 'SteerView', 'register_cli']
 
@@ -120,6 +120,18 @@ class Steerer:
         return ((cos < lo) | (cos > hi)) & valid[..., None] & self.on('sel', hook, dev)
     def reset(self):
         "Forget per-sequence state (called when a new batch starts)."
+    @contextmanager
+    def engaged(self, model, # the model it is about to act on
+               ):
+        "Mark this steerer as acting on `model` for the block; refuses a second attachment while one is on (the two would share one per-sequence state)."
+        on = self.__dict__.setdefault('_engaged', set())
+        if id(model) in on:
+            raise WeightwatchError(f"this {type(self).__name__} is already acting on the model (a `steering` block with it is open, e.g. "
+                                   "`scan(..., steer=s)` inside `with clip(...) as s`, or two nested blocks with one steerer): a second attachment "
+                                   "would apply it twice and share its per-sequence state; use it once, or make a second steerer for the inner use")
+        on.add(id(model))
+        try: yield self
+        finally: on.discard(id(model))
     def attach(self, model)->list:
         "Hooks this steerer needs besides those at its directions' hook points (handles, removed when steering ends); none here."
         return []
@@ -152,24 +164,41 @@ def _cached(pkv)->int:
     try: return int(pkv[0][0].shape[-2])   # the legacy tuple-of-tuples cache
     except (TypeError, IndexError, AttributeError): return 0
 
+class PassRoles:
+    "The role of every token of each uncached pass inside `steering`: a prompt's roles as hinted (else all prompt); a pass that extends the last one by a token (generation without a cache) marks its new tokens as response."
+    def __init__(self): self.hint = self.last = None
+    def __call__(self, x:Tensor|None, # [b, t] token ids of a pass with nothing cached (None: embeddings, roles unknown)
+                )->Tensor|None: # [b, t] 0 prompt, 1 response (None: all prompt)
+        if x is None or x.dim() != 2: self.last = None; return None
+        p = self.last
+        if p is not None and x.shape[0] == p[0].shape[0] and x.shape[1] == p[0].shape[1] + 1 and torch.equal(x[:, :-1], p[0]):
+            roles = torch.cat([p[1], torch.ones_like(p[1][:, :1])], 1)   # (the generated tokens so far are response, as with a cache)
+        elif (h := self.hint) is not None and h[0].shape == x.shape and torch.equal(h[0].to(x.device), x): roles = h[1].to(x.device)
+        else: roles = torch.zeros_like(x, dtype=torch.long)
+        self.last = (x, roles)
+        return roles
+
 @contextmanager
 def steering(model, # the model (`TransformerBridge`)
              steerer:Steerer, # what to do to the activations
+             roles:PassRoles|None=None, # tells prompt from response tokens of each pass (default: a prompt is all prompt tokens; set `roles.hint` for conversations)
             ):
     "Attach `steerer` to the model's hooks for the duration of a `with` block."
     check_steerer(model, steerer)
-    tr = Tracer(steerer.dirs, device=model.cfg.device, steer=steerer, record=False)
+    tr, roles = Tracer(steerer.dirs, device=model.cfg.device, steer=steerer, record=False), roles or PassRoles()
     steerer.reset()
-    def begin(module, args, kwargs):   # before each pass of the decoder stack: nothing cached means a new sequence, with this padding
+    def begin(module, args, kwargs):   # before each pass of the decoder stack: nothing cached means a new sequence (or a generation without a cache)
         if _cached(kwargs.get('past_key_values')): return
         x, m = _pass_input(args, kwargs), kwargs.get('attention_mask')
-        tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None, batch=None if x is None else x.shape[0])
-    handles = [_stack(model).register_forward_pre_hook(begin, with_kwargs=True)]
-    try:
-        handles += steerer.attach(model)
-        with model.hooks(fwd_hooks=tr.hooks(model)), one_sequence_per_row(model.original_model): yield steerer
-    finally:
-        for h in handles: h.remove()
+        tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None,
+                 None if x is None else roles(x if not x.is_floating_point() else None), batch=None if x is None else x.shape[0])
+    with steerer.engaged(model):
+        handles = [_stack(model).register_forward_pre_hook(begin, with_kwargs=True)]
+        try:
+            handles += steerer.attach(model)
+            with model.hooks(fwd_hooks=tr.hooks(model)), one_sequence_per_row(model.original_model): yield steerer
+        finally:
+            for h in handles: h.remove()
 
 # %% ../nbs/07_steer.ipynb #eda0a64d
 class ProjectOut(Steerer):
@@ -332,10 +361,10 @@ def steered_generate(model, # fine-tuned model
         else: raise WeightwatchError(f"unknown steering mode {steer!r}: use 'clip', 'clamp', 'rewind' or 'off'")
     if mon is not None: return scan(model, mon, records, generate=max_new_tokens, batch_size=batch_size, steer=steer, **kwargs)
     if steer is None: return _plain_generate(model, records, max_new_tokens, batch_size, **kwargs)
-    with steering(model, steer): return _plain_generate(model, records, max_new_tokens, batch_size, **kwargs)
+    with steering(model, steer, roles := PassRoles()): return _plain_generate(model, records, max_new_tokens, batch_size, roles=roles, **kwargs)
 
 # %% ../nbs/07_steer.ipynb #3cf3e5db
-def _plain_generate(model, records, max_new_tokens, batch_size, check=True, progress=False, max_len=None, **gen)->list[Report]:
+def _plain_generate(model, records, max_new_tokens, batch_size, check=True, progress=False, max_len=None, roles=None, **gen)->list[Report]:
     from weightwatch_nb.calibrate import batches, truncate, _split, _eos_ids, encode_many
     tok = model.tokenizer
     recs = [as_record(r, f'#{i}') for i, r in enumerate(records)]
@@ -344,6 +373,7 @@ def _plain_generate(model, records, max_new_tokens, batch_size, check=True, prog
     truncate(encs, max_len or context_window(model), reserve=max_new_tokens)
     out, pad, dev = [None] * len(recs), _pad_id(tok), model.cfg.device
     for b in batches(encs, batch_size, pad, 'left'):
+        if roles is not None: roles.hint = (b.ids.to(dev), b.roles.to(dev))   # (a conversation's earlier replies are response tokens)
         with torch.no_grad():
             seqs = model.original_model.generate(input_ids=b.ids.to(dev), attention_mask=b.mask.to(dev), max_new_tokens=max_new_tokens,
                                                  pad_token_id=pad, **gen)
@@ -516,6 +546,10 @@ class ClipWeights(Steerer):
     def reset(self):
         "Switch every sequence back on the fine-tuned weights."
         self.gate, self.live = None, False   # [b, t] tokens of the running pass that go without the update; whether any does
+    @contextmanager
+    def engaged(self, model):
+        "A `ClipWeights` may act in two blocks at once: its switch only ORs flags, and `attach` subtracts the update once."
+        yield self
 
 # %% ../nbs/07_steer.ipynb #d6d9696c
 class _Detach:
