@@ -18,8 +18,8 @@ from .core import WeightwatchError, load_model
 # %% auto #0
 __all__ = ['BASELINES', 'binomial_interval', 'auroc', 'roc_curve', 'tpr_at_fpr', 'MahalanobisBaseline', 'PCABaseline',
            'Detection', 'detect', 'Table', 'detection_table', 'results_tables', 'plot_roc', 'model_sequences',
-           'collect_activations', 'activation_baselines', 'activation_baseline', 'confusion_counts', 'leading_counts',
-           'replies', 'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
+           'collect_activations', 'clean_threshold', 'activation_baselines', 'activation_baseline', 'confusion_counts',
+           'leading_counts', 'replies', 'steering_table', 'set_stats', 'operating_point', 'ThresholdTuner']
 
 # %% ../nbs/08_evaluate.ipynb #285617b4
 def binomial_interval(k:int, # number of successes (e.g. flagged inputs)
@@ -251,12 +251,25 @@ def collect_activations(model, # model (bridge or source)
 # %% ../nbs/08_evaluate.ipynb #ebbd7f85
 BASELINES = {'mahalanobis': MahalanobisBaseline, 'pca': PCABaseline}
 
+def clean_threshold(make, # detector factory, e.g. `MahalanobisBaseline` or `BASELINES['pca']`
+                    cal:list, # clean calibration records' token activations, one [tokens, d_model] tensor per record
+                    target_fpr:float=0.01, # fraction of fresh clean records allowed above the threshold
+                    folds:int=5, # cross-fitting folds
+                   )->float:
+    "A detector's threshold from out-of-fold scores: each clean record scored by a detector fit without it, as a fresh clean prompt is."
+    if len(cal) < 2: raise WeightwatchError(f"a threshold needs at least 2 clean calibration records, got {len(cal)}")
+    k, oof = min(folds, len(cal)), np.empty(len(cal))
+    for f in range(k):
+        det = make().fit(torch.cat([a for i, a in enumerate(cal) if i % k != f]))
+        for i in range(f, len(cal), k): oof[i] = float(det.score(cal[i]).max())
+    return float(np.quantile(oof, 1 - target_fpr))
+
 def activation_baselines(model, # fine-tuned model (bridge or source)
                          calibration:list, # clean calibration records (the monitor's)
                          sets:dict, # set name -> records, as for `detect`
                          layer:int, # block whose output is watched
                          kinds=('mahalanobis', 'pca'), # detectors to fit (keys of `BASELINES`)
-                         target_fpr:float=0.01, # threshold: this quantile of clean calibration scores is exceeded
+                         target_fpr:float=0.01, # threshold: this quantile of clean calibration records' out-of-fold scores (`clean_threshold`)
                          batch_size:int=32, # records per forward pass
                          generate:int=0, # reply tokens, as the monitor's `generate`: the detectors see the same tokens
                         )->list[Detection]:
@@ -269,7 +282,7 @@ def activation_baselines(model, # fine-tuned model (bridge or source)
     for kind in kinds:
         det = BASELINES[kind]().fit(torch.cat(cal))
         score = lambda xs: np.array([float(det.score(a).max()) for a in xs])
-        th, d = float(np.quantile(score(cal), 1 - target_fpr)), Detection(f'{kind} L{layer}')
+        th, d = clean_threshold(BASELINES[kind], cal, target_fpr), Detection(f'{kind} L{layer}')   # (not the fit's own scores: they sit lower than a fresh prompt's)
         for s, xs in seen.items(): d.scores[s] = score(xs); d.flags[s] = d.scores[s] > th
         out.append(d)
     return out
@@ -279,7 +292,7 @@ def activation_baseline(model, # fine-tuned model (bridge or source)
                         sets:dict, # set name -> records, as for `detect`
                         layer:int, # block whose output is watched
                         kind:str='mahalanobis', # 'mahalanobis' or 'pca'
-                        target_fpr:float=0.01, # threshold: this quantile of clean calibration scores is exceeded
+                        target_fpr:float=0.01, # threshold: this quantile of clean calibration records' out-of-fold scores
                         batch_size:int=32, # records per forward pass
                         generate:int=0, # reply tokens, as the monitor's `generate`
                        )->Detection:
