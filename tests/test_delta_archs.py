@@ -259,6 +259,31 @@ def test_lfm2_copy_of_a_tied_side_unties_under_its_older_key_too(tmp_path):
     merged = _adapter(tmp_path/'b', tmp_path/'lora', target_modules=['q_proj'], modules_to_save=['lm_head'])
     assert fingerprint(LoraTensors(tmp_path/'b', tmp_path/'lora')) == fingerprint(merged) == fingerprint(load_model(tmp_path/'lora'))
 
+@pytest.mark.filterwarnings("ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`", "ignore:Setting `save_embedding_layers`")
+def test_saved_copies_of_a_tied_pair_load_into_the_shared_tensor(tmp_path):
+    "PEFT saves an adapted lm_head's (or embedding's) base weight with the adapter and loads it back over the base's: on a tied model into the one tensor both share."
+    from safetensors.torch import load_file, save_file
+    from peft import PeftModel
+    from weightwatch_nb.delta import LoraTensors
+    a, b = make_tiny_checkpoint(tmp_path/'a', 'gpt2', n_layers=2, seed=0), make_tiny_checkpoint(tmp_path/'b', 'gpt2', n_layers=2, seed=1)
+    bare = Path(shutil.copytree(b, tmp_path/'bare'))   # the same weights stored without the `transformer.` prefix (older GPT-2 checkpoints)
+    save_file({k.removeprefix('transformer.'): v for k, v in load_file(b/'model.safetensors').items()}, bare/'model.safetensors', metadata={'format': 'pt'})
+    for i, kw in enumerate([dict(target_modules=['c_attn', 'lm_head']), dict(target_modules=['c_attn', 'wte'], save_embedding_layers=True)]):
+        save = kw.pop('save_embedding_layers', 'auto')
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(i); pm = get_peft_model(load_hf(a)[0], LoraConfig(r=2, fan_in_fan_out=True, **kw))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if p.requires_grad: p.add_(torch.randn_like(p) * 0.1)
+        pm.save_pretrained(tmp_path/f'lora{i}', save_embedding_layers=save)   # saved on base `a`, used on base `b`: PEFT's merge starts from `a`'s copy
+        for base in (b, bare):
+            merged = PeftModel.from_pretrained(load_hf(base)[0], tmp_path/f'lora{i}').merge_and_unload()
+            lt = LoraTensors(base, tmp_path/f'lora{i}')
+            emb = next(k for k in lt.keys() if k.endswith('wte.weight'))
+            assert torch.equal(lt.get(emb), merged.transformer.wte.weight), (i, base)
+            assert fingerprint(lt) == fingerprint(merged), (i, base)
+    assert not torch.equal(load_file(a/'model.safetensors')['transformer.wte.weight'], load_file(b/'model.safetensors')['transformer.wte.weight'])
+
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."
     from weightwatch_nb.delta import LoraTensors

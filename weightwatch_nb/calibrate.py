@@ -234,15 +234,22 @@ def batches(encs:list[Encoded], # encoded records
 
 def truncate(encs:list[Encoded], # encoded records (changed in place)
              max_len:int, # context window of the model
-             reserve:int=0, # tokens to leave free (for generation)
+             reserve:int=0, # tokens to leave free for generation (> 0: prompts keep their end, which leads into the reply)
+             bos:int|None=None, # the model's BOS token id: kept at the front when a prompt's end is kept
             )->list[int]: # indices of the records that were truncated
-    "Cut records longer than `max_len - reserve` tokens, warning which ones were cut."
+    "Cut records longer than `max_len - reserve` tokens, warning which ones were cut: their start, or before generation their middle."
     lim, cut = max_len - reserve, []
     if lim < 1: raise WeightwatchError(f"generating {reserve} tokens leaves no room for the prompt in a context window of {max_len} tokens; ask for fewer")
     for i, e in enumerate(encs):
-        if len(e) > lim: e.ids, e.roles = e.ids[:lim], e.roles[:lim]; cut.append(i)
-    if cut: warnings.warn(f"{len(cut)} input(s) longer than the context window ({lim} tokens{' after reserving room to generate' if reserve else ''}) "
-                          f"were truncated to their first {lim} tokens: records {cut[:10]}{' ...' if len(cut) > 10 else ''} (counting from 0)", stacklevel=2)
+        if len(e) <= lim: continue
+        if not reserve: e.ids, e.roles = e.ids[:lim], e.roles[:lim]
+        else:   # a reply follows: keep the prompt's end (a chat template's assistant header), and BOS
+            head = 1 if bos is not None and e.ids[0] == bos and lim > 1 else 0
+            e.ids, e.roles = e.ids[:head] + e.ids[len(e) - lim + head:], e.roles[:head] + e.roles[len(e) - lim + head:]
+        cut.append(i)
+    if cut: warnings.warn(f"{len(cut)} input(s) longer than the context window ({lim} tokens{' after reserving room to generate' if reserve else ''}) were "
+                          + (f"truncated to their first {lim} tokens" if not reserve else f"truncated to their last {lim} tokens (BOS kept), so that each prompt still ends where its reply begins")
+                          + f": records {cut[:10]}{' ...' if len(cut) > 10 else ''} (counting from 0)", stacklevel=2)
     return cut
 
 # %% ../nbs/05_calibrate.ipynb #06776493
@@ -449,7 +456,7 @@ def run_batches(model, # fine-tuned model (`TransformerBridge`)
     from tqdm.auto import tqdm
     tok = model.tokenizer
     encs = encode_many(tok, [as_record(r, f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
-    truncate(encs, max_len or context_window(model), reserve=generate)
+    truncate(encs, max_len or context_window(model), reserve=generate, bos=tok.bos_token_id)
     dev, pad, gen = model.cfg.device, _pad_id(tok), check_generation(gen_kwargs)
     own = steer is not None and not same_directions(getattr(steer, 'dirs', dirs), dirs)   # a steerer along other directions gets its own hooks
     for b in tqdm(list(batches(encs, batch_size, pad, 'left' if generate else 'right')), disable=not progress, desc='batches'):

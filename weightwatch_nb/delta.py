@@ -982,10 +982,11 @@ class LoraTensors:
                                        f"{'LoRA on the embedding' if ek in self.changed else 'trainable token rows'}: the merged weights of that combination are "
                                        "PEFT's to define; merge it with PEFT (`merge_and_unload()`), save the merged model and pass that as FINETUNED")
             self.changed[ek] = (ul[0], 'linear')   # ([vocab, d_model], as the embedding stores it)
-        if info['tied']:   # a copy of a tied unembedding (PEFT saves an adapted lm_head's base weight) is loaded into the one tensor both share, after the embedding's
+        if info['tied']:   # a copy of a tied unembedding's weight (PEFT saves an adapted lm_head's base weight) is loaded into the one tensor both share, after
+            emb = next((n for n in full if not _UNEMBED.search(n) and _of_pair([n], ek)), ek)   # the embedding's (under the adapter's name for it, if it has one)
             for n in [n for n in full if _UNEMBED.search(n)]:
-                if ek: full[ek] = full.pop(n)
-                else: del full[n]
+                if ek and n.endswith('.weight'): full[emb] = full.pop(n)
+                else: del full[n]   # (a bias: the tied model's unembedding bias is not read apart here)
         fidx, bidx, tidx = _suffix_index(full), _suffix_index(lbias), _suffix_index(tokens)
         self.full = {k: a for k, c in names if (a := hit(fidx, c))}                              # base name -> the adapter's
         self.bias = {k: m for k, c in names if c[0].endswith('.bias') and (m := hit(bidx, c, '.bias'))}   # base name -> module

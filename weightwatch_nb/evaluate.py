@@ -212,7 +212,7 @@ def model_sequences(model, # model (bridge or source)
     model = load_model(model)
     tok = model.tokenizer
     encs = encode_many(tok, [as_record(_record(r), f'#{i}') for i, r in enumerate(records)], generation_prompt=generate > 0)
-    truncate(encs, max_len or context_window(model), reserve=generate)
+    truncate(encs, max_len or context_window(model), reserve=generate, bos=tok.bos_token_id)
     if not generate: return encs
     gen = check_generation(gen_kwargs)
     pad, dev, eos = _pad_id(tok), model.cfg.device, _eos_ids(model)

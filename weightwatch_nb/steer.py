@@ -186,13 +186,13 @@ def steering(model, # the model (`TransformerBridge`)
     "Attach `steerer` to the model's hooks for the duration of a `with` block."
     check_steerer(model, steerer)
     tr, roles = Tracer(steerer.dirs, device=model.cfg.device, steer=steerer, record=False), roles or PassRoles()
-    steerer.reset()
     def begin(module, args, kwargs):   # before each pass of the decoder stack: nothing cached means a new sequence (or a generation without a cache)
         if _cached(kwargs.get('past_key_values')): return
         x, m = _pass_input(args, kwargs), kwargs.get('attention_mask')
         tr.start(m[:, -x.shape[1]:].bool() if m is not None and x is not None and m.dim() == 2 else None,
                  None if x is None else roles(x if not x.is_floating_point() else None), batch=None if x is None else x.shape[0])
-    with steerer.engaged(model):
+    with steerer.engaged(model) if hasattr(steerer, 'engaged') else nullcontext():   # (before `reset`: a refused second use leaves the first one's state alone)
+        steerer.reset()
         handles = [_stack(model).register_forward_pre_hook(begin, with_kwargs=True)]
         try:
             handles += steerer.attach(model)
@@ -370,7 +370,7 @@ def _plain_generate(model, records, max_new_tokens, batch_size, check=True, prog
     recs = [as_record(r, f'#{i}') for i, r in enumerate(records)]
     encs = encode_many(tok, recs, generation_prompt=True)
     gen = check_generation(gen)
-    truncate(encs, max_len or context_window(model), reserve=max_new_tokens)
+    truncate(encs, max_len or context_window(model), reserve=max_new_tokens, bos=tok.bos_token_id)
     out, pad, dev = [None] * len(recs), _pad_id(tok), model.cfg.device
     for b in batches(encs, batch_size, pad, 'left'):
         if roles is not None: roles.hint = (b.ids.to(dev), b.roles.to(dev))   # (a conversation's earlier replies are response tokens)
