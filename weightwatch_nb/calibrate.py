@@ -32,18 +32,26 @@ __all__ = ['PROMPT', 'RESPONSE', 'ROLES', 'HOOK_ALIASES', 'GENERATION_REFUSED', 
            'calibrate', 'merge_monitors', 'quiet_hf', 'register_cli']
 
 # %% ../nbs/05_calibrate.ipynb #a56e85e4
+def _unicode(x:dict, where:str, only=None)->dict:
+    "`x` if its text (`only` these keys, default all) is valid Unicode (no lone surrogates, which a JSON escape or a badly decoded argument can hold), else a clear error."
+    try: json.dumps(x if only is None else {k: x[k] for k in only}, ensure_ascii=False).encode('utf-8')
+    except UnicodeEncodeError as e:
+        raise WeightwatchError(f"record {where} holds text that is not valid Unicode ({e.object[e.start:e.end].encode('unicode_escape').decode()}, "
+                               "a lone surrogate: a broken \\u escape, or bytes that are not UTF-8); fix or drop it") from None
+    return x
+
 def as_record(x, # a dict with 'text' or 'messages', a string (text) or a list of messages
               where:str='', # where the record came from, for error messages (e.g. 'on line 3')
              )->dict:
     "Check `x` and return it as a record dict with a 'text' string or a 'messages' list."
-    if isinstance(x, str): return {'text': x}
+    if isinstance(x, str): return as_record({'text': x}, where)
     if isinstance(x, list): x = {'messages': x}
     if isinstance(x, dict):
         if 'text' in x and 'messages' in x: raise WeightwatchError(f"record {where} has both 'text' and 'messages'; keep one of them")
-        if isinstance(x.get('text'), str): return x
+        if isinstance(x.get('text'), str): return _unicode(x, where, ['text'])
         ms = x.get('messages')
         if isinstance(ms, list) and ms and all(isinstance(m, dict) and isinstance(m.get('role'), str)
-                                              and isinstance(m.get('content'), str) for m in ms): return x
+                                              and isinstance(m.get('content'), str) for m in ms): return _unicode(x, where, ['messages'])
         if 'messages' in x:
             raise WeightwatchError(f"record {where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}} objects")
     raise WeightwatchError(f"record {where} has neither a 'text' string nor a 'messages' list; write it as "
@@ -82,6 +90,16 @@ def in_file(records, # records, as `read_jsonl` returns them (other lists: `msg`
     at = lambda m: f"record #{m[1]} (line {lines[int(m[1])]} of {records.name})" if lines and int(m[1]) < len(lines) else m[0]
     return re.sub(r'record #(\d+) \(counting from 0\)', at, msg)
 
+def _not_json(name:str):
+    "Refuse NaN and Infinity, which Python's json reads but JSON does not have (other tools would reject the output)."
+    raise ValueError(f"{name} is not a JSON value; write null or a number")
+
+def _no_repeats(pairs:list)->dict:
+    "A JSON object, refusing a key given twice (which value was meant?)."
+    d = dict(pairs)
+    if len(d) < len(pairs): raise ValueError(f"the key {next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))!r} appears twice")
+    return d
+
 def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank lines are skipped)
               )->list[dict]:
     "Read records from a JSONL file, naming the line of any malformed record (and remembering each record's line)."
@@ -95,13 +113,14 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
             try: line = raw.decode('utf-8')
             except UnicodeDecodeError as e: raise WeightwatchError(f"{p.name} line {n} is not UTF-8 text ({e.reason}); save the file as UTF-8") from None
             if not line.strip(): continue
-            try: obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise WeightwatchError(f"{p.name} line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+            try: obj = json.loads(line, parse_constant=_not_json, object_pairs_hook=_no_repeats)
+            except (json.JSONDecodeError, ValueError) as e:
+                why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise WeightwatchError(f"{p.name} line {n} is not valid JSON ({why}); "
                                        'each line must be one JSON object such as {"text": "..."}') from None
             if not isinstance(obj, dict): raise WeightwatchError(f"{p.name} line {n} is a JSON {type(obj).__name__}, not an object; "
                                                                  'write it as {"text": "..."} or {"messages": [...]}')
-            recs.append(as_record(obj, f'on line {n} of {p.name}')); lines.append(n)
+            recs.append(_unicode(as_record(obj, f'on line {n} of {p.name}'), f'on line {n} of {p.name}')); lines.append(n)   # (its other keys too: they are written back)
     if not recs: raise WeightwatchError(f"{p.name} is empty: it has no records; write one JSON object per line, "
                                         'e.g. {"text": "..."} or {"messages": [...]}')
     return Records(recs, lines, p.name)
@@ -720,6 +739,9 @@ def _ranges(stats:CalStats, fit:Tensor, percentile:float, margin:float)->tuple[T
     lo, hi, src = torch.stack(lo), torch.stack(hi), 'response'
     if response_records(stats, fit) < 2 or lo[RESPONSE].isnan().any(): lo[RESPONSE], hi[RESPONSE], src = lo[PROMPT], hi[PROMPT], 'prompt'
     if lo[PROMPT].isnan().any(): raise WeightwatchError("no calibration record has prompt tokens; pass some clean prompts")
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise WeightwatchError(f"a margin of {margin:g} range widths overflows float32; cosines lie in [-1, 1], so any margin beyond a few range widths "
+                               "already lets every token through: pass a smaller margin")
     return lo, hi, src
 
 def response_records(stats:CalStats, # calibration statistics

@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #fc7c06c1
 from __future__ import annotations
-import argparse, importlib, sys, warnings
+import argparse, importlib, io, os, sys, warnings
 from .core import WeightwatchError, add_output
 
 # %% auto #0
@@ -80,6 +80,10 @@ def main(argv:list[str]|None=None, # arguments (default: `sys.argv[1:]`)
         return 2
     except KeyboardInterrupt:
         print(f"weightwatch {args.command}: interrupted", file=sys.stderr); return 130
+    except BrokenPipeError:   # the reader went away (`weightwatch zoo list | head -3`): stop quietly, as other commands do
+        try: os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no second error when Python flushes stdout at exit)
+        except (OSError, ValueError, io.UnsupportedOperation): pass
+        return 141
     finally: warnings.formatwarning = fmt
     return int(rc or 0)
 

@@ -34,10 +34,15 @@ def atomic_path(path:str|os.PathLike, # the file to (re)place
     if p.exists() and not p.is_file(): raise WeightwatchError(f"{str(p)!r} exists and is not a regular file (a folder or a device); write to a file path")
     tmp = p.with_name(f'.{p.name}.{os.getpid()}.tmp')
     try:
-        yield tmp
-        mask = os.umask(0); os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)   # the permissions a plain open() would give (some writers create 0600 files)
-        os.replace(tmp, p)
+        try:
+            yield tmp
+            mask = os.umask(0); os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)   # the permissions a plain open() would give (some writers create 0600 files)
+            os.replace(tmp, p)
+        except Exception as e:   # the disk full, no permission, ...: said as such, not as a writer library's traceback
+            if not (isinstance(e, OSError) or type(e).__name__ == 'SafetensorError'): raise
+            raise WeightwatchError(f"could not write {str(p)!r} ({e}); check the free space and permissions there. Nothing was written"
+                                   f"{' (the file there is as it was)' if p.exists() else ''}") from None
     finally:
         if tmp.exists(): tmp.unlink()
 
