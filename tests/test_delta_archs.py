@@ -2271,6 +2271,8 @@ def test_cli_generate_weight_steering_on_a_mixture_of_experts(tmp_path, capsys, 
     assert kept == [{'cache': True}] and capsys.readouterr().out == out.out
     assert main(gen + ['--steer', 'rewind-weights', '--keep-edited']) == 2
     assert 'error: --keep-edited is for --steer clip-weights (got --steer rewind-weights)' in capsys.readouterr().err
+    assert main(gen + ['--steer', 'clip', '--strip-k', '4']) == 2   # a base and a k for steering that strips no weights: refused, not ignored
+    assert 'error: --base and --strip-k are for --steer clip-weights and rewind-weights (got --steer clip)' in capsys.readouterr().err
 
 @pytest.mark.filterwarnings("ignore:this (glm4_moe|deepseek_v3|glm4_moe_lite|glm_moe_dsa) model has a shared expert")
 @pytest.mark.parametrize('arch', ['glm4_moe_dense', 'deepseek_v3_dense', 'glm4_moe_lite_dense', 'glm_moe_dsa_dense', 'granitemoehybrid_dense', 'nemotron_h', 'bamba', 'jamba_dense', 'lfm2', 'gpt_oss', 'cohere2', 'olmo3', 'opt', 'bloom', 'mpt', 'youtu', 'seed_oss', 'laguna_dense', 'codegen', 'mamba'])

@@ -251,15 +251,21 @@ def to_json(self:Audit)->dict:
 def _write_atomic(path:Path, text:str):
     with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
 
+def _json_beside(path:str|os.PathLike)->Path:
+    "Where the numbers of an HTML report at `path` go: beside it, with suffix .json (refused when that is `path` itself)."
+    js = Path(path).with_suffix('.json')
+    if js == Path(path): raise WeightwatchError(f"the report {str(path)!r} would be written over by its own numbers, which go beside it with suffix .json; "
+                                                f"name the HTML report {str(js.with_suffix('.html'))!r}")
+    return js
+
 @patch
 def save(self:Audit, path:str|os.PathLike, # HTML file to write; the JSON goes next to it with suffix .json
         )->tuple[Path, Path]: # (html, json) paths
     "Write the report as HTML with embedded plots, and its numbers as JSON beside it."
-    p = Path(path)
+    p, js = Path(path), _json_beside(path)
     if not p.parent.is_dir(): raise WeightwatchError(f"cannot write {str(path)!r}: no such directory {str(p.parent)!r}")
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>weightwatch audit</title></head><body>"
            f"{audit_html(self, plots=True)}</body></html>")
-    js = p.with_suffix('.json')
     _write_atomic(js, json.dumps(self.to_json(), indent=1, ensure_ascii=False, allow_nan=False))
     _write_atomic(p, doc)
     return p, js
@@ -268,7 +274,7 @@ def save(self:Audit, path:str|os.PathLike, # HTML file to write; the JSON goes n
 def _cmd_audit(args)->int:
     quiet_hf(args.quiet)
     opts = model_options(args)
-    for out in (args.output, Path(args.output).with_suffix('.json')): check_output(out, [args.corpus], 'report file', models=[args.base, args.finetuned])
+    for out in (args.output, _json_beside(args.output)): check_output(out, [args.corpus], 'report file', models=[args.base, args.finetuned])
     recs = [{k: r[k] for k in ('text', 'messages') if k in r} for r in read_jsonl(args.corpus)]
     rep = audit(args.base, args.finetuned, recs, k=args.k, top=args.top, examples=args.examples, generate=args.generate,
                 rank_by=args.rank_by, batch_size=args.batch_size, progress=not args.quiet, **opts)

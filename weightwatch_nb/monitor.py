@@ -229,6 +229,7 @@ _OUT_KEYS = ('index', 'flagged', 'score', 'first_flag_token', 'directions', 'gen
 def _cmd_scan(args)->int:
     quiet_hf(args.quiet)
     opts = model_options(args)
+    if args.output == '-': args.output = None   # (the usual name for standard output)
     if args.output: check_output(args.output, [args.monitor, args.prompts], models=[args.model])
     recs = read_jsonl(args.prompts)
     clash = next(((i, k) for i, r in enumerate(recs) for k in _OUT_KEYS if k in r), None)
@@ -258,7 +259,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
     p.add_argument('model', help='fine-tuned model: zoo:NAME, checkpoint directory or hub id')
     p.add_argument('monitor', help='monitor file written by `weightwatch calibrate`')
     p.add_argument('prompts', help='JSONL: {"text": ...} or {"messages": [...]} per line; other keys are copied to the output')
-    add_output(p, 'JSONL file to write (default: standard output)', required=False)
+    add_output(p, 'JSONL file to write (default, or -: standard output)', required=False)
     p.add_argument('--generate', type=COUNT, default=0, metavar='N', help='generate N tokens per prompt and monitor them too (default 0)')
     p.add_argument('--batch-size', type=POSITIVE_INT, default=16, help='prompts per forward pass (default 16)')
     add_model_options(p)

@@ -858,8 +858,12 @@ def _cmd_generate(args)->int:
     if args.keep_edited and args.steer != 'clip-weights':
         raise WeightwatchError(f"--keep-edited is for --steer clip-weights (got --steer {args.steer}): leave it out, or steer with clip-weights")
     opts = model_options(args)
-    first = Monitor.load(args.monitor) if args.monitor else None   # a bad file fails before a (possibly large) model loads
     weights = args.steer in ('clip-weights', 'rewind-weights')
+    if not weights and (given := [o for o, v in (('--base', args.base), ('--strip-k', args.strip_k)) if v is not None]):
+        raise WeightwatchError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for --steer clip-weights and rewind-weights (got --steer "
+                               f"{args.steer}), which strip the update from the weights: leave {'them' if len(given) > 1 else 'it'} out, or steer with one of those")
+    args.strip_k = 16 if args.strip_k is None else args.strip_k
+    first = Monitor.load(args.monitor) if args.monitor else None   # a bad file fails before a (possibly large) model loads
     if weights and args.base:   # the update to strip is the one the monitor's directions came from
         from weightwatch_nb.edit import _fp
         want = ((first.meta.get('fingerprints') or {}).get('directions') or {}).get('base')
@@ -910,7 +914,7 @@ def register_cli(sub, # the `add_subparsers()` object of the `weightwatch` parse
                         "the top --strip-k directions of every block matrix's update stripped from the weights (a mixture of experts' "
                         "router: all of its update, when it has fewer). All need --monitor")
     p.add_argument('--base', help='base model MODEL was fine-tuned from (for --steer clip-weights and rewind-weights)')
-    p.add_argument('--strip-k', type=POSITIVE_INT, default=16, help='directions removed per block matrix for --steer clip-weights and rewind-weights (default 16)')
+    p.add_argument('--strip-k', type=POSITIVE_INT, default=None, help='directions removed per block matrix for --steer clip-weights and rewind-weights (default 16)')
     p.add_argument('--keep-edited', action='store_true', help="with --steer clip-weights on a mixture of experts: edit its expert and router tensors "
                    "once per reply and keep the copies, instead of at every step that needs them (faster; one more copy of them in memory)")
     p.add_argument('--max-new-tokens', type=POSITIVE_INT, default=64, help='tokens to generate (default 64)')
