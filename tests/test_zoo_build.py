@@ -70,6 +70,16 @@ def test_build_refuses_before_training(tmp_path):
     assert not (tmp_path/'z').exists()   # refused before anything was written
 
 
+def test_rebuilding_a_parent_alone_is_refused(two_builds, tmp_path):
+    "Rebuilding an organism without those fine-tuned from it would leave them fine-tunes of a model that is gone."
+    a, _ = two_builds
+    c = tmp_path/'zoo'; shutil.copytree(a, c)
+    before = {n: (c/n/'model.safetensors').read_bytes() for n in ORGANISMS}
+    with pytest.raises(WeightwatchError, match=r"rebuilding \['moe_base'\] would leave \['moe_backdoor'\]"): build_zoo(c, names=['moe_base'], quick=True, seed=1)
+    with pytest.raises(WeightwatchError, match="'backdoor'"): build_zoo(c, names=['base'], quick=True, seed=1)
+    assert {n: (c/n/'model.safetensors').read_bytes() for n in ORGANISMS} == before   # nothing was written
+
+
 def test_quick_build_loads_and_chats(two_builds):
     a, _ = two_builds
     assert zoo_names(a) == ORGANISMS

@@ -401,6 +401,11 @@ def build_zoo(out_dir:Path=None,   # where to write the organisms; default `ZOO_
     missing = [(n, p) for n in names if (p := _parent(n)) and p not in names and not (out/p/'config.json').is_file()]
     if missing: raise WeightwatchError("; ".join(f"building {n!r} needs {p!r}, which is neither in {str(out)!r} nor asked for" for n, p in missing)
                                        + ": add it to the organisms to build")
+    below = lambda n: (p := _parent(n)) is not None and (p in names or below(p))   # trained, directly or not, from one being rebuilt
+    stale = [n for n in ORGANISMS if n not in names and (out/n/'config.json').is_file() and below(n)]
+    if stale: raise WeightwatchError(f"rebuilding {[n for n in names if any(_parent(s) == n for s in stale)]} would leave {stale} in {str(out)!r} "
+                                     "fine-tuned from the old model, so their deltas would no longer be fine-tunes of it: build them too "
+                                     f"(names={names + stale}, --only {','.join(names + stale)}), or build the whole zoo")
     out.mkdir(parents=True, exist_ok=True)
     with deterministic(seed): tok = world_tokenizer(seed)
     total = sum(_settings(n, cfg)['steps'] for n in names)
