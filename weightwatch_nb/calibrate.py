@@ -94,6 +94,11 @@ def _not_json(name:str):
     "Refuse NaN and Infinity, which Python's json reads but JSON does not have (other tools would reject the output)."
     raise ValueError(f"{name} is not a JSON value; write null or a number")
 
+def _finite(s:str)->float:
+    "A JSON number as a float, refusing one too large for a float (Python would read it as infinity, and write that back as non-JSON)."
+    if not math.isfinite(x := float(s)): raise ValueError(f"the number {s[:20]}{'...' if len(s) > 20 else ''} is too large to be read as a float")
+    return x
+
 def _no_repeats(pairs:list)->dict:
     "A JSON object, refusing a key given twice (which value was meant?)."
     d = dict(pairs)
@@ -113,7 +118,7 @@ def read_jsonl(path:str|os.PathLike, # JSONL file, one record per line (blank li
             try: line = raw.decode('utf-8')
             except UnicodeDecodeError as e: raise WeightwatchError(f"{p.name} line {n} is not UTF-8 text ({e.reason}); save the file as UTF-8") from None
             if not line.strip(): continue
-            try: obj = json.loads(line, parse_constant=_not_json, object_pairs_hook=_no_repeats)
+            try: obj = json.loads(line, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_no_repeats)
             except (json.JSONDecodeError, ValueError) as e:
                 why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
                 raise WeightwatchError(f"{p.name} line {n} is not valid JSON ({why}); "
@@ -267,7 +272,8 @@ def truncate(encs:list[Encoded], # encoded records (changed in place)
             e.ids, e.roles = e.ids[:head] + e.ids[len(e) - lim + head:], e.roles[:head] + e.roles[len(e) - lim + head:]
         cut.append(i)
     if cut: warnings.warn(f"{len(cut)} input(s) longer than the context window ({lim} tokens{' after reserving room to generate' if reserve else ''}) were "
-                          + (f"truncated to their first {lim} tokens" if not reserve else f"truncated to their last {lim} tokens (BOS kept), so that each prompt still ends where its reply begins")
+                          + (f"truncated to their first {lim} tokens" if not reserve else
+                             f"truncated to their last {lim} tokens{' (BOS kept)' if bos is not None else ''}, so that each prompt still ends where its reply begins")
                           + f": records {cut[:10]}{' ...' if len(cut) > 10 else ''} (counting from 0)", stacklevel=2)
     return cut
 

@@ -40,7 +40,8 @@ def atomic_path(path:str|os.PathLike, # the file to (re)place
             os.chmod(tmp, 0o666 & ~mask)   # the permissions a plain open() would give (some writers create 0600 files)
             os.replace(tmp, p)
         except Exception as e:   # the disk full, no permission, ...: said as such, not as a writer library's traceback
-            if not (isinstance(e, OSError) or type(e).__name__ == 'SafetensorError'): raise
+            mine = isinstance(e, OSError) and (e.filename is None or Path(e.filename) in (tmp, p))   # (not an input the block failed to read)
+            if not (mine or type(e).__name__ == 'SafetensorError'): raise
             raise WeightwatchError(f"could not write {str(p)!r} ({e}); check the free space and permissions there. Nothing was written"
                                    f"{' (the file there is as it was)' if p.exists() else ''}") from None
     finally:

@@ -258,11 +258,16 @@ def clean_threshold(make, # detector factory, e.g. `MahalanobisBaseline` or `BAS
                    )->float:
     "A detector's threshold from out-of-fold scores: each clean record scored by a detector fit without it, as a fresh clean prompt is."
     if len(cal) < 2: raise WeightwatchError(f"a threshold needs at least 2 clean calibration records, got {len(cal)}")
-    k, oof = min(folds, len(cal)), np.empty(len(cal))
-    for f in range(k):
-        det = make().fit(torch.cat([a for i, a in enumerate(cal) if i % k != f]))
-        for i in range(f, len(cal), k): oof[i] = float(det.score(cal[i]).max())
-    return float(np.quantile(oof, 1 - target_fpr))
+    oof = np.empty(len(cal))
+    for k in dict.fromkeys((min(folds, len(cal)), len(cal))):   # few records: leave one out, the largest fits there are
+        try:
+            for f in range(k):
+                det = make().fit(torch.cat([a for i, a in enumerate(cal) if i % k != f]))
+                for i in range(f, len(cal), k): oof[i] = float(det.score(cal[i]).max())
+            return float(np.quantile(oof, 1 - target_fpr))
+        except WeightwatchError as e: err = e
+    raise WeightwatchError(f"the threshold is cross-fitted, so the detector is fit without each calibration record in turn, and with {len(cal)} records "
+                           f"({sum(len(a) for a in cal)} tokens) such a fit fails: {err}; pass more clean calibration records")
 
 def activation_baselines(model, # fine-tuned model (bridge or source)
                          calibration:list, # clean calibration records (the monitor's)
