@@ -284,6 +284,24 @@ def test_saved_copies_of_a_tied_pair_load_into_the_shared_tensor(tmp_path):
             assert fingerprint(lt) == fingerprint(merged), (i, base)
     assert not torch.equal(load_file(a/'model.safetensors')['transformer.wte.weight'], load_file(b/'model.safetensors')['transformer.wte.weight'])
 
+@pytest.mark.filterwarnings("ignore:.*tied", "ignore:Model with `tie_word_embeddings=True`", "ignore:Setting `save_embedding_layers`")
+def test_a_tied_unembedding_keeps_its_own_bias(tmp_path):
+    "Phi's lm_head has a bias; tied, its weight is the embedding's but its bias is its own (it was read as the embedding matrix)."
+    import transformers as T
+    from peft import PeftModel
+    from weightwatch_nb.delta import LoraTensors
+    from weightwatch_nb.core import hf_state_dict
+    torch.manual_seed(0)
+    T.PhiForCausalLM(T.PhiConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, tie_word_embeddings=True)).save_pretrained(tmp_path/'b')
+    for i, kw in enumerate([dict(target_modules=['q_proj', 'v_proj'], bias='all'), dict(target_modules=['q_proj', 'lm_head'], bias='all')]):
+        _adapter(tmp_path/'b', tmp_path/f'l{i}', **kw)
+        merged = PeftModel.from_pretrained(load_hf(tmp_path/'b')[0], tmp_path/f'l{i}').merge_and_unload(); want = hf_state_dict(merged)
+        lt = LoraTensors(tmp_path/'b', tmp_path/f'l{i}')
+        assert not torch.equal(want['lm_head.bias'], load_hf(tmp_path/'b')[0].lm_head.bias)   # the adapter trained it
+        assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want), i
+        assert fingerprint(lt) == fingerprint(merged), i
+
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."
     from weightwatch_nb.delta import LoraTensors

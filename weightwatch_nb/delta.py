@@ -966,7 +966,7 @@ class LoraTensors:
             if (uk := info['specs']['unembed'].key) not in self.base.keys(): self.extra[uk] = ek
             info = arch_info(self.config)
         self.loaded = dict(_as_loaded(self.keys(), json.dumps(self.config, sort_keys=True, default=str)))   # loaded name -> stored name
-        if info['tied']: self.alias = {k: ek for n, k in self.loaded.items() if _UNEMBED.search(n) and k != ek}   # (a loaded tied model lists both)
+        if info['tied']: self.alias = {k: ek for n, k in self.loaded.items() if _UNEMBED.search(n) and n.endswith('.weight') and k != ek}   # (a loaded tied model lists both; a bias is its own)
         plan = find_keys(self.keys(), info, list(info['specs']), required=False)
         stored, alts = {}, {}
         for (l, m), (key, spec) in plan.items():
@@ -984,9 +984,9 @@ class LoraTensors:
             self.changed[ek] = (ul[0], 'linear')   # ([vocab, d_model], as the embedding stores it)
         if info['tied']:   # a copy of a tied unembedding's weight (PEFT saves an adapted lm_head's base weight) is loaded into the one tensor both share, after
             emb = next((n for n in full if not _UNEMBED.search(n) and _of_pair([n], ek)), ek)   # the embedding's (under the adapter's name for it, if it has one)
-            for n in [n for n in full if _UNEMBED.search(n)]:
-                if ek and n.endswith('.weight'): full[emb] = full.pop(n)
-                else: del full[n]   # (a bias: the tied model's unembedding bias is not read apart here)
+            for n in [n for n in full if _UNEMBED.search(n) and n.endswith('.weight')]:
+                if ek: full[emb] = full.pop(n)
+                else: del full[n]   # (an unembedding bias is a tensor of its own, copied as any other)
         fidx, bidx, tidx = _suffix_index(full), _suffix_index(lbias), _suffix_index(tokens)
         self.full = {k: a for k, c in names if (a := hit(fidx, c))}                              # base name -> the adapter's
         self.bias = {k: m for k, c in names if c[0].endswith('.bias') and (m := hit(bidx, c, '.bias'))}   # base name -> module
