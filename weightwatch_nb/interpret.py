@@ -58,10 +58,17 @@ def _final_norm(model)->tuple[Tensor|None, bool]:
     "The final norm's gain and whether it centres (LayerNorm) or not (RMSNorm)."
     ln = getattr(model, 'ln_final', None)
     if ln is None: return None, False
+    hf = getattr(ln, '_original_component', None)
     w = getattr(ln, 'weight', None)
-    if w is None: w = getattr(getattr(ln, '_original_component', None), 'weight', None)
-    kind = str(getattr(model.cfg, 'normalization_type', '') or '').upper()
-    return (None if w is None else w.detach().float()), kind.startswith('LN')
+    if w is None: w = getattr(hf, 'weight', None)
+    centre = str(getattr(model.cfg, 'normalization_type', '') or '').upper().startswith('LN')
+    if w is None: return None, centre
+    if not centre and isinstance(hf, torch.nn.Module):   # an RMSNorm's gain as the module applies it: Gemma's (and Qwen3-Next's) is 1 + weight
+        try:
+            with torch.no_grad(): g = hf(torch.ones(1, 1, w.shape[-1], dtype=w.dtype, device=w.device)).float().reshape(-1)   # (an input of unit RMS)
+            if g.shape == w.shape and torch.isfinite(g).all(): return g.cpu(), False
+        except Exception: pass   # (a module that cannot run alone: its weight, as before)
+    return w.detach().float(), centre
 
 def lens_logits(model, # model (bridge) whose final norm and unembedding are used
                 v:Tensor, # [d_model] direction (any length; only its direction matters)
