@@ -302,6 +302,23 @@ def test_a_tied_unembedding_keeps_its_own_bias(tmp_path):
         assert all(torch.equal(lt.get(k).to(want[n]), want[n]) for n, k in lt.loaded.items() if n in want), i
         assert fingerprint(lt) == fingerprint(merged), i
 
+def test_a_fine_tune_stored_narrower_than_its_base_is_compared_at_its_precision(tmp_path):
+    "A bfloat16 fine-tune of a float32 base: the matrices it did not change are its base rounded, which is no update (no noise directions)."
+    from safetensors.torch import load_file, save_file
+    b = make_tiny_checkpoint(tmp_path/'b', 'llama', n_layers=2)
+    f = Path(shutil.copytree(b, tmp_path/'f'))
+    sd = load_file(b/'model.safetensors'); assert all(v.dtype == torch.float32 for v in sd.values())
+    k = 'model.layers.1.mlp.down_proj.weight'; g = torch.Generator().manual_seed(0)
+    u, w = torch.randn(sd[k].shape[0], 1, generator=g), torch.randn(1, sd[k].shape[1], generator=g)
+    ft = {n: (v + 0.5 * (u @ w) / (u.norm() * w.norm()) if n == k else v).to(torch.bfloat16) for n, v in sd.items()}
+    save_file(ft, f/'model.safetensors', metadata={'format': 'pt'})
+    D = {(l, m): d for l, m, d in iter_deltas(b, f, matrices=['attn_out', 'mlp_out'])}
+    assert all(not d.any() for lm, d in D.items() if lm != (1, 'mlp_out')), [lm for lm, d in D.items() if d.any()]   # rounding alone: zero
+    S = torch.linalg.svdvals(D[(1, 'mlp_out')])
+    assert abs(S[0] - 0.5) < 0.01 and S[1] < 0.01 * S[0], S[:3]   # the planted update, as bfloat16 holds it
+    d = compute_directions(b, f, k=2, matrices=['attn_out', 'mlp_out'], progress=False)
+    assert sorted(d.meta['unchanged']) == ['L0.attn_out', 'L0.mlp_out', 'L1.attn_out'], d.meta['unchanged']
+
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."
     from weightwatch_nb.delta import LoraTensors

@@ -667,6 +667,8 @@ def iter_deltas(base,            # base model: source or loaded model (ignored i
             if Wb.shape != Wf.shape:
                 raise WeightwatchError(f"base and fine-tuned models differ in `{key}`: {list(Wb.shape)} vs {list(Wf.shape)}; "
                                        "a weight delta needs the same architecture")
+            if Wf.is_floating_point() and Wb.is_floating_point() and torch.finfo(Wf.dtype).eps > torch.finfo(Wb.dtype).eps:
+                Wb = Wb.to(Wf.dtype)   # a fine-tune stored narrower than its base: compared at its precision, so rounding is no update
             D -= orient(Wb, spec, info, bkey)
             del Wb
         del Wf
