@@ -52,6 +52,18 @@ def _hf_copy(src, base=None):
     hf.tokenizer = getattr(src, 'tokenizer', None)
     return hf.eval()
 
+def _stored_dtype(src, base=None)->torch.dtype|None:
+    "The dtype a model source's config says its weights are stored in (an adapter: its base's); None for a loaded model (it keeps its own)."
+    if isinstance(src, torch.nn.Module): return None
+    if resolve_source(src).kind == 'adapter': return _stored_dtype(base) if isinstance(base, (str, os.PathLike)) else None
+    c = open_tensors(src).config
+    dt = getattr(torch, str(c.get('dtype') or c.get('torch_dtype') or '').removeprefix('torch.'), None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+
+def _as_stored(hf, dtype):
+    "`hf` (a private copy, edited in float32) in the dtype its source is stored in, so the edited checkpoint keeps it (a bfloat16 fine-tune stays bfloat16)."
+    return hf.to(dtype) if dtype is not None and dtype != next(hf.parameters()).dtype else hf
+
 def _merged(base, finetuned):
     "`finetuned`, with a LoRA adapter merged into `base` (edits need the full weights)."
     if not isinstance(finetuned, (str, os.PathLike)) or resolve_source(finetuned).kind != 'adapter': return finetuned
@@ -169,11 +181,13 @@ def remove_directions(base,        # base model: 'zoo:NAME', checkpoint dir, hub
                       progress:bool=True, # progress bar over matrices
                      ):            # edited HF model, with `.tokenizer` and the edit record `.ww_edit`
     "A copy of `finetuned` with W_ft − U·Uᵀ·ΔW in every listed matrix, U the directions to remove."
+    dtype = _stored_dtype(finetuned, base)
     finetuned, matrices, layers, pairs = _check_removal(base, finetuned, dirs_or_k, matrices, layers, 'remove_directions')
     hf = _hf_copy(finetuned)
     _, removed, plan = _removed(base, finetuned, dirs_or_k, matrices, layers, pairs, hf, progress, write=True)   # edited in place, tensor by tensor
     is_dirs = isinstance(dirs_or_k, Directions)
     k = dirs_or_k.meta.get('k') if is_dirs else dirs_or_k
+    hf = _as_stored(hf, dtype)   # (computed in float32, rounded once)
     hf.ww_edit = _record('remove', base, finetuned, k=k, directions='given' if is_dirs else 'top_svd', matrices=list(matrices),
                          layers=sorted({l for l, _ in plan}), removed=removed)
     return hf
@@ -277,6 +291,7 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
         raise WeightwatchError(f"alpha must be a finite number (0: base, 1: fine-tune), got {alpha!r}")
     if matrices is None and layers is not None:
         raise WeightwatchError("`layers` selects blocks of the listed `matrices`: pass `matrices=` too (CLI: --matrices), or drop `layers` to interpolate every parameter")
+    dtype = _stored_dtype(finetuned, base)
     finetuned = _merged(base, finetuned)
     check_comparable(base, finetuned)
     hf = _hf_copy(finetuned)
@@ -295,6 +310,7 @@ def interpolate(base,        # base model: 'zoo:NAME', checkpoint dir, hub id, H
         for n, s in tqdm(names, desc=f'interpolating (α={alpha:g})', disable=not progress, leave=False):
             if s is None: sd[n].copy_(lerp(sd[n], bsd[n]))
             else: put_oriented(sd[n], s, info, lerp(orient(sd[n], s, info, n), orient(bsd[n], s, info, n)), n)   # GPT-NeoX's q, k, v: rows, not a view
+    hf = _as_stored(hf, dtype)
     hf.ww_edit = _record('interpolate', base, finetuned, alpha=float(alpha),
                          matrices='all' if matrices is None else list(matrices), layers=layers)
     return hf
@@ -315,7 +331,7 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
                 force:bool=False, # replace `out_dir` if it exists and is not empty
                )->Path:
     "Save `model` and its tokenizer as a safetensors checkpoint with a JSON record of the edit, atomically."
-    out, tok = Path(out_dir), tokenizer if tokenizer is not None else getattr(model, 'tokenizer', None)
+    out, tok = Path(out_dir).expanduser(), tokenizer if tokenizer is not None else getattr(model, 'tokenizer', None)
     if tok is None: raise WeightwatchError("no tokenizer to save with the model: pass `tokenizer=`, or the checkpoint cannot be loaded")
     if out.exists() and not out.is_dir(): raise WeightwatchError(f"{str(out)!r} is a file; pass a directory to write the checkpoint to")
     check_apart(out, (getattr(model, 'ww_edit', {}).get('sources') or {}).values(), 'checkpoint folder')   # never over the models it came from
@@ -334,8 +350,16 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
                                    "other names or layouts than the loaded model has, which weightwatch_nb does not map yet")
         rec['weights_sha256'] = {f.name: _sha256(f) for f in _weight_files(work)}   # every byte, as written: `read_edit` checks them all
         (work/EDIT_FILE).write_text(json.dumps(rec, indent=1))
-        if out.exists(): shutil.rmtree(out)
-        work.rename(out)
+        old = out.parent/f'.{out.name}.{os.getpid()}.old' if out.exists() else None
+        if old: out.rename(old)   # the folder it replaces moves aside, and goes only once the new one is in place
+        try: work.rename(out)
+        except BaseException:
+            if old: old.rename(out)
+            raise
+        if old: shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise WeightwatchError(f"could not write {str(out)!r} ({e}); nothing was replaced: the folder there is as it was") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True); raise
     return out

@@ -75,8 +75,14 @@ def build_learner_versions(src_dir:str|Path='tutorials', # folder with the solut
                           )->list[Path]:
     "Write (or check) the learner version of every lab in `src_dir`."
     src_dir = Path(src_dir); dst_dir = Path(dst_dir) if dst_dir else src_dir/'learner'
-    written = []
-    for p in sorted(src_dir.glob('[0-9]*.ipynb')):
+    labs, written = sorted(src_dir.glob('[0-9]*.ipynb')), []
+    if not labs: raise WeightwatchError(f"no labs in {str(src_dir.resolve())!r} (notebooks named like 01_*.ipynb): run this in the project's root, "
+                                        "or pass the folder of the solution labs (--src)")
+    stale = sorted(f for f in dst_dir.glob('[0-9]*.ipynb') if not (src_dir/f.name).exists()) if dst_dir.is_dir() else []   # (a lab renamed or removed)
+    if stale and check: raise WeightwatchError(f"{dst_dir} has learner versions of labs that are gone from {src_dir}: {[f.name for f in stale]}; "
+                                               "run `weightwatch labs build`, which removes them")
+    for f in stale: f.unlink()   # generated from a lab that is gone
+    for p in labs:
         lnb, removed = learner_notebook(json.loads(p.read_text()))
         check_learner(lnb, removed)
         text, dst = json.dumps(lnb, indent=1, ensure_ascii=False) + '\n', dst_dir/p.name
