@@ -280,19 +280,24 @@ def load(cls:Directions,
     try: meta = {k: v if k in _PLAIN else json.loads(v) for k, v in md.items()}
     except json.JSONDecodeError as e: raise WeightwatchError(f"{w}: corrupt metadata ({e})") from e
     ver = meta.get('schema_version')
-    if ver != SCHEMA_VERSION:
+    if type(ver) is not int or ver != SCHEMA_VERSION:   # (not True, nor 1.0)
         raise WeightwatchError(f"{w} has schema_version {ver!r}; this weightwatch_nb reads version {SCHEMA_VERSION}: "
-                               f"{'upgrade weightwatch_nb' if isinstance(ver, int) and ver > SCHEMA_VERSION else 'recompute the directions'}")
+                               f"{'upgrade weightwatch_nb' if type(ver) is int and ver > SCHEMA_VERSION else 'recompute the directions'}")
     V, S = {}, {}
     for k, t in tensors.items():
         mt = _TENSOR.match(k)
-        if not mt or mt[2] not in MATRICES: raise WeightwatchError(f"{w}: unexpected tensor {k!r}; expected 'L{{layer}}.{{matrix}}' and 'L{{layer}}.{{matrix}}.S'")
+        if not mt or mt[2] not in MATRICES or mt[1] != str(int(mt[1])):   # (one spelling per layer: 'L01' would be a second name for L1)
+            raise WeightwatchError(f"{w}: unexpected tensor {k!r}; expected 'L{{layer}}.{{matrix}}' and 'L{{layer}}.{{matrix}}.S'")
         (S if mt[3] else V)[(int(mt[1]), mt[2])] = t
     fps = meta.get('fingerprints')
     if fps is not None and (not isinstance(fps, dict) or any(v is not None and not isinstance(v, dict) for v in fps.values())):
         raise WeightwatchError(f"{w}: corrupt metadata (`fingerprints` must map 'base' and 'finetuned' to fingerprint records, got {fps!r:.80}); recompute the directions")
-    if not isinstance(meta.get('indices', {}), dict):
-        raise WeightwatchError(f"{w}: corrupt metadata (`indices` must map matrix names to lists of indices); recompute the directions")
+    ix, names = meta.get('indices', {}), {f"L{l}.{m}" for l, m in V}
+    if not isinstance(ix, dict) or any(not isinstance(v, list) or n not in names for n, v in ix.items()):
+        raise WeightwatchError(f"{w}: corrupt metadata (`indices` must map the file's matrices, e.g. {sorted(names)[:2]}, to lists of indices); recompute the directions")
+    dn = meta.get('delta_norm', {})
+    if not isinstance(dn, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in dn.values()):
+        raise WeightwatchError(f"{w}: corrupt metadata (`delta_norm` must map matrix names to numbers); recompute the directions")
     hook = meta.pop('hook_point', None); meta.pop('format', None)
     d = cls(V, S, hook, meta, where=w)
     if model is not None: _check_model(d, model, w)
