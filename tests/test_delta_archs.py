@@ -316,8 +316,9 @@ def test_a_fine_tune_stored_narrower_than_its_base_is_compared_at_its_precision(
     assert all(not d.any() for lm, d in D.items() if lm != (1, 'mlp_out')), [lm for lm, d in D.items() if d.any()]   # rounding alone: zero
     S = torch.linalg.svdvals(D[(1, 'mlp_out')])
     assert abs(S[0] - 0.5) < 0.01 and S[1] < 0.01 * S[0], S[:3]   # the planted update, as bfloat16 holds it
-    d = compute_directions(b, f, k=2, matrices=['attn_out', 'mlp_out'], progress=False)
-    assert sorted(d.meta['unchanged']) == ['L0.attn_out', 'L0.mlp_out', 'L1.attn_out'], d.meta['unchanged']
+    for ftm in (f, load_hf(f)[0], load_model(f)):   # the folder, or the checkpoint loaded (in float32, as load_hf and load_model do by default)
+        d = compute_directions(b, ftm, k=2, matrices=['attn_out', 'mlp_out'], progress=False)
+        assert sorted(d.meta['unchanged']) == ['L0.attn_out', 'L0.mlp_out', 'L1.attn_out'], d.meta['unchanged']
 
 def test_lora_bias_on_a_layer_without_one_is_refused_for_what_it_is(tmp_path):
     "PEFT trains and runs LoRA biases on layers with no bias of their own but cannot merge them: refused, with that reason (not 'another model')."

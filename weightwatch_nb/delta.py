@@ -643,6 +643,11 @@ def _check_finite(W:Tensor, key:str, which:str)->Tensor:
                                "fine-tune diverged; no directions can be computed from it")
     return W
 
+def _held_as(W:Tensor)->torch.dtype:
+    "The narrowest precision that holds `W` exactly: its own, or bfloat16 / float16 for float32 weights that are such values (a bfloat16 checkpoint loaded in float32)."
+    if W.dtype not in (torch.float32, torch.float64): return W.dtype
+    return next((dt for dt in (torch.bfloat16, torch.float16) if torch.equal(W.to(dt).to(W.dtype), W)), W.dtype)
+
 def iter_deltas(base,            # base model: source or loaded model (ignored in mode 'raw', may be None)
                 finetuned,       # fine-tuned model: source or loaded model
                 matrices=None,   # which matrices, from `MATRICES` (default: `DEFAULT_MATRICES`, those the architecture has)
@@ -667,8 +672,8 @@ def iter_deltas(base,            # base model: source or loaded model (ignored i
             if Wb.shape != Wf.shape:
                 raise WeightwatchError(f"base and fine-tuned models differ in `{key}`: {list(Wb.shape)} vs {list(Wf.shape)}; "
                                        "a weight delta needs the same architecture")
-            if Wf.is_floating_point() and Wb.is_floating_point() and torch.finfo(Wf.dtype).eps > torch.finfo(Wb.dtype).eps:
-                Wb = Wb.to(Wf.dtype)   # a fine-tune stored narrower than its base: compared at its precision, so rounding is no update
+            if Wf.is_floating_point() and Wb.is_floating_point() and torch.finfo(hf := _held_as(Wf)).eps > torch.finfo(Wb.dtype).eps:
+                Wb = Wb.to(hf)   # a fine-tune stored narrower than its base: compared at its precision, so rounding is no update
             D -= orient(Wb, spec, info, bkey)
             del Wb
         del Wf

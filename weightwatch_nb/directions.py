@@ -292,10 +292,10 @@ def load(cls:Directions,
     fps = meta.get('fingerprints')
     if fps is not None and (not isinstance(fps, dict) or any(v is not None and not isinstance(v, dict) for v in fps.values())):
         raise WeightwatchError(f"{w}: corrupt metadata (`fingerprints` must map 'base' and 'finetuned' to fingerprint records, got {fps!r:.80}); recompute the directions")
-    ix, names = meta.get('indices', {}), {f"L{l}.{m}" for l, m in V}
-    if not isinstance(ix, dict) or any(not isinstance(v, list) or n not in names for n, v in ix.items()):
-        raise WeightwatchError(f"{w}: corrupt metadata (`indices` must map the file's matrices, e.g. {sorted(names)[:2]}, to lists of indices); recompute the directions")
-    dn = meta.get('delta_norm', {})
+    ix = meta.get('indices') or {}
+    if not isinstance(ix, dict) or any(not isinstance(v, list) for v in ix.values()):
+        raise WeightwatchError(f"{w}: corrupt metadata (`indices` must map matrix names to lists of indices); recompute the directions")
+    dn = meta.get('delta_norm') or {}
     if not isinstance(dn, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in dn.values()):
         raise WeightwatchError(f"{w}: corrupt metadata (`delta_norm` must map matrix names to numbers); recompute the directions")
     hook = meta.pop('hook_point', None); meta.pop('format', None)

@@ -350,11 +350,14 @@ def save_edited(model,           # edited HF model (from `remove_directions` or 
                                    "other names or layouts than the loaded model has, which weightwatch_nb does not map yet")
         rec['weights_sha256'] = {f.name: _sha256(f) for f in _weight_files(work)}   # every byte, as written: `read_edit` checks them all
         (work/EDIT_FILE).write_text(json.dumps(rec, indent=1))
-        old = out.parent/f'.{out.name}.{os.getpid()}.old' if out.exists() else None
+        old = Path(f'{work}.old') if out.exists() else None   # (beside it, named after the unique work folder)
         if old: out.rename(old)   # the folder it replaces moves aside, and goes only once the new one is in place
         try: work.rename(out)
-        except BaseException:
-            if old: old.rename(out)
+        except BaseException as e:
+            if old:
+                try: old.rename(out)
+                except OSError: raise WeightwatchError(f"could not put the new checkpoint in place at {str(out)!r} ({e}), nor the old one back (something else "
+                                                       f"is there now): the old checkpoint is in {str(old)!r}; move it back by hand") from None
             raise
         if old: shutil.rmtree(old, ignore_errors=True)
     except OSError as e:

@@ -63,10 +63,13 @@ def _final_norm(model)->tuple[Tensor|None, bool]:
     if w is None: w = getattr(hf, 'weight', None)
     centre = str(getattr(model.cfg, 'normalization_type', '') or '').upper().startswith('LN')
     if w is None: return None, centre
-    if not centre and isinstance(hf, torch.nn.Module):   # an RMSNorm's gain as the module applies it: Gemma's (and Qwen3-Next's) is 1 + weight
+    if isinstance(hf, torch.nn.Module):   # the gain as the module applies it: Gemma's RMSNorm and Nemotron's LayerNorm1P use 1 + weight
         try:
-            with torch.no_grad(): g = hf(torch.ones(1, 1, w.shape[-1], dtype=w.dtype, device=w.device)).float().reshape(-1)   # (an input of unit RMS)
-            if g.shape == w.shape and torch.isfinite(g).all(): return g.cpu(), False
+            x = torch.ones(w.shape[-1]); x[1::2] = -1                        # a probe of unit RMS, centred when d is even
+            n = x - x.mean() if centre else x; n = n / n.pow(2).mean().sqrt()   # what the norm makes of it before the gain
+            with torch.no_grad(): y = hf(torch.stack([x, -x])[:, None].to(dtype=w.dtype, device=w.device)).float().reshape(2, -1).cpu()
+            g = (y[0] - y[1]) / (2 * n)                                      # (the difference cancels a bias)
+            if g.shape == w.shape and torch.isfinite(g).all(): return g, centre
         except Exception: pass   # (a module that cannot run alone: its weight, as before)
     return w.detach().float(), centre
 

@@ -78,10 +78,13 @@ def build_learner_versions(src_dir:str|Path='tutorials', # folder with the solut
     labs, written = sorted(src_dir.glob('[0-9]*.ipynb')), []
     if not labs: raise WeightwatchError(f"no labs in {str(src_dir.resolve())!r} (notebooks named like 01_*.ipynb): run this in the project's root, "
                                         "or pass the folder of the solution labs (--src)")
-    stale = sorted(f for f in dst_dir.glob('[0-9]*.ipynb') if not (src_dir/f.name).exists()) if dst_dir.is_dir() else []   # (a lab renamed or removed)
-    if stale and check: raise WeightwatchError(f"{dst_dir} has learner versions of labs that are gone from {src_dir}: {[f.name for f in stale]}; "
-                                               "run `weightwatch labs build`, which removes them")
-    for f in stale: f.unlink()   # generated from a lab that is gone
+    made = dst_dir/'.generated'   # the learner versions the last build wrote (a learner's own copies, e.g. `01_lab-Copy1.ipynb`, are not among them)
+    before = made.read_text().split() if made.is_file() else []
+    stale = [n for n in before if not (src_dir/n).exists()]   # (a lab renamed or removed)
+    if check and (stale or before != [p.name for p in labs]):
+        raise WeightwatchError(f"{dst_dir} is out of date with the labs in {src_dir}" + (f" (the learner versions of {stale} belong to labs that are gone)" if stale else '')
+                               + ": run `weightwatch labs build`")
+    for n in stale: (dst_dir/n).unlink(missing_ok=True)   # generated from a lab that is gone
     for p in labs:
         lnb, removed = learner_notebook(json.loads(p.read_text()))
         check_learner(lnb, removed)
@@ -92,6 +95,7 @@ def build_learner_versions(src_dir:str|Path='tutorials', # folder with the solut
         else:
             dst_dir.mkdir(parents=True, exist_ok=True); dst.write_text(text); (dst_dir/'.notest').touch()
         written.append(dst)
+    if not check: made.write_text(''.join(f'{p.name}\n' for p in labs))
     return written
 
 # %% ../nbs/91_labs.ipynb #3e5c7099
