@@ -939,9 +939,9 @@ def check(self:Monitor, model=None, # model the monitor will watch (its fingerpr
                           "rounding moves the cosines slightly, so a few more or fewer tokens can cross the ranges; for ranges measured "
                           f"at this precision, calibrate with the model loaded in {fp.get('dtype')}", stacklevel=2)
     if dirs is not None:
-        names = direction_names(dirs)
-        U = torch.cat([U for *_, U in direction_groups(dirs)])
-        layer_of = torch.tensor([l for l, _, _, n, _ in direction_groups(dirs) for _ in n], dtype=torch.long)
+        groups = direction_groups(dirs)
+        names, U = [n for *_, ns, _ in groups for n in ns], torch.cat([U for *_, U in groups])
+        layer_of = torch.tensor([l for l, _, _, ns, _ in groups for _ in ns], dtype=torch.long)
         if (names != self.names or dirs.hook_point != self.hook_point or U.shape != self.U.shape or not torch.allclose(U, self.U, atol=1e-5)
                 or not torch.equal(layer_of, self.layer_of.long())):
             raise WeightwatchError(f"{where} was calibrated for other directions ({len(self.names)} at {self.hook_point!r}, e.g. {self.names[:2]}) "
@@ -984,7 +984,7 @@ def load(cls:Monitor, path:str|os.PathLike, # a file written by `Monitor.save`
     if (t['lo'] > t['hi']).any(): raise _bad(path, "some ranges have `lo` above `hi`")
     if t['layer_of'].is_floating_point() or t['layer_of'].dtype == torch.bool or (t['layer_of'] < 0).any():
         raise _bad(path, "`layer_of` must hold layer numbers (non-negative integers)")
-    for i, (nm, l) in enumerate(zip(names, t['layer_of'].tolist())):
+    for nm, l in zip(names, t['layer_of'].tolist()):
         try: want = parse_name(nm)[0]
         except WeightwatchError: raise _bad(path, f"direction name {nm!r} is not of the form 'L{{layer}}.{{matrix}}.u{{i}}'") from None
         if want != l: raise _bad(path, f"direction {nm!r} is stored at layer {l} (`layer_of`), but its name says layer {want}")

@@ -40,8 +40,9 @@ def atomic_path(path:str|os.PathLike, # the file to (re)place
             os.chmod(tmp, 0o666 & ~mask)   # the permissions a plain open() would give (some writers create 0600 files)
             os.replace(tmp, p)
         except Exception as e:   # the disk full, no permission, ...: said as such, not as a writer library's traceback
+            from safetensors import SafetensorError
             mine = isinstance(e, OSError) and (e.filename is None or Path(e.filename) in (tmp, p))   # (not an input the block failed to read)
-            if not (mine or type(e).__name__ == 'SafetensorError'): raise
+            if not (mine or isinstance(e, SafetensorError)): raise
             raise WeightwatchError(f"could not write {str(p)!r} ({e}); check the free space and permissions there. Nothing was written"
                                    f"{' (the file there is as it was)' if p.exists() else ''}") from None
     finally:
@@ -340,6 +341,11 @@ def load_model(src, # 'zoo:NAME', checkpoint dir, adapter dir, hub id, an in-mem
     return bridge
 
 # %% ../nbs/00_core.ipynb #4bb84900
+def _config_dtype(config:dict)->torch.dtype|None:
+    "The floating dtype a config.json says the weights are stored in (`dtype`, or the older `torch_dtype`), or None."
+    dt = getattr(torch, str(config.get('dtype') or config.get('torch_dtype') or '').removeprefix('torch.'), None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+
 def _load_whole(ref:str, dtype:torch.dtype, src):
     "A checkpoint as its whole model (a multimodal one with its vision tower): image-text-to-text first, which some are not causal LMs to."
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -368,7 +374,7 @@ def extract_language_model(src, # a multimodal checkpoint (directory or hub id),
         ref = resolve_source(b).ref
     if dtype is None:
         stored = json.loads((Path(ref)/'config.json').read_text()) if Path(ref).is_dir() else {}
-        dtype = getattr(torch, str(stored.get('dtype') or stored.get('torch_dtype') or 'float32').removeprefix('torch.'), torch.float32)
+        dtype = _config_dtype(stored) or torch.float32
     hf = _load_whole(ref, dtype, src)
     if s.kind == 'adapter':
         from peft import PeftModel

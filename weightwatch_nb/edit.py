@@ -12,7 +12,7 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .core import (WeightwatchError, load_hf, hf_state_dict, fingerprint, check_comparable, resolve_source, LAYERS, add_output,
-                                 add_quiet, COUNT, check_apart, same_weights, _weight_files, _tied_apart)
+                                 add_quiet, COUNT, check_apart, same_weights, _weight_files, _tied_apart, _config_dtype)
 from .delta import DEFAULT_MATRICES, MATRICES, arch_info, find_keys, wanted_matrices, orient, put_oriented, iter_deltas, top_svd, open_tensors, LoraTensors, _origin
 from .directions import Directions, _as_matrices, _label, _check_model, _warn_shared
 from .evaluate import Table
